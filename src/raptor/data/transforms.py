@@ -1,0 +1,130 @@
+"""Image transforms in PIL + torch (no torchvision here).
+
+``EvalTransform`` is the paper's eval transform: resize the shorter side to 256 (bicubic), center crop 224,
+ImageNet mean/std -- parametrised by crop size (resize = crop * 256 / 224) and mean/std so it serves any teacher.
+PIL's bicubic resize is what torchvision's ``Resize`` uses on PIL images, so results match it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from raptor.errors import RaptorError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "P"):
+        img = img.convert("RGBA")
+        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, img).convert("RGB")
+    return img.convert("RGB")
+
+
+def resize_shorter(img: Image.Image, size: int, resample=Image.BICUBIC) -> Image.Image:
+    w, h = img.size
+    if min(w, h) == size:
+        return img
+    if w <= h:
+        nw, nh = size, int(size * h / w)
+    else:
+        nw, nh = int(size * w / h), size
+    return img.resize((nw, nh), resample)
+
+
+def center_crop(img: Image.Image, size: int) -> Image.Image:
+    w, h = img.size
+    if w < size or h < size:  # pad like torchvision does for too-small images
+        canvas = Image.new("RGB", (max(w, size), max(h, size)))
+        canvas.paste(img, ((max(w, size) - w) // 2, (max(h, size) - h) // 2))
+        img, (w, h) = canvas, canvas.size
+    left = int(round((w - size) / 2.0))
+    top = int(round((h - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
+
+
+def to_tensor(img: Image.Image, mean, std) -> torch.Tensor:
+    a = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (a - m) / s
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """Resize shorter side to ``resize`` (bicubic) -> center crop ``crop`` -> normalize."""
+
+    crop: int = 224
+    resize: int = 256
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self):
+        if self.crop <= 0 or self.resize < self.crop:
+            raise RaptorError(f"bad transform sizes: crop={self.crop}, resize={self.resize} (need resize >= crop > 0)")
+
+    @classmethod
+    def for_size(cls, crop: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> "EvalTransform":
+        return cls(crop=crop, resize=int(round(crop * 256 / 224)), mean=tuple(mean), std=tuple(std))
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        img = center_crop(resize_shorter(to_rgb(img), self.resize), self.crop)
+        return to_tensor(img, self.mean, self.std)
+
+    def describe(self) -> dict:
+        return {"kind": "eval", "resize_shorter": self.resize, "interpolation": "bicubic",
+                "center_crop": self.crop, "mean": list(self.mean), "std": list(self.std)}
+
+
+@dataclass(frozen=True)
+class TrainTransform:
+    """RandomResizedCrop(scale, ratio, bicubic) + horizontal flip + normalize (torchvision's algorithm)."""
+
+    size: int = 224
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def crop_box(self, w: int, h: int, rng: random.Random) -> tuple[int, int, int, int]:
+        area = w * h
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target = area * rng.uniform(*self.scale)
+            ar = math.exp(rng.uniform(*log_ratio))
+            cw = int(round(math.sqrt(target * ar)))
+            ch = int(round(math.sqrt(target / ar)))
+            if 0 < cw <= w and 0 < ch <= h:
+                return rng.randint(0, w - cw), rng.randint(0, h - ch), cw, ch
+        in_ratio = w / h
+        if in_ratio < self.ratio[0]:
+            cw, ch = w, int(round(w / self.ratio[0]))
+        elif in_ratio > self.ratio[1]:
+            ch, cw = h, int(round(h * self.ratio[1]))
+        else:
+            cw, ch = w, h
+        return (w - cw) // 2, (h - ch) // 2, cw, ch
+
+    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        rng = rng or random.Random()
+        img = to_rgb(img)
+        x, y, cw, ch = self.crop_box(*img.size, rng)
+        img = img.resize((self.size, self.size), Image.BICUBIC, box=(x, y, x + cw, y + ch))
+        if self.flip and rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return to_tensor(img, self.mean, self.std)
+
+    def describe(self) -> dict:
+        return {"kind": "train", "random_resized_crop": self.size, "scale": list(self.scale),
+                "ratio": list(self.ratio), "flip": self.flip, "mean": list(self.mean), "std": list(self.std)}

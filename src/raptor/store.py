@@ -1,0 +1,449 @@
+"""Trajectory store (zarr v3): every image's trajectory, shape (N, layers, tokens, dim).
+
+Layout of a store directory::
+
+    STORE/zarr.json            group; attrs["raptor"] = metadata (teacher, layout, transform, dtype, versions, ...)
+    STORE/trajectories/        (N, n_layers, T, D), chunks (chunk_images, 1, T, D): a layer range of a batch of
+                               images is a handful of whole-chunk reads
+    STORE/valid/               (N,) uint8: 1 = extracted, 0 = image unreadable (skipped, named in manifest)
+    STORE/labels/              (N,) int64 (-1 = no label)
+    STORE/ids.json             image ids in row order
+    STORE/manifest.json        completed chunk indices + skipped images (written atomically after each chunk)
+
+``bfloat16`` is stored as its raw 16-bit pattern (uint16; zarr has no bfloat16) with the logical dtype in the
+metadata; readers return float32. Extraction is resumable: a chunk counts as done only once all its data and
+then the manifest are written, so a SIGKILL at any moment followed by the same command gives arrays equal to an
+uninterrupted run. ``complete`` in the metadata turns true only at the very end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+import random
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from raptor.config import atomic_write_text
+from raptor.errors import RaptorError
+from raptor.teachers.base import TokenLayout
+
+STORE_VERSION = 1
+DTYPES = ("bfloat16", "float16", "float32")
+COMPRESSIONS = ("zstd", "lz4", "none")
+_STORAGE = {"bfloat16": "uint16", "float16": "float16", "float32": "float32"}
+
+
+def encode(x: torch.Tensor, dtype: str) -> np.ndarray:
+    """float tensor -> numpy array in the store's storage dtype."""
+    if dtype == "bfloat16":
+        return x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    if dtype == "float16":
+        return x.to(torch.float16).numpy()
+    return x.to(torch.float32).numpy()
+
+
+def decode(a: np.ndarray, dtype: str) -> torch.Tensor:
+    """Storage array -> float32 tensor."""
+    if dtype == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16).float()
+    return torch.from_numpy(np.ascontiguousarray(a)).float()
+
+
+def _compressors(name: str, itemsize: int):
+    from zarr.codecs import BloscCodec
+
+    if name == "none":
+        return None
+    if name not in COMPRESSIONS:
+        raise RaptorError(f"unknown compression {name!r} (use {', '.join(COMPRESSIONS)})")
+    return BloscCodec(cname=name, clevel=1 if name == "zstd" else 5, shuffle="shuffle", typesize=itemsize)
+
+
+def package_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for p in ("raptor-brh", "torch", "transformers", "zarr", "numpy"):
+        try:
+            out[p] = md.version(p)
+        except md.PackageNotFoundError:
+            out[p] = "not installed"
+    return out
+
+
+@dataclass
+class StoreSettings:
+    """Everything that determines a store's contents; a re-run must match it exactly to resume."""
+
+    teacher: str
+    data: str
+    n_images: int
+    layers: list[int]
+    dtype: str
+    transform: dict
+    chunk_images: int
+    compression: str
+    autocast: str | None = None
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.__dict__, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass
+class ExtractSummary:
+    store: str
+    n_images: int
+    n_extracted: int
+    skipped: list[str]
+    chunks_done_before: int
+    chunks_written: int
+    seconds: float
+    images_per_s: float
+    bytes_stored: int
+    complete: bool
+    extra: dict = field(default_factory=dict)
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+class TrajectoryStore:
+    """Read access to a store made by :func:`extract`."""
+
+    def __init__(self, path: str | Path):
+        import zarr
+
+        self.path = Path(path)
+        if not (self.path / "zarr.json").is_file():
+            raise RaptorError(f"not a trajectory store (no zarr.json): {self.path}")
+        self.group = zarr.open_group(str(self.path), mode="r")
+        meta = self.group.attrs.get("raptor")
+        if not meta:
+            raise RaptorError(f"{self.path} is a zarr group but not a Raptor trajectory store")
+        self.meta: dict = dict(meta)
+        self.array = self.group["trajectories"]
+        self.dtype: str = self.meta["settings"]["dtype"]
+        self.layers: list[int] = list(self.meta["settings"]["layers"])
+        self.layout = TokenLayout.from_dict(self.meta["layout"])
+        self._valid = np.asarray(self.group["valid"][:]).astype(bool)
+        self.labels = np.asarray(self.group["labels"][:])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.meta.get("complete"))
+
+    @property
+    def n_images(self) -> int:
+        return int(self.array.shape[0])
+
+    @property
+    def valid_indices(self) -> np.ndarray:
+        return np.flatnonzero(self._valid)
+
+    @property
+    def ids(self) -> list[str]:
+        return json.loads((self.path / "ids.json").read_text())
+
+    @property
+    def manifest(self) -> dict:
+        return json.loads((self.path / "manifest.json").read_text())
+
+    @property
+    def chunk_images(self) -> int:
+        return int(self.array.chunks[0])
+
+    def layer_positions(self, layers: tuple[int, int] | Sequence[int] | None) -> tuple[int, int]:
+        """Stored-axis range [p0, p1) for an inclusive teacher-layer range (first, last)."""
+        if layers is None:
+            return 0, len(self.layers)
+        first, last = (layers[0], layers[-1])
+        try:
+            p0, p1 = self.layers.index(first), self.layers.index(last)
+        except ValueError:
+            raise RaptorError(f"layers {first}..{last} not in this store (it holds layers {self.layers})") from None
+        if self.layers[p0:p1 + 1] != list(range(first, last + 1)):
+            raise RaptorError(f"layer range {first}..{last} is not contiguous in this store ({self.layers})")
+        return p0, p1 + 1
+
+    def read(self, rows: slice | np.ndarray, layers: tuple[int, int] | None = None) -> torch.Tensor:
+        """float32 (rows, layers, T, D) for a row slice or sorted index array, inclusive layer range."""
+        p0, p1 = self.layer_positions(layers)
+        if isinstance(rows, slice):
+            a = self.array[rows, p0:p1]
+        else:
+            a = self.array.oindex[np.asarray(rows), slice(p0, p1)]
+        return decode(np.asarray(a), self.dtype)
+
+    def batches(self, batch_size: int, layers: tuple[int, int] | None = None, *, shuffle: bool = True,
+                seed: int = 0, epochs: int | None = 1, prefetch: int = 4, drop_last: bool = False,
+                rows: np.ndarray | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (trajectories (B, layers, T, D) float32, row indices) with background prefetch.
+
+        Reads whole chunk windows (one cheap read per layer chunk) in shuffled order, shuffles within a buffer of
+        two windows, and only yields valid rows (optionally restricted to ``rows``). ``epochs=None`` loops forever.
+        """
+        if batch_size <= 0:
+            raise RaptorError("batch size must be positive")
+        p0, p1 = self.layer_positions(layers)
+        allowed = self._valid.copy()
+        if rows is not None:
+            mask = np.zeros_like(allowed)
+            mask[np.asarray(rows)] = True
+            allowed &= mask
+        c = self.chunk_images
+        windows = [w for w in range(0, self.n_images, c) if allowed[w:w + c].any()]
+        if not windows:
+            raise RaptorError(f"store {self.path} has no readable rows for this selection")
+        q: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        stop = threading.Event()
+        _END = object()
+
+        def producer():
+            try:
+                rng = np.random.default_rng(seed)
+                epoch = 0
+                while epochs is None or epoch < epochs:
+                    order = rng.permutation(len(windows)) if shuffle else np.arange(len(windows))
+                    buf_x: list[torch.Tensor] = []
+                    buf_i: list[np.ndarray] = []
+                    n_buf = 0
+                    for k, wi in enumerate(order):
+                        w0 = windows[wi]
+                        w1 = min(w0 + c, self.n_images)
+                        keep = np.flatnonzero(allowed[w0:w1])
+                        x = decode(np.asarray(self.array[w0:w1, p0:p1]), self.dtype)[keep]
+                        buf_x.append(x)
+                        buf_i.append(keep + w0)
+                        n_buf += len(keep)
+                        last = k == len(order) - 1
+                        if n_buf >= 2 * batch_size or last or n_buf >= 2 * c:
+                            X = torch.cat(buf_x)
+                            I = np.concatenate(buf_i)
+                            if shuffle:
+                                perm = torch.from_numpy(rng.permutation(len(I)))
+                                X, I = X[perm], I[perm.numpy()]
+                            n_out = (len(I) // batch_size) * batch_size if not last else len(I)
+                            for s in range(0, n_out, batch_size):
+                                xb, ib = X[s:s + batch_size], I[s:s + batch_size]
+                                if len(ib) < batch_size and drop_last:
+                                    continue
+                                while not stop.is_set():
+                                    try:
+                                        q.put((xb, ib), timeout=0.1)
+                                        break
+                                    except queue.Full:
+                                        pass
+                                if stop.is_set():
+                                    return
+                            buf_x, buf_i = ([X[n_out:]], [I[n_out:]]) if n_out < len(I) else ([], [])
+                            n_buf = len(I) - n_out
+                    epoch += 1
+                q.put(_END)
+            except BaseException as e:  # noqa: BLE001 - forwarded to the consumer
+                q.put(e)
+
+        t = threading.Thread(target=producer, daemon=True, name="raptor-store-reader")
+        t.start()
+        try:
+            while True:
+                item = q.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+
+    def summary(self) -> dict:
+        s = self.meta["settings"]
+        man = self.manifest
+        n_chunks = -(-self.n_images // self.chunk_images)
+        nbytes = _dir_bytes(self.path)
+        n_valid = int(self._valid.sum())
+        return {
+            "store": str(self.path), "complete": self.complete, "teacher": s["teacher"],
+            "teacher_name": self.meta["teacher"].get("name"), "data": s["data"], "images": self.n_images,
+            "extracted": n_valid, "skipped": len(man.get("skipped", [])),
+            "chunks_done": f"{len(man.get('done', []))}/{n_chunks}", "layers": f"{s['layers'][0]}..{s['layers'][-1]}"
+            if s["layers"] == list(range(s["layers"][0], s["layers"][-1] + 1)) else s["layers"],
+            "shape": list(self.array.shape), "dtype": self.dtype, "compression": s["compression"],
+            "layout": self.layout.to_dict(), "bytes": nbytes,
+            "bytes_per_image": round(nbytes / max(1, n_valid)),
+        }
+
+
+def _open_or_create(path: Path, settings: StoreSettings, meta: dict, ids: list[str], labels: np.ndarray,
+                    shape: tuple[int, ...]):
+    import zarr
+
+    fp = settings.fingerprint()
+    if (path / "zarr.json").is_file():
+        g = zarr.open_group(str(path), mode="r+")
+        old = g.attrs.get("raptor")
+        if not old:
+            raise RaptorError(f"{path} exists and is not a Raptor store; choose another --out")
+        if old.get("fingerprint") != fp:
+            prev = old.get("settings", {})
+            diffs = [f"{k}: store has {prev.get(k)!r}, this run {v!r}" for k, v in settings.__dict__.items()
+                     if prev.get(k) != (list(v) if isinstance(v, tuple) else v)]
+            raise RaptorError(f"store {path} was made with other settings ({'; '.join(diffs) or 'fingerprint'}); "
+                              f"use another --out or delete it")
+        return g
+    if path.exists() and any(path.iterdir()):
+        raise RaptorError(f"{path} exists, is not empty and is not a Raptor store; choose another --out")
+    g = zarr.open_group(str(path), mode="w")
+    storage = _STORAGE[settings.dtype]
+    g.create_array("trajectories", shape=shape, dtype=storage,
+                   chunks=(settings.chunk_images, 1, shape[2], shape[3]),
+                   compressors=_compressors(settings.compression, np.dtype(storage).itemsize), fill_value=0,
+                   dimension_names=["image", "layer", "token", "dim"])
+    g.create_array("valid", shape=(shape[0],), dtype="uint8", chunks=(settings.chunk_images,), fill_value=0)
+    lab = g.create_array("labels", shape=(shape[0],), dtype="int64", chunks=(max(1, shape[0]),), fill_value=-1)
+    lab[:] = labels
+    atomic_write_text(path / "ids.json", json.dumps(ids))
+    atomic_write_text(path / "manifest.json", json.dumps({"done": [], "skipped": []}))
+    g.attrs["raptor"] = {**meta, "fingerprint": fp, "complete": False}
+    return g
+
+
+def extract(teacher, source, out: str | Path, *, dtype: str = "bfloat16", layers: Sequence[int] | None = None,
+            batch_size: int = 16, chunk_images: int = 32, image_size: int | None = None,
+            compression: str = "zstd", autocast: str | None = None, progress: bool = True,
+            stop_after_chunks: int | None = None) -> ExtractSummary:
+    """Write (or resume writing) the trajectories of every image of ``source`` into a store at ``out``."""
+    from raptor.data import EvalTransform, load_images
+
+    if dtype not in DTYPES:
+        raise RaptorError(f"unknown store dtype {dtype!r} (use {', '.join(DTYPES)})")
+    if compression not in COMPRESSIONS:
+        raise RaptorError(f"unknown compression {compression!r} (use {', '.join(COMPRESSIONS)})")
+    if batch_size <= 0 or chunk_images <= 0:
+        raise RaptorError("batch size and chunk size must be positive")
+    out = Path(out)
+    size = image_size or teacher.default_image_size
+    if size % teacher.patch_size:
+        raise RaptorError(f"image size {size} is not a multiple of the patch size {teacher.patch_size}")
+    transform = EvalTransform.for_size(size, teacher.image_mean, teacher.image_std)
+    layer_list = teacher.resolve_layers(layers)
+    layout = teacher.layout(size)
+    n = len(source)
+    settings = StoreSettings(teacher=teacher.spec, data=source.spec, n_images=n, layers=layer_list, dtype=dtype,
+                             transform=transform.describe(), chunk_images=chunk_images, compression=compression,
+                             autocast=autocast)
+    meta = {"version": STORE_VERSION, "settings": settings.__dict__, "teacher": teacher.describe(),
+            "layout": layout.to_dict(), "class_names": source.class_names, "packages": package_versions(),
+            "layer_convention": "layer 0 = embedding output; layer l = output of block l (before final norm)"}
+    shape = (n, len(layer_list), layout.n_tokens, teacher.dim)
+    g = _open_or_create(out, settings, meta, [it.id for it in source.items], source.labels, shape)
+    arr, valid = g["trajectories"], g["valid"]
+    man = json.loads((out / "manifest.json").read_text())
+    done = set(man["done"])
+    n_before = len(done)
+    skipped: list[str] = list(man["skipped"])
+    n_chunks = -(-n // chunk_images)
+    todo = [c for c in range(n_chunks) if c not in done]
+    if stop_after_chunks is not None:
+        todo = todo[:stop_after_chunks]
+    t_start = time.perf_counter()
+    n_done_images = 0
+
+    # pipeline: loader thread (decode + transform) -> main thread (forward) -> writer thread (encode + write)
+    load_q: queue.Queue = queue.Queue(maxsize=2)
+    write_q: queue.Queue = queue.Queue(maxsize=2)
+    errors: list[BaseException] = []
+
+    def loader():
+        try:
+            for c in todo:
+                lo, hi = c * chunk_images, min((c + 1) * chunk_images, n)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    tensors, kept, bad = load_images(source.items[lo:hi], transform)
+                load_q.put((c, lo, hi, tensors, kept, bad, [str(w.message) for w in caught]))
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+        finally:
+            load_q.put(None)
+
+    def writer():
+        try:
+            while True:
+                item = write_q.get()
+                if item is None:
+                    return
+                c, lo, hi, traj, kept, bad = item
+                block = np.zeros((hi - lo,) + shape[1:], dtype=_STORAGE[dtype])
+                if kept:
+                    block[kept] = encode(traj, dtype)
+                arr[lo:hi] = block
+                v = np.zeros(hi - lo, dtype=np.uint8)
+                v[kept] = 1
+                valid[lo:hi] = v
+                done.add(c)
+                skipped.extend(bad)
+                atomic_write_text(out / "manifest.json", json.dumps({"done": sorted(done), "skipped": skipped}))
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    lt = threading.Thread(target=loader, daemon=True, name="raptor-extract-loader")
+    wt = threading.Thread(target=writer, daemon=True, name="raptor-extract-writer")
+    lt.start()
+    wt.start()
+    from raptor.progress import progress_bar
+
+    with progress_bar(total=sum(min((c + 1) * chunk_images, n) - c * chunk_images for c in todo),
+                      description="extract", unit="img", enabled=progress) as bar:
+        while True:
+            item = load_q.get()
+            if item is None:
+                break
+            c, lo, hi, tensors, kept, bad, msgs = item
+            for m in msgs:
+                bar.warn(m)
+            traj = None
+            if tensors:
+                x = torch.stack(tensors)
+                parts = []
+                for s in range(0, len(x), batch_size):
+                    parts.append(teacher.trajectory(x[s:s + batch_size], layer_list, autocast=autocast))
+                    bar.advance(len(parts[-1]))
+                traj = torch.cat(parts)
+            write_q.put((c, lo, hi, traj, kept, bad))
+            n_done_images += hi - lo
+            bar.advance(len(bad))
+            if errors:
+                break
+    write_q.put(None)
+    wt.join()
+    lt.join(timeout=5)
+    if errors:
+        raise errors[0]
+    seconds = time.perf_counter() - t_start
+    complete = len(done) == n_chunks
+    if complete:
+        g.attrs["raptor"] = {**dict(g.attrs["raptor"]), "complete": True, "skipped": skipped}
+    return ExtractSummary(store=str(out), n_images=n, n_extracted=n - len(skipped), skipped=skipped,
+                          chunks_done_before=n_before,
+                          chunks_written=len(todo), seconds=seconds,
+                          images_per_s=n_done_images / seconds if seconds > 0 else 0.0,
+                          bytes_stored=_dir_bytes(out), complete=complete)
+
+
+def shuffled_rows(n: int, seed: int = 0) -> np.ndarray:
+    """A deterministic permutation (helper for splits)."""
+    rng = random.Random(seed)
+    idx = list(range(n))
+    rng.shuffle(idx)
+    return np.array(idx)

@@ -1,0 +1,195 @@
+"""The one teacher contract everything downstream speaks.
+
+A teacher exposes ``embed(images) -> tokens`` (layer 0), its ordered ``blocks``, a ``final_norm``, an optional
+classification ``head`` and a ``TokenLayout``; ``trajectory(images, layers=...)`` returns (batch, layers, tokens,
+dim). No consumer hard-codes a width, a depth or token indices: they ask the layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from raptor.errors import RaptorError
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where each token group lives in a sequence: [cls..., registers..., patches...]."""
+
+    n_cls: int
+    n_registers: int
+    grid: tuple[int, int]  # patch grid (rows, cols)
+
+    @property
+    def n_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.n_cls + self.n_registers + self.n_patches
+
+    @property
+    def cls(self) -> slice:
+        return slice(0, self.n_cls)
+
+    @property
+    def registers(self) -> slice:
+        return slice(self.n_cls, self.n_cls + self.n_registers)
+
+    @property
+    def patches(self) -> slice:
+        return slice(self.n_cls + self.n_registers, self.n_tokens)
+
+    def group(self, name: str) -> slice:
+        """Token slice of a named group: ``cls``, ``registers``, ``patches`` or ``all``."""
+        if name == "all":
+            return slice(0, self.n_tokens)
+        if name in ("cls", "registers", "patches"):
+            return getattr(self, name)
+        raise RaptorError(f"unknown token group {name!r} (use cls, registers, patches or all)")
+
+    def to_dict(self) -> dict:
+        return {"n_cls": self.n_cls, "n_registers": self.n_registers, "n_patches": self.n_patches,
+                "grid": list(self.grid), "n_tokens": self.n_tokens}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TokenLayout":
+        return cls(int(d["n_cls"]), int(d["n_registers"]), (int(d["grid"][0]), int(d["grid"][1])))
+
+
+class ClassifierHead(nn.Module):
+    """A linear classifier over pooled, final-normed tokens.
+
+    ``pooling``: ``cls`` (first cls token) or ``cls+meanpatch`` (concat of cls and the mean of patch tokens,
+    registers excluded: the official DINOv2 linear head and HF ``Dinov2ForImageClassification``).
+    """
+
+    def __init__(self, linear: nn.Linear, pooling: str = "cls+meanpatch"):
+        super().__init__()
+        if pooling not in ("cls", "cls+meanpatch"):
+            raise RaptorError(f"unknown head pooling {pooling!r}")
+        self.linear = linear
+        self.pooling = pooling
+
+    def pool(self, normed: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        cls_tok = normed[:, 0]
+        if self.pooling == "cls":
+            return cls_tok
+        return torch.cat([cls_tok, normed[:, layout.patches].mean(dim=1)], dim=-1)
+
+    def forward(self, normed: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        return self.linear(self.pool(normed, layout))
+
+
+def autocast_context(dtype: str | None, device: torch.device | str = "cpu"):
+    """bf16/fp16 autocast for extraction and training, or a no-op for ``None``/``float32``."""
+    if dtype in (None, "float32", "fp32"):
+        return contextlib.nullcontext()
+    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise RaptorError(f"unknown autocast dtype {dtype!r} (use float32, bfloat16 or float16)")
+    dev = torch.device(device).type
+    return torch.autocast(device_type=dev, dtype=table[dtype])
+
+
+class Teacher(nn.Module):
+    """A frozen pretrained ViT seen as embed -> blocks -> final norm (-> head).
+
+    Subclasses set ``embeddings``-related behaviour by implementing :meth:`embed` and :meth:`run_block`.
+    """
+
+    spec: str = ""
+    family: str = ""
+    display_name: str = ""
+
+    def __init__(self, *, blocks: Sequence[nn.Module], final_norm: nn.Module, n_cls: int, n_registers: int,
+                 patch_size: int, dim: int, image_mean: Sequence[float], image_std: Sequence[float],
+                 default_image_size: int, head: ClassifierHead | None = None):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.final_norm = final_norm
+        self.head = head
+        self.n_cls = n_cls
+        self.n_registers = n_registers
+        self.patch_size = patch_size
+        self.dim = dim
+        self.image_mean = tuple(float(x) for x in image_mean)
+        self.image_std = tuple(float(x) for x in image_std)
+        self.default_image_size = int(default_image_size)
+
+    # ---- contract -------------------------------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def n_layers(self) -> int:
+        """Number of trajectory layers: embedding (0) plus one per block."""
+        return len(self.blocks) + 1
+
+    def layout(self, image_hw: tuple[int, int] | int) -> TokenLayout:
+        h, w = (image_hw, image_hw) if isinstance(image_hw, int) else image_hw
+        return TokenLayout(self.n_cls, self.n_registers, (h // self.patch_size, w // self.patch_size))
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def run_block(self, index: int, tokens: torch.Tensor) -> torch.Tensor:
+        """Apply block ``index`` (0-based; its output is layer ``index + 1``)."""
+        return self.blocks[index](tokens, None)
+
+    def run_blocks(self, tokens: torch.Tensor, start_layer: int, end_layer: int | None = None) -> torch.Tensor:
+        """Advance tokens that are at layer ``start_layer`` to layer ``end_layer`` (default: last)."""
+        end = self.depth if end_layer is None else end_layer
+        if not 0 <= start_layer <= end <= self.depth:
+            raise RaptorError(f"bad layer range {start_layer}..{end} for a depth-{self.depth} teacher")
+        for i in range(start_layer, end):
+            tokens = self.run_block(i, tokens)
+        return tokens
+
+    def classify(self, last_tokens: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """Final norm + head on layer-L tokens."""
+        if self.head is None:
+            raise RaptorError(f"teacher {self.spec} has no classification head (pass --head for DINOv2 .pth)")
+        return self.head(self.final_norm(last_tokens), layout)
+
+    def resolve_layers(self, layers: Iterable[int] | None) -> list[int]:
+        if layers is None:
+            return list(range(self.n_layers))
+        out = sorted(set(int(x) for x in layers))
+        if not out or out[0] < 0 or out[-1] > self.depth:
+            raise RaptorError(f"layers must lie in 0..{self.depth} for this teacher, got {list(layers)}")
+        return out
+
+    @torch.inference_mode()
+    def trajectory(self, images: torch.Tensor, layers: Iterable[int] | None = None,
+                   autocast: str | None = None,
+                   on_layer: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """(batch, len(layers), tokens, dim) for the requested layers (default 0..L), in float32.
+
+        Blocks past the deepest requested layer are not run.
+        """
+        want = self.resolve_layers(layers)
+        keep = set(want)
+        outs: list[torch.Tensor] = []
+        with autocast_context(autocast, images.device):
+            x = self.embed(images)
+            if 0 in keep:
+                outs.append(x.float())
+            for i in range(want[-1]):
+                x = self.run_block(i, x)
+                if i + 1 in keep:
+                    outs.append(x.float())
+        return torch.stack(outs, dim=1)
+
+    def describe(self) -> dict:
+        return {"spec": self.spec, "family": self.family, "name": self.display_name, "depth": self.depth,
+                "dim": self.dim, "patch_size": self.patch_size, "n_cls": self.n_cls,
+                "n_registers": self.n_registers, "has_head": self.head is not None,
+                "image_mean": list(self.image_mean), "image_std": list(self.image_std),
+                "default_image_size": self.default_image_size}
