@@ -55,7 +55,7 @@ def extract(
     chunk_images: int = typer.Option(32, help="Images per store chunk (also the resume granularity)"),
     layers: Optional[str] = typer.Option(None, help="Layers to store, e.g. 0-12 or 0,6,12 (default all)"),
     image_size: Optional[int] = typer.Option(None, help="Crop size (default: the teacher's, 224 for DINOv2)"),
-    compression: str = typer.Option("zstd", help="zstd | lz4 | none"),
+    compression: str = typer.Option("lz4", help="lz4 (bit-shuffled, default) | zstd | none"),
     autocast: Optional[str] = typer.Option(None, help="bfloat16 autocast for the forward pass (faster on CPU)"),
     head: Optional[str] = typer.Option(None, help="Official DINOv2 linear head .pth (for dinov2-pth teachers)"),
     progress: bool = typer.Option(True, help="Show a progress bar"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -168,24 +168,27 @@ class Teacher(nn.Module):
 
     @torch.inference_mode()
     def trajectory(self, images: torch.Tensor, layers: Iterable[int] | None = None,
-                   autocast: str | None = None,
-                   on_layer: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+                   autocast: str | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """(batch, len(layers), tokens, dim) for the requested layers (default 0..L), in float32.
 
-        Blocks past the deepest requested layer are not run.
+        Blocks past the deepest requested layer are not run. Each layer is copied into one preallocated output
+        (pass ``out`` to reuse a buffer across calls): holding per-layer tensors and stacking them costs ~8 % of
+        the forward time on CPU through allocator churn.
         """
         want = self.resolve_layers(layers)
-        keep = set(want)
-        outs: list[torch.Tensor] = []
+        pos = {layer: k for k, layer in enumerate(want)}
         with autocast_context(autocast, images.device):
             x = self.embed(images)
-            if 0 in keep:
-                outs.append(x.float())
+            shape = (x.shape[0], len(want), x.shape[1], x.shape[2])
+            if out is None or tuple(out.shape) != shape:
+                out = torch.empty(shape, dtype=torch.float32, device=x.device)
+            if 0 in pos:
+                out[:, pos[0]].copy_(x)
             for i in range(want[-1]):
                 x = self.run_block(i, x)
-                if i + 1 in keep:
-                    outs.append(x.float())
-        return torch.stack(outs, dim=1)
+                if i + 1 in pos:
+                    out[:, pos[i + 1]].copy_(x)
+        return out
 
     def describe(self) -> dict:
         return {"spec": self.spec, "family": self.family, "name": self.display_name, "depth": self.depth,

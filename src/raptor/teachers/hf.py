@@ -46,18 +46,19 @@ class HFTeacher(Teacher):
         cfg = model.config
         if family in ("clip", "siglip"):
             core = model.vision_model if hasattr(model, "vision_model") else model
-            blocks, final_norm = core.encoder.layers, core.post_layernorm
+            final_norm = core.post_layernorm
             n_cls = 1 if family == "clip" else 0
         else:
             core = model
-            blocks, final_norm = core.encoder.layer, core.layernorm
+            final_norm = core.layernorm
             n_cls = 2 if family == "deit" else 1
+        blocks = _find_blocks(core)
         n_reg = int(getattr(cfg, "num_register_tokens", 0) or 0) if family == "dinov2_with_registers" else 0
         patch = cfg.patch_size if isinstance(cfg.patch_size, int) else cfg.patch_size[0]
         img = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
         dmean, dstd = next((m, s) for f, m, s in FAMILIES.values() if f == family)
         # DINOv2 checkpoints carry 518 px position embeddings but are used at 224 px.
-        default_size = 224 if family.startswith("dinov2") else img
+        default_size = 224 if family.startswith("dinov2") and img > 224 else img
         super().__init__(blocks=list(blocks), final_norm=final_norm, n_cls=n_cls, n_registers=n_reg,
                          patch_size=patch, dim=cfg.hidden_size, image_mean=image_mean or dmean,
                          image_std=image_std or dstd, default_image_size=default_size, head=head)
@@ -88,6 +89,20 @@ class HFTeacher(Teacher):
             kwargs["interpolate_pos_encoding"] = tuple(images.shape[-2:]) != (self._config_image_size,) * 2
         out = self.model(pixel_values=images, **kwargs)
         return out.hidden_states
+
+
+def _find_blocks(core: nn.Module) -> nn.ModuleList:
+    """The ordered transformer layers, wherever this transformers version keeps them."""
+    for path in ("encoder.layer", "encoder.layers", "layers", "layer"):
+        obj = core
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise RaptorError(f"cannot find the transformer layers of {type(core).__name__}")
 
 
 def _read_preprocessor(path: Path) -> tuple[tuple | None, tuple | None]:

