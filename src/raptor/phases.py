@@ -1,0 +1,270 @@
+"""Phase segmentation of a layer distance matrix D (symmetric, zero diagonal, non-negative).
+
+Two methods:
+
+- :func:`recursive_max_cut` -- the official notebook's algorithm (PAPER.md 1.3), reproduced: complete graph on the
+  layers with edge weights D; exact max-cut by brute force (vertex 0 pinned, all 2^(n-1) bipartitions);
+  recursive bisection taking the cluster with the largest recorded gain first; stop when that gain <= eps,
+  eps = frac * total weight (total = D.sum()/2); clusters smaller than 2*min_size are never split; a cut whose
+  value is <= eps marks the cluster unsplittable; children inherit the parent's cut value as gain. It does **not**
+  force contiguity. Interpretation (the notebook's code is not public in full): both sides of a cut must hold at
+  least ``min_size`` layers; ties go to the first bipartition in enumeration order.
+- :func:`contiguous_segmentation` -- exact contiguous segmentation into k phases by dynamic programming
+  (reconstructed: the paper describes a "max-cut solved by DP into contiguous segments" but no formulation is
+  public). Objective: **minimise the total within-phase distance** sum_{phases} sum_{i<j in phase} D_ij, which is
+  the same as maximising the cut weight between phases (the contiguous max-k-cut). O(k L^2) time.
+
+Choice of k (:func:`choose_k`): ``gain`` (default) -- the DP analogue of the max-cut stopping rule: keep adding a
+phase while the cut weight it adds is > frac * total weight; ``elbow`` -- the k whose point on the normalised DP
+cost curve lies farthest below the chord from k=1 to k_max.
+
+Phase-structure metrics (:func:`phase_metrics`), for a distance matrix D and phases P (S = 1 - D where D is a
+cosine distance in [0, 1]):
+
+- ``within_mean`` / ``between_mean``: mean D over pairs i<j in the same / different phases;
+- ``contrast`` = between_mean - within_mean (>0: phases are tighter than the whole);
+- ``contrast_ratio`` = between_mean / within_mean;
+- ``cut_fraction`` = between-phase weight / total weight (share of all distance that crosses boundaries);
+- ``block_energy`` = sum_{same phase, i != j} S_ij^2 / sum_{i != j} S_ij^2 (block-diagonal energy fraction of the
+  similarity);
+- ``boundary_jump`` = mean adjacent-layer distance D[l-1, l] across boundaries / the same within phases.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from raptor.errors import RaptorError
+
+
+def check_distance(D: np.ndarray) -> np.ndarray:
+    D = np.asarray(D, dtype=np.float64)
+    if D.ndim != 2 or D.shape[0] != D.shape[1] or D.shape[0] < 1:
+        raise RaptorError(f"distance matrix must be square, got shape {D.shape}")
+    if not np.isfinite(D).all():
+        raise RaptorError("distance matrix has NaN/inf entries")
+    if not np.allclose(D, D.T, atol=1e-9 * max(1.0, np.abs(D).max())):
+        raise RaptorError("distance matrix must be symmetric")
+    return D
+
+
+# ---- exact max-cut ------------------------------------------------------------------------------------------------
+
+def max_cut_bruteforce(W: np.ndarray, min_size: int = 1, chunk: int = 1 << 16) -> tuple[np.ndarray, float]:
+    """Exact max-cut of a complete weighted graph. Returns (side mask with vertex 0 on side False, cut value).
+
+    Enumerates all 2^(n-1) bipartitions with vertex 0 pinned (vectorised in chunks); both sides need >= min_size
+    vertices. Ties: the first in enumeration order (mask integer order).
+    """
+    W = np.asarray(W, dtype=np.float64)
+    n = W.shape[0]
+    if n < 2 * min_size or n < 2:
+        raise RaptorError(f"cannot cut {n} vertices into two sides of >= {min_size}")
+    if n > 30:
+        raise RaptorError(f"brute-force max-cut over {n} vertices needs 2^{n - 1} cuts; use the contiguous DP")
+    W = W.copy()
+    np.fill_diagonal(W, 0.0)
+    bits = np.arange(1, n, dtype=np.int64)
+    best_val, best_mask = -np.inf, 0
+    total = 1 << (n - 1)
+    for start in range(1, total, chunk):  # mask 0 = empty side: skipped
+        masks = np.arange(start, min(start + chunk, total), dtype=np.int64)
+        S = np.zeros((len(masks), n))
+        S[:, 1:] = (masks[:, None] >> (bits - 1)[None, :]) & 1
+        size = S.sum(1)
+        ok = (size >= min_size) & (n - size >= min_size)
+        if not ok.any():
+            continue
+        vals = np.einsum("mi,mi->m", S @ W, 1 - S)
+        vals[~ok] = -np.inf
+        k = int(np.argmax(vals))
+        if vals[k] > best_val:
+            best_val, best_mask = float(vals[k]), int(masks[k])
+    side = np.zeros(n, dtype=bool)
+    side[1:] = (best_mask >> (bits - 1)) & 1
+    return side, best_val
+
+
+def cut_weight(W: np.ndarray, side: np.ndarray) -> float:
+    """Sum of W over pairs on different sides (the notebook's ``W[xor-outer(side, side)].sum() / 2``)."""
+    side = np.asarray(side, dtype=bool)
+    return float(W[np.logical_xor.outer(side, side)].sum() / 2)
+
+
+def recursive_max_cut(D: np.ndarray, frac: float = 0.2, min_size: int = 2) -> list[list[int]]:
+    """The official recursive max-cut bisection (see module doc). Returns clusters (sorted members), in the order
+    the algorithm leaves them (children replace their parent in place)."""
+    D = check_distance(D)
+    n = D.shape[0]
+    total = D.sum() / 2
+    eps = frac * total
+    clusters: list[tuple[list[int], float]] = [(list(range(n)), np.inf)]
+    while True:
+        idx = max(range(len(clusters)), key=lambda i: clusters[i][1])
+        members, gain = clusters[idx]
+        if gain <= eps:
+            break
+        if len(members) < 2 * min_size:
+            clusters[idx] = (members, -np.inf)
+            continue
+        sub = D[np.ix_(members, members)]
+        side, val = max_cut_bruteforce(sub, min_size=min_size)
+        if val <= eps:
+            clusters[idx] = (members, -np.inf)
+            continue
+        a = [m for m, s in zip(members, side) if not s]
+        b = [m for m, s in zip(members, side) if s]
+        clusters[idx:idx + 1] = [(a, val), (b, val)]
+    return [sorted(c) for c, _ in clusters]
+
+
+# ---- contiguous DP ------------------------------------------------------------------------------------------------
+
+def segment_costs(D: np.ndarray) -> np.ndarray:
+    """C[a, b] = within-segment distance of layers a..b-1 (sum over pairs), for 0 <= a < b <= L; inf elsewhere."""
+    D = np.asarray(D, dtype=np.float64)
+    L = D.shape[0]
+    P = np.zeros((L + 1, L + 1))
+    P[1:, 1:] = D.cumsum(0).cumsum(1)
+    a = np.arange(L + 1)[:, None]
+    b = np.arange(L + 1)[None, :]
+    with np.errstate(invalid="ignore"):
+        C = (P[b, b] - P[a, b] - P[b, a] + P[a, a]) / 2  # block sum over [a,b)x[a,b), each pair once
+    C = np.where(b > a, C, np.inf)
+    return C
+
+
+@dataclass
+class DPResult:
+    """Optimal contiguous segmentations for k = 1..k_max (positions are 0-based indices into D)."""
+
+    costs: np.ndarray  # costs[k-1] = minimal within-phase distance with k phases
+    boundaries: dict[int, list[int]]  # k -> start index of each phase after the first
+    total: float  # total weight D.sum()/2
+    n: int
+
+    def phases(self, k: int) -> list[list[int]]:
+        if k not in self.boundaries:
+            raise RaptorError(f"no segmentation with k={k} (available: {sorted(self.boundaries)})")
+        cuts = [0] + self.boundaries[k] + [self.n]
+        return [list(range(cuts[i], cuts[i + 1])) for i in range(k)]
+
+
+def contiguous_segmentation(D: np.ndarray, k_max: int, min_size: int = 1) -> DPResult:
+    """Exact minimum within-phase distance segmentations into k = 1..k_max contiguous phases (see module doc)."""
+    D = check_distance(D)
+    L = D.shape[0]
+    if k_max < 1:
+        raise RaptorError("k must be >= 1")
+    k_max = min(k_max, L // max(1, min_size))
+    C = segment_costs(D)
+    if min_size > 1:
+        a = np.arange(L + 1)[:, None]
+        b = np.arange(L + 1)[None, :]
+        C = np.where(b - a >= min_size, C, np.inf)
+    dp = np.full((k_max + 1, L + 1), np.inf)
+    arg = np.zeros((k_max + 1, L + 1), dtype=np.int64)
+    dp[1] = C[0]
+    for k in range(2, k_max + 1):
+        cand = dp[k - 1][:, None] + C  # cand[a, b]: first k-1 phases cover [0, a), last phase [a, b)
+        arg[k] = np.argmin(cand, axis=0)
+        dp[k] = cand[arg[k], np.arange(L + 1)]
+    bounds: dict[int, list[int]] = {}
+    for k in range(1, k_max + 1):
+        if not np.isfinite(dp[k, L]):
+            continue
+        cuts, b = [], L
+        for kk in range(k, 1, -1):
+            a = int(arg[kk, b])
+            cuts.append(a)
+            b = a
+        bounds[k] = sorted(cuts)
+    return DPResult(costs=np.array([dp[k, L] for k in range(1, k_max + 1)]), boundaries=bounds,
+                    total=float(D.sum() / 2), n=L)
+
+
+def brute_force_contiguous(D: np.ndarray, k: int) -> tuple[float, list[int]]:
+    """Reference: try every contiguous segmentation into k phases (tests)."""
+    D = np.asarray(D, dtype=np.float64)
+    L = D.shape[0]
+    C = segment_costs(D)
+    best = (np.inf, [])
+    for cuts in itertools.combinations(range(1, L), k - 1):
+        edges = (0,) + cuts + (L,)
+        c = sum(C[edges[i], edges[i + 1]] for i in range(k))
+        if c < best[0] - 1e-12:
+            best = (c, list(cuts))
+    return best
+
+
+def choose_k(dp: DPResult, method: str = "gain", frac: float = 0.1) -> int:
+    """Pick k from the DP cost curve (see module doc)."""
+    costs = dp.costs
+    ks = np.arange(1, len(costs) + 1)
+    if method == "gain":
+        k = 1
+        for kk in range(2, len(costs) + 1):
+            if costs[kk - 2] - costs[kk - 1] > frac * dp.total:
+                k = kk
+            else:
+                break
+        return k
+    if method == "elbow":
+        if len(costs) < 3:
+            return int(ks[-1])
+        y = (costs - costs[-1]) / max(costs[0] - costs[-1], 1e-12)
+        x = (ks - 1) / (ks[-1] - 1)
+        chord = 1 - x
+        return int(ks[int(np.argmax(chord - y))])
+    raise RaptorError(f"unknown k rule {method!r} (gain or elbow)")
+
+
+def labels_from_phases(phases: list[list[int]], n: int) -> np.ndarray:
+    lab = np.full(n, -1)
+    for p, members in enumerate(phases):
+        lab[members] = p
+    if (lab < 0).any():
+        raise RaptorError("phases do not cover every layer")
+    return lab
+
+
+def phase_metrics(D: np.ndarray, phases: list[list[int]]) -> dict[str, float]:
+    """Phase-structure metrics of a distance matrix for a segmentation (formulas in the module doc)."""
+    D = check_distance(D)
+    n = D.shape[0]
+    lab = labels_from_phases(phases, n)
+    iu = np.triu_indices(n, 1)
+    same = lab[iu[0]] == lab[iu[1]]
+    d = D[iu]
+    within = float(d[same].mean()) if same.any() else 0.0
+    between = float(d[~same].mean()) if (~same).any() else 0.0
+    total = float(d.sum())
+    S = 1.0 - D
+    s2 = S[iu] ** 2
+    adj = np.array([D[i - 1, i] for i in range(1, n)])
+    is_boundary = lab[1:] != lab[:-1]
+    jump = (float(adj[is_boundary].mean()) / max(float(adj[~is_boundary].mean()), 1e-12)
+            if is_boundary.any() and (~is_boundary).any() else float("nan"))
+    out = {
+        "k": len(phases),
+        "within_mean": within,
+        "between_mean": between,
+        "contrast": between - within,
+        "contrast_ratio": between / within if within > 0 else float("inf") if between > 0 else 1.0,
+        "cut_fraction": float(d[~same].sum() / total) if total > 0 else 0.0,
+        "block_energy": float(s2[same].sum() / s2.sum()) if s2.sum() > 0 else 0.0,
+        "boundary_jump": jump,
+    }
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in out.items()}
+
+
+def is_contiguous(phases: list[list[int]]) -> bool:
+    return all(p == list(range(p[0], p[-1] + 1)) for p in phases)
+
+
+__all__ = ["brute_force_contiguous", "check_distance", "choose_k", "contiguous_segmentation", "cut_weight",
+           "is_contiguous", "max_cut_bruteforce", "phase_metrics", "recursive_max_cut", "segment_costs",
+]
