@@ -83,6 +83,38 @@ def extract(
 
 
 @app.command()
+def analyze(
+    teacher: str = typer.Option("bundled:dinov2-s", "--teacher", "-t", help=TEACHER_HELP),
+    data: str = typer.Option("bundled:photos", "--data", "-d", help=DATA_HELP),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory"),
+    store: Optional[Path] = typer.Option(None, help="Read trajectories from this store instead of running the teacher"),
+    limit: Optional[int] = typer.Option(None, help="Only the first N images"),
+    batch_size: int = typer.Option(16, help="Batch size"),
+    image_size: Optional[int] = typer.Option(None, help="Crop size (default: the teacher's)"),
+    layers: Optional[str] = typer.Option(None, help="Layers, e.g. 1-12 (default: block outputs 1..L, as the paper)"),
+    cka_groups: str = typer.Option("auto", help="CKA token groups: auto (cls + registers if any) or a list of "
+                                   "cls,registers,patches,all (patches/all cost about one more forward pass)"),
+    k_max: int = typer.Option(6, help="Largest number of phases to segment into"),
+    k_rule: str = typer.Option("gain", help="Rule to choose k: gain | elbow"),
+    k_frac: float = typer.Option(0.1, help="gain rule: add a phase while it adds > frac of the total distance"),
+    autocast: Optional[str] = typer.Option(None, help="bfloat16 autocast for the forward pass"),
+    head: Optional[str] = typer.Option(None, help="Official DINOv2 linear head .pth"),
+    progress: bool = typer.Option(True, help="Show a progress bar"),
+):
+    """Layer x layer similarity (paper metric, MSE, CKA, token cosine) and phases of depth (DP + max-cut)."""
+    from raptor.analyze import AnalyzeConfig, run_analyze
+
+    groups = tuple(g.strip() for g in cka_groups.split(",") if g.strip())
+    cfg = AnalyzeConfig(teacher=teacher, data=data, out=str(out), store=str(store) if store else None, limit=limit,
+                        batch_size=batch_size, image_size=image_size, layers=parse_layers(layers),
+                        cka_groups=groups, k_max=k_max, k_rule=k_rule, k_frac=k_frac, autocast=autocast, head=head)
+    res = run_analyze(cfg, progress=progress)
+    a = res.analysis
+    typer.echo(f"phases ({a['primary_metric']}, k={a['chosen']['k']}): {a['chosen']['phases']}")
+    typer.echo(f"wrote {out / 'analysis.json'}, {out / 'report.md'} and {len(a['figures'])} figures")
+
+
+@app.command()
 def info(store: Path = typer.Argument(..., help="Store directory")):
     """Summarise a trajectory store."""
     from raptor.store import TrajectoryStore

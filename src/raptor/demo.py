@@ -22,6 +22,18 @@ def run_demo(out: Path, limit: int | None = None) -> dict:
     extract(teacher, source, store_dir, dtype="bfloat16")
     summary = TrajectoryStore(store_dir).summary()
     console.print_json(json.dumps(summary))
+
+    from raptor.analyze import AnalyzeConfig, run_analyze
+
+    an_dir = out / "analyze"
+    console.print(f"\n[bold]Layer similarity and phases[/bold] (from the store) -> {an_dir}")
+    res = run_analyze(AnalyzeConfig(teacher=DEFAULT_TEACHER, data="bundled:photos", store=str(store_dir),
+                                    out=str(an_dir)))
+    a = res.analysis
+    console.print(f"phases ({a['primary_metric']}, k={a['chosen']['k']}): {a['chosen']['phases']}")
     console.print("\n[bold green]Demo outputs[/bold green]:")
     console.print(f"  trajectory store : {store_dir.resolve()}  (inspect: raptor info {store_dir})")
-    return {"store": str(store_dir)}
+    console.print(f"  phase analysis   : {(an_dir / 'report.md').resolve()}")
+    console.print(f"                     {(an_dir / 'analysis.json').resolve()}")
+    console.print(f"  heatmap          : {(an_dir / 'paper_cosine_distance.png').resolve()}")
+    return {"store": str(store_dir), "analyze": str(an_dir)}

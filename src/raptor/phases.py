@@ -94,9 +94,11 @@ def cut_weight(W: np.ndarray, side: np.ndarray) -> float:
     return float(W[np.logical_xor.outer(side, side)].sum() / 2)
 
 
-def recursive_max_cut(D: np.ndarray, frac: float = 0.2, min_size: int = 2) -> list[list[int]]:
+def recursive_max_cut(D: np.ndarray, frac: float = 0.2, min_size: int = 2,
+                      cache: dict | None = None) -> list[list[int]]:
     """The official recursive max-cut bisection (see module doc). Returns clusters (sorted members), in the order
-    the algorithm leaves them (children replace their parent in place)."""
+    the algorithm leaves them (children replace their parent in place). ``cache`` (a dict) memoises the exact
+    max-cut of each cluster across calls, e.g. when sweeping ``frac``."""
     D = check_distance(D)
     n = D.shape[0]
     total = D.sum() / 2
@@ -110,8 +112,13 @@ def recursive_max_cut(D: np.ndarray, frac: float = 0.2, min_size: int = 2) -> li
         if len(members) < 2 * min_size:
             clusters[idx] = (members, -np.inf)
             continue
-        sub = D[np.ix_(members, members)]
-        side, val = max_cut_bruteforce(sub, min_size=min_size)
+        key = (tuple(members), min_size)
+        if cache is not None and key in cache:
+            side, val = cache[key]
+        else:
+            side, val = max_cut_bruteforce(D[np.ix_(members, members)], min_size=min_size)
+            if cache is not None:
+                cache[key] = (side, val)
         if val <= eps:
             clusters[idx] = (members, -np.inf)
             continue

@@ -1,0 +1,302 @@
+"""``raptor analyze``: layer similarity matrices and phases of depth for a teacher over a dataset.
+
+Writes ``OUT/analysis.json`` (schema: ``raptor/schemas/analysis.schema.json``), ``OUT/config.yaml``, heatmaps
+``OUT/*.png`` with phase boundaries and ``OUT/report.md``. ``analysis.json`` is written last (atomically), so a
+directory without it is an unfinished run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from raptor.config import atomic_write_text, save_config, to_dict
+from raptor.errors import RaptorError
+from raptor.phases import choose_k, contiguous_segmentation, is_contiguous, phase_metrics, recursive_max_cut
+from raptor.similarity import SimilarityAccumulator, SimilarityResult
+
+SCHEMA_VERSION = 1
+PRIMARY = "paper_cosine_distance"
+
+
+@dataclass
+class AnalyzeConfig:
+    teacher: str = "bundled:dinov2-s"
+    data: str = "bundled:photos"
+    out: str = "runs/analyze"
+    store: str | None = None
+    limit: int | None = None
+    batch_size: int = 16
+    image_size: int | None = None
+    layers: list[int] | None = None  # default: 1..L (block outputs; the paper's convention)
+    cka_groups: tuple[str, ...] = ("auto",)  # auto = cls and registers where the teacher has them
+    cka_dtype: str = "float64"
+    k_min: int = 2
+    k_max: int = 6
+    k_rule: str = "gain"
+    k_frac: float = 0.1
+    maxcut_fracs: tuple[float, ...] = (0.2, 0.1, 0.09)  # the paper's Raptor2 / Raptor3 / Raptor4 settings
+    maxcut_min_size: int = 2
+    autocast: str | None = None
+    head: str | None = None
+
+
+@dataclass
+class AnalysisOutputs:
+    out: Path
+    result: SimilarityResult
+    analysis: dict = field(default_factory=dict)
+
+
+def resolve_cka_groups(groups, layout) -> tuple[str, ...]:
+    """``auto`` -> the cheap groups this teacher has (cls, registers); explicit groups are kept as asked."""
+    if tuple(groups) == ("auto",):
+        return tuple(g for g, n in (("cls", layout.n_cls), ("registers", layout.n_registers)) if n)
+    return tuple(groups)
+
+
+def _accumulate_live(cfg: AnalyzeConfig, teacher, layers, progress: bool):
+    from raptor.data import EvalTransform, load_images, open_source
+    from raptor.progress import progress_bar
+
+    src = open_source(cfg.data).subset(cfg.limit)
+    size = cfg.image_size or teacher.default_image_size
+    if size % teacher.patch_size:
+        raise RaptorError(f"image size {size} is not a multiple of the patch size {teacher.patch_size}")
+    tf = EvalTransform.for_size(size, teacher.image_mean, teacher.image_std)
+    layout = teacher.layout(size)
+    acc = SimilarityAccumulator(layout, layers, cka_groups=resolve_cka_groups(cfg.cka_groups, layout),
+                                cka_dtype=getattr(torch, cfg.cka_dtype))
+    skipped: list[str] = []
+    buf = None
+    with progress_bar(len(src), "analyze", "img", enabled=progress) as bar:
+        for s in range(0, len(src), cfg.batch_size):
+            import warnings
+
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                tensors, _, bad = load_images(src.items[s:s + cfg.batch_size], tf)
+            for w in caught:
+                bar.warn(str(w.message))
+            skipped += bad
+            if tensors:
+                buf = teacher.trajectory(torch.stack(tensors), layers, autocast=cfg.autocast, out=buf)
+                acc.update(buf[: len(tensors)])
+            bar.advance(len(tensors) + len(bad))
+    info = {"source": "live", "n_images": acc.n, "skipped": skipped, "layout": layout.to_dict(),
+            "transform": tf.describe(), "teacher": teacher.describe()}
+    return acc, info
+
+
+def _accumulate_store(cfg: AnalyzeConfig, layers, progress: bool):
+    from raptor.progress import progress_bar
+    from raptor.store import TrajectoryStore
+
+    st = TrajectoryStore(cfg.store)
+    if not st.complete:
+        raise RaptorError(f"store {cfg.store} is incomplete: finish it first (re-run the same extract command)")
+    missing = [layer for layer in layers if layer not in st.layers]
+    if missing:
+        raise RaptorError(f"store {cfg.store} lacks layers {missing} (it holds {st.layers})")
+    rows = st.valid_indices[: cfg.limit] if cfg.limit else st.valid_indices
+    acc = SimilarityAccumulator(st.layout, layers, cka_groups=resolve_cka_groups(cfg.cka_groups, st.layout),
+                                cka_dtype=getattr(torch, cfg.cka_dtype))
+    lo, hi = min(layers), max(layers)
+    sub = [layer - lo for layer in layers]
+    with progress_bar(len(rows), "analyze (store)", "img", enabled=progress) as bar:
+        for x, _ in st.batches(cfg.batch_size, layers=(lo, hi), shuffle=False, rows=rows):
+            acc.update(x[:, sub])
+            bar.advance(len(x))
+    info = {"source": "store", "store": str(cfg.store), "n_images": acc.n, "skipped": st.manifest.get("skipped", []),
+            "layout": st.layout.to_dict(), "transform": st.meta["settings"]["transform"], "teacher": st.meta["teacher"]}
+    return acc, info
+
+
+def maxcut_by_k(D: np.ndarray, ks, min_size: int) -> dict[int, dict]:
+    """Recursive max-cut segmentations for each k, found by sweeping frac from 0.5 down to 0 (largest frac
+    that yields k clusters). Exact max-cuts of repeated clusters are computed once (memoised)."""
+    cache: dict = {}
+    out: dict[int, dict] = {}
+    for frac in np.round(np.linspace(0.5, 0.0, 201), 4):
+        parts = recursive_max_cut(D, frac=float(frac), min_size=min_size, cache=cache)
+        k = len(parts)
+        if k in ks and k not in out:
+            out[k] = {"frac": float(frac), "phases_unsorted": parts}
+        if len(out) == len(ks):
+            break
+    return out
+
+
+def run_analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalysisOutputs:
+    from raptor import plots
+    from raptor.teachers import load_teacher
+
+    if cfg.k_min < 1 or cfg.k_max < cfg.k_min:
+        raise RaptorError(f"bad k range {cfg.k_min}..{cfg.k_max}")
+    if cfg.cka_dtype not in ("float64", "float32"):
+        raise RaptorError("cka dtype must be float64 or float32")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "analysis.json").unlink(missing_ok=True)  # never leave a stale result that looks complete
+    t0 = time.perf_counter()
+    if cfg.store:
+        from raptor.store import TrajectoryStore
+
+        st_meta = TrajectoryStore(cfg.store).meta
+        depth = int(st_meta["teacher"]["depth"])
+        layers = cfg.layers or list(range(1, depth + 1))
+        acc, info = _accumulate_store(cfg, layers, progress)
+    else:
+        teacher = load_teacher(cfg.teacher, head=cfg.head)
+        layers = teacher.resolve_layers(cfg.layers or range(1, teacher.depth + 1))
+        acc, info = _accumulate_live(cfg, teacher, layers, progress)
+    if len(layers) < 2:
+        raise RaptorError("need at least 2 layers to analyze")
+    res = acc.result()
+    seconds_pass = time.perf_counter() - t0
+
+    ks = list(range(cfg.k_min, min(cfg.k_max, len(layers)) + 1))
+    metrics: dict[str, dict] = {}
+    for name, M in res.matrices.items():
+        metrics[name] = {"kind": res.kinds[name], "description": res.descriptions[name], "matrix": M.tolist()}
+
+    def to_layers(phases):
+        return [[layers[i] for i in p] for p in phases]
+
+    seg: dict[str, dict] = {}
+    for name in res.matrices:
+        D = res.distance(name)
+        dp = contiguous_segmentation(D, k_max=max(ks))
+        chosen = choose_k(dp, cfg.k_rule, cfg.k_frac)
+        seg[name] = {
+            "distance": "matrix" if res.kinds[name] == "distance" else "1 - matrix",
+            "dp": {str(k): {"phases": to_layers(dp.phases(k)), "within_cost": float(dp.costs[k - 1]),
+                            "metrics": phase_metrics(D, dp.phases(k))} for k in ks if k in dp.boundaries},
+            "dp_cost_curve": [float(c) for c in dp.costs],
+            "total_weight": dp.total,
+            "chosen_k": {"rule": cfg.k_rule, "frac": cfg.k_frac, "k": int(chosen),
+                         "elbow_k": int(choose_k(dp, "elbow"))},
+        }
+    # recursive max-cut on the primary metric (exact brute force; feasible to ~24 layers)
+    Dp = res.distance(PRIMARY)
+    if len(layers) <= 24:
+        mc = maxcut_by_k(Dp, ks, cfg.maxcut_min_size)
+        seg[PRIMARY]["maxcut"] = {
+            str(k): {"frac": v["frac"], "phases": to_layers(sorted(v["phases_unsorted"])),
+                     "phases_unsorted": to_layers(v["phases_unsorted"]),
+                     "contiguous": is_contiguous(sorted(v["phases_unsorted"])),
+                     "metrics": phase_metrics(Dp, sorted(v["phases_unsorted"]))} for k, v in sorted(mc.items())}
+        seg[PRIMARY]["maxcut_paper_fracs"] = {
+            str(f): to_layers(sorted(recursive_max_cut(Dp, frac=f, min_size=cfg.maxcut_min_size, cache={})))
+            for f in cfg.maxcut_fracs}
+    else:
+        seg[PRIMARY]["maxcut"] = {}
+        seg[PRIMARY]["maxcut_paper_fracs"] = {}
+    chosen_k = seg[PRIMARY]["chosen_k"]["k"]
+    chosen_phases = seg[PRIMARY]["dp"].get(str(chosen_k), {}).get("phases") or to_layers(
+        contiguous_segmentation(Dp, chosen_k).phases(chosen_k))
+
+    # figures
+    figures = {}
+    idx = {layer: i for i, layer in enumerate(layers)}
+    for name, M in res.matrices.items():
+        k = seg[name]["chosen_k"]["k"]
+        dp_ph = [[idx[x] for x in p] for p in seg[name]["dp"][str(k)]["phases"]] if str(k) in seg[name]["dp"] else None
+        mc_ph = None
+        if name == PRIMARY and seg[name]["maxcut"].get(str(k)):
+            mc_ph = [[idx[x] for x in p] for p in seg[name]["maxcut"][str(k)]["phases"]]
+        fname = name.replace("/", "_") + ".png"
+        plots.heatmap(out / fname, M, layers, f"{name}  (DP k={k}: white boxes)", kind=res.kinds[name],
+                      dp_phases=dp_ph, maxcut_phases=mc_ph, cbar_label=res.kinds[name])
+        figures[name] = fname
+    plots.cost_curve(out / "dp_cost_curve.png", np.array(seg[PRIMARY]["dp_cost_curve"]), chosen_k,
+                     seg[PRIMARY]["total_weight"], f"DP cost curve ({PRIMARY})")
+    figures["dp_cost_curve"] = "dp_cost_curve.png"
+
+    analysis = {
+        "schema_version": SCHEMA_VERSION,
+        "config": to_dict(cfg),
+        "teacher": info["teacher"],
+        "data": {"spec": cfg.data if not cfg.store else None, "source": info["source"], "store": info.get("store"),
+                 "n_images": info["n_images"], "skipped": info["skipped"], "transform": info["transform"]},
+        "layout": info["layout"],
+        "layers": layers,
+        "layer_convention": "layer 0 = embedding output; layer l = output of block l (before the final norm)",
+        "primary_metric": PRIMARY,
+        "metrics": metrics,
+        "segmentations": seg,
+        "chosen": {"metric": PRIMARY, "method": "dp", "k": chosen_k, "phases": chosen_phases},
+        "figures": figures,
+        "timing": {"similarity_pass_s": round(seconds_pass, 3), "total_s": round(time.perf_counter() - t0, 3)},
+    }
+    save_config(cfg, out / "config.yaml")
+    atomic_write_text(out / "report.md", render_report(analysis))
+    atomic_write_text(out / "analysis.json", json.dumps(analysis, indent=1))
+    return AnalysisOutputs(out, res, analysis)
+
+
+def _fmt_phase(p: list[int]) -> str:
+    if p != list(range(p[0], p[-1] + 1)):
+        return "{" + ",".join(map(str, p)) + "}"
+    return str(p[0]) if len(p) == 1 else f"{p[0]}–{p[-1]}"
+
+
+def _fmt_phases(phases) -> str:
+    """'1–7 / 8–12'; non-contiguous clusters as '{1,2,9}'."""
+    return " / ".join(_fmt_phase(p) for p in phases)
+
+
+def render_report(a: dict) -> str:
+    p = a["segmentations"][a["primary_metric"]]
+    lines = [
+        f"# Layer similarity and phases: {a['teacher'].get('name') or a['teacher'].get('spec')}",
+        "",
+        f"- teacher: `{a['teacher'].get('spec')}` ({a['teacher'].get('depth')} blocks, dim {a['teacher'].get('dim')})",
+        f"- data: {a['data']['spec'] or a['data']['store']} — {a['data']['n_images']} images"
+        f" ({len(a['data']['skipped'])} skipped)",
+        f"- layers analysed: {a['layers'][0]}..{a['layers'][-1]} ({a['layer_convention']})",
+        f"- token layout: {a['layout']}",
+        "",
+        f"## Phases (primary metric: `{a['primary_metric']}`)",
+        "",
+        f"Chosen k = **{a['chosen']['k']}** by the `{p['chosen_k']['rule']}` rule (frac {p['chosen_k']['frac']}; "
+        f"the elbow rule gives k = {p['chosen_k']['elbow_k']}): **{_fmt_phases(a['chosen']['phases'])}**",
+        "",
+        "| k | contiguous DP phases | contrast | block energy | cut fraction | max-cut (recursive) | max-cut frac | contiguous |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for k, d in p["dp"].items():
+        mc = p.get("maxcut", {}).get(k)
+        m = d["metrics"]
+        lines.append(f"| {k} | {_fmt_phases(d['phases'])} | {m['contrast']:.3f} | {m['block_energy']:.3f} | "
+                     f"{m['cut_fraction']:.3f} | {_fmt_phases(mc['phases']) if mc else '—'} | "
+                     f"{mc['frac'] if mc else '—'} | {mc['contiguous'] if mc else '—'} |")
+    if p.get("maxcut_paper_fracs"):
+        lines += ["", "Recursive max-cut at the paper's settings (frac → clusters): "
+                  + "; ".join(f"{f} → {_fmt_phases(v)}" for f, v in p["maxcut_paper_fracs"].items())]
+    lines += ["", "## Other metrics (DP phases at each metric's own chosen k)", "",
+              "| metric | kind | chosen k | phases | adjacent-layer mean | first vs last |", "|---|---|---|---|---|---|"]
+    for name, m in a["metrics"].items():
+        M = np.array(m["matrix"])
+        s = a["segmentations"][name]
+        k = s["chosen_k"]["k"]
+        ph = s["dp"].get(str(k), {}).get("phases")
+        adj = float(np.mean([M[i, i + 1] for i in range(len(M) - 1)]))
+        lines.append(f"| `{name}` | {m['kind']} | {k} | {_fmt_phases(ph) if ph else '—'} | {adj:.3f} | "
+                     f"{M[0, -1]:.3f} |")
+    lines += ["", "## Figures", ""]
+    for name, f in a["figures"].items():
+        lines += [f"### {name}", "", f"![{name}]({f})", ""]
+    lines += ["## Definitions", "",
+              "- `paper_cosine_distance`: " + a["metrics"]["paper_cosine_distance"]["description"],
+              "- DP: exact contiguous segmentation minimising total within-phase distance (= maximising the "
+              "distance that crosses phase boundaries).",
+              "- contrast = mean between-phase distance − mean within-phase distance; block energy = share of "
+              "squared off-diagonal similarity inside phases; cut fraction = share of total distance crossing "
+              "boundaries (see `raptor/phases.py`).", ""]
+    return "\n".join(lines)

@@ -1,0 +1,79 @@
+"""Matplotlib figures (Agg backend, PNG files)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def heatmap(path: Path, M: np.ndarray, layers: Sequence[int], title: str, *, kind: str = "score",
+            dp_phases: list[list[int]] | None = None, maxcut_phases: list[list[int]] | None = None,
+            cbar_label: str = "") -> Path:
+    """Layer x layer heatmap with DP phase boundaries (white lines) and max-cut clusters (coloured axis bar)."""
+    n = len(layers)
+    fig, ax = plt.subplots(figsize=(6.2, 5.4))
+    cmap = "viridis" if kind == "score" else "magma_r"
+    im = ax.imshow(M, cmap=cmap, origin="upper", interpolation="nearest")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=cbar_label or kind)
+    ticks = list(range(n))
+    step = max(1, n // 13)
+    ax.set_xticks(ticks[::step], [str(layers[i]) for i in ticks[::step]])
+    ax.set_yticks(ticks[::step], [str(layers[i]) for i in ticks[::step]])
+    ax.set_xlabel("layer")
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=10)
+    if dp_phases:
+        for p in dp_phases:
+            a, b = p[0] - 0.5, p[-1] + 0.5
+            ax.add_patch(plt.Rectangle((a, a), b - a, b - a, fill=False, edgecolor="white", lw=2))
+    if maxcut_phases:
+        colors = plt.cm.tab10(np.arange(len(maxcut_phases)) % 10)
+        for c, members in zip(colors, maxcut_phases):
+            for m in members:
+                ax.add_patch(plt.Rectangle((m - 0.5, n - 0.5), 1, 0.35 * max(1, n / 12), color=c, clip_on=False))
+        ax.text(n / 2, n + 0.55 * max(1, n / 12), "max-cut clusters (colour)", ha="center", va="top", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def cost_curve(path: Path, costs: np.ndarray, chosen: int, total: float, title: str) -> Path:
+    ks = np.arange(1, len(costs) + 1)
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    ax.plot(ks, costs / total, "o-")
+    ax.axvline(chosen, color="C3", ls="--", label=f"chosen k = {chosen}")
+    ax.set_xlabel("number of phases k")
+    ax.set_ylabel("within-phase distance / total")
+    ax.set_title(title, fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def line_plot(path: Path, x, series: dict[str, Sequence[float]], *, xlabel: str, ylabel: str, title: str,
+              vlines: Sequence[float] = (), logy: bool = False) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name, y in series.items():
+        ax.plot(x, y, "o-", ms=3, label=name)
+    for v in vlines:
+        ax.axvline(v, color="grey", ls=":", lw=1)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
