@@ -59,11 +59,26 @@ class _CKAStats:
     sqn_cross: torch.Tensor | None = None  # (L, L)    sum_a |x_{i,a}|^2 |x_{j,a}|^2
     x_by_sqn: torch.Tensor | None = None  # (L, D, L)  sum_a x_{i,a} |x_{j,a}|^2
 
+    pending: list = field(default_factory=list)
+    n_pending: int = 0
+    flush_at: int = 2048
+
     def add(self, x: torch.Tensor, dtype: torch.dtype) -> None:
-        """x: (n, L, D) samples of this group, already shifted."""
-        n, L, D = x.shape
-        if n == 0:
+        """Queue (n, L, D) shifted samples; they are folded in by one large product per ``flush_at`` samples
+        (a Gram update costs (L*D)^2 writes however few samples it holds, so small updates are memory-bound)."""
+        if x.shape[0] == 0:
             return
+        self.pending.append(x.contiguous())
+        self.n_pending += x.shape[0]
+        if self.n_pending >= self.flush_at:
+            self.flush(dtype)
+
+    def flush(self, dtype: torch.dtype) -> None:
+        if not self.pending:
+            return
+        x = torch.cat(self.pending)
+        self.pending, self.n_pending = [], 0
+        n, L, D = x.shape
         z = x.reshape(n, L * D).to(dtype)
         q = x.to(torch.float64).pow(2).sum(-1)  # (n, L)
         g = z.T @ z
@@ -82,6 +97,8 @@ class _CKAStats:
         self.n += n
 
     def merged(self, other: "_CKAStats") -> "_CKAStats":
+        if self.pending or other.pending:
+            raise RuntimeError("flush CKA statistics before merging")
         if other.n == 0:
             return self
         if self.n == 0:
@@ -96,14 +113,23 @@ class _CKAStats:
         if n < 4:
             raise RaptorError(f"CKA on group {group!r} needs at least 4 samples, got {n}")
         L, D = self.sums.shape
-        G = self.gram.reshape(L, D, L, D).permute(0, 2, 1, 3)  # (L, L, D, D): X_i^T X_j
+        G4 = self.gram.view(L, D, L, D)  # G4[i, :, j, :] = X_i^T X_j (a view: no (L, L, D, D) temporaries)
         mean = self.sums / n
-        cen = G - n * torch.einsum("id,je->ijde", mean, mean)
-        hsic0 = cen.pow(2).sum((-1, -2))  # ||Xc_i^T Xc_j||_F^2 (the (n-1)^-2 factor cancels in CKA)
-        trKL = G.pow(2).sum((-1, -2)) - self.sqn_cross
-        one_k_one = self.sums.pow(2).sum(-1) - self.sqn_sum  # (L,)
         s = self.sums
-        sCs = torch.einsum("id,ijde,je->ij", s, G, s)
+        gsq = torch.empty(L, L, dtype=torch.float64)   # ||X_i^T X_j||_F^2
+        mCm = torch.empty(L, L, dtype=torch.float64)   # m_i^T X_i^T X_j m_j
+        sCs = torch.empty(L, L, dtype=torch.float64)   # s_i^T X_i^T X_j s_j
+        for i in range(L):  # one block row at a time keeps temporaries at D*L*D
+            Gi = G4[i]  # (D, L, D)
+            gsq[i] = Gi.pow(2).sum((0, 2))
+            mCm[i] = torch.einsum("d,dje,je->j", mean[i], Gi, mean)
+            sCs[i] = torch.einsum("d,dje,je->j", s[i], Gi, s)
+        msq = mean.pow(2).sum(-1)
+        # ||(X_i - 1 m_i^T)^T (X_j - 1 m_j^T)||_F^2 expanded (the data were shifted near their mean, so the
+        # expansion does not cancel catastrophically); the (n-1)^-2 factor cancels in CKA
+        hsic0 = gsq - 2 * n * mCm + n * n * torch.outer(msq, msq)
+        trKL = gsq - self.sqn_cross
+        one_k_one = s.pow(2).sum(-1) - self.sqn_sum  # (L,)
         su = torch.einsum("id,idj->ij", s, self.x_by_sqn)  # s_i . sum_a x_{i,a}|x_{j,a}|^2
         one_kl_one = sCs - su - su.T + self.sqn_cross
         hsic1 = (trKL + torch.outer(one_k_one, one_k_one) / ((n - 1) * (n - 2))
@@ -199,9 +225,10 @@ class SimilarityAccumulator:
             t = sl.stop - sl.start
             if t == 0:
                 continue
-            xg = xn[:, :, sl]
-            # per-token Gram over layers in float32 (sums over features only), summed over tokens in float64
-            self.tok_sum[g] += torch.einsum("bitd,bjtd->btij", xg, xg).to(torch.float64).sum((0, 1))
+            # sum over tokens and features of xn_i * xn_j: per image one (L x T_g*D) Gram (a view, no copy),
+            # float32 GEMM per image, summed over images in float64
+            xg = xn[:, :, sl].reshape(B, len(self.layers), -1)
+            self.tok_sum[g] += torch.bmm(xg, xg.transpose(1, 2)).to(torch.float64).sum(0)
             self.tok_count[g] += B * t
         # CKA statistics (shift by the first batch's per-layer mean token: CKA is shift-invariant, and this
         # keeps the float accumulation far from catastrophic cancellation)
@@ -238,6 +265,8 @@ class SimilarityAccumulator:
             r.matrices[f"token_cosine/{g}"] = m
             r.kinds[f"token_cosine/{g}"] = "score"
             r.descriptions[f"token_cosine/{g}"] = f"mean cos(x_i^t, x_j^t) over images and {g} tokens t"
+        for st in self.cka_stats.values():
+            st.flush(self.cka_dtype)
         for g in self.cka_groups:
             if g == "all":
                 st = _CKAStats()
