@@ -115,6 +115,62 @@ def analyze(
 
 
 @app.command()
+def fit(
+    teacher: str = typer.Option("bundled:dinov2-s", "--teacher", "-t", help=TEACHER_HELP),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help=DATA_HELP + " (online teacher, no storage)"),
+    store: Optional[Path] = typer.Option(None, help="Train from a trajectory store instead of an online teacher"),
+    phases: Optional[Path] = typer.Option(None, help="analysis.json from raptor analyze (its chosen phases)"),
+    k: Optional[int] = typer.Option(None, help="Number of blocks (with --phases: that DP segmentation; "
+                                    "alone: equal phases)"),
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory"),
+    stage: str = typer.Option("both", help="1 | 2 | both"),
+    steps1: int = typer.Option(100, help="Stage-1 steps per block"),
+    steps2: int = typer.Option(100, help="Stage-2 steps"),
+    batch_size: int = typer.Option(8),
+    lr: float = typer.Option(3e-4),
+    weight_decay: float = typer.Option(1e-4),
+    clip: float = typer.Option(1.0, help="Gradient-norm clip"),
+    loss: str = typer.Option("mse", help="mse | cosine | mse+cosine"),
+    sigma: float = typer.Option(0.0, help="Gaussian input noise"),
+    mlp: str = typer.Option("swiglu", help="swiglu | gelu"),
+    init_from_teacher: bool = typer.Option(False, help="Start each block from its phase's middle teacher block (gelu)"),
+    autocast: Optional[str] = typer.Option(None, help="bfloat16 autocast for training"),
+    image_size: Optional[int] = typer.Option(None, help="Crop size for online data (default: the teacher's)"),
+    limit: Optional[int] = typer.Option(None, help="Only the first N images/rows"),
+    probe_data: Optional[str] = typer.Option("bundled:digits", help="Labelled data for a probe when the teacher "
+                                             "has no head (splice agreement); 'none' to skip"),
+    seed: int = typer.Option(0),
+    ckpt_every: int = typer.Option(25, help="Checkpoint every N steps"),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint"),
+    progress: bool = typer.Option(True, help="Show progress bars"),
+):
+    """Train a Raptor surrogate (stage 1 per block, stage 2 joint) and validate it against the teacher."""
+    from raptor.surrogate.fit import run_fit
+    from raptor.surrogate.train import FitConfig
+
+    if data is None and store is None:
+        raise RaptorError("give --data (online teacher) or --store")
+    if phases is None and k is None:
+        raise RaptorError("give --phases analysis.json or --k K")
+    cfg = FitConfig(teacher=teacher, data=data, store=str(store) if store else None, out=str(out),
+                    phases_file=str(phases) if phases else None, k=k, stage=stage, steps1=steps1, steps2=steps2,
+                    batch_size=batch_size, lr=lr, weight_decay=weight_decay, clip=clip, loss=loss, sigma=sigma,
+                    mlp=mlp, init_from_teacher=init_from_teacher, autocast=autocast, image_size=image_size,
+                    limit=limit, probe_data=None if probe_data in (None, "none") else probe_data, seed=seed,
+                    ckpt_every=ckpt_every)
+    m = run_fit(cfg, resume=resume, progress=progress)
+    v = m["validation"]
+    ar = v["autoregressive"]
+    typer.echo(f"phases: {m['surrogate']['phases']}")
+    typer.echo("held-out R2 per layer (standard): " + " ".join(f"{x:.3f}" for x in ar["r2"]))
+    typer.echo(f"held-out R2 official, all layers: {ar['r2_official_all_layers']:.3f}")
+    if "splice" in v:
+        full = next(x for key, x in v["splice"].items() if key.startswith("full"))
+        typer.echo(f"top-1 agreement with the teacher (full surrogate): {full['agreement']:.3f}")
+    typer.echo(f"wrote {out / 'metrics.json'}, {out / 'r2_per_layer.png'}, {out / 'model.safetensors'}")
+
+
+@app.command()
 def info(store: Path = typer.Argument(..., help="Store directory")):
     """Summarise a trajectory store."""
     from raptor.store import TrajectoryStore

@@ -49,5 +49,5 @@ def progress_bar(total: float, description: str, unit: str = "it", enabled: bool
     if extra:
         cols.append(TextColumn(extra))
     with Progress(*cols, console=console, transient=False) as p:
-        task = p.add_task(description, total=total)
+        task = p.add_task(description, total=total, loss="-")
         yield _Bar(p, task)

@@ -166,7 +166,7 @@ class Teacher(nn.Module):
             raise RaptorError(f"layers must lie in 0..{self.depth} for this teacher, got {list(layers)}")
         return out
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: trajectories feed surrogate training as targets
     def trajectory(self, images: torch.Tensor, layers: Iterable[int] | None = None,
                    autocast: str | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """(batch, len(layers), tokens, dim) for the requested layers (default 0..L), in float32.

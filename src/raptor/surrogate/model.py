@@ -1,0 +1,155 @@
+"""Raptor surrogate: k tied, depth-conditioned blocks applied recurrently over contiguous phases of depth.
+
+Phases are lists of *output* layers (1..L): block b produces every layer in ``phases[b]`` from the layer before,
+with t = the output layer index. Any k and unequal phases are allowed. Splicing runs teacher layers 0..i, the
+surrogate i..j and the teacher j..L, then the teacher's final norm and head.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from raptor.errors import RaptorError
+from raptor.surrogate.block import BlockConfig, RaptorBlock
+
+
+def equal_phases(depth: int, k: int) -> list[list[int]]:
+    """k contiguous phases of layers 1..depth, as equal as possible (earlier phases take the remainder)."""
+    if not 1 <= k <= depth:
+        raise RaptorError(f"k must lie in 1..{depth}, got {k}")
+    sizes = [depth // k + (1 if i < depth % k else 0) for i in range(k)]
+    out, start = [], 1
+    for s in sizes:
+        out.append(list(range(start, start + s)))
+        start += s
+    return out
+
+
+def validate_phases(phases: list[list[int]], depth: int) -> list[list[int]]:
+    flat = [x for p in phases for x in p]
+    if flat != list(range(1, depth + 1)) or any(not p for p in phases):
+        raise RaptorError(f"phases must be contiguous, non-empty and cover layers 1..{depth} in order, got {phases}")
+    return [list(p) for p in phases]
+
+
+def phases_from_analysis(path: str | Path, k: int | None = None) -> list[list[int]]:
+    """Phases from ``raptor analyze``'s analysis.json: its chosen DP segmentation, or the DP one for ``k``."""
+    try:
+        a = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise RaptorError(f"cannot read analysis file {path}: {e}") from None
+    try:
+        if k is None:
+            phases = a["chosen"]["phases"]
+        else:
+            dp = a["segmentations"][a["primary_metric"]]["dp"]
+            if str(k) not in dp:
+                raise RaptorError(f"{path} has no k={k} segmentation (available: {sorted(dp, key=int)})")
+            phases = dp[str(k)]["phases"]
+        depth = int(a["teacher"]["depth"])
+    except KeyError as e:
+        raise RaptorError(f"{path} is not an analysis.json from raptor analyze (missing {e})") from None
+    if phases[0][0] != 1:  # analysis over a layer subset: extend to cover 1..depth
+        phases = [list(range(1, phases[0][0])) + phases[0]] + phases[1:]
+    return validate_phases(phases, depth)
+
+
+@dataclass
+class SurrogateConfig:
+    phases: list[list[int]]
+    block: BlockConfig
+
+    @property
+    def depth(self) -> int:
+        return self.phases[-1][-1]
+
+    @property
+    def segments(self) -> list[tuple[int, int]]:
+        """Teacher-layer segments (start, end) per block: block b maps layer start -> ... -> end."""
+        return [(p[0] - 1, p[-1]) for p in self.phases]
+
+    def to_dict(self) -> dict:
+        return {"phases": self.phases, "block": asdict(self.block)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SurrogateConfig":
+        return cls([list(p) for p in d["phases"]], BlockConfig(**d["block"]))
+
+
+class RaptorModel(nn.Module):
+    def __init__(self, cfg: SurrogateConfig):
+        super().__init__()
+        validate_phases(cfg.phases, cfg.depth)
+        self.cfg = cfg
+        self.blocks = nn.ModuleList([RaptorBlock(cfg.block) for _ in cfg.phases])
+        self.block_of = {t: b for b, p in enumerate(cfg.phases) for t in p}
+
+    @property
+    def depth(self) -> int:
+        return self.cfg.depth
+
+    def step(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        """Produce layer t from layer t-1."""
+        return self.blocks[self.block_of[t]](x, t)
+
+    def forward(self, x: torch.Tensor, start: int = 0, end: int | None = None, noise: float = 0.0,
+                generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        """Roll out from layer ``start`` to ``end`` on its own predictions; returns [layer start+1, ..., end]."""
+        end = self.depth if end is None else end
+        if not 0 <= start <= end <= self.depth:
+            raise RaptorError(f"bad rollout range {start}..{end} (depth {self.depth})")
+        outs = []
+        for t in range(start + 1, end + 1):
+            if noise > 0:
+                x = x + noise * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            x = self.step(x, t)
+            outs.append(x)
+        return outs
+
+    @torch.no_grad()
+    def splice(self, teacher, layer0_or_images: torch.Tensor, i: int, j: int, from_images: bool = True):
+        """Teacher 0..i, surrogate i..j, teacher j..L; returns layer-L tokens (before the final norm)."""
+        if not 0 <= i <= j <= self.depth:
+            raise RaptorError(f"bad splice range {i}..{j}")
+        x = teacher.embed(layer0_or_images) if from_images else layer0_or_images
+        x = teacher.run_blocks(x, 0, i)
+        if j > i:
+            x = self.forward(x, i, j)[-1]
+        return teacher.run_blocks(x, j, teacher.depth)
+
+
+def init_from_teacher(model: RaptorModel, teacher) -> list[int]:
+    """Initialise each phase block from the middle teacher block of its phase (DINOv2 family; GELU blocks).
+
+    Beyond the paper (which starts from random blocks). Returns the teacher block index used per phase.
+    """
+    if model.cfg.block.swiglu:
+        raise RaptorError("--init-from-teacher needs GELU blocks (--mlp gelu): DINOv2 S/B/L blocks use a GELU MLP")
+    used = []
+    for b, phase in enumerate(model.cfg.phases):
+        tb = teacher.blocks[phase[len(phase) // 2] - 1]
+        blk = model.blocks[b]
+        names = dict(tb.named_parameters())
+        if "attention.q_proj.weight" not in names or "mlp.fc1.weight" not in names:
+            raise RaptorError("--init-from-teacher supports DINOv2-family teachers only")
+        if names["mlp.fc1.weight"].shape != blk.fc1.weight.shape:
+            raise RaptorError("teacher MLP width differs from the surrogate's (set --mlp-ratio to the teacher's)")
+        with torch.no_grad():
+            blk.norm1.load_state_dict(tb.norm1.state_dict())
+            blk.norm2.load_state_dict(tb.norm2.state_dict())
+            blk.qkv.weight.copy_(torch.cat([names[f"attention.{n}_proj.weight"] for n in "qkv"]))
+            blk.qkv.bias.copy_(torch.cat([names[f"attention.{n}_proj.bias"] for n in "qkv"]))
+            blk.proj.weight.copy_(names["attention.o_proj.weight"])
+            blk.proj.bias.copy_(names["attention.o_proj.bias"])
+            blk.fc1.load_state_dict(tb.mlp.fc1.state_dict())
+            blk.fc2.load_state_dict(tb.mlp.fc2.state_dict())
+            blk.ls1.copy_(names["layer_scale1.lambda1"])
+            blk.ls2.copy_(names["layer_scale2.lambda1"])
+        blk.norm1.eps = blk.norm2.eps = tb.norm1.eps
+        used.append(phase[len(phase) // 2] - 1)
+    return used

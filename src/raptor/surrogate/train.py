@@ -1,0 +1,286 @@
+"""Two-stage Raptor training (PAPER.md 3.2-3.4), from a trajectory store or an online teacher.
+
+Stage 1 trains each phase block alone on its teacher segment (start -> end) with the teacher-forcing ->
+autoregressive anneal: loss = r * L_TF + (1 - r) * L_AR, r = max(0, 1 - step / (anneal_frac * steps)). L_TF feeds
+every teacher layer start..end-1 and predicts the next one; L_AR rolls out from the teacher's start layer on the
+block's own predictions (mean over steps). Stage 2 trains the joint model autoregressively from layer 0 to L.
+Default losses follow the released runs: stage 1 MSE, with cls/registers/patches weights 0.34/0.33/0.33 on the
+last segment; stage 2 weighted 0.45/0.10/0.45. AdamW, linear warm-up then cosine decay, gradient clipping.
+
+Every batch is drawn from a generator seeded by (seed, work item, step), so a run resumed from a checkpoint sees
+exactly the batches an uninterrupted run sees and ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from raptor.config import atomic_write_text, save_config, to_dict
+from raptor.errors import RaptorError
+from raptor.surrogate.block import BlockConfig
+from raptor.surrogate.checkpoint import latest_checkpoint, load_optimizer, read_checkpoint, save_checkpoint
+from raptor.surrogate.losses import KINDS, token_loss
+from raptor.surrogate.model import RaptorModel, SurrogateConfig, equal_phases, phases_from_analysis, validate_phases
+from raptor.teachers.base import autocast_context
+
+
+@dataclass
+class FitConfig:
+    teacher: str = "bundled:dinov2-s"
+    data: str | None = "bundled:photos"
+    store: str | None = None
+    out: str = "runs/fit"
+    phases_file: str | None = None
+    k: int | None = None
+    phases: list[list[int]] | None = None
+    stage: str = "both"
+    steps1: int = 100
+    steps2: int = 100
+    batch_size: int = 8
+    lr: float = 3e-4
+    min_lr: float = 1e-6
+    warmup_frac: float = 0.05
+    weight_decay: float = 1e-4
+    clip: float = 1.0
+    loss: str = "mse"
+    stage1_last_weights: tuple[float, float, float] | None = (0.34, 0.33, 0.33)
+    stage2_weights: tuple[float, float, float] | None = (0.45, 0.10, 0.45)
+    sigma: float = 0.0
+    tf_anneal_frac: float = 0.25
+    mlp: str = "swiglu"
+    mlp_ratio: float = 4.0
+    t_scale: bool = True
+    init_from_teacher: bool = False
+    autocast: str | None = None
+    image_size: int | None = None
+    val_every_nth: int = 5  # every n-th image (whole images) is held out for validation
+    val_limit: int = 32
+    crops: bool = True  # online data: random-resized crops + flips of the training images
+    probe_data: str | None = "bundled:digits"
+    probe_limit: int = 300
+    seed: int = 0
+    ckpt_every: int = 25
+    limit: int | None = None
+
+    def training_fingerprint(self) -> str:
+        """Everything that changes the training trajectory (not the output dir or resume choice)."""
+        d = {k: v for k, v in to_dict(self).items() if k not in ("out",)}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def lr_at(step: int, total: int, cfg: FitConfig) -> float:
+    warm = max(1, int(round(cfg.warmup_frac * total)))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    p = (step - warm) / max(1, total - warm)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, p)))
+
+
+def _rng(seed: int, tag: str, step: int) -> random.Random:
+    return random.Random(int(hashlib.sha256(f"{seed}/{tag}/{step}".encode()).hexdigest()[:16], 16))
+
+
+class OnlineBatches:
+    """Trajectories computed by the teacher on the fly (no storage). Images are decoded once and cached."""
+
+    def __init__(self, teacher, items, size: int, seed: int, crops: bool):
+        from raptor.data import EvalTransform, TrainTransform, load_images
+
+        self.teacher, self.seed = teacher, seed
+        self.train_tf = TrainTransform(size=size, scale=(0.25, 1.0), mean=teacher.image_mean, std=teacher.image_std)
+        self.eval_tf = EvalTransform.for_size(size, teacher.image_mean, teacher.image_std)
+        self.crops = crops
+        self.images = []
+        for it in items:
+            try:
+                self.images.append(it.load())
+            except Exception:  # noqa: BLE001 - named by load_images' warning below
+                load_images([it], self.eval_tf)
+        if not self.images:
+            raise RaptorError("no readable training images")
+        self._eval_cache = None
+
+    def get(self, tag: str, step: int, batch: int, lo: int, hi: int) -> torch.Tensor:
+        rng = _rng(self.seed, tag, step)
+        idx = [rng.randrange(len(self.images)) for _ in range(batch)]
+        if self.crops:
+            x = torch.stack([self.train_tf(self.images[i], rng) for i in idx])
+        else:
+            x = torch.stack([self.eval_tf(self.images[i]) for i in idx])
+        return self.teacher.trajectory(x, range(lo, hi + 1))
+
+
+class StoreBatches:
+    def __init__(self, store, rows: np.ndarray, seed: int):
+        self.store, self.rows, self.seed = store, rows, seed
+
+    def get(self, tag: str, step: int, batch: int, lo: int, hi: int) -> torch.Tensor:
+        rng = _rng(self.seed, tag, step)
+        pick = np.sort(np.array([self.rows[rng.randrange(len(self.rows))] for _ in range(batch)]))
+        uniq, inv = np.unique(pick, return_inverse=True)
+        return self.store.read(uniq, layers=(lo, hi))[torch.from_numpy(inv)]
+
+
+@dataclass
+class WorkItem:
+    name: str  # "stage1/block0" | "stage2"
+    stage: int
+    block: int | None
+    start: int
+    end: int
+    steps: int
+    weights: tuple | None
+
+
+@dataclass
+class FitState:
+    item: int = 0
+    step: int = 0
+    history: dict = field(default_factory=dict)  # item name -> list of [step, loss, lr]
+
+
+def plan(cfg: FitConfig, model: RaptorModel) -> list[WorkItem]:
+    items: list[WorkItem] = []
+    segs = model.cfg.segments
+    if cfg.stage in ("1", "both"):
+        for b, (s, e) in enumerate(segs):
+            w = cfg.stage1_last_weights if b == len(segs) - 1 else None
+            items.append(WorkItem(f"stage1/block{b}", 1, b, s, e, cfg.steps1, w))
+    if cfg.stage in ("2", "both"):
+        items.append(WorkItem("stage2", 2, None, 0, model.depth, cfg.steps2, cfg.stage2_weights))
+    if not items:
+        raise RaptorError(f"bad --stage {cfg.stage!r} (use 1, 2 or both)")
+    return items
+
+
+def item_loss(model: RaptorModel, item: WorkItem, traj: torch.Tensor, step: int, cfg: FitConfig, layout,
+              gen: torch.Generator) -> torch.Tensor:
+    """traj: (B, end-start+1, T, D) teacher layers start..end."""
+    n = item.end - item.start
+    if item.stage == 2:
+        outs = model(traj[:, 0], item.start, item.end, noise=cfg.sigma, generator=gen)
+        return sum(token_loss(o, traj[:, i + 1], cfg.loss, layout, item.weights) for i, o in enumerate(outs)) / n
+    blk = model.blocks[item.block]
+    r = max(0.0, 1.0 - step / max(1e-9, cfg.tf_anneal_frac * item.steps))
+    loss = traj.new_zeros(())
+    if r > 0:  # teacher forcing: every teacher layer predicts the next
+        tf = 0
+        for i in range(n):
+            x = traj[:, i]
+            if cfg.sigma > 0:
+                x = x + cfg.sigma * torch.randn(x.shape, generator=gen)
+            tf = tf + token_loss(blk(x, item.start + i + 1), traj[:, i + 1], cfg.loss, layout, item.weights)
+        loss = loss + r * tf / n
+    if r < 1:  # autoregressive rollout on the block's own predictions
+        x, ar = traj[:, 0], 0
+        for i in range(n):
+            if cfg.sigma > 0:
+                x = x + cfg.sigma * torch.randn(x.shape, generator=gen)
+            x = blk(x, item.start + i + 1)
+            ar = ar + token_loss(x, traj[:, i + 1], cfg.loss, layout, item.weights)
+        loss = loss + (1 - r) * ar / n
+    return loss
+
+
+def build_model(cfg: FitConfig, teacher_desc: dict, teacher=None) -> RaptorModel:
+    depth = int(teacher_desc["depth"])
+    if cfg.phases:
+        phases = validate_phases(cfg.phases, depth)
+    elif cfg.phases_file:
+        phases = phases_from_analysis(cfg.phases_file, cfg.k)
+    elif cfg.k:
+        phases = equal_phases(depth, cfg.k)
+    else:
+        raise RaptorError("give --phases analysis.json or --k K")
+    if cfg.mlp not in ("swiglu", "gelu"):
+        raise RaptorError(f"--mlp must be swiglu or gelu, got {cfg.mlp!r}")
+    dim = int(teacher_desc["dim"])
+    bc = BlockConfig(dim=dim, num_heads=max(1, dim // 64), mlp_ratio=cfg.mlp_ratio, swiglu=cfg.mlp == "swiglu",
+                     t_scale=cfg.t_scale)
+    torch.manual_seed(cfg.seed)
+    model = RaptorModel(SurrogateConfig(phases, bc))
+    if cfg.init_from_teacher:
+        from raptor.surrogate.model import init_from_teacher
+
+        if teacher is None:
+            raise RaptorError("--init-from-teacher needs the teacher")
+        init_from_teacher(model, teacher)
+    return model
+
+
+def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, progress: bool = True,
+          on_step=None) -> FitState:
+    """Run (or resume) every work item; checkpoints under OUT/checkpoints."""
+    from raptor.progress import progress_bar
+
+    if cfg.loss not in KINDS:
+        raise RaptorError(f"unknown --loss {cfg.loss!r} (use {', '.join(KINDS)})")
+    out = Path(cfg.out)
+    ck_root = out / "checkpoints"
+    items = plan(cfg, model)
+    state = FitState()
+    opt_tensors = None
+    ck = latest_checkpoint(ck_root)
+    if ck is not None:
+        if not resume:
+            raise RaptorError(f"{out} already holds a run (checkpoint {ck.name}); pass --resume to continue it "
+                              f"or choose another --out")
+        weights, opt_tensors, st = read_checkpoint(ck)
+        if st["fingerprint"] != cfg.training_fingerprint():
+            raise RaptorError(f"cannot resume {out}: it was started with other settings (see {out}/config.yaml)")
+        model.load_state_dict(weights)
+        state = FitState(st["item"], st["step"], st["history"])
+        opt_meta = st["optimizer"]
+    for it_idx in range(state.item, len(items)):
+        item = items[it_idx]
+        params = list(model.blocks[item.block].parameters()) if item.stage == 1 else list(model.parameters())
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        start = 0
+        if opt_tensors is not None and it_idx == state.item:
+            start = state.step
+            if opt_tensors:
+                load_optimizer(opt, opt_tensors, opt_meta)
+        opt_tensors = None
+        hist = state.history.setdefault(item.name, [])
+        model.train()
+        with progress_bar(item.steps, item.name, "step", enabled=progress, extra="loss {task.fields[loss]}") as bar:
+            bar.advance(start, loss="-")
+            for step in range(start, item.steps):
+                lr = lr_at(step, item.steps, cfg)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                traj = data.get(item.name, step, cfg.batch_size, item.start, item.end)
+                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it_idx * 10_007 + step)
+                with autocast_context(cfg.autocast):
+                    loss = item_loss(model, item, traj, step, cfg, layout, gen)
+                if on_step is not None:
+                    loss = on_step(item, step, loss)
+                if not torch.isfinite(loss):
+                    last = latest_checkpoint(ck_root)
+                    raise RaptorError(f"loss became {float(loss)} at {item.name} step {step}; stopped. Last good "
+                                      f"checkpoint: {last or 'none'} (lower --lr or use --autocast none)")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+                opt.step()
+                hist.append([step, loss.item(), lr])
+                bar.advance(1, loss=f"{hist[-1][1]:.4g}")
+                done = step + 1
+                if done % cfg.ckpt_every == 0 or done == item.steps:
+                    nxt = (it_idx, done) if done < item.steps else (it_idx + 1, 0)
+                    save_checkpoint(ck_root, f"item{it_idx}-step{done:07d}", model,
+                                    opt if done < item.steps else None,
+                                    {"item": nxt[0], "step": nxt[1], "history": state.history,
+                                     "fingerprint": cfg.training_fingerprint(), "surrogate": model.cfg.to_dict()})
+        model.eval()
+    state.item, state.step = len(items), 0
+    return state
