@@ -145,3 +145,26 @@ def test_cli_fit_errors_are_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "raptor.cli", "fit", "--teacher", "tiny:dinov2", "--data",
                         "bundled:digits", "--out", str(tmp_path / "o")], env=env, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip() == "error: give --phases analysis.json or --k K"
+
+
+def test_init_from_teacher_reproduces_teacher_blocks():
+    from raptor.surrogate.model import init_from_teacher
+
+    t = build_tiny_teacher("dinov2", seed=5)
+    bc = BlockConfig(t.dim, t.blocks[0].attention.config.num_attention_heads, mlp_ratio=2, swiglu=False,
+                     t_scale=False)
+    m = RaptorModel(SurrogateConfig([[i] for i in range(1, t.depth + 1)], bc))  # one block per layer
+    assert init_from_teacher(m, t) == list(range(t.depth))
+    x = torch.randn(2, 3, 28, 28)
+    traj = t.trajectory(x)
+    with torch.no_grad():
+        pred = torch.stack(m(traj[:, 0]), dim=1)
+    assert (pred - traj[:, 1:]).abs().max().item() <= 1e-5
+    with pytest.raises(RaptorError, match="GELU"):
+        init_from_teacher(RaptorModel(SurrogateConfig([[1, 2, 3]], BlockConfig(t.dim, 2))), t)
+
+
+def test_validation_during_training_is_recorded(tmp_path):
+    m = run_fit(_cfg(tmp_path / "v", val_every=2), progress=False)
+    vals = m["loss_history"]["val/stage2"]
+    assert [v[0] for v in vals] == [2, 4] and all(-10 < v[1] <= 1 for v in vals)

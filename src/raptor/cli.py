@@ -141,6 +141,7 @@ def fit(
                                              "has no head (splice agreement); 'none' to skip"),
     seed: int = typer.Option(0),
     ckpt_every: int = typer.Option(25, help="Checkpoint every N steps"),
+    val_every: int = typer.Option(0, help="Validate (held-out R2) every N steps; 0 = only at the end"),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint"),
     progress: bool = typer.Option(True, help="Show progress bars"),
 ):
@@ -157,7 +158,7 @@ def fit(
                     batch_size=batch_size, lr=lr, weight_decay=weight_decay, clip=clip, loss=loss, sigma=sigma,
                     mlp=mlp, init_from_teacher=init_from_teacher, autocast=autocast, image_size=image_size,
                     limit=limit, probe_data=None if probe_data in (None, "none") else probe_data, seed=seed,
-                    ckpt_every=ckpt_every)
+                    ckpt_every=ckpt_every, val_every=val_every)
     m = run_fit(cfg, resume=resume, progress=progress)
     v = m["validation"]
     ar = v["autoregressive"]

@@ -157,7 +157,12 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
     model = build_model(cfg, teacher.describe(), teacher)
     save_config(cfg, out / "config.yaml")
     t0 = time.perf_counter()
-    state = train(cfg, model, data, layout, resume=resume, progress=progress, on_step=on_step)
+
+    def quick_val(m) -> float:  # mean held-out R^2 of the full autoregressive rollout
+        return validate(m, teacher, val_traj, layout)["autoregressive"]["r2_mean"]
+
+    state = train(cfg, model, data, layout, resume=resume, progress=progress, on_step=on_step,
+                  validate_fn=quick_val)
     train_s = time.perf_counter() - t0
     from safetensors.torch import save_file
 
@@ -189,7 +194,8 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
     plots.line_plot(out / "r2_per_layer.png", layers, {"R² AR (standard)": ar["r2"], "R² AR (official)":
                     ar["r2_official"], "R² per block from teacher": sg["r2"]}, xlabel="layer", ylabel="R²",
                     title=f"Raptor k={len(model.cfg.phases)} vs {teacher.display_name} (held-out)", vlines=bounds)
-    series = {name: [h[1] for h in hist] for name, hist in state.history.items() if hist}
+    series = {name: [h[1] for h in hist] for name, hist in state.history.items()
+              if hist and not name.startswith("val/")}
     if series:
         import matplotlib.pyplot as plt
 

@@ -69,6 +69,7 @@ class FitConfig:
     probe_limit: int = 300
     seed: int = 0
     ckpt_every: int = 25
+    val_every: int = 0  # validate on the held-out set every N steps of each work item (0: only at the end)
     limit: int | None = None
 
     def training_fingerprint(self) -> str:
@@ -218,7 +219,7 @@ def build_model(cfg: FitConfig, teacher_desc: dict, teacher=None) -> RaptorModel
 
 
 def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, progress: bool = True,
-          on_step=None) -> FitState:
+          on_step=None, validate_fn=None) -> FitState:
     """Run (or resume) every work item; checkpoints under OUT/checkpoints."""
     from raptor.progress import progress_bar
 
@@ -275,6 +276,10 @@ def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, pro
                 hist.append([step, loss.item(), lr])
                 bar.advance(1, loss=f"{hist[-1][1]:.4g}")
                 done = step + 1
+                if validate_fn is not None and cfg.val_every and done % cfg.val_every == 0:
+                    model.eval()
+                    state.history.setdefault(f"val/{item.name}", []).append([done, validate_fn(model)])
+                    model.train()
                 if done % cfg.ckpt_every == 0 or done == item.steps:
                     nxt = (it_idx, done) if done < item.steps else (it_idx + 1, 0)
                     save_checkpoint(ck_root, f"item{it_idx}-step{done:07d}", model,
