@@ -61,7 +61,7 @@ def ours_step(model, opt, traj, autocast, layout):
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
-    return float(loss)
+    return loss.item()
 
 
 def main(repeats: int = 3) -> dict:

@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import queue
-import random
 import threading
 import time
 import warnings
@@ -485,11 +484,3 @@ def _run_pipeline(teacher, source, out: Path, g, settings: StoreSettings, layer_
                           chunks_done_before=n_before, chunks_written=len(todo), seconds=seconds,
                           images_per_s=n_images_run / seconds if seconds > 0 else 0.0,
                           bytes_stored=_dir_bytes(out), complete=complete)
-
-
-def shuffled_rows(n: int, seed: int = 0) -> np.ndarray:
-    """A deterministic permutation (helper for splits)."""
-    rng = random.Random(seed)
-    idx = list(range(n))
-    rng.shuffle(idx)
-    return np.array(idx)

@@ -90,4 +90,4 @@ def official_autoreg_step(model: OfficialRaptor, opt, traj: torch.Tensor, clip: 
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     opt.step()
-    return float(loss)
+    return loss.item()

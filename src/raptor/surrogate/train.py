@@ -17,14 +17,13 @@ import hashlib
 import json
 import math
 import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from raptor.config import atomic_write_text, save_config, to_dict
+from raptor.config import to_dict
 from raptor.errors import RaptorError
 from raptor.surrogate.block import BlockConfig
 from raptor.surrogate.checkpoint import latest_checkpoint, load_optimizer, read_checkpoint, save_checkpoint
@@ -267,7 +266,7 @@ def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, pro
                     loss = on_step(item, step, loss)
                 if not torch.isfinite(loss):
                     last = latest_checkpoint(ck_root)
-                    raise RaptorError(f"loss became {float(loss)} at {item.name} step {step}; stopped. Last good "
+                    raise RaptorError(f"loss became {loss.item()} at {item.name} step {step}; stopped. Last good "
                                       f"checkpoint: {last or 'none'} (lower --lr or use --autocast none)")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
