@@ -167,3 +167,27 @@ def test_validation_during_training_is_recorded(tmp_path):
     m = run_fit(_cfg(tmp_path / "v", val_every=2), progress=False)
     vals = m["loss_history"]["val/stage2"]
     assert [v[0] for v in vals] == [2, 4] and all(-10 < v[1] <= 1 for v in vals)
+
+
+def test_splice_agreement_is_one_for_a_surrogate_that_is_the_teacher():
+    from torch import nn
+
+    from raptor.surrogate.fit import splice_agreement
+    from raptor.surrogate.model import init_from_teacher
+    from raptor.teachers.base import ClassifierHead
+
+    t = build_tiny_teacher("dinov2", seed=7)
+    bc = BlockConfig(t.dim, 2, mlp_ratio=2, swiglu=False, t_scale=False)
+    exact = RaptorModel(SurrogateConfig([[i] for i in range(1, t.depth + 1)], bc))
+    init_from_teacher(exact, t)
+    torch.manual_seed(0)
+    head = ClassifierHead(nn.Linear(2 * t.dim, 5))
+    x = torch.randn(40, 3, 28, 28)
+    y = torch.randint(0, 5, (40,))
+    res = splice_agreement(exact, t, head, x, y)
+    assert all(v["agreement"] == 1.0 for k, v in res.items() if isinstance(v, dict))
+    random_model = RaptorModel(SurrogateConfig([[1, 2, 3]], BlockConfig(t.dim, 2)))
+    with torch.no_grad():
+        for p in random_model.parameters():
+            p.add_(torch.randn(p.shape) * 0.5)
+    assert splice_agreement(random_model, t, head, x, y)["full (0-3)"]["agreement"] < 1.0
