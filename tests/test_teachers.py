@@ -230,6 +230,7 @@ def test_dinov2_pth_linear_head(tmp_path):
         load_teacher(f"dinov2-pth:{tmp_path / 'bb.pth'}", head=str(tmp_path / "bad_head.pth"))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the file is a hostile pickle on purpose
 def test_pth_loading_refuses_pickled_objects(tmp_path):
     import pickle
 
