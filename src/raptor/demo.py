@@ -39,7 +39,8 @@ def run_demo(out: Path, limit: int | None = None) -> dict:
     console.print(f"\n[bold]Brief Raptor fit[/bold] (k=2 blocks on the analysed phases, from the store) -> {fit_dir}")
     fit_cfg = FitConfig(teacher=DEFAULT_TEACHER, data=None, store=str(store_dir), out=str(fit_dir),
                         phases_file=str(an_dir / "analysis.json"), k=2, steps1=10, steps2=10, batch_size=4,
-                        lr=1e-3, probe_data="bundled:digits", probe_limit=200, ckpt_every=10)
+                        lr=1e-3, probe_data="bundled:digits", probe_limit=200, ckpt_every=10,
+                        autocast="bfloat16")
     resume = (fit_dir / "checkpoints" / "latest.json").exists()
     m = run_fit(fit_cfg, resume=resume)
     ar = m["validation"]["autoregressive"]
