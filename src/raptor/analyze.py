@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,8 +77,6 @@ def _accumulate_live(cfg: AnalyzeConfig, teacher, layers, progress: bool):
     buf = None
     with progress_bar(len(src), "analyze", "img", enabled=progress) as bar:
         for s in range(0, len(src), cfg.batch_size):
-            import warnings
-
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 tensors, _, bad = load_images(src.items[s:s + cfg.batch_size], tf)

@@ -50,11 +50,11 @@ def fit_probe(teacher, source_spec: str, limit: int, size: int, seed: int = 0):
     x = torch.stack(tensors)
     y = src.labels[order[kept]]
     layout = teacher.layout(size)
-    head_shape = ClassifierHead(nn.Linear(1, 1), "cls+meanpatch" if layout.n_cls else "cls")
+    head = ClassifierHead(nn.Linear(1, 1), ClassifierHead.default_pooling(layout))  # linear replaced below
     feats = []
     for s in range(0, len(x), 32):
         last = teacher.trajectory(x[s:s + 32], [teacher.depth])[:, 0]
-        feats.append(_pool(teacher.final_norm(last), layout))
+        feats.append(head.pool(teacher.final_norm(last), layout))
     f = torch.cat(feats).numpy()
     half = len(f) // 2
     clf = LogisticRegression(max_iter=3000, C=1.0).fit(f[:half], y[:half])
@@ -62,16 +62,10 @@ def fit_probe(teacher, source_spec: str, limit: int, size: int, seed: int = 0):
     with torch.no_grad():
         lin.weight.copy_(torch.from_numpy(clf.coef_).float())
         lin.bias.copy_(torch.from_numpy(clf.intercept_).float())
-    head_shape.linear = lin
+    head.linear = lin
     acc = float((clf.predict(f[half:]) == y[half:]).mean())
     labels = torch.as_tensor(np.searchsorted(clf.classes_, y[half:]))
-    return head_shape, x[half:], labels, acc
-
-
-def _pool(normed: torch.Tensor, layout) -> torch.Tensor:
-    if layout.n_cls:
-        return torch.cat([normed[:, 0], normed[:, layout.patches].mean(1)], dim=-1)
-    return normed[:, layout.patches].mean(1)
+    return head, x[half:], labels, acc
 
 
 @torch.no_grad()

@@ -93,7 +93,10 @@ class OnlineBatches:
     """Trajectories computed by the teacher on the fly (no storage). Images are decoded once and cached."""
 
     def __init__(self, teacher, items, size: int, seed: int, crops: bool):
-        from raptor.data import EvalTransform, TrainTransform, load_images
+        import warnings
+
+        from raptor.data import EvalTransform, TrainTransform
+        from raptor.data.sources import ImageLoadWarning
 
         self.teacher, self.seed = teacher, seed
         self.train_tf = TrainTransform(size=size, scale=(0.25, 1.0), mean=teacher.image_mean, std=teacher.image_std)
@@ -103,11 +106,11 @@ class OnlineBatches:
         for it in items:
             try:
                 self.images.append(it.load())
-            except Exception:  # noqa: BLE001 - named by load_images' warning below
-                load_images([it], self.eval_tf)
+            except Exception as e:  # noqa: BLE001 - skip, name it, never crash
+                warnings.warn(f"skipping unreadable image {it.id}: {type(e).__name__}: {str(e)[:120]}",
+                              ImageLoadWarning, stacklevel=2)
         if not self.images:
             raise RaptorError("no readable training images")
-        self._eval_cache = None
 
     def get(self, tag: str, step: int, batch: int, lo: int, hi: int) -> torch.Tensor:
         rng = _rng(self.seed, tag, step)

@@ -65,22 +65,31 @@ class TokenLayout:
 class ClassifierHead(nn.Module):
     """A linear classifier over pooled, final-normed tokens.
 
-    ``pooling``: ``cls`` (first cls token) or ``cls+meanpatch`` (concat of cls and the mean of patch tokens,
-    registers excluded: the official DINOv2 linear head and HF ``Dinov2ForImageClassification``).
+    ``pooling``: ``cls`` (first cls token), ``cls+meanpatch`` (concat of cls and the mean of patch tokens,
+    registers excluded: the official DINOv2 linear head and HF ``Dinov2ForImageClassification``) or ``meanpatch``
+    (teachers without a cls token, e.g. SigLIP).
     """
+
+    POOLINGS = ("cls", "cls+meanpatch", "meanpatch")
 
     def __init__(self, linear: nn.Linear, pooling: str = "cls+meanpatch"):
         super().__init__()
-        if pooling not in ("cls", "cls+meanpatch"):
+        if pooling not in self.POOLINGS:
             raise RaptorError(f"unknown head pooling {pooling!r}")
         self.linear = linear
         self.pooling = pooling
 
+    @classmethod
+    def default_pooling(cls, layout: TokenLayout) -> str:
+        return "cls+meanpatch" if layout.n_cls else "meanpatch"
+
     def pool(self, normed: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        cls_tok = normed[:, 0]
+        mean_patch = normed[:, layout.patches].mean(dim=1)
+        if self.pooling == "meanpatch":
+            return mean_patch
         if self.pooling == "cls":
-            return cls_tok
-        return torch.cat([cls_tok, normed[:, layout.patches].mean(dim=1)], dim=-1)
+            return normed[:, 0]
+        return torch.cat([normed[:, 0], mean_patch], dim=-1)
 
     def forward(self, normed: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         return self.linear(self.pool(normed, layout))
