@@ -62,14 +62,12 @@ def resolve_cka_groups(groups, layout) -> tuple[str, ...]:
 
 
 def _accumulate_live(cfg: AnalyzeConfig, teacher, layers, progress: bool):
-    from raptor.data import EvalTransform, load_images, open_source
+    from raptor.data import load_images, open_source
     from raptor.progress import progress_bar
 
     src = open_source(cfg.data).subset(cfg.limit)
-    size = cfg.image_size or teacher.default_image_size
-    if size % teacher.patch_size:
-        raise RaptorError(f"image size {size} is not a multiple of the patch size {teacher.patch_size}")
-    tf = EvalTransform.for_size(size, teacher.image_mean, teacher.image_std)
+    size = teacher.image_size(cfg.image_size)
+    tf = teacher.eval_transform(size)
     layout = teacher.layout(size)
     acc = SimilarityAccumulator(layout, layers, cka_groups=resolve_cka_groups(cfg.cka_groups, layout),
                                 cka_dtype=getattr(torch, cfg.cka_dtype))
@@ -92,11 +90,9 @@ def _accumulate_live(cfg: AnalyzeConfig, teacher, layers, progress: bool):
     return acc, info
 
 
-def _accumulate_store(cfg: AnalyzeConfig, layers, progress: bool):
+def _accumulate_store(cfg: AnalyzeConfig, st, layers, progress: bool):
     from raptor.progress import progress_bar
-    from raptor.store import TrajectoryStore
 
-    st = TrajectoryStore(cfg.store)
     if not st.complete:
         raise RaptorError(f"store {cfg.store} is incomplete: finish it first (re-run the same extract command)")
     missing = [layer for layer in layers if layer not in st.layers]
@@ -146,10 +142,9 @@ def run_analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalysisOutputs:
     if cfg.store:
         from raptor.store import TrajectoryStore
 
-        st_meta = TrajectoryStore(cfg.store).meta
-        depth = int(st_meta["teacher"]["depth"])
-        layers = cfg.layers or list(range(1, depth + 1))
-        acc, info = _accumulate_store(cfg, layers, progress)
+        st = TrajectoryStore(cfg.store)
+        layers = cfg.layers or list(range(1, int(st.meta["teacher"]["depth"]) + 1))
+        acc, info = _accumulate_store(cfg, st, layers, progress)
     else:
         teacher = load_teacher(cfg.teacher, head=cfg.head)
         layers = teacher.resolve_layers(cfg.layers or range(1, teacher.depth + 1))

@@ -338,8 +338,6 @@ def extract(teacher, source, out: str | Path, *, dtype: str = "bfloat16", layers
             compression: str = "lz4", autocast: str | None = None, progress: bool = True,
             stop_after_chunks: int | None = None) -> ExtractSummary:
     """Write (or resume writing) the trajectories of every image of ``source`` into a store at ``out``."""
-    from raptor.data import EvalTransform
-
     if dtype not in DTYPES:
         raise RaptorError(f"unknown store dtype {dtype!r} (use {', '.join(DTYPES)})")
     if compression not in COMPRESSIONS:
@@ -347,10 +345,8 @@ def extract(teacher, source, out: str | Path, *, dtype: str = "bfloat16", layers
     if batch_size <= 0 or chunk_images <= 0:
         raise RaptorError("batch size and chunk size must be positive")
     out = Path(out)
-    size = image_size or teacher.default_image_size
-    if size % teacher.patch_size:
-        raise RaptorError(f"image size {size} is not a multiple of the patch size {teacher.patch_size}")
-    transform = EvalTransform.for_size(size, teacher.image_mean, teacher.image_std)
+    size = teacher.image_size(image_size)
+    transform = teacher.eval_transform(size)
     layer_list = teacher.resolve_layers(layers)
     layout = teacher.layout(size)
     n = len(source)

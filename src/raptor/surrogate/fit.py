@@ -37,7 +37,7 @@ def fit_probe(teacher, source_spec: str, limit: int, size: int, seed: int = 0):
     from sklearn.linear_model import LogisticRegression
     from torch import nn
 
-    from raptor.data import EvalTransform, load_images, open_source
+    from raptor.data import load_images, open_source
     from raptor.teachers.base import ClassifierHead
 
     src = open_source(source_spec)
@@ -45,8 +45,7 @@ def fit_probe(teacher, source_spec: str, limit: int, size: int, seed: int = 0):
         raise RaptorError(f"probe data {source_spec} has no labels")
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(src))[:limit]
-    tf = EvalTransform.for_size(size, teacher.image_mean, teacher.image_std)
-    tensors, kept, _ = load_images([src.items[i] for i in order], tf)
+    tensors, kept, _ = load_images([src.items[i] for i in order], teacher.eval_transform(size))
     x = torch.stack(tensors)
     y = src.labels[order[kept]]
     layout = teacher.layout(size)
@@ -111,7 +110,7 @@ def splice_agreement(model, teacher, head, x: torch.Tensor, y: torch.Tensor | No
 
 def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step=None) -> dict:
     from raptor import plots
-    from raptor.data import EvalTransform, load_images, open_source
+    from raptor.data import load_images, open_source
     from raptor.runtime import tune_malloc
     from raptor.teachers import load_teacher
 
@@ -141,11 +140,10 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
             raise RaptorError("give --data or --store")
         src = open_source(cfg.data).subset(cfg.limit)
         tr_items, val_items = split_items(src.items, cfg.val_every_nth)
-        size = cfg.image_size or teacher.default_image_size
+        size = teacher.image_size(cfg.image_size)
         data = OnlineBatches(teacher, tr_items, size, cfg.seed, cfg.crops)
         layout = teacher.layout(size)
-        tf = EvalTransform.for_size(size, teacher.image_mean, teacher.image_std)
-        vt, _, _ = load_images(val_items[: cfg.val_limit], tf)
+        vt, _, _ = load_images(val_items[: cfg.val_limit], teacher.eval_transform(size))
         val_traj = teacher.trajectory(torch.stack(vt))
         n_train = len(tr_items)
     model = build_model(cfg, teacher.describe(), teacher)

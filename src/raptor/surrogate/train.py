@@ -95,12 +95,12 @@ class OnlineBatches:
     def __init__(self, teacher, items, size: int, seed: int, crops: bool):
         import warnings
 
-        from raptor.data import EvalTransform, TrainTransform
+        from raptor.data import TrainTransform
         from raptor.data.sources import ImageLoadWarning
 
         self.teacher, self.seed = teacher, seed
         self.train_tf = TrainTransform(size=size, scale=(0.25, 1.0), mean=teacher.image_mean, std=teacher.image_std)
-        self.eval_tf = EvalTransform.for_size(size, teacher.image_mean, teacher.image_std)
+        self.eval_tf = teacher.eval_transform(size)
         self.crops = crops
         self.images = []
         for it in items:

@@ -145,6 +145,19 @@ class Teacher(nn.Module):
         h, w = (image_hw, image_hw) if isinstance(image_hw, int) else image_hw
         return TokenLayout(self.n_cls, self.n_registers, (h // self.patch_size, w // self.patch_size))
 
+    def image_size(self, size: int | None = None) -> int:
+        """The crop size to use (default: the teacher's own), checked against the patch size."""
+        size = size or self.default_image_size
+        if size <= 0 or size % self.patch_size:
+            raise RaptorError(f"image size {size} is not a positive multiple of the patch size {self.patch_size}")
+        return size
+
+    def eval_transform(self, size: int | None = None):
+        """The paper's eval transform at this teacher's crop size, mean and std."""
+        from raptor.data import EvalTransform
+
+        return EvalTransform.for_size(self.image_size(size), self.image_mean, self.image_std)
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
