@@ -79,10 +79,121 @@ def test_max_cut_equals_exhaustive_search(n, min_size):
     A = rng.uniform(0, 1, (n, n))
     W = (A + A.T) / 2
     np.fill_diagonal(W, 0)
-    side, val = max_cut_bruteforce(W, min_size=min_size, chunk=37)  # small chunks exercise the chunk loop
+    side, val = max_cut_bruteforce(W, min_side=min_size, chunk=37)  # small chunks exercise the chunk loop
     assert not side[0]
     assert abs(val - cut_weight(W, side)) <= 1e-9
     assert abs(val - _exhaustive_max_cut(W, min_size)) <= 1e-9
+
+
+# ---- parity with the official notebook (raptor/max_cut_dinov2_base.ipynb) -------------------------------------
+# An independent reference written from the notebook's *definition* (PAPER.md 1.3), not from its code:
+#  * bipartitions: vertex 0 on side 0, the others' sides read as a binary number with vertex 1 the most significant
+#    digit, visited from 0 upwards; the first strictly larger cut value wins;
+#  * bisection: eps = frac * (sum of D)/2; pick the first cluster (list order) with the largest gain; stop when it is
+#    <= eps; clusters with < 2*min_size layers and cuts of value <= eps end that cluster; the side with the cluster's
+#    first layer stays in place, the other is appended; both inherit the cut value as gain.
+
+def _ref_max_cut(W):
+    n = len(W)
+    best, best_side = None, None
+    for number in range(2 ** (n - 1)):
+        digits = [int(c) for c in format(number, f"0{n - 1}b")] if n > 1 else []
+        side = [0] + digits
+        value = sum(W[i][j] for i in range(n) for j in range(i + 1, n) if side[i] != side[j])
+        if best is None or value > best:
+            best, best_side = value, side
+    return best, best_side
+
+
+def _ref_recursive(W, frac, min_size=2):
+    total = sum(W[i][j] for i in range(len(W)) for j in range(i + 1, len(W)))
+    eps = frac * total
+    clusters, gains = [list(range(len(W)))], [float("inf")]
+    while True:
+        top = max(gains)
+        t = gains.index(top)
+        if top <= eps:
+            return clusters
+        c = clusters[t]
+        if len(c) < 2 * min_size:
+            gains[t] = float("-inf")
+            continue
+        value, side = _ref_max_cut([[W[a][b] for b in c] for a in c])
+        if value <= eps:
+            gains[t] = float("-inf")
+            continue
+        clusters[t] = [m for m, s_ in zip(c, side) if s_ == 0]
+        clusters.append([m for m, s_ in zip(c, side) if s_ == 1])
+        gains[t] = value
+        gains.append(value)
+
+
+def _sym(A):
+    D = np.triu(A, 1)
+    return D + D.T
+
+
+@pytest.mark.parametrize("kind", ["uniform", "integer_ties", "constant", "planted", "outlier_last"])
+def test_recursive_max_cut_matches_the_notebook_definition(kind):
+    """Many matrices per kind, every frac: identical clusters *and* order. Integer matrices make ties exact."""
+    rng = np.random.default_rng(hash(kind) % 2**32)
+    for trial in range(25):
+        n = int(rng.integers(3, 11))
+        if kind == "uniform":
+            D = _sym(rng.uniform(0, 1, (n, n)))
+        elif kind == "integer_ties":
+            D = _sym(rng.integers(0, 3, (n, n)).astype(float))
+        elif kind == "constant":
+            D = _sym(np.ones((n, n)))
+        elif kind == "planted":
+            D, _ = planted(tuple(rng.integers(1, 5, int(rng.integers(2, 4)))), seed=trial)
+            n = len(D)
+        else:  # a last layer far from everything (the bundled teacher's layer 12)
+            D = _sym(rng.uniform(0.1, 0.3, (n, n)))
+            D[-1, :-1] = D[:-1, -1] = rng.uniform(0.9, 1.2, n - 1)
+        Dl = D.tolist()
+        for frac in (0.0, 0.05, 0.09, 0.1, 0.2, 0.3):
+            for min_size in (1, 2):
+                assert recursive_max_cut(D, frac=frac, min_size=min_size) == _ref_recursive(Dl, frac, min_size), \
+                    (kind, trial, frac, min_size)
+
+
+def test_official_max_cut_may_cut_off_a_single_outlier_layer():
+    """The notebook only refuses to split clusters < 2*min_size; a cut may isolate one layer. Here layer 5 of
+    {0..5} is far from the rest: the official cut isolates it, the balanced variant cannot."""
+    D = _sym(np.full((6, 6), 0.2))
+    D[5, :5] = D[:5, 5] = 1.0
+    assert recursive_max_cut(D, frac=0.2) == [[0, 1, 2, 3, 4], [5]]
+    assert _ref_recursive(D.tolist(), 0.2) == [[0, 1, 2, 3, 4], [5]]
+    balanced = recursive_max_cut(D, frac=0.2, variant="balanced")
+    assert all(len(p) >= 2 for p in balanced)
+
+
+@pytest.mark.parametrize("n", [12, 24])
+def test_exact_ties_follow_the_notebook_enumeration_order(n):
+    """Constant distances: every balanced cut ties. The notebook's order (vertex 1 most significant) picks the
+    contiguous halves {0..n/2-1} | {n/2..n-1}; the reverse bit order would pick {0, n/2+1..} | {1..n/2}."""
+    side, val = max_cut_bruteforce(_sym(np.ones((n, n))))
+    assert val == (n // 2) ** 2
+    assert side.tolist() == [False] * (n // 2) + [True] * (n // 2)
+    if n <= 12:
+        assert _ref_max_cut(_sym(np.ones((n, n))).tolist())[1] == [0] * (n // 2) + [1] * (n // 2)
+
+
+def test_max_cut_L16_matches_reference_and_L24_is_locally_optimal():
+    rng = np.random.default_rng(16)
+    D = _sym(rng.integers(0, 4, (14, 14)).astype(float))  # ties abound
+    side, val = max_cut_bruteforce(D, chunk=1000)
+    ref_val, ref_side = _ref_max_cut(D.tolist())
+    assert val == ref_val and side.astype(int).tolist() == ref_side
+    D24 = _sym(rng.uniform(0, 1, (24, 24)))
+    side, val = max_cut_bruteforce(D24)
+    assert abs(val - cut_weight(D24, side)) < 1e-9
+    for i in range(1, 24):  # no single move improves an exact optimum
+        s2 = side.copy()
+        s2[i] = ~s2[i]
+        assert cut_weight(D24, s2) <= val + 1e-12
+    assert side.tolist() == max_cut_bruteforce(D24, chunk=4099)[0].tolist()  # chunking never changes the answer
 
 
 def test_recursive_max_cut_respects_eps_and_min_size():
@@ -111,6 +222,10 @@ def test_bad_inputs():
         contiguous_segmentation(np.array([[0, 1], [2, 0.0]]), 2)
     with pytest.raises(RaptorError):
         max_cut_bruteforce(np.zeros((40, 40)))
+    with pytest.raises(RaptorError, match="variant"):
+        recursive_max_cut(np.zeros((4, 4)), variant="magic")
+    with pytest.raises(RaptorError, match="frac"):
+        recursive_max_cut(np.zeros((4, 4)), frac=-0.1)
     D, _ = planted((3, 3))
     with pytest.raises(RaptorError):
         choose_k(contiguous_segmentation(D, 3), "magic")

@@ -18,7 +18,7 @@ import torch
 
 from raptor.config import atomic_write_text, save_config, to_dict
 from raptor.errors import RaptorError
-from raptor.phases import choose_k, contiguous_segmentation, is_contiguous, phase_metrics, recursive_max_cut
+from raptor.phases import MAXCUT_VARIANTS, choose_k, contiguous_segmentation, is_contiguous, phase_metrics, recursive_max_cut
 from raptor.similarity import SimilarityAccumulator, SimilarityResult
 
 SCHEMA_VERSION = 1
@@ -43,6 +43,7 @@ class AnalyzeConfig:
     k_frac: float = 0.1
     maxcut_fracs: tuple[float, ...] = (0.2, 0.1, 0.09)  # the paper's Raptor2 / Raptor3 / Raptor4 settings
     maxcut_min_size: int = 2
+    maxcut_variant: str = "official"  # official notebook semantics | balanced (both sides >= min_size)
     autocast: str | None = None
     head: str | None = None
 
@@ -112,13 +113,13 @@ def _accumulate_store(cfg: AnalyzeConfig, st, layers, progress: bool):
     return acc, info
 
 
-def maxcut_by_k(D: np.ndarray, ks, min_size: int) -> dict[int, dict]:
+def maxcut_by_k(D: np.ndarray, ks, min_size: int, variant: str = "official") -> dict[int, dict]:
     """Recursive max-cut segmentations for each k, found by sweeping frac from 0.5 down to 0 (largest frac
     that yields k clusters). Exact max-cuts of repeated clusters are computed once (memoised)."""
     cache: dict = {}
     out: dict[int, dict] = {}
     for frac in np.round(np.linspace(0.5, 0.0, 201), 4):
-        parts = recursive_max_cut(D, frac=float(frac), min_size=min_size, cache=cache)
+        parts = recursive_max_cut(D, frac=float(frac), min_size=min_size, variant=variant, cache=cache)
         k = len(parts)
         if k in ks and k not in out:
             out[k] = {"frac": float(frac), "phases_unsorted": parts}
@@ -133,6 +134,8 @@ def run_analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalysisOutputs:
 
     if cfg.k_min < 1 or cfg.k_max < cfg.k_min:
         raise RaptorError(f"bad k range {cfg.k_min}..{cfg.k_max}")
+    if cfg.maxcut_variant not in MAXCUT_VARIANTS:
+        raise RaptorError(f"unknown max-cut variant {cfg.maxcut_variant!r} (use {', '.join(MAXCUT_VARIANTS)})")
     if cfg.cka_dtype not in ("float64", "float32"):
         raise RaptorError("cka dtype must be float64 or float32")
     out = Path(cfg.out)
@@ -179,15 +182,17 @@ def run_analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalysisOutputs:
     # recursive max-cut on the primary metric (exact brute force; feasible to ~24 layers)
     Dp = res.distance(PRIMARY)
     if len(layers) <= 24:
-        mc = maxcut_by_k(Dp, ks, cfg.maxcut_min_size)
+        mc = maxcut_by_k(Dp, ks, cfg.maxcut_min_size, cfg.maxcut_variant)
         seg[PRIMARY]["maxcut"] = {
             str(k): {"frac": v["frac"], "phases": to_layers(sorted(v["phases_unsorted"])),
                      "phases_unsorted": to_layers(v["phases_unsorted"]),
                      "contiguous": is_contiguous(sorted(v["phases_unsorted"])),
                      "metrics": phase_metrics(Dp, sorted(v["phases_unsorted"]))} for k, v in sorted(mc.items())}
-        seg[PRIMARY]["maxcut_paper_fracs"] = {
-            str(f): to_layers(sorted(recursive_max_cut(Dp, frac=f, min_size=cfg.maxcut_min_size, cache={})))
-            for f in cfg.maxcut_fracs}
+        paper = {f: recursive_max_cut(Dp, frac=f, min_size=cfg.maxcut_min_size, variant=cfg.maxcut_variant)
+                 for f in cfg.maxcut_fracs}
+        seg[PRIMARY]["maxcut_paper_fracs"] = {str(f): to_layers(sorted(p)) for f, p in paper.items()}
+        seg[PRIMARY]["maxcut_paper_fracs_unsorted"] = {str(f): to_layers(p) for f, p in paper.items()}
+        seg[PRIMARY]["maxcut_variant"] = cfg.maxcut_variant
     else:
         seg[PRIMARY]["maxcut"] = {}
         seg[PRIMARY]["maxcut_paper_fracs"] = {}

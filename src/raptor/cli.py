@@ -97,6 +97,8 @@ def analyze(
     k_max: int = typer.Option(6, help="Largest number of phases to segment into"),
     k_rule: str = typer.Option("gain", help="Rule to choose k: gain | elbow"),
     k_frac: float = typer.Option(0.1, help="gain rule: add a phase while it adds > frac of the total distance"),
+    maxcut_variant: str = typer.Option("official", help="recursive max-cut: official (the notebook exactly) | "
+                                       "balanced (both sides of every cut >= 2 layers)"),
     autocast: Optional[str] = typer.Option(None, help="bfloat16 autocast for the forward pass"),
     head: Optional[str] = typer.Option(None, help="Official DINOv2 linear head .pth"),
     progress: bool = typer.Option(True, help="Show a progress bar"),
@@ -107,7 +109,8 @@ def analyze(
     groups = tuple(g.strip() for g in cka_groups.split(",") if g.strip())
     cfg = AnalyzeConfig(teacher=teacher, data=data, out=str(out), store=str(store) if store else None, limit=limit,
                         batch_size=batch_size, image_size=image_size, layers=parse_layers(layers),
-                        cka_groups=groups, k_max=k_max, k_rule=k_rule, k_frac=k_frac, autocast=autocast, head=head)
+                        cka_groups=groups, k_max=k_max, k_rule=k_rule, k_frac=k_frac, autocast=autocast, head=head,
+                        maxcut_variant=maxcut_variant)
     res = run_analyze(cfg, progress=progress)
     a = res.analysis
     typer.echo(f"phases ({a['primary_metric']}, k={a['chosen']['k']}): {a['chosen']['phases']}")

@@ -2,13 +2,14 @@
 
 Two methods:
 
-- :func:`recursive_max_cut` -- the official notebook's algorithm (PAPER.md 1.3), reproduced: complete graph on the
-  layers with edge weights D; exact max-cut by brute force (vertex 0 pinned, all 2^(n-1) bipartitions);
-  recursive bisection taking the cluster with the largest recorded gain first; stop when that gain <= eps,
-  eps = frac * total weight (total = D.sum()/2); clusters smaller than 2*min_size are never split; a cut whose
-  value is <= eps marks the cluster unsplittable; children inherit the parent's cut value as gain. It does **not**
-  force contiguity. Interpretation (the notebook's code is not public in full): both sides of a cut must hold at
-  least ``min_size`` layers; ties go to the first bipartition in enumeration order.
+- :func:`recursive_max_cut` -- the official notebook's algorithm (PAPER.md 1.3, ``raptor/max_cut_dinov2_base.ipynb``
+  functions ``max_cut_bruteforce`` / ``recursive_max_cut``), reproduced exactly by default: complete graph on the
+  layers with edge weights D; exact max-cut by brute force (vertex 0 pinned, all 2^(n-1) bipartitions in the
+  notebook's enumeration order, first maximum wins); recursive bisection taking the cluster with the largest
+  recorded gain first; stop when that gain <= eps, eps = frac * total weight (total = D.sum()/2); clusters smaller
+  than 2*min_size are never split, but a cut may put a single layer on one side; a cut whose value is <= eps marks
+  the cluster unsplittable; children inherit the parent's cut value as gain; output in the notebook's order. It
+  does **not** force contiguity. A ``balanced`` variant (both sides >= min_size) is kept as an option.
 - :func:`contiguous_segmentation` -- exact contiguous segmentation into k phases by dynamic programming
   (reconstructed: the paper describes a "max-cut solved by DP into contiguous segments" but no formulation is
   public). Objective: **minimise the total within-phase distance** sum_{phases} sum_{i<j in phase} D_ij, which is
@@ -53,39 +54,59 @@ def check_distance(D: np.ndarray) -> np.ndarray:
 
 # ---- exact max-cut ------------------------------------------------------------------------------------------------
 
-def max_cut_bruteforce(W: np.ndarray, min_size: int = 1, chunk: int = 1 << 16) -> tuple[np.ndarray, float]:
+MAXCUT_VARIANTS = ("official", "balanced")
+
+
+def _side_from_index(m: int, n: int) -> np.ndarray:
+    """Bipartition number ``m`` in the notebook's enumeration order: vertex 0 pinned to side False, vertices
+    1..n-1 are the bits of m with vertex 1 the *most* significant (``itertools.product([0, 1], repeat=n-1)``)."""
+    side = np.zeros(n, dtype=bool)
+    for i in range(1, n):
+        side[i] = (m >> (n - 1 - i)) & 1
+    return side
+
+
+def max_cut_bruteforce(W: np.ndarray, min_side: int = 0, chunk: int = 1 << 16,
+                       rtol: float = 1e-12) -> tuple[np.ndarray, float]:
     """Exact max-cut of a complete weighted graph. Returns (side mask with vertex 0 on side False, cut value).
 
-    Enumerates all 2^(n-1) bipartitions with vertex 0 pinned (vectorised in chunks); both sides need >= min_size
-    vertices. Ties: the first in enumeration order (mask integer order).
+    Enumerates all 2^(n-1) bipartitions with vertex 0 pinned, in the official notebook's order (vertex 1 the most
+    significant bit; the all-False "cut" of value 0 included), vectorised in chunks. Ties go to the first
+    bipartition in that order, as the notebook's strict ``>`` does; cut values within ``rtol`` x total weight of
+    the maximum count as tied, so float summation order cannot decide between mathematically equal cuts.
+    ``min_side`` > 0 only admits cuts with at least that many vertices on each side (the ``balanced`` variant).
     """
     W = np.asarray(W, dtype=np.float64)
     n = W.shape[0]
-    if n < 2 * min_size or n < 2:
-        raise RaptorError(f"cannot cut {n} vertices into two sides of >= {min_size}")
+    if n < 1 or (min_side > 0 and n < 2 * min_side):
+        raise RaptorError(f"cannot cut {n} vertices into two sides of >= {min_side}")
     if n > 30:
         raise RaptorError(f"brute-force max-cut over {n} vertices needs 2^{n - 1} cuts; use the contiguous DP")
-    W = W.copy()
+    W = (W + W.T) / 2
     np.fill_diagonal(W, 0.0)
-    bits = np.arange(1, n, dtype=np.int64)
-    best_val, best_mask = -np.inf, 0
     total = 1 << (n - 1)
-    for start in range(1, total, chunk):  # mask 0 = empty side: skipped
+    shifts = (n - 1 - np.arange(1, n, dtype=np.int64))[None, :]  # vertex i <- bit n-1-i
+
+    def values(start: int) -> np.ndarray:
         masks = np.arange(start, min(start + chunk, total), dtype=np.int64)
         S = np.zeros((len(masks), n))
-        S[:, 1:] = (masks[:, None] >> (bits - 1)[None, :]) & 1
-        size = S.sum(1)
-        ok = (size >= min_size) & (n - size >= min_size)
-        if not ok.any():
-            continue
+        S[:, 1:] = (masks[:, None] >> shifts) & 1
         vals = np.einsum("mi,mi->m", S @ W, 1 - S)
-        vals[~ok] = -np.inf
-        k = int(np.argmax(vals))
-        if vals[k] > best_val:
-            best_val, best_mask = float(vals[k]), int(masks[k])
-    side = np.zeros(n, dtype=bool)
-    side[1:] = (best_mask >> (bits - 1)) & 1
-    return side, best_val
+        if min_side > 0:
+            size = S.sum(1)
+            vals[(size < min_side) | (n - size < min_side)] = -np.inf
+        return vals
+
+    starts = range(0, total, chunk)
+    chunk_max = np.array([values(s).max() for s in starts])
+    best = float(chunk_max.max())
+    if not np.isfinite(best):
+        raise RaptorError(f"no admissible cut of {n} vertices with >= {min_side} per side")
+    tol = rtol * max(1.0, float(np.abs(W).sum()) / 2)
+    first = int(np.flatnonzero(chunk_max >= best - tol)[0])  # first chunk holding a (tied) maximum
+    vals = values(starts[first])
+    m = starts[first] + int(np.flatnonzero(vals >= best - tol)[0])
+    return _side_from_index(m, n), float(vals[m - starts[first]])
 
 
 def cut_weight(W: np.ndarray, side: np.ndarray) -> float:
@@ -94,38 +115,55 @@ def cut_weight(W: np.ndarray, side: np.ndarray) -> float:
     return float(W[np.logical_xor.outer(side, side)].sum() / 2)
 
 
-def recursive_max_cut(D: np.ndarray, frac: float = 0.2, min_size: int = 2,
+def recursive_max_cut(D: np.ndarray, frac: float = 0.2, min_size: int = 2, variant: str = "official",
                       cache: dict | None = None) -> list[list[int]]:
-    """The official recursive max-cut bisection (see module doc). Returns clusters (sorted members), in the order
-    the algorithm leaves them (children replace their parent in place). ``cache`` (a dict) memoises the exact
-    max-cut of each cluster across calls, e.g. when sweeping ``frac``."""
+    """Recursive max-cut bisection (PAPER.md 1.3). Returns clusters (sorted members) in the algorithm's order.
+
+    ``variant="official"`` (default) reproduces the notebook exactly: eps = frac * D.sum()/2; repeatedly take the
+    cluster with the largest recorded gain (ties: the earliest cluster in the list); stop when that gain <= eps;
+    a cluster with fewer than 2*min_size members is never split; otherwise its exact max-cut (any bipartition, one
+    side may hold a single layer) splits it if the cut value > eps, else it is marked unsplittable. The side
+    holding the cluster's first layer replaces the cluster in place, the other side is appended at the end, and
+    both inherit the cut value as their gain. Output order is therefore the notebook's printing order.
+
+    ``variant="balanced"`` is the same loop but only admits cuts with >= min_size layers on both sides (no
+    single-layer phases when min_size = 2). ``cache`` memoises exact max-cuts across calls (e.g. a frac sweep).
+    """
+    if variant not in MAXCUT_VARIANTS:
+        raise RaptorError(f"unknown max-cut variant {variant!r} (use {', '.join(MAXCUT_VARIANTS)})")
+    if not np.isfinite(frac) or frac < 0:
+        raise RaptorError(f"max-cut frac must be >= 0, got {frac}")
+    if min_size < 1:
+        raise RaptorError(f"max-cut min_size must be >= 1, got {min_size}")
     D = check_distance(D)
     n = D.shape[0]
-    total = D.sum() / 2
-    eps = frac * total
-    clusters: list[tuple[list[int], float]] = [(list(range(n)), np.inf)]
+    eps = frac * D.sum() / 2
+    min_side = min_size if variant == "balanced" else 0
+    clusters: list[list[int]] = [list(range(n))]
+    gains: list[float] = [np.inf]
     while True:
-        idx = max(range(len(clusters)), key=lambda i: clusters[i][1])
-        members, gain = clusters[idx]
-        if gain <= eps:
+        tgt = int(np.argmax(gains))  # first maximum, as max() over the notebook's insertion-ordered dict
+        if gains[tgt] <= eps:
             break
+        members = clusters[tgt]
         if len(members) < 2 * min_size:
-            clusters[idx] = (members, -np.inf)
+            gains[tgt] = -np.inf
             continue
-        key = (tuple(members), min_size)
+        key = (tuple(members), min_side)
         if cache is not None and key in cache:
             side, val = cache[key]
         else:
-            side, val = max_cut_bruteforce(D[np.ix_(members, members)], min_size=min_size)
+            side, val = max_cut_bruteforce(D[np.ix_(members, members)], min_side=min_side)
             if cache is not None:
                 cache[key] = (side, val)
         if val <= eps:
-            clusters[idx] = (members, -np.inf)
+            gains[tgt] = -np.inf
             continue
-        a = [m for m, s in zip(members, side) if not s]
-        b = [m for m, s in zip(members, side) if s]
-        clusters[idx:idx + 1] = [(a, val), (b, val)]
-    return [sorted(c) for c, _ in clusters]
+        clusters[tgt] = [m for m, s in zip(members, side) if not s]
+        clusters.append([m for m, s in zip(members, side) if s])
+        gains[tgt] = val
+        gains.append(val)
+    return clusters
 
 
 # ---- contiguous DP ------------------------------------------------------------------------------------------------
