@@ -134,7 +134,9 @@ def test_fit_from_store_writes_metrics_and_plots(tmp_path):
                      probe_limit=40), progress=False)
     v = m["validation"]
     assert len(v["autoregressive"]["r2"]) == t.depth and "registers" in v["autoregressive"]["cosine"]
-    assert "full (0-3)" in v["splice"] and 0 <= v["splice"]["full (0-3)"]["agreement"] <= 1
+    probes = v["probes"]  # the store's own labels (digits), its held-out rows
+    assert probes["data"] == "bundled:digits" and probes["n_test"] == v["n_images"] == 6
+    assert 0 <= probes["backbones"]["full (0-3)"]["teacher_probe_agreement"] <= 1
     for f in ("metrics.json", "r2_per_layer.png", "loss_curves.png", "model.safetensors", "config.yaml"):
         assert (tmp_path / "run" / f).is_file()
 
@@ -169,10 +171,11 @@ def test_validation_during_training_is_recorded(tmp_path):
     assert [v[0] for v in vals] == [2, 4] and all(-10 < v[1] <= 1 for v in vals)
 
 
-def test_splice_agreement_is_one_for_a_surrogate_that_is_the_teacher():
+def test_probes_and_head_agreement_are_exact_for_a_surrogate_that_is_the_teacher():
+    import numpy as np
     from torch import nn
 
-    from raptor.surrogate.fit import splice_agreement
+    from raptor.surrogate.evaluate import head_agreement, probe_evaluation
     from raptor.surrogate.model import init_from_teacher
     from raptor.teachers.base import ClassifierHead
 
@@ -181,13 +184,17 @@ def test_splice_agreement_is_one_for_a_surrogate_that_is_the_teacher():
     exact = RaptorModel(SurrogateConfig([[i] for i in range(1, t.depth + 1)], bc))
     init_from_teacher(exact, t)
     torch.manual_seed(0)
-    head = ClassifierHead(nn.Linear(2 * t.dim, 5))
-    x = torch.randn(40, 3, 28, 28)
-    y = torch.randint(0, 5, (40,))
-    res = splice_agreement(exact, t, head, x, y)
+    t.head = ClassifierHead(nn.Linear(2 * t.dim, 5))
+    x0 = t.embed(torch.randn(80, 3, 28, 28))
+    layout = t.layout(28)
+    y = np.arange(80) % 3
+    res = head_agreement(exact, t, x0, layout)
     assert all(v["agreement"] == 1.0 for k, v in res.items() if isinstance(v, dict))
+    p = probe_evaluation(exact, t, layout, x0[:50], y[:50], x0[50:], y[50:], "random", progress=False)
+    for name, b in p["backbones"].items():
+        assert b["teacher_probe_agreement"] == 1.0 and b["pct_of_teacher"] == 100.0, name
     random_model = RaptorModel(SurrogateConfig([[1, 2, 3]], BlockConfig(t.dim, 2)))
     with torch.no_grad():
-        for p in random_model.parameters():
-            p.add_(torch.randn(p.shape) * 0.5)
-    assert splice_agreement(random_model, t, head, x, y)["full (0-3)"]["agreement"] < 1.0
+        for q in random_model.parameters():
+            q.add_(torch.randn(q.shape) * 0.5)
+    assert head_agreement(random_model, t, x0, layout)["full (0-3)"]["agreement"] < 1.0

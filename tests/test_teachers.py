@@ -124,13 +124,37 @@ def test_bundled_teacher_matches_onnxruntime(bundled_teacher):
     assert bundled_teacher.depth == 12 and bundled_teacher.dim == 384 and bundled_teacher.n_registers == 0
 
 
-def test_bundled_teacher_bf16_autocast_close_to_fp32(bundled_teacher):
+def test_bundled_teacher_bf16_autocast_close_to_fp32(bundled_teacher, monkeypatch):
+    monkeypatch.setenv("RAPTOR_FORCE_AUTOCAST", "1")  # the arithmetic itself, even where bf16 is emulated (slow)
     x = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(1))
     a = bundled_teacher.trajectory(x, layers=[12])
     b = bundled_teacher.trajectory(x, layers=[12], autocast="bfloat16")
     cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
     assert cos.min().item() > 0.99
     assert not torch.equal(a, b)  # autocast really changed the arithmetic
+
+
+def test_autocast_falls_back_to_fp32_where_half_matmul_is_emulated(monkeypatch):
+    import warnings
+
+    from raptor.teachers import base
+
+    monkeypatch.delenv("RAPTOR_FORCE_AUTOCAST", raising=False)
+    monkeypatch.setattr(base, "_CPU_SPEED", {torch.bfloat16: 20.0})  # as measured on an AMD EPYC without bf16
+    with pytest.warns(UserWarning, match="no native bfloat16 matmul"):
+        with base.autocast_context("bfloat16"):
+            assert not torch.is_autocast_enabled("cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        with base.autocast_context("bfloat16"):
+            pass
+    monkeypatch.setattr(base, "_CPU_SPEED", {torch.bfloat16: 0.5})  # native bf16 (avx512_bf16 / AMX)
+    with base.autocast_context("bfloat16"):
+        assert torch.is_autocast_enabled("cpu")
+    monkeypatch.setattr(base, "_CPU_SPEED", {torch.bfloat16: 20.0})
+    monkeypatch.setenv("RAPTOR_FORCE_AUTOCAST", "1")
+    with base.autocast_context("bfloat16"):
+        assert torch.is_autocast_enabled("cpu")
 
 
 # ---- official DINOv2 .pth ----------------------------------------------------------------------------------------

@@ -40,6 +40,38 @@ def parse_layers(text: str | None) -> list[int] | None:
     return out
 
 
+def parse_phases(text: str | None) -> list[list[int]] | None:
+    """'1-7/8-11/12' -> [[1..7], [8..11], [12]]; None when ``text`` names a file (an analysis.json)."""
+    import re
+
+    if text is None or Path(text).exists() or not re.fullmatch(r"[0-9/\-\s]+", text):
+        return None
+    phases = []
+    for part in text.split("/"):
+        lo, _, hi = part.strip().partition("-")
+        try:
+            a, b = int(lo), int(hi or lo)
+        except ValueError:
+            raise RaptorError(f"bad --phases {text!r}: use e.g. 1-7/8-11/12 or an analysis.json") from None
+        if b < a:
+            raise RaptorError(f"bad --phases {text!r}: {part!r} runs backwards")
+        phases.append(list(range(a, b + 1)))
+    return phases
+
+
+def parse_weights(text: str | None, name: str) -> tuple[float, float, float] | None:
+    """'0.45,0.10,0.45' (cls, registers, patches) or 'none'."""
+    if text is None or text.strip().lower() == "none":
+        return None
+    try:
+        w = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        w = ()
+    if len(w) != 3 or any(x < 0 for x in w) or not sum(w) > 0:
+        raise RaptorError(f"bad {name} {text!r}: three non-negative numbers cls,registers,patches, e.g. 0.45,0.1,0.45")
+    return w
+
+
 def _echo_json(d: dict) -> None:
     typer.echo(json.dumps(d, indent=2, default=str))
 
@@ -122,7 +154,8 @@ def fit(
     teacher: str = typer.Option("bundled:dinov2-s", "--teacher", "-t", help=TEACHER_HELP),
     data: Optional[str] = typer.Option(None, "--data", "-d", help=DATA_HELP + " (online teacher, no storage)"),
     store: Optional[Path] = typer.Option(None, help="Train from a trajectory store instead of an online teacher"),
-    phases: Optional[Path] = typer.Option(None, help="analysis.json from raptor analyze (its chosen phases)"),
+    phases: Optional[str] = typer.Option(None, help="analysis.json from raptor analyze (its chosen phases), or "
+                                         "explicit phases of output layers, e.g. 1-7/8-11/12"),
     k: Optional[int] = typer.Option(None, help="Number of blocks (with --phases: that DP segmentation; "
                                     "alone: equal phases)"),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory"),
@@ -134,14 +167,23 @@ def fit(
     weight_decay: float = typer.Option(1e-4),
     clip: float = typer.Option(1.0, help="Gradient-norm clip"),
     loss: str = typer.Option("mse", help="mse | cosine | mse+cosine"),
+    loss_norm: str = typer.Option("layer", help="layer: divide each target layer's (group's) squared error by its "
+                                  "training-set variance (default) | none: the paper's plain MSE"),
+    stage1_weights: str = typer.Option("0.34,0.33,0.33", help="cls,registers,patches loss weights on the last "
+                                       "stage-1 segment (the paper's), or 'none'"),
+    stage2_weights: str = typer.Option("0.45,0.10,0.45", help="cls,registers,patches loss weights in stage 2 "
+                                       "(the paper's), or 'none'; absent groups get 0, the rest are used as given"),
     sigma: float = typer.Option(0.0, help="Gaussian input noise"),
     mlp: str = typer.Option("swiglu", help="swiglu | gelu"),
     init_from_teacher: bool = typer.Option(False, help="Start each block from its phase's middle teacher block (gelu)"),
     autocast: Optional[str] = typer.Option(None, help="bfloat16 autocast for training"),
     image_size: Optional[int] = typer.Option(None, help="Crop size for online data (default: the teacher's)"),
     limit: Optional[int] = typer.Option(None, help="Only the first N images/rows"),
-    probe_data: Optional[str] = typer.Option("bundled:digits", help="Labelled data for a probe when the teacher "
-                                             "has no head (splice agreement); 'none' to skip"),
+    val_images: int = typer.Option(128, help="Whole images held out for validation"),
+    stats_images: int = typer.Option(256, help="Training images for the loss scale and the baselines"),
+    probe_data: Optional[str] = typer.Option("bundled:digits", help="Labelled data for the probes when the "
+                                             "training data has no labels; 'none' to skip"),
+    probe_limit: int = typer.Option(1000, help="Labelled training images for the fresh probes"),
     seed: int = typer.Option(0),
     ckpt_every: int = typer.Option(25, help="Checkpoint every N steps"),
     val_every: int = typer.Option(0, help="Validate (held-out R2) every N steps; 0 = only at the end"),
@@ -156,21 +198,32 @@ def fit(
         raise RaptorError("give --data (online teacher) or --store")
     if phases is None and k is None:
         raise RaptorError("give --phases analysis.json or --k K")
+    explicit = parse_phases(phases)
     cfg = FitConfig(teacher=teacher, data=data, store=str(store) if store else None, out=str(out),
-                    phases_file=str(phases) if phases else None, k=k, stage=stage, steps1=steps1, steps2=steps2,
+                    phases_file=str(phases) if phases and explicit is None else None, k=k, phases=explicit, stage=stage, steps1=steps1, steps2=steps2,
                     batch_size=batch_size, lr=lr, weight_decay=weight_decay, clip=clip, loss=loss, sigma=sigma,
+                    loss_norm=loss_norm, stage1_last_weights=parse_weights(stage1_weights, "--stage1-weights"),
+                    stage2_weights=parse_weights(stage2_weights, "--stage2-weights"), val_images=val_images,
+                    stats_images=stats_images, probe_limit=probe_limit,
                     mlp=mlp, init_from_teacher=init_from_teacher, autocast=autocast, image_size=image_size,
                     limit=limit, probe_data=None if probe_data in (None, "none") else probe_data, seed=seed,
                     ckpt_every=ckpt_every, val_every=val_every)
     m = run_fit(cfg, resume=resume, progress=progress)
     v = m["validation"]
     ar = v["autoregressive"]
-    typer.echo(f"phases: {m['surrogate']['phases']}")
-    typer.echo("held-out R2 per layer (standard): " + " ".join(f"{x:.3f}" for x in ar["r2"]))
-    typer.echo(f"held-out R2 official, all layers: {ar['r2_official_all_layers']:.3f}")
-    if "splice" in v:
-        full = next(x for key, x in v["splice"].items() if key.startswith("full"))
-        typer.echo(f"top-1 agreement with the teacher (full surrogate): {full['agreement']:.3f}")
+    typer.echo(f"phases: {m['surrogate']['phases']}  ({v['n_images']} held-out images)")
+    typer.echo("held-out R2 per layer, Raptor AR:  " + " ".join(f"{x:.3f}" for x in ar["r2"]) +
+               f"  mean {ar['r2_mean']:.3f}")
+    for key in ("identity", "ridge_teacher_forced"):
+        if key in v.get("baselines", {}):
+            b = v["baselines"][key]
+            typer.echo(f"  baseline {key:<21}" + " ".join(f"{x:.3f}" for x in b["r2"]) + f"  mean {b['r2_mean']:.3f}")
+    il = v["image_level"]["autoregressive"]
+    typer.echo(f"image-level R2 of pooled features: {il['r2']:.3f} (variance kept {il['variance_kept']:.2f})")
+    if v.get("probes"):
+        for name, b in v["probes"]["backbones"].items():
+            typer.echo(f"fresh probe {name:<14} {b['fresh_probe_accuracy']:.3f} ({b['pct_of_teacher']:.1f} % of "
+                       f"teacher); teacher-probe agreement {b['teacher_probe_agreement']:.3f}")
     typer.echo(f"wrote {out / 'metrics.json'}, {out / 'r2_per_layer.png'}, {out / 'model.safetensors'}")
 
 

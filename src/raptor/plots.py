@@ -60,10 +60,13 @@ def cost_curve(path: Path, costs: np.ndarray, chosen: int, total: float, title: 
 
 
 def line_plot(path: Path, x, series: dict[str, Sequence[float]], *, xlabel: str, ylabel: str, title: str,
-              vlines: Sequence[float] = (), logy: bool = False) -> Path:
+              vlines: Sequence[float] = (), logy: bool = False, ylim: tuple[float, float] | None = None) -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for name, y in series.items():
-        ax.plot(x, y, "o-", ms=3, label=name)
+        ax.plot(x, y, "o--" if name.startswith("baseline") else "o-", ms=3, label=name)
+    if ylim is not None:  # clip wild baselines so the surrogate's curve stays readable
+        lo = max(ylim[0], min(min(y) for y in series.values()) - 0.05)
+        ax.set_ylim(lo, ylim[1])
     for v in vlines:
         ax.axvline(v, color="grey", ls=":", lw=1)
     if logy:

