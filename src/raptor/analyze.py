@@ -18,7 +18,8 @@ import torch
 
 from raptor.config import atomic_write_text, save_config, to_dict
 from raptor.errors import RaptorError
-from raptor.phases import MAXCUT_VARIANTS, choose_k, contiguous_segmentation, is_contiguous, phase_metrics, recursive_max_cut
+from raptor.phases import (MAXCUT_VARIANTS, choose_k, contiguous_segmentation, is_contiguous, phase_metrics,
+                           recursive_max_cut)
 from raptor.similarity import SimilarityAccumulator, SimilarityResult
 
 SCHEMA_VERSION = 1

@@ -35,22 +35,33 @@ def run_demo(out: Path, limit: int | None = None) -> dict:
     from raptor.surrogate.fit import run_fit
     from raptor.surrogate.train import FitConfig
 
-    fit_dir = out / "fit_k2"
-    console.print(f"\n[bold]Brief Raptor fit[/bold] (k=2 blocks on the analysed phases, from the store) -> {fit_dir}")
-    fit_cfg = FitConfig(teacher=DEFAULT_TEACHER, data=None, store=str(store_dir), out=str(fit_dir),
-                        phases_file=str(an_dir / "analysis.json"), k=2, steps1=10, steps2=10, batch_size=4,
-                        lr=1e-3, probe_data="bundled:digits", probe_limit=200, ckpt_every=10,
-                        autocast="bfloat16")
+    # the brief fit: 640 real digits at 112 px (65 tokens: cheap on a CPU), 128 of them held out whole
+    digits_store = out / "digits112_store"
+    console.print(f"\n[bold]Brief Raptor fit[/bold]: k=3 blocks on 512 bundled digits at 112 px -> {out / 'fit_k3'}")
+    extract(teacher, open_source("bundled:digits").subset(640), digits_store, dtype="bfloat16", image_size=112)
+    fit_dir = out / "fit_k3"
+    # phases 1-7 / 8-11 / 12: the official max-cut's split of this teacher on digits (layer 12 is an outlier that
+    # needs its own block, docs/phases.md); lr 3e-3 / 1e-3: a short budget needs a larger step than the paper's
+    fit_cfg = FitConfig(teacher=DEFAULT_TEACHER, data=None, store=str(digits_store), out=str(fit_dir),
+                        phases=[list(range(1, 8)), list(range(8, 12)), [12]], steps1=40, steps2=20, batch_size=16,
+                        lr=3e-3, lr2=1e-3, val_images=128, stats_images=128, probe_limit=300, ckpt_every=20)
     resume = (fit_dir / "checkpoints" / "latest.json").exists()
     m = run_fit(fit_cfg, resume=resume)
-    ar = m["validation"]["autoregressive"]
-    console.print("held-out R² per layer: " + " ".join(f"{x:.2f}" for x in ar["r2"]) +
-                  "  (a 30-step demo; see docs/surrogate.md for real runs)")
+    v = m["validation"]
+    ar, ident, ridge = v["autoregressive"], v["baselines"]["identity"], v["baselines"]["ridge_autoregressive"]
+    console.print("held-out R² per layer (Raptor, autoregressive from layer 0): " +
+                  " ".join(f"{x:.2f}" for x in ar["r2"]))
+    console.print(f"mean held-out R²: Raptor {ar['r2_mean']:.3f} | baselines: identity l-1 -> l "
+                  f"{ident['r2_mean']:.3f}, ridge chained {ridge['r2_mean']:.3f}  (a 140-step demo; "
+                  f"docs/surrogate.md has real runs)")
+    full = next(b for k, b in v["probes"]["backbones"].items() if k.startswith("full"))
+    console.print(f"fresh linear probe on held-out digits: teacher {v['probes']['teacher_accuracy']:.3f}, "
+                  f"surrogate {full['fresh_probe_accuracy']:.3f}")
     console.print("\n[bold green]Demo outputs[/bold green]:")
     console.print(f"  trajectory store : {store_dir.resolve()}  (inspect: raptor info {store_dir})")
     console.print(f"  phase analysis   : {(an_dir / 'report.md').resolve()}")
     console.print(f"                     {(an_dir / 'analysis.json').resolve()}")
     console.print(f"  heatmap          : {(an_dir / 'paper_cosine_distance.png').resolve()}")
-    console.print(f"  Raptor k=2 fit   : {(fit_dir / 'metrics.json').resolve()}")
+    console.print(f"  Raptor k=3 fit   : {(fit_dir / 'metrics.json').resolve()}")
     console.print(f"                     {(fit_dir / 'r2_per_layer.png').resolve()}")
     return {"store": str(store_dir), "analyze": str(an_dir), "fit": str(fit_dir)}

@@ -87,8 +87,8 @@ def fit_ridge(A: torch.Tensor, B: torch.Tensor, lambdas=(1e-4, 1e-3, 1e-2, 1e-1,
 
         errs = []
         for lam in lambdas:
-            e = sse(A[1, t], B[1, t], solve(A[0, t], B[0, t], lam)) + sse(A[0, t], B[0, t], solve(A[1, t], B[1, t], lam))
-            errs.append(e)
+            errs.append(sse(A[1, t], B[1, t], solve(A[0, t], B[0, t], lam))
+                        + sse(A[0, t], B[0, t], solve(A[1, t], B[1, t], lam)))
         lam = lambdas[int(torch.tensor(errs).argmin())]
         W.append(solve(A[0, t] + A[1, t], B[0, t] + B[1, t], lam).float())
         chosen.append(lam)

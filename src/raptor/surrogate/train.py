@@ -49,6 +49,7 @@ class FitConfig:
     steps2: int = 100
     batch_size: int = 8
     lr: float = 3e-4
+    lr2: float | None = None  # stage-2 learning rate (default: lr)
     min_lr: float = 1e-6
     warmup_frac: float = 0.05
     weight_decay: float = 1e-4
@@ -102,12 +103,13 @@ def holdout_split(n: int, val_images: int) -> tuple[np.ndarray, np.ndarray]:
     return np.setdiff1d(np.arange(n), val), val
 
 
-def lr_at(step: int, total: int, cfg: FitConfig) -> float:
+def lr_at(step: int, total: int, cfg: FitConfig, stage: int = 1) -> float:
+    peak = cfg.lr2 if (stage == 2 and cfg.lr2 is not None) else cfg.lr
     warm = max(1, int(round(cfg.warmup_frac * total)))
     if step < warm:
-        return cfg.lr * (step + 1) / warm
+        return peak * (step + 1) / warm
     p = (step - warm) / max(1, total - warm)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, p)))
+    return cfg.min_lr + 0.5 * (peak - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, p)))
 
 
 def _rng(seed: int, tag: str, step: int) -> random.Random:
@@ -347,7 +349,7 @@ def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, pro
         with progress_bar(item.steps, item.name, "step", enabled=progress, extra="loss {task.fields[loss]}") as bar:
             bar.advance(start, loss="-")
             for step in range(start, item.steps):
-                lr = lr_at(step, item.steps, cfg)
+                lr = lr_at(step, item.steps, cfg, item.stage)
                 for g in opt.param_groups:
                     g["lr"] = lr
                 traj = data.get(item.name, step, cfg.batch_size, item.start, item.end)
