@@ -137,3 +137,23 @@ def test_fit_reports_baselines_groups_image_level_and_fresh_probes(tmp_path):
     t = p["backbones"]["teacher"]
     assert t["pct_of_teacher"] == pytest.approx(100.0) and t["teacher_probe_agreement"] == 1.0
     assert m["group_weights"]["stage2"] == {"cls": 0.45, "registers": 0.1, "patches": 0.45}
+    from raptor.surrogate.report import load_run, report
+
+    text = report([load_run(tmp_path / "r")])
+    assert "| `r` | tiny:dinov2_with_registers | 2 |" in text and "ridge chained" in text
+    with pytest.raises(RaptorError, match="cannot read a finished run"):
+        load_run(tmp_path / "missing")
+
+
+def test_cli_phase_and_weight_parsing(tmp_path):
+    from raptor.cli import parse_phases, parse_weights
+
+    assert parse_phases("1-7/8-11/12") == [list(range(1, 8)), [8, 9, 10, 11], [12]]
+    (tmp_path / "a.json").write_text("{}")
+    assert parse_phases(str(tmp_path / "a.json")) is None  # a file: an analysis.json
+    with pytest.raises(RaptorError, match="backwards"):
+        parse_phases("1-7/11-8")
+    assert parse_weights("0.45,0.1,0.45", "--w") == (0.45, 0.1, 0.45) and parse_weights("none", "--w") is None
+    for bad in ("1,2", "a,b,c", "-1,1,1", "0,0,0"):
+        with pytest.raises(RaptorError):
+            parse_weights(bad, "--w")
