@@ -140,6 +140,7 @@ def test_autocast_falls_back_to_fp32_where_half_matmul_is_emulated(monkeypatch):
     from raptor.teachers import base
 
     monkeypatch.delenv("RAPTOR_FORCE_AUTOCAST", raising=False)
+    monkeypatch.setattr(base, "_WARNED", set())
     monkeypatch.setattr(base, "_CPU_SPEED", {torch.bfloat16: 20.0})  # as measured on an AMD EPYC without bf16
     with pytest.warns(UserWarning, match="no native bfloat16 matmul"):
         with base.autocast_context("bfloat16"):

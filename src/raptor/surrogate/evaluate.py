@@ -27,12 +27,12 @@ import torch
 
 from raptor.surrogate.metrics import LayerFitAccumulator, image_r2
 from raptor.surrogate.stats import ridge_predict
-from raptor.teachers.base import ClassifierHead
+from raptor.teachers.base import ClassifierHead, pool_tokens
 
 
 def _pool(teacher, tokens: torch.Tensor, layout) -> torch.Tensor:
-    head = ClassifierHead(torch.nn.Linear(1, 1), ClassifierHead.default_pooling(layout))
-    return head.pool(teacher.final_norm(tokens), layout)
+    """[cls || mean patch] (mean patch for cls-less teachers) after the teacher's final norm."""
+    return pool_tokens(teacher.final_norm(tokens), layout, ClassifierHead.default_pooling(layout))
 
 
 @torch.no_grad()

@@ -21,11 +21,7 @@ from raptor.errors import RaptorError
 from raptor.surrogate.evaluate import head_agreement, probe_evaluation, validate
 from raptor.surrogate.losses import effective_group_weights
 from raptor.surrogate.train import (FitConfig, OnlineBatches, StoreBatches, build_model, compute_stats,
-                                    holdout_split, train)
-
-
-def _evenly(n: int, k: int) -> np.ndarray:
-    return np.unique(np.linspace(0, n - 1, min(n, k)).round().astype(np.int64)) if n else np.zeros(0, np.int64)
+                                    evenly_spaced, holdout_split, train)
 
 
 def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step=None) -> dict:
@@ -39,7 +35,9 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").unlink(missing_ok=True)
     teacher = load_teacher(cfg.teacher)
-    probe_inputs = None  # (x0 train, y train, x0 test, y test, data name): labelled training data, if any
+    # labelled training data, if any: (a callable giving layer-0 tokens + labels of the probe's training images, the
+    # labels of the held-out images, whose layer-0 tokens are val_traj[:, 0], data name)
+    probe_inputs = None
     if cfg.store:
         from raptor.store import TrajectoryStore
 
@@ -58,10 +56,9 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
         n_train = len(tr_rows)
         labels = st.labels
         if (labels[rows] >= 0).all():
-            ptr = np.sort(tr_rows[_evenly(len(tr_rows), cfg.probe_limit)])
-            pte = np.sort(val_rows)
-            probe_inputs = (lambda: st.read(ptr, layers=(0, 0))[:, 0], labels[ptr],
-                            lambda: st.read(pte, layers=(0, 0))[:, 0], labels[pte], st.meta["settings"]["data"])
+            ptr = np.sort(tr_rows[evenly_spaced(len(tr_rows), cfg.probe_limit)])
+            probe_inputs = (lambda: (data.read(ptr, 0, 0)[:, 0], labels[ptr]), labels[np.sort(val_rows)],
+                            st.meta["settings"]["data"])
     else:
         if not cfg.data:
             raise RaptorError("give --data or --store")
@@ -75,14 +72,13 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
         val_traj = teacher.trajectory(torch.stack(vt))
         n_train = len(tr_items)
         if (src.labels >= 0).all():
-            ptr = tr_pos[_evenly(len(tr_pos), cfg.probe_limit)]
+            ptr = tr_pos[evenly_spaced(len(tr_pos), cfg.probe_limit)]
 
-            def embed(pos):
-                t, kept, _ = load_images([src.items[i] for i in pos], teacher.eval_transform(size))
-                return torch.cat([teacher.embed(torch.stack(t[s:s + 64])) for s in range(0, len(t), 64)]), \
-                    src.labels[np.asarray(pos)[kept]]
+            def probe_train():  # decoded only once training is over
+                t, kept, _ = load_images([src.items[i] for i in ptr], teacher.eval_transform(size))
+                return _embed(teacher, t), src.labels[ptr[kept]]
 
-            probe_inputs = ("online", ptr, val_pos, embed, cfg.data)
+            probe_inputs = (probe_train, src.labels[val_pos[vkept]], cfg.data)
     model = build_model(cfg, teacher.describe(), teacher)
     save_config(cfg, out / "config.yaml")
     stats = compute_stats(data, layout, cfg.stats_images, progress=progress)
@@ -100,7 +96,7 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
     atomic_write_text(out / "surrogate.json", json.dumps({"surrogate": model.cfg.to_dict(), "teacher": teacher.spec},
                                                          indent=1))
     val = validate(model, teacher, val_traj, layout, stats)
-    val["probes"] = _probes(cfg, model, teacher, layout, size, probe_inputs, progress)
+    val["probes"] = _probes(cfg, model, teacher, layout, size, probe_inputs, val_traj[:, 0], progress)
     if teacher.head is not None:
         val["teacher_head"] = head_agreement(model, teacher, val_traj[:, 0], layout)
     params = sum(p.numel() for p in model.parameters())
@@ -152,24 +148,25 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
     return metrics
 
 
-def _probes(cfg: FitConfig, model, teacher, layout, size: int, probe_inputs, progress: bool) -> dict | None:
+def _embed(teacher, tensors: list, batch: int = 64) -> torch.Tensor:
+    return torch.cat([teacher.embed(torch.stack(tensors[s:s + batch])) for s in range(0, len(tensors), batch)])
+
+
+def _probes(cfg: FitConfig, model, teacher, layout, size: int, probe_inputs, x0_val: torch.Tensor,
+            progress: bool) -> dict | None:
     """Fresh-probe evaluation on the training data's own labels, else on ``cfg.probe_data`` (split in halves)."""
     from raptor.data import load_images, open_source
 
-    if probe_inputs is not None and probe_inputs[0] == "online":
-        _, ptr, pte, embed, name = probe_inputs
-        x_tr, y_tr = embed(ptr)
-        x_te, y_te = embed(pte)
-    elif probe_inputs is not None:
-        f_tr, y_tr, f_te, y_te, name = probe_inputs
-        x_tr, x_te = f_tr(), f_te()
+    if probe_inputs is not None:
+        train_fn, y_te, name = probe_inputs
+        (x_tr, y_tr), x_te = train_fn(), x0_val
     elif cfg.probe_data:
         src = open_source(cfg.probe_data)
         if (src.labels < 0).all():
             raise RaptorError(f"probe data {cfg.probe_data} has no labels")
         order = np.random.default_rng(cfg.seed).permutation(len(src))[: 2 * cfg.probe_limit]
         t, kept, _ = load_images([src.items[i] for i in order], teacher.eval_transform(size))
-        x = torch.cat([teacher.embed(torch.stack(t[s:s + 64])) for s in range(0, len(t), 64)])
+        x = _embed(teacher, t)
         y = src.labels[order[kept]]
         half = len(x) // 2
         x_tr, y_tr, x_te, y_te, name = x[:half], y[:half], x[half:], y[half:], cfg.probe_data + " (out of domain)"

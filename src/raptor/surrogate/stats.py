@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from raptor.surrogate.losses import GROUPS as TOKEN_GROUPS
 from raptor.teachers.base import TokenLayout
 
-GROUPS = ("all", "cls", "registers", "patches")
+GROUPS = ("all",) + TOKEN_GROUPS
 
 
 class TrajectoryStats:

@@ -86,6 +86,13 @@ class FitConfig:
 EVAL_ONLY = ("out", "probe_data", "probe_limit", "val_every", "ckpt_every")
 
 
+def evenly_spaced(n: int, k: int) -> np.ndarray:
+    """Up to k distinct positions in 0..n-1, spread evenly over the range (deterministic)."""
+    if n < 1 or k < 1:
+        return np.zeros(0, np.int64)
+    return np.unique(np.linspace(0, n - 1, min(n, k)).round().astype(np.int64))
+
+
 def holdout_split(n: int, val_images: int) -> tuple[np.ndarray, np.ndarray]:
     """(train positions, validation positions) of n items: ``val_images`` whole items spread evenly over the set;
     when the set has fewer than 5 x val_images items, one in five is held out instead (warned)."""
@@ -99,7 +106,7 @@ def holdout_split(n: int, val_images: int) -> tuple[np.ndarray, np.ndarray]:
     if n_val < val_images:
         warnings.warn(f"only {n_val} of {n} images held out for validation (asked {val_images}): held-out scores "
                       f"on so few images are noisy", UserWarning, stacklevel=2)
-    val = np.unique(np.linspace(0, n - 1, n_val).round().astype(np.int64))
+    val = evenly_spaced(n, n_val)
     return np.setdiff1d(np.arange(n), val), val
 
 
@@ -141,7 +148,7 @@ class OnlineBatches:
 
     def sample(self, n: int, batch: int = 32):
         """Trajectories (all layers, eval transform) of n training images spread evenly over the set."""
-        pick = np.unique(np.linspace(0, len(self.images) - 1, min(n, len(self.images))).round().astype(int))
+        pick = evenly_spaced(len(self.images), n)
         for s in range(0, len(pick), batch):
             yield self.teacher.trajectory(torch.stack([self.eval_tf(self.images[i]) for i in pick[s:s + batch]]))
 
@@ -180,7 +187,8 @@ class StoreBatches:
                     bar.advance(len(pos))
             self._pos = {int(r): i for i, r in enumerate(self.rows)}
 
-    def _read(self, rows: np.ndarray, lo: int, hi: int) -> torch.Tensor:
+    def read(self, rows: np.ndarray, lo: int, hi: int) -> torch.Tensor:
+        """float32 (rows, hi-lo+1, T, D) of training rows (from the in-memory cache when there is one)."""
         if self.cache is None:
             return self.store.read(rows, layers=(lo, hi))
         p0, p1 = self.store.layer_positions((lo, hi))
@@ -188,15 +196,15 @@ class StoreBatches:
         return self.cache[idx, p0:p1].float()
 
     def sample(self, n: int, batch: int = 32):
-        pick = self.rows[np.unique(np.linspace(0, len(self.rows) - 1, min(n, len(self.rows))).round().astype(int))]
+        pick = self.rows[evenly_spaced(len(self.rows), n)]
         for s in range(0, len(pick), batch):
-            yield self._read(np.sort(pick[s:s + batch]), self.store.layers[0], self.store.layers[-1])
+            yield self.read(np.sort(pick[s:s + batch]), self.store.layers[0], self.store.layers[-1])
 
     def get(self, tag: str, step: int, batch: int, lo: int, hi: int) -> torch.Tensor:
         rng = _rng(self.seed, tag, step)
         pick = np.sort(np.array([self.rows[rng.randrange(len(self.rows))] for _ in range(batch)]))
         uniq, inv = np.unique(pick, return_inverse=True)
-        return self._read(uniq, lo, hi)[torch.from_numpy(inv)]
+        return self.read(uniq, lo, hi)[torch.from_numpy(inv)]
 
 
 @dataclass

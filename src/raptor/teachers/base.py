@@ -62,6 +62,17 @@ class TokenLayout:
         return cls(int(d["n_cls"]), int(d["n_registers"]), (int(d["grid"][0]), int(d["grid"][1])))
 
 
+def pool_tokens(normed: torch.Tensor, layout: TokenLayout, pooling: str = "cls+meanpatch") -> torch.Tensor:
+    """(batch, T, D) final-normed tokens -> (batch, features): ``cls``, ``meanpatch`` or ``cls+meanpatch``
+    (concat of cls and the mean of patch tokens, registers excluded)."""
+    mean_patch = normed[:, layout.patches].mean(dim=1)
+    if pooling == "meanpatch":
+        return mean_patch
+    if pooling == "cls":
+        return normed[:, 0]
+    return torch.cat([normed[:, 0], mean_patch], dim=-1)
+
+
 class ClassifierHead(nn.Module):
     """A linear classifier over pooled, final-normed tokens.
 
@@ -84,18 +95,14 @@ class ClassifierHead(nn.Module):
         return "cls+meanpatch" if layout.n_cls else "meanpatch"
 
     def pool(self, normed: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        mean_patch = normed[:, layout.patches].mean(dim=1)
-        if self.pooling == "meanpatch":
-            return mean_patch
-        if self.pooling == "cls":
-            return normed[:, 0]
-        return torch.cat([normed[:, 0], mean_patch], dim=-1)
+        return pool_tokens(normed, layout, self.pooling)
 
     def forward(self, normed: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         return self.linear(self.pool(normed, layout))
 
 
-_CPU_SPEED: dict = {}
+_CPU_SPEED: dict = {}  # dtype -> measured slowdown vs fp32
+_WARNED: set = set()
 
 
 def cpu_half_slowdown(dtype: torch.dtype) -> float:
@@ -134,11 +141,11 @@ def autocast_context(dtype: str | None, device: torch.device | str = "cpu"):
     if dev == "cpu" and os.environ.get("RAPTOR_FORCE_AUTOCAST") != "1":
         slow = cpu_half_slowdown(table[dtype])
         if slow > 3:
-            if not _CPU_SPEED.get(("warned", dtype)):
+            if dtype not in _WARNED:
                 warnings.warn(f"this CPU has no native {dtype} matmul ({slow:.0f}x slower than float32 here): "
                               f"running float32 instead of {dtype} autocast (RAPTOR_FORCE_AUTOCAST=1 to insist)",
                               UserWarning, stacklevel=2)
-                _CPU_SPEED[("warned", dtype)] = True
+                _WARNED.add(dtype)
             return contextlib.nullcontext()
     return torch.autocast(device_type=dev, dtype=table[dtype])
 

@@ -79,9 +79,6 @@ class PlantedTeacher(Teacher):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return self.base.embed(images)
 
-    def run_block(self, index: int, tokens: torch.Tensor) -> torch.Tensor:
-        return self.blocks[index](tokens)
-
     def describe(self) -> dict:
         d = super().describe()
         d["planted_phases"] = self.phases
