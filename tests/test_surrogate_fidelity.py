@@ -157,3 +157,25 @@ def test_cli_phase_and_weight_parsing(tmp_path):
     for bad in ("1,2", "a,b,c", "-1,1,1", "0,0,0"):
         with pytest.raises(RaptorError):
             parse_weights(bad, "--w")
+
+
+def test_a_refused_fit_touches_no_output(tmp_path):
+    """Bad settings, bad phases and a run dir that already holds a run are refused before anything is written:
+    the finished run's metrics.json and config.yaml stay byte-identical and no new directory appears."""
+    base = dict(teacher="tiny:dinov2", data="bundled:digits", limit=60, k=2, steps1=2, steps2=2, probe_data=None,
+                out=str(tmp_path / "run"))
+    run_fit(FitConfig(**base), progress=False)
+    before = {f: (tmp_path / "run" / f).read_bytes() for f in ("metrics.json", "config.yaml")}
+    bad = [(dict(stats_images=0), False, "--stats-images"), (dict(lr2=0.0), False, "--lr2"),
+           (dict(loss_norm="magic"), False, "--loss-norm"), ({}, False, "--resume"),
+           (dict(lr=1e-3), True, r"other settings: lr 0.0003 -> 0.001"),
+           (dict(k=None, phases_file=str(tmp_path / "missing.json")), False, "--resume")]
+    for change, resume, msg in bad:
+        with pytest.raises(RaptorError, match=msg):
+            run_fit(FitConfig(**{**base, **change}), resume=resume, progress=False)
+    assert {f: (tmp_path / "run" / f).read_bytes() for f in before} == before
+    for change, msg in ((dict(k=None, phases=[[1, 2], [4]]), "phases must be contiguous"),
+                        (dict(teacher="planted:0,base=tiny:dinov2"), "k >= 1")):
+        with pytest.raises(RaptorError, match=msg):
+            run_fit(FitConfig(**{**base, **change, "out": str(tmp_path / "fresh")}), progress=False)
+    assert not (tmp_path / "fresh").exists()

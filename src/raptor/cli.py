@@ -260,8 +260,15 @@ def demo(out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Output
     run_demo(out, limit=limit)
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    return f"warning: {message}\n"
+
+
 def main() -> None:
+    import warnings
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.formatwarning = _one_line_warning  # "warning: ..." without the source line
     try:
         app()
     except RaptorError as e:

@@ -20,8 +20,8 @@ from raptor.config import atomic_write_text, save_config, to_dict
 from raptor.errors import RaptorError
 from raptor.surrogate.evaluate import head_agreement, probe_evaluation, validate
 from raptor.surrogate.losses import effective_group_weights
-from raptor.surrogate.train import (FitConfig, OnlineBatches, StoreBatches, build_model, compute_stats,
-                                    evenly_spaced, holdout_split, train)
+from raptor.surrogate.train import (FitConfig, OnlineBatches, StoreBatches, build_model, check_existing_run,
+                                    compute_stats, evenly_spaced, holdout_split, train)
 
 
 def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step=None) -> dict:
@@ -32,9 +32,12 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
 
     tune_malloc()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").unlink(missing_ok=True)
+    # validate everything before the output directory is created or touched: a refused run leaves no trace and
+    # never harms an earlier result
+    cfg.check()
+    check_existing_run(cfg, resume)
     teacher = load_teacher(cfg.teacher)
+    model = build_model(cfg, teacher.describe(), teacher)  # checks the phases before any data is read
     # labelled training data, if any: (a callable giving layer-0 tokens + labels of the probe's training images, the
     # labels of the held-out images, whose layer-0 tokens are val_traj[:, 0], data name)
     probe_inputs = None
@@ -79,7 +82,8 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
                 return _embed(teacher, t), src.labels[ptr[kept]]
 
             probe_inputs = (probe_train, src.labels[val_pos[vkept]], cfg.data)
-    model = build_model(cfg, teacher.describe(), teacher)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").unlink(missing_ok=True)  # a finished run being re-evaluated: never leave a stale one
     save_config(cfg, out / "config.yaml")
     stats = compute_stats(data, layout, cfg.stats_images, progress=progress)
     t0 = time.perf_counter()

@@ -76,6 +76,20 @@ class FitConfig:
     val_every: int = 0  # validate on the held-out set every N steps of each work item (0: only at the end)
     limit: int | None = None
 
+    def check(self) -> None:
+        """Cheap checks of the settings themselves, done before any teacher, data or output is touched."""
+        if self.loss not in KINDS:
+            raise RaptorError(f"unknown --loss {self.loss!r} (use {', '.join(KINDS)})")
+        if self.loss_norm not in NORMS:
+            raise RaptorError(f"unknown --loss-norm {self.loss_norm!r} (use {', '.join(NORMS)})")
+        for name in ("batch_size", "val_images", "stats_images", "probe_limit"):
+            if getattr(self, name) < 1:
+                raise RaptorError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "lr2"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise RaptorError(f"--{name} must be > 0, got {v}")
+
     def training_fingerprint(self) -> str:
         """Everything that changes the training trajectory (not the output dir, checkpointing or evaluation-only
         settings: a finished run can be re-evaluated with ``--resume`` and other probe settings)."""
@@ -315,15 +329,41 @@ def build_model(cfg: FitConfig, teacher_desc: dict, teacher=None) -> RaptorModel
     return model
 
 
+def check_existing_run(cfg: FitConfig, resume: bool) -> Path | None:
+    """The checkpoint to resume from (None for a fresh run). Refuses a run directory that already holds a run
+    unless ``resume``, and a resume with other training settings -- naming them -- before anything is written."""
+    out = Path(cfg.out)
+    ck = latest_checkpoint(out / "checkpoints")
+    if ck is None:
+        return None
+    if not resume:
+        raise RaptorError(f"{out} already holds a run (checkpoint {ck.name}); pass --resume to continue it "
+                          f"or choose another --out")
+    try:
+        st = json.loads((ck / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise RaptorError(f"cannot read checkpoint {ck}: {e}") from None
+    if st.get("fingerprint") != cfg.training_fingerprint():
+        diff = ""
+        try:
+            import yaml
+
+            old = yaml.safe_load((out / "config.yaml").read_text()) or {}
+            new = json.loads(json.dumps(to_dict(cfg)))  # tuples as lists, as the YAML holds them
+            keys = [k for k in new if k not in EVAL_ONLY and old.get(k) != new[k]]
+            diff = ": " + ", ".join(f"{k} {old.get(k)!r} -> {new[k]!r}" for k in keys) if keys else ""
+        except (OSError, ValueError, ImportError, AttributeError):
+            pass
+        raise RaptorError(f"cannot resume {out}: it was started with other settings{diff}")
+    return ck
+
+
 def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, progress: bool = True,
           on_step=None, validate_fn=None, stats=None) -> FitState:
     """Run (or resume) every work item; checkpoints under OUT/checkpoints."""
     from raptor.progress import progress_bar
 
-    if cfg.loss not in KINDS:
-        raise RaptorError(f"unknown --loss {cfg.loss!r} (use {', '.join(KINDS)})")
-    if cfg.loss_norm not in NORMS:
-        raise RaptorError(f"unknown --loss-norm {cfg.loss_norm!r} (use {', '.join(NORMS)})")
+    cfg.check()
     if cfg.loss_norm == "layer" and stats is None:
         raise RaptorError("the normalised loss needs training-set statistics")
     out = Path(cfg.out)
@@ -331,14 +371,9 @@ def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, pro
     items = plan(cfg, model)
     state = FitState()
     opt_tensors = None
-    ck = latest_checkpoint(ck_root)
+    ck = check_existing_run(cfg, resume)
     if ck is not None:
-        if not resume:
-            raise RaptorError(f"{out} already holds a run (checkpoint {ck.name}); pass --resume to continue it "
-                              f"or choose another --out")
         weights, opt_tensors, st = read_checkpoint(ck)
-        if st["fingerprint"] != cfg.training_fingerprint():
-            raise RaptorError(f"cannot resume {out}: it was started with other settings (see {out}/config.yaml)")
         model.load_state_dict(weights)
         state = FitState(st["item"], st["step"], st["history"])
         opt_meta = st["optimizer"]

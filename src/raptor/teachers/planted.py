@@ -109,6 +109,8 @@ def load_planted_teacher(target: str, spec: str) -> PlantedTeacher:
     from raptor.teachers import load_teacher
 
     o = parse_planted(target)
+    if o["k"] < 1:
+        raise RaptorError(f"planted teacher needs k >= 1 blocks, got {o['k']} ({USAGE})")
     if o["base"].startswith("planted:"):
         raise RaptorError("a planted teacher's base cannot itself be planted")
     base = load_teacher(o["base"])
