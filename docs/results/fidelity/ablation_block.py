@@ -12,6 +12,7 @@ import torch
 
 from raptor.store import TrajectoryStore
 from raptor.surrogate.metrics import LayerFitAccumulator
+from raptor.surrogate.stats import ridge_predict
 from raptor.surrogate.train import (FitConfig, StoreBatches, build_model, compute_stats, holdout_split, item_loss,
                                     lr_at, plan)
 
@@ -54,6 +55,16 @@ acc = LayerFitAccumulator(end - start, val.shape[-1], st.layout)
 with torch.no_grad():
     acc.update(torch.stack(model(val[:, 0], start, end), 1), val[:, 1:])
 r = acc.result()
+base = {"identity": LayerFitAccumulator(end - start, val.shape[-1], st.layout),
+        "ridge chained": LayerFitAccumulator(end - start, val.shape[-1], st.layout)}
+base["identity"].update(val[:, :-1], val[:, 1:])
+x, outs = val[:, 0], []
+for layer in range(start + 1, end + 1):
+    x = ridge_predict(stats.ridge, x, layer)
+    outs.append(x)
+base["ridge chained"].update(torch.stack(outs, 1), val[:, 1:])
+print("baselines on the same held-out images, mean R2 over the segment: " +
+      ", ".join(f"{k} {np.mean(a.result()['r2']):.3f}" for k, a in base.items()))
 print(f"segment {start}->{end} init {init} lr {lr} norm {norm} steps {steps}: AR R2 mean {np.mean(r['r2']):.3f} "
       f"per layer {[round(x, 2) for x in r['r2']]} cls {[round(x, 2) for x in r['r2_groups']['cls']]} "
       f"({time.time() - t0:.0f} s)")
