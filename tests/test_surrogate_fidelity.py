@@ -169,7 +169,7 @@ def test_a_refused_fit_touches_no_output(tmp_path):
     bad = [(dict(stats_images=0), False, "--stats-images"), (dict(lr2=0.0), False, "--lr2"),
            (dict(loss_norm="magic"), False, "--loss-norm"), ({}, False, "--resume"),
            (dict(lr=1e-3), True, r"other settings: lr 0.0003 -> 0.001"),
-           (dict(k=None, phases_file=str(tmp_path / "missing.json")), False, "--resume")]
+           (dict(k=None, phases_file=str(tmp_path / "missing.json")), False, "cannot read analysis file")]
     for change, resume, msg in bad:
         with pytest.raises(RaptorError, match=msg):
             run_fit(FitConfig(**{**base, **change}), resume=resume, progress=False)

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from raptor.config import atomic_write_text, save_config, to_dict
-from raptor.errors import RaptorError
+from raptor.errors import RaptorError, check_positive
+from raptor.outputs import claim_output, staged
 from raptor.phases import (MAXCUT_VARIANTS, choose_k, contiguous_segmentation, is_contiguous, phase_metrics,
                            recursive_max_cut)
 from raptor.similarity import SimilarityAccumulator, SimilarityResult
@@ -47,6 +48,31 @@ class AnalyzeConfig:
     maxcut_variant: str = "official"  # official notebook semantics | balanced (both sides >= min_size)
     autocast: str | None = None
     head: str | None = None
+
+    def check(self) -> None:
+        """Cheap checks of the settings themselves, before any store, teacher, data or output is touched."""
+        from raptor.similarity import GROUPS as CKA_GROUPS
+        from raptor.teachers.base import check_autocast
+
+        check_positive(limit=self.limit, batch_size=self.batch_size, image_size=self.image_size,
+                       k_max=self.k_max, k_min=self.k_min, maxcut_min_size=self.maxcut_min_size)
+        if self.k_max < self.k_min:
+            raise RaptorError(f"bad k range {self.k_min}..{self.k_max}")
+        if self.k_rule not in ("gain", "elbow"):
+            raise RaptorError(f"unknown --k-rule {self.k_rule!r} (use gain or elbow)")
+        if not 0 <= self.k_frac < 1:
+            raise RaptorError(f"--k-frac must lie in [0, 1), got {self.k_frac}")
+        if self.maxcut_variant not in MAXCUT_VARIANTS:
+            raise RaptorError(f"unknown --maxcut-variant {self.maxcut_variant!r} (use {', '.join(MAXCUT_VARIANTS)})")
+        if self.cka_dtype not in ("float64", "float32"):
+            raise RaptorError("cka dtype must be float64 or float32")
+        bad = [g for g in self.cka_groups if g != "auto" and g not in CKA_GROUPS]
+        if bad or not self.cka_groups:
+            raise RaptorError(f"bad --cka-groups {','.join(self.cka_groups)!r} (use auto or a list of "
+                              f"{', '.join(CKA_GROUPS)})")
+        if self.layers is not None and len(self.layers) < 2:
+            raise RaptorError("need at least 2 layers to analyze")
+        check_autocast(self.autocast)
 
 
 @dataclass
@@ -130,23 +156,31 @@ def maxcut_by_k(D: np.ndarray, ks, min_size: int, variant: str = "official") -> 
 
 
 def run_analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalysisOutputs:
-    from raptor import plots
-    from raptor.teachers import load_teacher
-
-    if cfg.k_min < 1 or cfg.k_max < cfg.k_min:
-        raise RaptorError(f"bad k range {cfg.k_min}..{cfg.k_max}")
-    if cfg.maxcut_variant not in MAXCUT_VARIANTS:
-        raise RaptorError(f"unknown max-cut variant {cfg.maxcut_variant!r} (use {', '.join(MAXCUT_VARIANTS)})")
-    if cfg.cka_dtype not in ("float64", "float32"):
-        raise RaptorError("cka dtype must be float64 or float32")
+    """Validate, lock ``cfg.out``, compute, and move the results in (``analysis.json`` last): a failed run leaves
+    an earlier run's results in ``cfg.out`` untouched and never a directory it created."""
+    cfg.check()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "analysis.json").unlink(missing_ok=True)  # never leave a stale result that looks complete
-    t0 = time.perf_counter()
-    if cfg.store:
+    st = None
+    if cfg.store:  # cheap checks first: the store or the data, then the output directory, then the teacher
         from raptor.store import TrajectoryStore
 
         st = TrajectoryStore(cfg.store)
+        if not st.complete:
+            raise RaptorError(f"store {cfg.store} is incomplete: finish it first (re-run the same extract command)")
+    else:
+        from raptor.data import open_source
+
+        open_source(cfg.data).subset(cfg.limit)
+    with claim_output(out), staged(out, "analysis.json") as stage:
+        return _run_analyze(cfg, st, out, stage, progress)
+
+
+def _run_analyze(cfg: AnalyzeConfig, st, out: Path, stage: Path, progress: bool) -> AnalysisOutputs:
+    from raptor import plots
+    from raptor.teachers import load_teacher
+
+    t0 = time.perf_counter()
+    if st is not None:
         layers = cfg.layers or list(range(1, int(st.meta["teacher"]["depth"]) + 1))
         acc, info = _accumulate_store(cfg, st, layers, progress)
     else:
@@ -211,10 +245,10 @@ def run_analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalysisOutputs:
         if name == PRIMARY and seg[name]["maxcut"].get(str(k)):
             mc_ph = [[idx[x] for x in p] for p in seg[name]["maxcut"][str(k)]["phases"]]
         fname = name.replace("/", "_") + ".png"
-        plots.heatmap(out / fname, M, layers, f"{name}  (DP k={k}: white boxes)", kind=res.kinds[name],
+        plots.heatmap(stage / fname, M, layers, f"{name}  (DP k={k}: white boxes)", kind=res.kinds[name],
                       dp_phases=dp_ph, maxcut_phases=mc_ph, cbar_label=res.kinds[name])
         figures[name] = fname
-    plots.cost_curve(out / "dp_cost_curve.png", np.array(seg[PRIMARY]["dp_cost_curve"]), chosen_k,
+    plots.cost_curve(stage / "dp_cost_curve.png", np.array(seg[PRIMARY]["dp_cost_curve"]), chosen_k,
                      seg[PRIMARY]["total_weight"], f"DP cost curve ({PRIMARY})")
     figures["dp_cost_curve"] = "dp_cost_curve.png"
 
@@ -234,9 +268,9 @@ def run_analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalysisOutputs:
         "figures": figures,
         "timing": {"similarity_pass_s": round(seconds_pass, 3), "total_s": round(time.perf_counter() - t0, 3)},
     }
-    save_config(cfg, out / "config.yaml")
-    atomic_write_text(out / "report.md", render_report(analysis))
-    atomic_write_text(out / "analysis.json", json.dumps(analysis, indent=1))
+    save_config(cfg, stage / "config.yaml")
+    atomic_write_text(stage / "report.md", render_report(analysis))
+    atomic_write_text(stage / "analysis.json", json.dumps(analysis, indent=1))
     return AnalysisOutputs(out, res, analysis)
 
 

@@ -41,10 +41,26 @@ def parse_layers(text: str | None) -> list[int] | None:
 
 
 def parse_phases(text: str | None) -> list[list[int]] | None:
-    """'1-7/8-11/12' -> [[1..7], [8..11], [12]]; None when ``text`` names a file (an analysis.json)."""
+    """'1-7/8-11/12' or a JSON array '[[1,...,7],[8,...,11],[12]]' -> lists of layers; None when ``text`` is unset
+    or names a file (an analysis.json)."""
     import re
 
-    if text is None or Path(text).exists() or not re.fullmatch(r"[0-9/\-\s]+", text):
+    if text is None:
+        return None
+    if not text.strip():
+        raise RaptorError("empty --phases: give e.g. 1-7/8-11/12, [[1,2,3],[4,5,6]] or an analysis.json")
+    if text.lstrip().startswith("[") and not Path(text).exists():
+        try:
+            phases = json.loads(text)
+        except ValueError:
+            phases = None
+        if not isinstance(phases, list) or not phases or not all(
+                isinstance(p, list) and p and all(isinstance(x, int) and not isinstance(x, bool) for x in p)
+                for p in phases):
+            raise RaptorError(f"bad --phases {text!r}: a JSON array of non-empty lists of layer numbers, "
+                              f"e.g. [[1,2,3],[4,5,6]]")
+        return phases
+    if Path(text).exists() or not re.fullmatch(r"[0-9/\-\s]+", text):
         return None
     phases = []
     for part in text.split("/"):
@@ -94,16 +110,17 @@ def extract(
 ):
     """Store every image's trajectory (layers 0..L, all tokens) in a resumable zarr v3 store."""
     from raptor.data import open_source
-    from raptor.store import COMPRESSIONS, DTYPES, TrajectoryStore
+    from raptor.store import TrajectoryStore, check_extract_args, precheck_store
     from raptor.store import extract as run_extract
     from raptor.teachers import load_teacher
 
-    if dtype not in DTYPES:
-        raise RaptorError(f"unknown --dtype {dtype!r} (use {', '.join(DTYPES)})")
-    if compression not in COMPRESSIONS:
-        raise RaptorError(f"unknown --compression {compression!r} (use {', '.join(COMPRESSIONS)})")
+    # cheap checks first: arguments, data, an existing --out; only then the teacher (seconds to load)
+    check_extract_args(dtype=dtype, compression=compression, batch_size=batch_size, chunk_images=chunk_images,
+                       image_size=image_size, autocast=autocast, limit=limit)
     layer_list = parse_layers(layers)
     source = open_source(data).subset(limit)
+    precheck_store(out, teacher=teacher, data=source.spec, n_images=len(source), dtype=dtype,
+                   chunk_images=chunk_images, compression=compression, autocast=autocast)
     t = load_teacher(teacher, head=head)
     s = run_extract(t, source, out, dtype=dtype, layers=layer_list, batch_size=batch_size, chunk_images=chunk_images,
                     image_size=image_size, compression=compression, autocast=autocast, progress=progress)
@@ -264,19 +281,47 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     return f"warning: {message}\n"
 
 
-def main() -> None:
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI on ``argv`` (default: sys.argv) and return the exit code; every expected failure is one
+    ``error: ...`` line on stderr and code 2 (usage errors, bad inputs, full or read-only filesystems)."""
     import warnings
+
+    from raptor.outputs import os_error_message
+
+    try:  # typer >= 0.20 vendors click
+        import typer._click.exceptions as cx
+    except ImportError:  # pragma: no cover
+        import click.exceptions as cx
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.formatwarning = _one_line_warning  # "warning: ..." without the source line
+
+    def fail(msg: str) -> int:
+        typer.echo("error: " + " ".join(str(msg).split()), err=True)  # one line, whatever the message holds
+        return 2
+
     try:
-        app()
+        rv = app(args=argv, prog_name="raptor", standalone_mode=False)
+    except cx.NoArgsIsHelpError:  # typer has already printed the help
+        return 0
+    except cx.UsageError as e:
+        cmd = e.ctx.command_path if e.ctx else "raptor"
+        return fail(f"{e.format_message()} (see '{cmd} --help')")
+    except cx.ClickException as e:
+        return fail(e.format_message())
     except RaptorError as e:
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
+        return fail(str(e))
+    except OSError as e:  # disk full, read-only filesystem, permissions: the environment, not a bug
+        return fail(os_error_message(e))
+    except (KeyboardInterrupt, typer.Abort):
+        rv = 130
+    if rv == 130:
         typer.echo("interrupted (re-run the same command to resume where supported)", err=True)
-        sys.exit(130)
+    return rv if isinstance(rv, int) else 0
+
+
+def main() -> None:
+    sys.exit(run())
 
 
 if __name__ == "__main__":

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Iterator, TypeVar
 
 import yaml
 
 T = TypeVar("T")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# read once, at import (in the main thread): os.umask can only be read by setting it, which is not thread-safe
+FILE_MODE = 0o666 & ~_umask()
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -47,11 +58,14 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a file so that readers never see a partial version (write to a temp file, then rename)."""
+    """Write a file so that readers never see a partial version (write to a temp file, then rename).
+
+    The file gets the mode a plain ``open(path, "w")`` would give it (0644 under umask 022), not mkstemp's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -61,6 +75,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary sibling path for a writer that needs a file name (safetensors, savefig); it is renamed onto
+    ``path`` only if the block succeeds, so ``path`` is always either the old file or the complete new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:

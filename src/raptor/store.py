@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from raptor.config import atomic_write_text
-from raptor.errors import RaptorError
+from raptor.errors import RaptorError, check_positive
+from raptor.outputs import claim_output, only_lock_inside
 from raptor.teachers.base import TokenLayout
 
 STORE_VERSION = 1
@@ -129,6 +130,24 @@ def _lower_thread_priority() -> None:
         pass
 
 
+def _read_json(store: Path, name: str):
+    try:
+        return json.loads((store / name).read_text())
+    except FileNotFoundError:
+        raise RaptorError(f"store {store} is damaged: {name} is missing") from None
+    except ValueError as e:
+        raise RaptorError(f"store {store} is damaged: {name} is not valid JSON ({e})") from None
+
+
+def read_manifest(store: Path) -> dict:
+    """The store's manifest (finished chunks, skipped images), refused with one line when damaged."""
+    m = _read_json(store, "manifest.json")
+    if not isinstance(m, dict) or not isinstance(m.get("done", []), list) or \
+            not isinstance(m.get("skipped", []), list):
+        raise RaptorError(f"store {store} is damaged: manifest.json is not a Raptor manifest")
+    return m
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -142,17 +161,56 @@ class TrajectoryStore:
         self.path = Path(path)
         if not (self.path / "zarr.json").is_file():
             raise RaptorError(f"not a trajectory store (no zarr.json): {self.path}")
-        self.group = zarr.open_group(str(self.path), mode="r")
-        meta = self.group.attrs.get("raptor")
+        try:
+            self.group = zarr.open_group(str(self.path), mode="r")
+            meta = self.group.attrs.get("raptor")
+        except Exception as e:  # noqa: BLE001 - zarr raises several kinds on a damaged zarr.json
+            raise RaptorError(f"cannot open store {self.path}: its zarr.json is damaged ({type(e).__name__}: "
+                              f"{str(e)[:120]})") from None
         if not meta:
             raise RaptorError(f"{self.path} is a zarr group but not a Raptor trajectory store")
         self.meta: dict = dict(meta)
-        self.array = self.group["trajectories"]
-        self.dtype: str = self.meta["settings"]["dtype"]
-        self.layers: list[int] = list(self.meta["settings"]["layers"])
-        self.layout = TokenLayout.from_dict(self.meta["layout"])
-        self._valid = np.asarray(self.group["valid"][:]).astype(bool)
-        self.labels = np.asarray(self.group["labels"][:])
+        version = self.meta.get("version")
+        if not isinstance(version, int) or version > STORE_VERSION:
+            raise RaptorError(f"store {self.path} has format version {version!r}; this raptor reads up to "
+                              f"{STORE_VERSION}: upgrade raptor-brh to read it")
+        try:
+            s = self.meta["settings"]
+            self.dtype: str = s["dtype"]
+            self.layers: list[int] = [int(x) for x in s["layers"]]
+            self.layout = TokenLayout.from_dict(self.meta["layout"])
+            self.array = self.group["trajectories"]
+            self._valid = np.asarray(self.group["valid"][:]).astype(bool)
+            self.labels = np.asarray(self.group["labels"][:])
+        except (KeyError, TypeError, ValueError) as e:
+            raise RaptorError(f"store {self.path} is damaged or incomplete (missing {e})") from None
+        except Exception as e:  # noqa: BLE001 - a damaged array's zarr.json
+            raise RaptorError(f"store {self.path} is damaged ({type(e).__name__}: {str(e)[:120]})") from None
+        if self.dtype not in DTYPES:
+            raise RaptorError(f"store {self.path} has an unknown dtype {self.dtype!r}")
+        if np.dtype(self.array.dtype) != np.dtype(_STORAGE[self.dtype]):
+            raise RaptorError(f"store {self.path}: trajectories are {self.array.dtype}, but its metadata says "
+                              f"{self.dtype} (stored as {_STORAGE[self.dtype]}); the store is damaged")
+        shape = tuple(self.array.shape)
+        if len(shape) != 4 or shape[1] != len(self.layers) or shape[2] != self.layout.n_tokens or \
+                len(self._valid) != shape[0] or len(self.labels) != shape[0]:
+            raise RaptorError(f"store {self.path}: array shape {list(shape)} does not match its metadata "
+                              f"({len(self.layers)} layers, {self.layout.n_tokens} tokens); the store is damaged")
+
+    def check_teacher(self, teacher, image_size: int | None = None) -> None:
+        """Refuse a store that another teacher (or another crop size / dim) wrote."""
+        s = self.meta["settings"]
+        if s["teacher"] != teacher.spec:
+            raise RaptorError(f"store {self.path} was made with teacher {s['teacher']}, not {teacher.spec}")
+        if self.array.shape[3] != teacher.dim:
+            raise RaptorError(f"store {self.path} holds dim {self.array.shape[3]}, the teacher has {teacher.dim}")
+        size = int(s["transform"]["center_crop"])
+        if teacher.layout(size).n_tokens != self.layout.n_tokens:
+            raise RaptorError(f"store {self.path} holds {self.layout.n_tokens} tokens per image, the teacher gives "
+                              f"{teacher.layout(size).n_tokens} at {size} px")
+        if max(self.layers) > teacher.depth:
+            raise RaptorError(f"store {self.path} holds layers up to {max(self.layers)}, the teacher has "
+                              f"{teacher.depth}")
 
     @property
     def complete(self) -> bool:
@@ -168,11 +226,11 @@ class TrajectoryStore:
 
     @property
     def ids(self) -> list[str]:
-        return json.loads((self.path / "ids.json").read_text())
+        return _read_json(self.path, "ids.json")
 
     @property
     def manifest(self) -> dict:
-        return json.loads((self.path / "manifest.json").read_text())
+        return read_manifest(self.path)
 
     @property
     def chunk_images(self) -> int:
@@ -316,7 +374,7 @@ def _open_or_create(path: Path, settings: StoreSettings, meta: dict, ids: list[s
             raise RaptorError(f"store {path} was made with other settings ({'; '.join(diffs) or 'fingerprint'}); "
                               f"use another --out or delete it")
         return g
-    if path.exists() and any(path.iterdir()):
+    if path.exists() and not only_lock_inside(path):
         raise RaptorError(f"{path} exists, is not empty and is not a Raptor store; choose another --out")
     g = zarr.open_group(str(path), mode="w")
     storage = _STORAGE[settings.dtype]
@@ -333,23 +391,67 @@ def _open_or_create(path: Path, settings: StoreSettings, meta: dict, ids: list[s
     return g
 
 
+def check_extract_args(*, dtype: str, compression: str, batch_size: int, chunk_images: int,
+                       image_size: int | None = None, autocast: str | None = None, limit: int | None = None) -> None:
+    """Every cheap check of extract's arguments, done before any teacher, data or output is touched."""
+    from raptor.teachers.base import check_autocast
+
+    if dtype not in DTYPES:
+        raise RaptorError(f"unknown --dtype {dtype!r} (use {', '.join(DTYPES)})")
+    if compression not in COMPRESSIONS:
+        raise RaptorError(f"unknown --compression {compression!r} (use {', '.join(COMPRESSIONS)})")
+    check_positive(batch_size=batch_size, chunk_images=chunk_images, image_size=image_size, limit=limit)
+    check_autocast(autocast)
+
+
+def precheck_store(out: str | Path, **settings) -> None:
+    """Refuse, before the teacher loads, an ``--out`` that is not a store, or a store made with other values of
+    the ``settings`` known without the teacher (teacher, data, n_images, dtype, ...). Cheap: reads zarr.json."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise RaptorError(f"--out {out} exists and is not a directory")
+    if not (out / "zarr.json").is_file():
+        if not only_lock_inside(out):
+            raise RaptorError(f"{out} exists, is not empty and is not a Raptor store; choose another --out")
+        return
+    try:
+        prev = json.loads((out / "zarr.json").read_text())["attributes"]["raptor"]["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise RaptorError(f"{out} exists and is not a readable Raptor store; choose another --out or delete it") \
+            from None
+    diffs = [f"{k}: store has {prev.get(k)!r}, this run {v!r}" for k, v in settings.items() if prev.get(k) != v]
+    if diffs:
+        raise RaptorError(f"store {out} was made with other settings ({'; '.join(diffs)}); use another --out or "
+                          f"delete it")
+
+
+def _has_rows(path: Path) -> bool:
+    """Durable progress of a store: at least one image extracted (kept when a failed run is cleaned up)."""
+    import zarr
+
+    return bool(np.asarray(zarr.open_array(str(path / "valid"), mode="r")[:]).any())
+
+
 def extract(teacher, source, out: str | Path, *, dtype: str = "bfloat16", layers: Sequence[int] | None = None,
             batch_size: int = 16, chunk_images: int = 32, image_size: int | None = None,
             compression: str = "lz4", autocast: str | None = None, progress: bool = True,
             stop_after_chunks: int | None = None) -> ExtractSummary:
-    """Write (or resume writing) the trajectories of every image of ``source`` into a store at ``out``."""
-    if dtype not in DTYPES:
-        raise RaptorError(f"unknown store dtype {dtype!r} (use {', '.join(DTYPES)})")
-    if compression not in COMPRESSIONS:
-        raise RaptorError(f"unknown compression {compression!r} (use {', '.join(COMPRESSIONS)})")
-    if batch_size <= 0 or chunk_images <= 0:
-        raise RaptorError("batch size and chunk size must be positive")
+    """Write (or resume writing) the trajectories of every image of ``source`` into a store at ``out``.
+
+    The directory is locked for the run (a second writer is refused); a run that fails before extracting any
+    image removes the store it created; a source none of whose images can be read is refused, never "complete"."""
+    check_extract_args(dtype=dtype, compression=compression, batch_size=batch_size, chunk_images=chunk_images,
+                       image_size=image_size, autocast=autocast)
     out = Path(out)
     size = teacher.image_size(image_size)
     transform = teacher.eval_transform(size)
     layer_list = teacher.resolve_layers(layers)
     layout = teacher.layout(size)
     n = len(source)
+    if n < 1:
+        raise RaptorError("no images to extract")
     settings = StoreSettings(teacher=teacher.spec, data=source.spec, n_images=n, layers=layer_list, dtype=dtype,
                              transform=transform.describe(), chunk_images=chunk_images, compression=compression,
                              autocast=autocast)
@@ -357,20 +459,26 @@ def extract(teacher, source, out: str | Path, *, dtype: str = "bfloat16", layers
             "layout": layout.to_dict(), "class_names": source.class_names, "packages": package_versions(),
             "layer_convention": "layer 0 = embedding output; layer l = output of block l (before final norm)"}
     shape = (n, len(layer_list), layout.n_tokens, teacher.dim)
-    g = _open_or_create(out, settings, meta, [it.id for it in source.items], source.labels, shape)
-    man = json.loads((out / "manifest.json").read_text())
-    done = set(man["done"])
-    skipped: list[str] = list(man["skipped"])
-    n_chunks = -(-n // chunk_images)
-    todo = [c for c in range(n_chunks) if c not in done]
-    if stop_after_chunks is not None:
-        todo = todo[:stop_after_chunks]
-    from raptor.runtime import tune_malloc
+    precheck_store(out)
+    with claim_output(out, has_progress=_has_rows):
+        g = _open_or_create(out, settings, meta, [it.id for it in source.items], source.labels, shape)
+        manifest = read_manifest(out)
+        done = set(manifest.get("done", []))
+        skipped: list[str] = list(manifest.get("skipped", []))
+        n_chunks = -(-n // chunk_images)
+        todo = [c for c in range(n_chunks) if c not in done]
+        if stop_after_chunks is not None:
+            todo = todo[:stop_after_chunks]
+        from raptor.runtime import tune_malloc
 
-    tune_malloc()
-    with _quiet_io_threads():
-        return _run_pipeline(teacher, source, out, g, settings, layer_list, shape, done, skipped, todo, n_chunks,
-                             transform, autocast, batch_size, progress)
+        tune_malloc()
+        with _quiet_io_threads():
+            summary = _run_pipeline(teacher, source, out, g, settings, layer_list, shape, done, skipped, todo,
+                                    n_chunks, transform, autocast, batch_size, progress)
+        if summary.n_extracted == 0 and len(done) == n_chunks:
+            raise RaptorError(f"none of the {n} images of {source.spec} could be read (first: {skipped[0]}): "
+                              f"nothing to store")
+        return summary
 
 
 @contextlib.contextmanager
@@ -473,7 +581,7 @@ def _run_pipeline(teacher, source, out: Path, g, settings: StoreSettings, layer_
     if errors:
         raise errors[0]
     seconds = time.perf_counter() - t_start
-    complete = len(done) == n_chunks
+    complete = len(done) == n_chunks and len(skipped) < n  # a store of only unreadable images is never complete
     if complete:
         g.attrs["raptor"] = {**dict(g.attrs["raptor"]), "complete": True, "skipped": skipped}
     return ExtractSummary(store=str(out), n_images=n, n_extracted=n - len(skipped), skipped=list(skipped),

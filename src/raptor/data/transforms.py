@@ -22,9 +22,24 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB: transparency over white, palettes expanded, CMYK/YCbCr converted, and high bit
+    depths (16-bit "I;16*", 32-bit "I", float "F") scaled into 0..255 rather than clipped (PIL's own
+    ``convert("RGB")`` clips a 16-bit image to white)."""
     if img.mode == "RGB":
         return img
-    if img.mode in ("RGBA", "LA", "P"):
+    if img.mode.startswith("I") or img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16"):
+            a = a / 65535.0
+        elif img.mode == "F" and a.size and a.min() >= 0 and a.max() <= 1:
+            pass
+        elif img.mode == "I" and a.size and a.min() >= 0 and a.max() <= 65535:
+            a = a / (65535.0 if a.max() > 255 else 255.0)
+        else:  # other integer or float ranges: stretch what is there
+            lo, hi = (float(np.nanmin(a)), float(np.nanmax(a))) if a.size else (0.0, 1.0)
+            a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+        img = Image.fromarray(np.nan_to_num(a * 255.0).round().clip(0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "P", "PA", "RGBa", "La"):
         img = img.convert("RGBA")
         bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
         return Image.alpha_composite(bg, img).convert("RGB")

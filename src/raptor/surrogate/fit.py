@@ -18,6 +18,7 @@ import torch
 
 from raptor.config import atomic_write_text, save_config, to_dict
 from raptor.errors import RaptorError
+from raptor.outputs import claim_output, staged
 from raptor.surrogate.evaluate import head_agreement, probe_evaluation, validate
 from raptor.surrogate.losses import effective_group_weights
 from raptor.surrogate.train import (FitConfig, OnlineBatches, StoreBatches, build_model, check_existing_run,
@@ -25,30 +26,62 @@ from raptor.surrogate.train import (FitConfig, OnlineBatches, StoreBatches, buil
 
 
 def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step=None) -> dict:
-    from raptor import plots
-    from raptor.data import load_images, open_source
+    """Validate (settings, data, phases, an existing run: all before the teacher loads), lock ``cfg.out``, train,
+    evaluate. A refused or failed run never harms an earlier result and leaves no directory it created without a
+    checkpoint; the final files move in together at the end (``metrics.json`` last)."""
+    from raptor.data import open_source
     from raptor.runtime import tune_malloc
-    from raptor.teachers import load_teacher
+    from raptor.surrogate.model import phases_from_analysis, validate_phases
 
     tune_malloc()
     out = Path(cfg.out)
-    # validate everything before the output directory is created or touched: a refused run leaves no trace and
-    # never harms an earlier result
     cfg.check()
-    check_existing_run(cfg, resume)
+    st = src = None
+    if cfg.store:
+        from raptor.store import TrajectoryStore
+
+        st = TrajectoryStore(cfg.store)
+        if not st.complete:
+            raise RaptorError(f"store {cfg.store} is incomplete ({st.summary()['chunks_done']} chunks): finish it "
+                              f"first (re-run the same extract command); fit never trains on part of a store")
+        if st.meta["settings"]["teacher"] != cfg.teacher:
+            raise RaptorError(f"store {cfg.store} was made with {st.meta['settings']['teacher']}, not {cfg.teacher}")
+        depth = int(st.meta["teacher"]["depth"])
+        if st.layers != list(range(depth + 1)):
+            raise RaptorError(f"fit needs a store with every layer 0..{depth} (this one holds {st.layers})")
+        _enough_images(len(st.valid_indices[: cfg.limit]), cfg.val_images)
+        if cfg.phases:
+            validate_phases(cfg.phases, depth)
+        elif cfg.phases_file is None and cfg.k is not None and cfg.k > depth:
+            raise RaptorError(f"--k must lie in 1..{depth} (the teacher's depth), got {cfg.k}")
+    else:
+        src = open_source(cfg.data).subset(cfg.limit)
+        _enough_images(len(src), cfg.val_images)
+    if cfg.phases_file:
+        phases_from_analysis(cfg.phases_file, cfg.k)
+    if cfg.probe_data:
+        open_source(cfg.probe_data)
+    check_existing_run(cfg, resume)  # refuse early; checked again under the lock
+
+    def has_checkpoint(path: Path) -> bool:
+        return (path / "checkpoints" / "latest.json").is_file()
+
+    with claim_output(out, has_progress=has_checkpoint):
+        check_existing_run(cfg, resume)
+        return _run_fit(cfg, st, src, out, resume, progress, on_step)
+
+
+def _run_fit(cfg: FitConfig, st, src, out: Path, resume: bool, progress: bool, on_step) -> dict:
+    from raptor.data import load_images
+    from raptor.teachers import load_teacher
+
     teacher = load_teacher(cfg.teacher)
     model = build_model(cfg, teacher.describe(), teacher)  # checks the phases before any data is read
     # labelled training data, if any: (a callable giving layer-0 tokens + labels of the probe's training images, the
     # labels of the held-out images, whose layer-0 tokens are val_traj[:, 0], data name)
     probe_inputs = None
-    if cfg.store:
-        from raptor.store import TrajectoryStore
-
-        st = TrajectoryStore(cfg.store)
-        if st.meta["settings"]["teacher"] != teacher.spec:
-            raise RaptorError(f"store {cfg.store} was made with {st.meta['settings']['teacher']}, not {teacher.spec}")
-        if st.layers != list(range(teacher.depth + 1)):
-            raise RaptorError("fit needs a store with every layer 0..L")
+    if st is not None:
+        st.check_teacher(teacher)
         rows = st.valid_indices[: cfg.limit] if cfg.limit else st.valid_indices
         tr_pos, val_pos = holdout_split(len(rows), cfg.val_images)
         tr_rows, val_rows = rows[tr_pos], rows[val_pos]
@@ -63,15 +96,14 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
             probe_inputs = (lambda: (data.read(ptr, 0, 0)[:, 0], labels[ptr]), labels[np.sort(val_rows)],
                             st.meta["settings"]["data"])
     else:
-        if not cfg.data:
-            raise RaptorError("give --data or --store")
-        src = open_source(cfg.data).subset(cfg.limit)
         tr_pos, val_pos = holdout_split(len(src.items), cfg.val_images)
         tr_items, val_items = [src.items[i] for i in tr_pos], [src.items[i] for i in val_pos]
         size = teacher.image_size(cfg.image_size)
         data = OnlineBatches(teacher, tr_items, size, cfg.seed, cfg.crops)
         layout = teacher.layout(size)
         vt, vkept, _ = load_images(val_items, teacher.eval_transform(size))
+        if not vt:
+            raise RaptorError("none of the held-out validation images could be read")
         val_traj = teacher.trajectory(torch.stack(vt))
         n_train = len(tr_items)
         if (src.labels >= 0).all():
@@ -82,8 +114,6 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
                 return _embed(teacher, t), src.labels[ptr[kept]]
 
             probe_inputs = (probe_train, src.labels[val_pos[vkept]], cfg.data)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").unlink(missing_ok=True)  # a finished run being re-evaluated: never leave a stale one
     save_config(cfg, out / "config.yaml")
     stats = compute_stats(data, layout, cfg.stats_images, progress=progress)
     t0 = time.perf_counter()
@@ -94,9 +124,18 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
     state = train(cfg, model, data, layout, resume=resume, progress=progress, on_step=on_step,
                   validate_fn=quick_val, stats=stats)
     train_s = time.perf_counter() - t0
-    from safetensors.torch import save_file
+    with staged(out, "metrics.json") as stage:
+        return _finish(cfg, model, teacher, layout, size, probe_inputs, val_traj, state, stats, n_train, train_s,
+                       stage, progress)
 
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+
+def _finish(cfg: FitConfig, model, teacher, layout, size: int, probe_inputs, val_traj, state, stats, n_train: int,
+            train_s: float, out: Path, progress: bool) -> dict:
+    """Final weights, validation with baselines, probes and plots, all written into ``out`` (a staging dir)."""
+    from raptor import plots
+    from raptor.surrogate.checkpoint import save_tensors
+
+    save_tensors(model.state_dict(), out / "model.safetensors")
     atomic_write_text(out / "surrogate.json", json.dumps({"surrogate": model.cfg.to_dict(), "teacher": teacher.spec},
                                                          indent=1))
     val = validate(model, teacher, val_traj, layout, stats)
@@ -152,6 +191,15 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
     return metrics
 
 
+def _enough_images(n: int, val_images: int) -> None:
+    """Refuse too few images before the teacher loads (the split itself, and its warning, come later)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        holdout_split(n, val_images)
+
+
 def _embed(teacher, tensors: list, batch: int = 64) -> torch.Tensor:
     return torch.cat([teacher.embed(torch.stack(tensors[s:s + batch])) for s in range(0, len(tensors), batch)])
 
@@ -175,6 +223,12 @@ def _probes(cfg: FitConfig, model, teacher, layout, size: int, probe_inputs, x0_
         half = len(x) // 2
         x_tr, y_tr, x_te, y_te, name = x[:half], y[:half], x[half:], y[half:], cfg.probe_data + " (out of domain)"
     else:
+        return None
+    if len(np.unique(np.asarray(y_tr))) < 2:
+        import warnings
+
+        warnings.warn(f"probes skipped: the probe's training images of {name} hold a single class", UserWarning,
+                      stacklevel=2)
         return None
     return probe_evaluation(model, teacher, layout, x_tr, np.asarray(y_tr), x_te, np.asarray(y_te), name,
                             progress=progress)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from raptor.config import to_dict
-from raptor.errors import RaptorError
+from raptor.errors import RaptorError, check_positive
 from raptor.surrogate.block import BlockConfig
 from raptor.surrogate.checkpoint import latest_checkpoint, load_optimizer, read_checkpoint, save_checkpoint
 from raptor.surrogate.losses import KINDS, NORMS, token_loss
@@ -77,18 +77,42 @@ class FitConfig:
     limit: int | None = None
 
     def check(self) -> None:
-        """Cheap checks of the settings themselves, done before any teacher, data or output is touched."""
+        """Cheap checks of the settings themselves, done before any teacher, data or output is touched. Zero is
+        never "unset": a count or size of 0 is refused like any other impossible value."""
+        from raptor.teachers.base import check_autocast
+
         if self.loss not in KINDS:
             raise RaptorError(f"unknown --loss {self.loss!r} (use {', '.join(KINDS)})")
         if self.loss_norm not in NORMS:
             raise RaptorError(f"unknown --loss-norm {self.loss_norm!r} (use {', '.join(NORMS)})")
-        for name in ("batch_size", "val_images", "stats_images", "probe_limit"):
-            if getattr(self, name) < 1:
-                raise RaptorError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "lr2"):
+        if self.stage not in ("1", "2", "both"):
+            raise RaptorError(f"bad --stage {self.stage!r} (use 1, 2 or both)")
+        if self.mlp not in ("swiglu", "gelu"):
+            raise RaptorError(f"--mlp must be swiglu or gelu, got {self.mlp!r}")
+        if self.data is None and self.store is None:
+            raise RaptorError("give --data (online teacher) or --store")
+        if self.phases is None and self.phases_file is None and self.k is None:
+            raise RaptorError("give --phases (an analysis.json or e.g. 1-7/8-11/12) or --k K")
+        check_positive(batch_size=self.batch_size, val_images=self.val_images, stats_images=self.stats_images,
+                       probe_limit=self.probe_limit, limit=self.limit, image_size=self.image_size, k=self.k,
+                       ckpt_every=self.ckpt_every)
+        if self.stage in ("1", "both"):
+            check_positive(steps1=self.steps1)
+        if self.stage in ("2", "both"):
+            check_positive(steps2=self.steps2)
+        for name in ("lr", "lr2", "clip", "mlp_ratio", "tf_anneal_frac"):
             v = getattr(self, name)
             if v is not None and not v > 0:
-                raise RaptorError(f"--{name} must be > 0, got {v}")
+                raise RaptorError(f"--{name.replace('_', '-')} must be > 0, got {v}")
+        for name in ("weight_decay", "sigma", "min_lr", "val_every", "warmup_frac"):
+            v = getattr(self, name)
+            if not v >= 0:
+                raise RaptorError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
+        if self.phases is not None and (not self.phases or any(not p for p in self.phases)):
+            raise RaptorError(f"--phases must be non-empty lists of layers, got {self.phases}")
+        if self.phases is not None and self.k is not None and self.k != len(self.phases):
+            raise RaptorError(f"--k {self.k} contradicts the {len(self.phases)} explicit --phases")
+        check_autocast(self.autocast)
 
     def training_fingerprint(self) -> str:
         """Everything that changes the training trajectory (not the output dir, checkpointing or evaluation-only
@@ -309,7 +333,7 @@ def build_model(cfg: FitConfig, teacher_desc: dict, teacher=None) -> RaptorModel
         phases = validate_phases(cfg.phases, depth)
     elif cfg.phases_file:
         phases = phases_from_analysis(cfg.phases_file, cfg.k)
-    elif cfg.k:
+    elif cfg.k is not None:
         phases = equal_phases(depth, cfg.k)
     else:
         raise RaptorError("give --phases analysis.json or --k K")
@@ -335,6 +359,8 @@ def check_existing_run(cfg: FitConfig, resume: bool) -> Path | None:
     out = Path(cfg.out)
     ck = latest_checkpoint(out / "checkpoints")
     if ck is None:
+        if (out / "metrics.json").exists():
+            raise RaptorError(f"{out} holds a finished run whose checkpoints are gone; choose another --out")
         return None
     if not resume:
         raise RaptorError(f"{out} already holds a run (checkpoint {ck.name}); pass --resume to continue it "
@@ -374,7 +400,10 @@ def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, pro
     ck = check_existing_run(cfg, resume)
     if ck is not None:
         weights, opt_tensors, st = read_checkpoint(ck)
-        model.load_state_dict(weights)
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as e:
+            raise RaptorError(f"checkpoint {ck} does not fit this model ({str(e).splitlines()[0][:160]})") from None
         state = FitState(st["item"], st["step"], st["history"])
         opt_meta = st["optimizer"]
     for it_idx in range(state.item, len(items)):

@@ -124,6 +124,16 @@ def cpu_half_slowdown(dtype: torch.dtype) -> float:
     return _CPU_SPEED[dtype]
 
 
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+                   "fp16": torch.float16}
+
+
+def check_autocast(dtype: str | None) -> None:
+    """Refuse an unknown ``--autocast`` value up front (before any teacher, data or output is touched)."""
+    if dtype not in (None, "float32", "fp32") and dtype not in AUTOCAST_DTYPES:
+        raise RaptorError(f"unknown --autocast {dtype!r} (use float32, bfloat16 or float16)")
+
+
 def autocast_context(dtype: str | None, device: torch.device | str = "cpu"):
     """bf16/fp16 autocast for extraction and training, or a no-op for ``None``/``float32``.
 
@@ -132,11 +142,10 @@ def autocast_context(dtype: str | None, device: torch.device | str = "cpu"):
     import os
     import warnings
 
+    check_autocast(dtype)
     if dtype in (None, "float32", "fp32"):
         return contextlib.nullcontext()
-    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in table:
-        raise RaptorError(f"unknown autocast dtype {dtype!r} (use float32, bfloat16 or float16)")
+    table = AUTOCAST_DTYPES
     dev = torch.device(device).type
     if dev == "cpu" and os.environ.get("RAPTOR_FORCE_AUTOCAST") != "1":
         slow = cpu_half_slowdown(table[dtype])
@@ -191,7 +200,7 @@ class Teacher(nn.Module):
 
     def image_size(self, size: int | None = None) -> int:
         """The crop size to use (default: the teacher's own), checked against the patch size."""
-        size = size or self.default_image_size
+        size = self.default_image_size if size is None else size
         if size <= 0 or size % self.patch_size:
             raise RaptorError(f"image size {size} is not a positive multiple of the patch size {self.patch_size}")
         return size
