@@ -1,18 +1,9 @@
 """CLI: help texts, one-line errors with exit code 2 and no traceback, extract + info end to end."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-
-ENV = dict(os.environ, HF_HUB_OFFLINE="1")
-
-
-def raptor(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "raptor.cli", *args], env=ENV, capture_output=True, text=True,
-                          timeout=timeout)
+from clirun import one_error_line, raptor
 
 
 def test_help_lists_commands():
@@ -39,9 +30,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, needle):
     args = [str(tmp_path / "X") if a == "X" else a for a in args]
     r = raptor(*args)
     assert r.returncode == 2, r.stderr
-    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
-    assert "Traceback" not in r.stderr
+    one_error_line(r.stderr, needle)
 
 
 def test_extract_and_info_on_bundled_teacher(tmp_path):

@@ -131,6 +131,10 @@ def claim_output(path: str | os.PathLike, has_progress: Callable[[Path], bool] |
     try:
         yield path
         ok = True
+    except OSError as e:
+        if not getattr(e, "filename", None):  # e.g. zarr's writes: at least name the output directory
+            e.filename = str(path)
+        raise
     finally:
         lock.release()
         if not ok and created is not None and path.exists():

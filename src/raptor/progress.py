@@ -37,7 +37,7 @@ class _Bar:
             self.progress.update(self.task, description=text)
 
     def warn(self, msg: str) -> None:
-        console.print(f"[yellow]warning:[/yellow] {msg}", highlight=False)
+        console.print(f"[yellow]warning:[/yellow] {msg}", highlight=False, soft_wrap=True, markup=True)
 
 
 PLAIN_EVERY_S = 30.0

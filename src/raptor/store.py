@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import queue
+import shutil
 import threading
 import time
 import warnings
@@ -35,7 +36,7 @@ import torch
 
 from raptor.config import atomic_write_text
 from raptor.errors import RaptorError, check_positive
-from raptor.outputs import claim_output, only_lock_inside
+from raptor.outputs import LOCK_NAME, claim_output, only_lock_inside
 from raptor.teachers.base import TokenLayout
 
 STORE_VERSION = 1
@@ -359,10 +360,13 @@ class TrajectoryStore:
 
 def _open_or_create(path: Path, settings: StoreSettings, meta: dict, ids: list[str], labels: np.ndarray,
                     shape: tuple[int, ...]):
+    """Open the store at ``path`` to resume it, or create it. Creation writes ``manifest.json`` last: a store
+    without one was interrupted while being created (nothing extracted yet) and is created again. Never uses
+    zarr's overwrite mode, which would empty the directory, lock file included."""
     import zarr
 
     fp = settings.fingerprint()
-    if (path / "zarr.json").is_file():
+    if (path / "zarr.json").is_file() and (path / "manifest.json").is_file():
         g = zarr.open_group(str(path), mode="r+")
         old = g.attrs.get("raptor")
         if not old:
@@ -374,20 +378,32 @@ def _open_or_create(path: Path, settings: StoreSettings, meta: dict, ids: list[s
             raise RaptorError(f"store {path} was made with other settings ({'; '.join(diffs) or 'fingerprint'}); "
                               f"use another --out or delete it")
         return g
-    if path.exists() and not only_lock_inside(path):
+    if (path / "zarr.json").is_file():  # an interrupted creation: ours only if it carries our attributes
+        try:
+            ours = json.loads((path / "zarr.json").read_text()).get("attributes", {}).get("raptor") is not None
+        except ValueError:
+            ours = False
+        if not ours and not {p.name for p in path.iterdir()} <= {"zarr.json", "trajectories", "valid", "labels",
+                                                                  "ids.json", LOCK_NAME}:
+            raise RaptorError(f"{path} exists and is not a Raptor store; choose another --out")
+        for p in path.iterdir():
+            if p.name != LOCK_NAME:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    elif path.exists() and not only_lock_inside(path):
         raise RaptorError(f"{path} exists, is not empty and is not a Raptor store; choose another --out")
-    g = zarr.open_group(str(path), mode="w")
+    g = zarr.open_group(str(path), mode="a", attributes={"raptor": {**meta, "fingerprint": fp, "complete": False}})
     storage = _STORAGE[settings.dtype]
     g.create_array("trajectories", shape=shape, dtype=storage,
                    chunks=(settings.chunk_images, 1, shape[2], shape[3]),
                    compressors=_compressors(settings.compression, np.dtype(storage).itemsize), fill_value=0,
-                   dimension_names=["image", "layer", "token", "dim"])
-    g.create_array("valid", shape=(shape[0],), dtype="uint8", chunks=(settings.chunk_images,), fill_value=0)
-    lab = g.create_array("labels", shape=(shape[0],), dtype="int64", chunks=(max(1, shape[0]),), fill_value=-1)
+                   dimension_names=["image", "layer", "token", "dim"], overwrite=True)
+    g.create_array("valid", shape=(shape[0],), dtype="uint8", chunks=(settings.chunk_images,), fill_value=0,
+                   overwrite=True)
+    lab = g.create_array("labels", shape=(shape[0],), dtype="int64", chunks=(max(1, shape[0]),), fill_value=-1,
+                         overwrite=True)
     lab[:] = labels
     atomic_write_text(path / "ids.json", json.dumps(ids))
-    atomic_write_text(path / "manifest.json", json.dumps({"done": [], "skipped": []}))
-    g.attrs["raptor"] = {**meta, "fingerprint": fp, "complete": False}
+    atomic_write_text(path / "manifest.json", json.dumps({"done": [], "skipped": []}))  # last: creation finished
     return g
 
 
@@ -510,19 +526,31 @@ def _run_pipeline(teacher, source, out: Path, g, settings: StoreSettings, layer_
     write_q: queue.Queue = queue.Queue(maxsize=2)
     errors: list[BaseException] = []
 
+    stop = threading.Event()  # set when the run ends early (an error): no thread may stay blocked on a queue
+
+    def put(q: queue.Queue, item) -> None:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                pass
+
     def loader():
         _lower_thread_priority()
         try:
             for c in todo:
+                if stop.is_set():
+                    return
                 lo, hi = c * c_img, min((c + 1) * c_img, n)
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
                     tensors, kept, bad = load_images(source.items[lo:hi], transform)
-                load_q.put((c, lo, hi, tensors, kept, bad, [str(w.message) for w in caught]))
+                put(load_q, (c, lo, hi, tensors, kept, bad, [str(w.message) for w in caught]))
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
         finally:
-            load_q.put(None)
+            put(load_q, None)
 
     def write(item):
         c, lo, hi, block, kept, bad = item
@@ -537,11 +565,13 @@ def _run_pipeline(teacher, source, out: Path, g, settings: StoreSettings, layer_
 
     def writer():
         _lower_thread_priority()
-        try:
-            while (item := write_q.get()) is not None:
+        while (item := write_q.get()) is not None:
+            if errors:  # after a failure (disk full, ...) only drain, so the forward loop never blocks on put
+                continue
+            try:
                 write(item)
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+                errors.append(e)
 
     t_start = time.perf_counter()
     n_images_run = 0
@@ -551,32 +581,35 @@ def _run_pipeline(teacher, source, out: Path, g, settings: StoreSettings, layer_
     lt.start()
     wt.start()
     total = sum(min((c + 1) * c_img, n) - c * c_img for c in todo)
-    with progress_bar(total=total, description="extract", unit="img", enabled=progress) as bar:
-        while (item := load_q.get()) is not None and not errors:
-            c, lo, hi, tensors, kept, bad, msgs = item
-            for m in msgs:
-                bar.warn(m)
-            # encode here, not in the writer: torch ops from a second thread would start a second OpenMP
-            # team and oversubscribe the cores the forward pass is using
-            if bad:
-                block = np.zeros((hi - lo,) + tuple(shape[1:]), dtype=_STORAGE[dtype])
-            parts = []
-            if tensors:
-                x = torch.stack(tensors)
-                for s in range(0, len(x), batch_size):
-                    buf = teacher.trajectory(x[s:s + batch_size], layer_list, autocast=autocast, out=buf)
-                    parts.append(encode(buf, dtype))
-                    bar.advance(len(parts[-1]))
-            if bad:
-                if parts:
-                    block[kept] = np.concatenate(parts)
-            else:
-                block = np.concatenate(parts) if len(parts) > 1 else parts[0]
-            write_q.put((c, lo, hi, block, kept, bad))
-            n_images_run += hi - lo
-            bar.advance(len(bad))
-    write_q.put(None)
-    wt.join()
+    try:
+        with progress_bar(total=total, description="extract", unit="img", enabled=progress) as bar:
+            while (item := load_q.get()) is not None and not errors:
+                c, lo, hi, tensors, kept, bad, msgs = item
+                for m in msgs:
+                    bar.warn(m)
+                # encode here, not in the writer: torch ops from a second thread would start a second OpenMP
+                # team and oversubscribe the cores the forward pass is using
+                if bad:
+                    block = np.zeros((hi - lo,) + tuple(shape[1:]), dtype=_STORAGE[dtype])
+                parts = []
+                if tensors:
+                    x = torch.stack(tensors)
+                    for s in range(0, len(x), batch_size):
+                        buf = teacher.trajectory(x[s:s + batch_size], layer_list, autocast=autocast, out=buf)
+                        parts.append(encode(buf, dtype))
+                        bar.advance(len(parts[-1]))
+                if bad:
+                    if parts:
+                        block[kept] = np.concatenate(parts)
+                else:
+                    block = np.concatenate(parts) if len(parts) > 1 else parts[0]
+                write_q.put((c, lo, hi, block, kept, bad))
+                n_images_run += hi - lo
+                bar.advance(len(bad))
+    finally:
+        stop.set()  # frees a loader blocked on a full queue when the loop ended early
+        write_q.put(None)  # the writer drains whatever is queued, so this never blocks for long
+        wt.join()
     lt.join(timeout=5)
     if errors:
         raise errors[0]

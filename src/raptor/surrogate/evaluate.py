@@ -37,8 +37,15 @@ def _pool(teacher, tokens: torch.Tensor, layout) -> torch.Tensor:
 
 @torch.no_grad()
 def validate(model, teacher, val_traj: torch.Tensor, layout, stats=None, baselines: bool = True,
-             batch: int = 8) -> dict:
+             batch: int = 8, progress: bool = False) -> dict:
     """Per-layer fit on held-out trajectories ``val_traj`` (images, 0..L, T, D); see the module doc."""
+    from raptor.progress import progress_bar
+
+    with progress_bar(len(val_traj), "validation (held-out R²)", "img", enabled=progress) as bar:
+        return _validate(model, teacher, val_traj, layout, stats, baselines, batch, bar)
+
+
+def _validate(model, teacher, val_traj, layout, stats, baselines: bool, batch: int, bar) -> dict:
     L, D = model.depth, val_traj.shape[-1]
     accs = {"autoregressive": LayerFitAccumulator(L, D, layout),
             "per_block_from_teacher": LayerFitAccumulator(L, D, layout)}
@@ -60,6 +67,7 @@ def validate(model, teacher, val_traj: torch.Tensor, layout, stats=None, baselin
         pooled["teacher"].append(_pool(teacher, tr[:, L], layout))
         pooled["autoregressive"].append(_pool(teacher, pred[:, -1], layout))
         if not baselines:
+            bar.advance(len(tr))
             continue
         base["identity"].update(tr[:, :-1], target)
         base["copy_layer0"].update(tr[:, :1].expand_as(target), target)
@@ -75,6 +83,7 @@ def validate(model, teacher, val_traj: torch.Tensor, layout, stats=None, baselin
                     outs.append(x)
                 base["ridge_autoregressive"].update(torch.stack(outs, 1), target)
                 pooled["ridge_autoregressive"].append(_pool(teacher, outs[-1], layout))
+        bar.advance(len(tr))
     out = {"layers": list(range(1, L + 1)), "n_images": len(val_traj)}
     out.update({k: a.result() for k, a in accs.items()})
     t_pool = torch.cat(pooled["teacher"])
@@ -126,22 +135,27 @@ def probe_evaluation(model, teacher, layout, x0_train: torch.Tensor, y_train: np
     variants = splice_variants(model)
     f_tr = backbone_features(model, teacher, x0_train, layout, variants, progress=progress)
     f_te = backbone_features(model, teacher, x0_test, layout, variants, progress=progress)
-    teacher_probe = _logreg(f_tr["teacher"], y_train)
-    t_pred = teacher_probe.predict(f_te["teacher"])
-    res = {"data": data, "n_train": int(len(y_train)), "n_test": int(len(y_test)),
-           "classifier": "logistic regression (C=1, standardised [cls || mean patch] after the final norm)",
-           "backbones": {}}
-    t_acc = None
-    for k, (i, j) in variants.items():
-        fresh = _logreg(f_tr[k], y_train).predict(f_te[k])
-        acc = float((fresh == y_test).mean())
-        if k == "teacher":
-            t_acc = acc
-        tp = teacher_probe.predict(f_te[k])
-        res["backbones"][k] = {"surrogate_layers": [i, j], "fresh_probe_accuracy": acc,
-                               "pct_of_teacher": 100 * acc / t_acc if t_acc else None,
-                               "teacher_probe_accuracy": float((tp == y_test).mean()),
-                               "teacher_probe_agreement": float((tp == t_pred).mean())}
+    from raptor.progress import progress_bar
+
+    with progress_bar(len(variants) + 1, "probe fits", "probe", enabled=progress) as bar:
+        teacher_probe = _logreg(f_tr["teacher"], y_train)
+        bar.advance(1)
+        t_pred = teacher_probe.predict(f_te["teacher"])
+        res = {"data": data, "n_train": int(len(y_train)), "n_test": int(len(y_test)),
+               "classifier": "logistic regression (C=1, standardised [cls || mean patch] after the final norm)",
+               "backbones": {}}
+        t_acc = None
+        for k, (i, j) in variants.items():
+            fresh = _logreg(f_tr[k], y_train).predict(f_te[k])
+            bar.advance(1)
+            acc = float((fresh == y_test).mean())
+            if k == "teacher":
+                t_acc = acc
+            tp = teacher_probe.predict(f_te[k])
+            res["backbones"][k] = {"surrogate_layers": [i, j], "fresh_probe_accuracy": acc,
+                                   "pct_of_teacher": 100 * acc / t_acc if t_acc else None,
+                                   "teacher_probe_accuracy": float((tp == y_test).mean()),
+                                   "teacher_probe_agreement": float((tp == t_pred).mean())}
     res["teacher_accuracy"] = t_acc
     return res
 

@@ -138,7 +138,7 @@ def _finish(cfg: FitConfig, model, teacher, layout, size: int, probe_inputs, val
     save_tensors(model.state_dict(), out / "model.safetensors")
     atomic_write_text(out / "surrogate.json", json.dumps({"surrogate": model.cfg.to_dict(), "teacher": teacher.spec},
                                                          indent=1))
-    val = validate(model, teacher, val_traj, layout, stats)
+    val = validate(model, teacher, val_traj, layout, stats, progress=progress)
     val["probes"] = _probes(cfg, model, teacher, layout, size, probe_inputs, val_traj[:, 0], progress)
     if teacher.head is not None:
         val["teacher_head"] = head_agreement(model, teacher, val_traj[:, 0], layout)

@@ -36,24 +36,59 @@ _TOP_MAP = {
 }
 
 
+EXPECTED = "expected a tensors-only state dict saved with torch.save (.pth/.pt) or a .safetensors file"
+
+
+def describe_file(path: Path) -> str:
+    """What a file looks like from its first bytes (for error messages)."""
+    head = path.read_bytes()[:64] if path.stat().st_size else b""
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive (torch.save format)"
+    if head[:1] == b"\x80":
+        return "a raw Python pickle"
+    if len(head) > 8 and head[8:9] == b"{":
+        return "a safetensors file"
+    try:
+        head.decode("utf-8")
+        return "a text file"
+    except UnicodeDecodeError:
+        return "an unrecognised binary file"
+
+
 def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     """A tensor dict from ``.safetensors`` or a ``.pth`` state dict (``weights_only=True``, never a pickle)."""
+    import pickle
+    import warnings
+
     path = Path(path).expanduser()
     if not path.is_file():
         raise RaptorError(f"file not found: {path}")
+    kind = describe_file(path)
+    if kind in ("an empty file", "a text file", "an unrecognised binary file"):
+        raise RaptorError(f"{path} is {kind}, not a weights file: {EXPECTED}")
     try:
-        if path.suffix == ".safetensors":
+        if path.suffix == ".safetensors" or kind == "a safetensors file":
             from safetensors.torch import load_file
 
             sd = load_file(str(path))
         else:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise RaptorError(f"cannot read weights from {path}: {str(e).splitlines()[0][:200]}") from None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch's notes on pickle protocols: not the user's concern
+                sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            raise RaptorError(f"{path} holds Python objects besides tensors; raptor refuses to unpickle them (that "
+                              f"can run arbitrary code): {EXPECTED}") from None
+        raise RaptorError(f"{path} is {kind} that does not unpickle as tensors: {EXPECTED}") from None
+    except Exception as e:  # noqa: BLE001 - torch/safetensors raise many kinds on a damaged file
+        raise RaptorError(f"cannot read weights from {path} ({kind}, damaged: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:120] if str(e) else ''}): {EXPECTED}") from None
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
         sd = sd["model"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise RaptorError(f"{path} is not a state dict of tensors")
+        raise RaptorError(f"{path} is not a state dict of tensors: {EXPECTED}")
     return sd
 
 
