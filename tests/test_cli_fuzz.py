@@ -1,0 +1,132 @@
+"""Property-based fuzz of every command's arguments (hypothesis): whatever a user types, the CLI either succeeds
+(exit 0) or prints exactly one ``error: ...`` line and exits 2 -- never a traceback, never another code. Values mix
+valid settings, zero, negatives, junk text and impossible combinations; runs are kept tiny (tiny teacher, a few
+images and steps) so that the valid draws finish quickly too. Derandomised: CI explores the same cases each run."""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+from clirun import one_error_line
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from raptor.cli import run
+
+BASE = Path(tempfile.mkdtemp(prefix="raptor-fuzz-"))
+atexit.register(shutil.rmtree, BASE, True)
+_n = itertools.count()
+
+SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=list(HealthCheck))
+
+
+def field(valid: list, invalid: list):
+    """Unset (most often), a valid value, or an invalid one (~1 in 6 per field), so that some draws get every
+    field right and run to the end while the rest probe each bad value in many combinations."""
+    return st.sampled_from([None] * 3 + valid * 3 + invalid)
+
+
+BAD_INT = ["-3", "-1", "0", "x", "", "1.5", "nan"]
+TEACHER = field(["tiny:dinov2"] * 4 + ["planted:2,base=tiny:dinov2"],
+                ["tiny:nope", "bogus", "bundled:nope", ":x", "dinov2-pth:/no/file.pth", "planted:0,base=tiny:dinov2"])
+DATA = field(["bundled:lfw"] * 3, ["bundled:nope", "/no/such/dir", "folder:", "classes:/", "", "x:y:z"])
+
+
+def _argv(cmd: str, required: list[str], options: dict, defaults: dict | None = None) -> list[str]:
+    argv = [cmd, *required]
+    for name, value in {**(defaults or {}), **{k: v for k, v in options.items() if v is not None}}.items():
+        argv += [name] if value is True else [name, value]
+    return argv
+
+
+COUNTS: dict[str, list[int]] = {}
+
+
+def _check(argv: list[str], capsys) -> None:
+    capsys.readouterr()
+    rc = run(argv)
+    err = capsys.readouterr().err
+    assert rc in (0, 2), (argv, rc, err)
+    if rc == 2:
+        one_error_line(err)
+    COUNTS.setdefault(argv[0] if argv else "", []).append(rc)
+
+
+@SETTINGS
+@given(teacher=TEACHER, data=DATA, limit=field(["3", "5"], BAD_INT), batch=field(["1", "4"], BAD_INT),
+       chunk=field(["2", "8"], BAD_INT), size=field(["14", "28"], ["-14", "0", "13", "x"]),
+       dtype=field(["bfloat16", "float32"], ["int8", ""]), compression=field(["lz4", "none"], ["gzip"]),
+       autocast=field(["float32"], ["bogus", ""]), layers=field(["0-3", "0,2"], ["a-b", "3-1", "0-99", ""]),
+       same_out=st.booleans())
+def test_extract_arguments(teacher, data, limit, batch, chunk, size, dtype, compression, autocast, layers,
+                           same_out, capsys):
+    out = BASE / ("extract-shared" if same_out else f"extract-{next(_n)}")
+    _check(_argv("extract", ["--out", str(out), "--no-progress"],
+                 {"--teacher": teacher, "--data": data, "--limit": limit, "--batch-size": batch,
+                  "--chunk-images": chunk, "--image-size": size, "--dtype": dtype, "--compression": compression,
+                  "--autocast": autocast, "--layers": layers}, {"--teacher": "tiny:dinov2", "--limit": "3"}), capsys)
+
+
+@SETTINGS
+@given(teacher=TEACHER, data=DATA, limit=field(["6", "9"], BAD_INT), batch=field(["2", "4"], BAD_INT),
+       layers=field(["1-3", "0-3"], ["2", "a", "3-1", "1-9"]), k_max=field(["2", "3"], BAD_INT),
+       k_rule=field(["gain", "elbow"], ["magic"]), k_frac=field(["0.1", "0.3"], ["-1", "2", "x"]),
+       groups=field(["auto", "cls", "patches,all"], ["cls,bogus", ""]),
+       variant=field(["official", "balanced"], ["other"]))
+def test_analyze_arguments(teacher, data, limit, batch, layers, k_max, k_rule, k_frac, groups, variant, capsys):
+    out = BASE / f"analyze-{next(_n)}"
+    _check(_argv("analyze", ["--out", str(out), "--no-progress"],
+                 {"--teacher": teacher, "--data": data, "--limit": limit, "--batch-size": batch,
+                  "--layers": layers, "--k-max": k_max, "--k-rule": k_rule, "--k-frac": k_frac,
+                  "--cka-groups": groups, "--maxcut-variant": variant},
+                 {"--teacher": "tiny:dinov2", "--data": "bundled:lfw", "--limit": "6"}), capsys)
+
+
+@SETTINGS
+@given(teacher=TEACHER, data=DATA, limit=field(["30"], ["-1", "0", "4", "x"]),
+       phases=field(["1-2/3", "[[1],[2,3]]", "1/2/3"], ["[]", "", "3-1", "a", "0-3", "[[1,2],[4]]",
+                                                        "/no/analysis.json"]),
+       k=field(["2", "3"], ["-1", "0", "4", "x"]), steps=field(["1", "2"], ["-1", "0"]),
+       batch=field(["2", "4"], BAD_INT), lr=field(["1e-3"], ["0", "-1", "nan", "x"]),
+       loss=field(["mse", "cosine"], ["l1"]), norm=field(["layer", "none"], ["x"]),
+       weights=field(["0.45,0.1,0.45", "none"], ["1,2", "-1,0,1", "a,b,c", "0,0,0"]),
+       stage=field(["1", "2", "both"], ["3"]), val=field(["5"], ["-1", "0"]), stats=field(["1", "8"], ["0"]),
+       mlp=field(["swiglu", "gelu"], ["relu"]), probe=field(["none", "bundled:lfw"], ["bundled:nope"]),
+       resume=st.booleans())
+def test_fit_arguments(teacher, data, limit, phases, k, steps, batch, lr, loss, norm, weights, stage, val, stats,
+                       mlp, probe, resume, capsys):
+    out = BASE / f"fit-{next(_n)}"
+    _check(_argv("fit", ["--out", str(out), "--no-progress", "--probe-limit", "20"],
+                 {"--teacher": teacher, "--data": data, "--limit": limit, "--phases": phases, "--k": k,
+                  "--steps1": steps, "--steps2": steps, "--batch-size": batch, "--lr": lr,
+                  "--loss": loss, "--loss-norm": norm, "--stage2-weights": weights, "--stage": stage,
+                  "--val-images": val, "--stats-images": stats, "--mlp": mlp, "--probe-data": probe,
+                  "--resume": resume or None},
+                 {"--teacher": "tiny:dinov2", "--data": "bundled:lfw", "--limit": "30", "--k": "2", "--steps1": "2",
+                  "--steps2": "2", "--val-images": "5"}), capsys)
+
+
+def test_the_fuzz_reached_both_outcomes():
+    """The draws above must include full successful runs as well as refusals of every command (else the fuzz
+    only ever exercised argument parsing)."""
+    for cmd in ("extract", "analyze", "fit"):
+        assert 0 in COUNTS.get(cmd, []) and 2 in COUNTS.get(cmd, []), (cmd, COUNTS.get(cmd))
+
+
+@SETTINGS
+@given(path=st.sampled_from(["/no/such/store", "/", str(BASE), "", "x" * 300]),
+       extra=st.sampled_from([[], ["--bogus"], ["a", "b"]]))
+def test_info_and_fit_report_arguments(path, extra, capsys):
+    _check(["info", path, *extra], capsys)
+    _check(["fit-report", path, *extra], capsys)
+
+
+@pytest.mark.parametrize("argv", [[], ["--help"], ["fit", "--help"]])
+def test_help_is_exit_0(argv, capsys):
+    assert run(argv) == 0
