@@ -541,7 +541,12 @@ def test_sigkill_during_training_at_several_points(tmp_path, tmp_path_factory, s
             "--batch-size", "16", "--val-images", "5", "--probe-data", "none", "--no-progress", "--ckpt-every", "3"]
     out, ref = tmp_path / "killed", _reference(tmp_path_factory, args)
     prefix = {"stage 1 block 0": "item0-", "stage 1 block 1": "item1-", "stage 2": "item2-"}.get(point)
-    ready = (lambda: (out / "config.yaml").exists()) if prefix is None else (lambda: _checkpoint(out).startswith(prefix))
+    if prefix is None:
+        def ready():
+            return (out / "config.yaml").exists()
+    else:
+        def ready():
+            return _checkpoint(out).startswith(prefix)
     _kill_when([sys.executable, "-m", "raptor.cli", *args, "--out", str(out)], ready)
     assert not (out / "metrics.json").exists()
     r = raptor(*args, "--out", out, "--resume")
