@@ -89,11 +89,10 @@ def resolve_cka_groups(groups, layout) -> tuple[str, ...]:
     return tuple(groups)
 
 
-def _accumulate_live(cfg: AnalyzeConfig, teacher, layers, progress: bool):
-    from raptor.data import load_images, open_source
+def _accumulate_live(cfg: AnalyzeConfig, src, teacher, layers, progress: bool):
+    from raptor.data import load_images
     from raptor.progress import progress_bar
 
-    src = open_source(cfg.data).subset(cfg.limit)
     size = teacher.image_size(cfg.image_size)
     tf = teacher.eval_transform(size)
     layout = teacher.layout(size)
@@ -121,8 +120,6 @@ def _accumulate_live(cfg: AnalyzeConfig, teacher, layers, progress: bool):
 def _accumulate_store(cfg: AnalyzeConfig, st, layers, progress: bool):
     from raptor.progress import progress_bar
 
-    if not st.complete:
-        raise RaptorError(f"store {cfg.store} is incomplete: finish it first (re-run the same extract command)")
     missing = [layer for layer in layers if layer not in st.layers]
     if missing:
         raise RaptorError(f"store {cfg.store} lacks layers {missing} (it holds {st.layers})")
@@ -160,7 +157,7 @@ def run_analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalysisOutputs:
     an earlier run's results in ``cfg.out`` untouched and never a directory it created."""
     cfg.check()
     out = Path(cfg.out)
-    st = None
+    st = src = None
     if cfg.store:  # cheap checks first: the store or the data, then the output directory, then the teacher
         from raptor.store import TrajectoryStore
 
@@ -170,12 +167,12 @@ def run_analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalysisOutputs:
     else:
         from raptor.data import open_source
 
-        open_source(cfg.data).subset(cfg.limit)
+        src = open_source(cfg.data).subset(cfg.limit)
     with claim_output(out), staged(out, "analysis.json") as stage:
-        return _run_analyze(cfg, st, out, stage, progress)
+        return _run_analyze(cfg, st, src, stage, progress)
 
 
-def _run_analyze(cfg: AnalyzeConfig, st, out: Path, stage: Path, progress: bool) -> AnalysisOutputs:
+def _run_analyze(cfg: AnalyzeConfig, st, src, stage: Path, progress: bool) -> AnalysisOutputs:
     from raptor import plots
     from raptor.teachers import load_teacher
 
@@ -186,7 +183,7 @@ def _run_analyze(cfg: AnalyzeConfig, st, out: Path, stage: Path, progress: bool)
     else:
         teacher = load_teacher(cfg.teacher, head=cfg.head)
         layers = teacher.resolve_layers(cfg.layers or range(1, teacher.depth + 1))
-        acc, info = _accumulate_live(cfg, teacher, layers, progress)
+        acc, info = _accumulate_live(cfg, src, teacher, layers, progress)
     if len(layers) < 2:
         raise RaptorError("need at least 2 layers to analyze")
     res = acc.result()
@@ -271,7 +268,7 @@ def _run_analyze(cfg: AnalyzeConfig, st, out: Path, stage: Path, progress: bool)
     save_config(cfg, stage / "config.yaml")
     atomic_write_text(stage / "report.md", render_report(analysis))
     atomic_write_text(stage / "analysis.json", json.dumps(analysis, indent=1))
-    return AnalysisOutputs(out, res, analysis)
+    return AnalysisOutputs(Path(cfg.out), res, analysis)
 
 
 def _fmt_phase(p: list[int]) -> str:

@@ -213,10 +213,6 @@ def fit(
     from raptor.surrogate.fit import run_fit
     from raptor.surrogate.train import FitConfig
 
-    if data is None and store is None:
-        raise RaptorError("give --data (online teacher) or --store")
-    if phases is None and k is None:
-        raise RaptorError("give --phases analysis.json or --k K")
     explicit = parse_phases(phases)
     cfg = FitConfig(teacher=teacher, data=data, store=str(store) if store else None, out=str(out),
                     phases_file=str(phases) if phases and explicit is None else None, k=k, phases=explicit,

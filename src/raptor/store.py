@@ -198,7 +198,7 @@ class TrajectoryStore:
             raise RaptorError(f"store {self.path}: array shape {list(shape)} does not match its metadata "
                               f"({len(self.layers)} layers, {self.layout.n_tokens} tokens); the store is damaged")
 
-    def check_teacher(self, teacher, image_size: int | None = None) -> None:
+    def check_teacher(self, teacher) -> None:
         """Refuse a store that another teacher (or another crop size / dim) wrote."""
         s = self.meta["settings"]
         if s["teacher"] != teacher.spec:
@@ -372,11 +372,7 @@ def _open_or_create(path: Path, settings: StoreSettings, meta: dict, ids: list[s
         if not old:
             raise RaptorError(f"{path} exists and is not a Raptor store; choose another --out")
         if old.get("fingerprint") != fp:
-            prev = old.get("settings", {})
-            diffs = [f"{k}: store has {prev.get(k)!r}, this run {v!r}" for k, v in settings.__dict__.items()
-                     if prev.get(k) != (list(v) if isinstance(v, tuple) else v)]
-            raise RaptorError(f"store {path} was made with other settings ({'; '.join(diffs) or 'fingerprint'}); "
-                              f"use another --out or delete it")
+            _refuse_other_settings(path, old.get("settings", {}), settings.__dict__, always=True)
         return g
     if (path / "zarr.json").is_file():  # an interrupted creation: ours only if it carries our attributes
         try:
@@ -437,10 +433,17 @@ def precheck_store(out: str | Path, **settings) -> None:
     except (OSError, ValueError, KeyError, TypeError):
         raise RaptorError(f"{out} exists and is not a readable Raptor store; choose another --out or delete it") \
             from None
-    diffs = [f"{k}: store has {prev.get(k)!r}, this run {v!r}" for k, v in settings.items() if prev.get(k) != v]
-    if diffs:
-        raise RaptorError(f"store {out} was made with other settings ({'; '.join(diffs)}); use another --out or "
-                          f"delete it")
+    _refuse_other_settings(out, prev, settings)
+
+
+def _refuse_other_settings(path: Path, prev: dict, settings: dict, always: bool = False) -> None:
+    """One line naming each setting in which this run differs from the store's (``always``: refuse even when
+    the named ones agree, e.g. on a fingerprint mismatch)."""
+    diffs = [f"{k}: store has {prev.get(k)!r}, this run {v!r}" for k, v in settings.items()
+             if prev.get(k) != (list(v) if isinstance(v, tuple) else v)]
+    if diffs or always:
+        raise RaptorError(f"store {path} was made with other settings ({'; '.join(diffs) or 'fingerprint'}); "
+                          f"use another --out or delete it")
 
 
 def _has_rows(path: Path) -> bool:

@@ -92,7 +92,7 @@ class FitConfig:
         if self.data is None and self.store is None:
             raise RaptorError("give --data (online teacher) or --store")
         if self.phases is None and self.phases_file is None and self.k is None:
-            raise RaptorError("give --phases (an analysis.json or e.g. 1-7/8-11/12) or --k K")
+            raise RaptorError("give --phases analysis.json or --k K")
         check_positive(batch_size=self.batch_size, val_images=self.val_images, stats_images=self.stats_images,
                        probe_limit=self.probe_limit, limit=self.limit, image_size=self.image_size, k=self.k,
                        ckpt_every=self.ckpt_every)
