@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import typer
 
 from raptor.errors import RaptorError
@@ -254,6 +255,57 @@ def fit_report(runs: list[Path] = typer.Argument(..., help="Finished raptor fit 
     if out:
         atomic_write_text(out, text)
     typer.echo(text)
+
+
+@app.command()
+def probe(
+    task: str = typer.Option(..., "--task", help="cls (top-1) | seg (mIoU) | depth (RMSE)"),
+    backbone: str = typer.Option(..., "--backbone", "-b", help="Teacher spec or a raptor fit run directory"),
+    data: str = typer.Option(..., "--data", "-d", help="cls: bundled:digits | bundled:lfw | imagenet:<root>; seg: "
+                             "bundled:digit-seg | ade20k:<root>; depth: bundled:motorcycle | bundled:scenes | "
+                             "nyud:<root> | paired:<root>"),
+    out: Path = typer.Option(..., "--out", "-o", help="Results directory (results.jsonl is appended to)"),
+    seeds: str = typer.Option("0,1,2", help="Probe seeds, e.g. 0,1,2 (one results line each)"),
+    splice: Optional[str] = typer.Option(None, help="With a run: teacher 0..i, surrogate i..j, teacher j..L (i:j)"),
+    layer: Optional[int] = typer.Option(None, help="With a teacher: read its tokens at this layer"),
+    image_size: Optional[int] = typer.Option(None, help="Input size (default: the data set's, else the teacher's)"),
+    lrs: Optional[str] = typer.Option(None, help="Learning-rate grid trained together, e.g. 1e-4,1e-3,1e-2"),
+    epochs: Optional[int] = typer.Option(None, help="Epochs (default: the data set's recipe, else the paper's)"),
+    batch_size: Optional[int] = typer.Option(None, help="Probe batch size"),
+    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay"),
+    init_head: Optional[str] = typer.Option(None, help="cls: start from 'teacher' (its head) or a *_linear_head.pth"),
+    cache: Optional[Path] = typer.Option(None, help="Feature cache directory (default OUT/features)"),
+    limit: Optional[int] = typer.Option(None, help="At most N images per split (smoke runs)"),
+    progress: bool = typer.Option(True, help="Show progress bars"),
+):
+    """Linear probes (the paper's Table-1 protocols) on cached features of a teacher, a surrogate or a splice."""
+    from raptor.probes.run import ProbeConfig, parse_lrs, parse_seeds, run_probe
+
+    cfg = ProbeConfig(task=task, backbone=backbone, data=data, out=str(out), seeds=parse_seeds(seeds), layer=layer,
+                      splice=splice, image_size=image_size, lrs=parse_lrs(lrs), epochs=epochs, batch_size=batch_size,
+                      weight_decay=weight_decay, init_head=init_head, cache=str(cache) if cache else None,
+                      limit=limit)
+    recs = run_probe(cfg, progress=progress)
+    vals = [r["value"] for r in recs]
+    m = recs[0]["metric"]
+    scale = 100 if m == "top1" else 1
+    best = ", ".join(f"seed {r['seed']}: {scale * r['value']:.3g} (lr {r['best']['lr']:g}, epoch {r['best']['epoch']})"
+                     for r in recs)
+    typer.echo(f"{recs[0]['backbone']} · {task} · {recs[0]['data']}: test {m} {scale * float(np.mean(vals)):.4g} ± "
+               f"{scale * float(np.std(vals, ddof=1) if len(vals) > 1 else 0):.2g} over {len(vals)} seed(s)  [{best}]")
+    typer.echo(f"appended to {out / 'results.jsonl'}")
+
+
+@app.command()
+def table(dirs: list[Path] = typer.Argument(..., help="raptor probe output directories (or results.jsonl files)"),
+          out: Optional[Path] = typer.Option(None, "--out", "-o", help="Path prefix for .md and .csv "
+                                             "(default: FIRST_DIR/table)")):
+    """The paper's Table 1 from probe results: backbones x (top-1, mIoU, RMSE), mean ± std, % of teacher."""
+    from raptor.probes.table import write_table
+
+    md, md_path, csv_path = write_table(list(dirs), out)
+    typer.echo(md)
+    typer.echo(f"wrote {md_path} and {csv_path}")
 
 
 @app.command()

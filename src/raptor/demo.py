@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -57,6 +58,23 @@ def run_demo(out: Path, limit: int | None = None) -> dict:
     full = next(b for k, b in v["probes"]["backbones"].items() if k.startswith("full"))
     console.print(f"fresh linear probe on held-out digits: teacher {v['probes']['teacher_accuracy']:.3f}, "
                   f"surrogate {full['fresh_probe_accuracy']:.3f}")
+    # Table 1 in miniature: a second brief fit with k=2 (phases 1-7 / 8-12), then linear probes (3 seeds, cached
+    # features) for the teacher and both surrogates on bundled classification data
+    k2_dir = out / "fit_k2"
+    console.print(f"\n[bold]Brief Raptor fit[/bold]: k=2 blocks (phases 1-7 / 8-12) -> {k2_dir}")
+    k2_cfg = dataclasses.replace(fit_cfg, out=str(k2_dir), phases=[list(range(1, 8)), list(range(8, 13))])
+    run_fit(k2_cfg, resume=(k2_dir / "checkpoints" / "latest.json").exists())
+    from raptor.probes.run import ProbeConfig, run_probe
+    from raptor.probes.table import write_table
+
+    probe_dir = out / "probes"
+    console.print(f"\n[bold]Linear probes[/bold] (teacher vs Raptor k=2 and k=3; 3 seeds; 200 images per split of "
+                  f"digits, all of LFW) -> {probe_dir}")
+    for backbone in (DEFAULT_TEACHER, str(k2_dir), str(fit_dir)):
+        for data, limit in (("bundled:digits", 200), ("bundled:lfw", None)):
+            run_probe(ProbeConfig("cls", backbone, data, str(probe_dir), seeds=(0, 1, 2), limit=limit))
+    md, md_path, _ = write_table([probe_dir])
+    console.print(md, markup=False, highlight=False)
     console.print("\n[bold green]Demo outputs[/bold green]:")
     console.print(f"  trajectory store : {store_dir.resolve()}  (inspect: raptor info {store_dir})")
     console.print(f"  phase analysis   : {(an_dir / 'report.md').resolve()}")
@@ -64,4 +82,7 @@ def run_demo(out: Path, limit: int | None = None) -> dict:
     console.print(f"  heatmap          : {(an_dir / 'paper_cosine_distance.png').resolve()}")
     console.print(f"  Raptor k=3 fit   : {(fit_dir / 'metrics.json').resolve()}")
     console.print(f"                     {(fit_dir / 'r2_per_layer.png').resolve()}")
-    return {"store": str(store_dir), "analyze": str(an_dir), "fit": str(fit_dir)}
+    console.print(f"  Raptor k=2 fit   : {(k2_dir / 'metrics.json').resolve()}")
+    console.print(f"  probe table      : {md_path.resolve()}  (raptor table {probe_dir})")
+    return {"store": str(store_dir), "analyze": str(an_dir), "fit": str(fit_dir), "fit_k2": str(k2_dir),
+            "probes": str(probe_dir)}
