@@ -112,10 +112,32 @@ def test_fit_arguments(teacher, data, limit, phases, k, steps, batch, lr, loss, 
                   "--steps2": "2", "--val-images": "5"}), capsys)
 
 
+@SETTINGS
+@given(task=field(["cls"] * 2 + ["seg", "depth"], ["", "detect"]),
+       backbone=field(["tiny:dinov2", "pixels:14"], ["resnet50", "pixels:0", "tiny:nope", "/no/run"]),
+       data=field([], ["bundled:nope", "ade20k:/no", "nyud:/no", "", "bundled:digits"]),
+       seeds=field(["0", "0,1"], ["", "-1", "0,0", "a"]), lrs=field(["1e-3", "1e-3,1e-2"], ["0", "nan", "x", ""]),
+       epochs=field(["1", "2"], BAD_INT), batch=field(["2", "64"], BAD_INT), size=field(["28"], ["13", "0", "-14"]),
+       limit=field(["4"], BAD_INT), splice=field([], ["0:2", "x", "2:1"]), layer=field(["1"], ["-1", "99", "x"]),
+       wd=field(["0"], ["-1", "nan"]), init=field([], ["teacher", "/no/head.pth"]))
+def test_probe_arguments(task, backbone, data, seeds, lrs, epochs, batch, size, limit, splice, layer, wd, init,
+                         capsys):
+    out = BASE / f"probe-{next(_n)}"
+    default_data = {"seg": "bundled:digit-seg", "depth": "bundled:scenes"}.get(task, "bundled:lfw")
+    _check(_argv("probe", ["--out", str(out), "--no-progress"],
+                 {"--task": task, "--backbone": backbone, "--data": data, "--seeds": seeds, "--lrs": lrs,
+                  "--epochs": epochs, "--batch-size": batch, "--image-size": size, "--limit": limit,
+                  "--splice": splice, "--layer": layer, "--weight-decay": wd, "--init-head": init},
+                 {"--task": "cls", "--backbone": "tiny:dinov2", "--data": default_data, "--seeds": "0",
+                  "--epochs": "1", "--image-size": "28", "--limit": "6"}), capsys)
+    if out.is_dir():
+        _check(["table", str(out)], capsys)
+
+
 def test_the_fuzz_reached_both_outcomes():
     """The draws above must include full successful runs as well as refusals of every command (else the fuzz
     only ever exercised argument parsing)."""
-    for cmd in ("extract", "analyze", "fit"):
+    for cmd in ("extract", "analyze", "fit", "probe", "table"):
         assert 0 in COUNTS.get(cmd, []) and 2 in COUNTS.get(cmd, []), (cmd, COUNTS.get(cmd))
 
 
@@ -125,6 +147,7 @@ def test_the_fuzz_reached_both_outcomes():
 def test_info_and_fit_report_arguments(path, extra, capsys):
     _check(["info", path, *extra], capsys)
     _check(["fit-report", path, *extra], capsys)
+    _check(["table", path, *extra], capsys)
 
 
 @pytest.mark.parametrize("argv", [[], ["--help"], ["fit", "--help"]])

@@ -14,7 +14,8 @@ import torch
 from raptor.errors import RaptorError
 
 BACKBONE_HELP = "a teacher spec (bundled:dinov2-s, hf:<id or dir>, dinov2-pth:<file>, tiny:<family>), a raptor " \
-                "fit run directory (holding surrogate.json and model.safetensors) or pixels:<patch> (raw-pixel baseline)"
+                "fit run directory (holding surrogate.json and model.safetensors) or pixels:<patch> " \
+                "(the raw-pixel baseline)"
 
 
 def parse_splice(text: str | None) -> tuple[int, int] | None:

@@ -114,7 +114,8 @@ def eval_mask(depth: torch.Tensor, depth_range, eigen: bool) -> torch.Tensor:
 
 
 def silog(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor, lam: float = SI_LAMBDA) -> torch.Tensor:
-    """Scale-invariant log loss over masked pixels: mean(d^2) - lam * mean(d)^2, d = log(pred + 1e-3) - log(gt + 1e-3)."""
+    """Scale-invariant log loss over masked pixels: mean(d^2) - lam * mean(d)^2 with
+    d = log(pred + 1e-3) - log(gt + 1e-3)."""
     if not mask.any():
         return pred.sum() * 0
     d = torch.log(pred[mask] + 1e-3) - torch.log(gt[mask] + 1e-3)

@@ -50,6 +50,8 @@ class ProbeConfig:
             raise RaptorError(f"unknown --task {self.task!r} (use cls, seg or depth)")
         if not self.seeds:
             raise RaptorError("--seeds is empty: give e.g. 0,1,2")
+        if any(s < 0 for s in self.seeds):
+            raise RaptorError(f"--seeds must be >= 0, got {list(self.seeds)}")
         if len(set(self.seeds)) != len(self.seeds):
             raise RaptorError(f"--seeds repeats a seed: {list(self.seeds)}")
         check_positive(image_size=self.image_size, epochs=self.epochs, batch_size=self.batch_size, limit=self.limit,
