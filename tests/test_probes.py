@@ -417,3 +417,28 @@ def test_bad_input_is_one_error_line(case, tmp_path, ade_root, imagenet_root):
     one_error_line(r.stderr, needle)
     if case != "mask_size":  # refused before any output was created
         assert not (tmp_path / "o").exists()
+
+
+def test_init_head_from_an_official_linear_head_file(tmp_path):
+    """``--init-head FILE``: every head of the grid starts from the file's map, so the epoch-0 validation score is
+    that map's accuracy on the cached features."""
+    from raptor.probes.features import cache_dir, split_key, transform_for
+    from raptor.probes.backbones import Backbone, parse_backbone
+
+    bb = Backbone.load(parse_backbone(TINY))
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(2, 2 * bb.teacher.dim, generator=g), torch.randn(2, generator=g)
+    torch.save({"weight": w, "bias": b}, tmp_path / "head.pth")
+    out = tmp_path / "o"
+    r = run_probe(ProbeConfig("cls", TINY, "bundled:lfw", str(out), seeds=(0,), lrs=(1e-3, 1e-2), epochs=1,
+                              image_size=28, init_head=str(tmp_path / "head.pth")), progress=False)[0]
+    data = open_probe_data("bundled:lfw", "cls")
+    key = split_key(bb.identity(), data, "cls", "val", transform_for("cls", data, bb.teacher, 28))
+    feats = np.load(cache_dir(out / "features", key) / "pooled.npy")
+    labels = np.load(cache_dir(out / "features", key) / "labels.npy")
+    expect = float(((torch.from_numpy(feats) @ w.t() + b).argmax(1).numpy() == labels).mean())
+    assert r["history"]["val"][0][0] == pytest.approx(expect) and r["history"]["val"][1][0] == pytest.approx(expect)
+    torch.save({"weight": torch.zeros(3, 5), "bias": torch.zeros(3)}, tmp_path / "bad.pth")
+    with pytest.raises(RaptorError, match="input features"):
+        run_probe(ProbeConfig("cls", TINY, "bundled:lfw", str(tmp_path / "o2"), seeds=(0,), epochs=1, image_size=28,
+                              init_head=str(tmp_path / "bad.pth")), progress=False)

@@ -246,26 +246,44 @@ def train_probe(task: str, arrays: dict, recipe: Recipe, seed: int, *, geo: Dens
     return res
 
 
-def prior_baseline(task: str, arrays: dict, geo: DenseGeometry | None = None, n_classes: int = 0) -> float:
+def prior_baseline(task: str, arrays: dict, geo: DenseGeometry | None = None, n_classes: int = 0,
+                   chunk: int = 64) -> float:
     """The score of a predictor that never looks at the test image, from training targets alone: the majority class
-    (cls), the majority class at every pixel (seg), the mean training depth at every pixel (depth)."""
+    (cls), the majority class at every pixel (seg), the mean training depth at every pixel (depth). Dense targets
+    are read in chunks of ``chunk`` images (memory stays bounded on ADE20k / NYUd)."""
     tr, te = arrays["train"], arrays["test"]
     rtr, rte = _rows(tr), _rows(te)
     if task == "cls":
         y = np.asarray(tr["labels"])[rtr]
         return float((np.asarray(te["labels"])[rte] == np.bincount(y).argmax()).mean())
+
+    def chunks(a, rows):
+        for s in range(0, len(rows), chunk):
+            yield torch.from_numpy(np.asarray(a[rows[s:s + chunk]]))
+
     if task == "seg":
-        m = torch.from_numpy(np.asarray(tr["masks"])[rtr].astype(np.int64))
-        counts = torch.stack([(m == c).sum(0) for c in range(n_classes)])
-        mode = counts.argmax(0)
-        yt = torch.from_numpy(np.asarray(te["masks"])[rte].astype(np.int64))
-        cm = confusion(mode.expand_as(yt), yt, n_classes)
+        hw = tr["masks"].shape[1:]
+        counts = torch.zeros(n_classes + 1, int(np.prod(hw)), dtype=torch.int64)  # last row: ignored pixels
+        for m in chunks(tr["masks"], rtr):
+            lab = m.reshape(len(m), -1).long().clamp(max=n_classes)  # 255 -> the extra row
+            counts.scatter_add_(0, lab, torch.ones_like(lab))
+        mode = counts[:n_classes].argmax(0).reshape(hw)
+        cm = torch.zeros(n_classes, n_classes, dtype=torch.int64)
+        for yt in chunks(te["masks"], rte):
+            cm += confusion(mode.expand_as(yt), yt, n_classes)
         return 100 * miou(cm)
-    d = as_float(np.asarray(tr["depth"])[rtr])
-    ok = eval_mask(d, geo.depth_range, False).float()
-    mean_map = (d * ok).sum(0) / ok.sum(0).clamp(min=1)
-    fill = float((d * ok).sum() / ok.sum().clamp(min=1))
-    mean_map = torch.where(ok.sum(0) > 0, mean_map, torch.full_like(mean_map, fill))
-    yt = as_float(np.asarray(te["depth"])[rte])
-    m = eval_mask(yt, geo.depth_range, geo.eigen)
-    return rmse(float(((mean_map.expand_as(yt) - yt)[m] ** 2).sum()), int(m.sum()))
+    total = count = None
+    for d in chunks(tr["depth"], rtr):
+        d = d.float()
+        ok = eval_mask(d, geo.depth_range, False)
+        s_, c_ = torch.where(ok, d, torch.zeros_like(d)).sum(0, dtype=torch.float64), ok.sum(0)
+        total, count = (s_, c_) if total is None else (total + s_, count + c_)
+    fill = float(total.sum() / count.sum().clamp(min=1))
+    mean_map = torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, fill)).float()
+    sq, n = 0.0, 0
+    for yt in chunks(te["depth"], rte):
+        yt = yt.float()
+        m = eval_mask(yt, geo.depth_range, geo.eigen)
+        sq += float(((mean_map.expand_as(yt) - yt)[m] ** 2).sum())
+        n += int(m.sum())
+    return rmse(sq, n)
