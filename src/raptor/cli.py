@@ -276,6 +276,8 @@ def probe(
     init_head: Optional[str] = typer.Option(None, help="cls: start from 'teacher' (its head) or a *_linear_head.pth"),
     cache: Optional[Path] = typer.Option(None, help="Feature cache directory (default OUT/features)"),
     limit: Optional[int] = typer.Option(None, help="At most N images per split (smoke runs)"),
+    standardize: bool = typer.Option(True, help="z-score features with training-split mean/std (an affine map the "
+                                     "head absorbs; --no-standardize: the paper's raw features)"),
     progress: bool = typer.Option(True, help="Show progress bars"),
 ):
     """Linear probes (the paper's Table-1 protocols) on cached features of a teacher, a surrogate or a splice."""
@@ -284,7 +286,7 @@ def probe(
     cfg = ProbeConfig(task=task, backbone=backbone, data=data, out=str(out), seeds=parse_seeds(seeds), layer=layer,
                       splice=splice, image_size=image_size, lrs=parse_lrs(lrs), epochs=epochs, batch_size=batch_size,
                       weight_decay=weight_decay, init_head=init_head, cache=str(cache) if cache else None,
-                      limit=limit)
+                      limit=limit, standardize=standardize)
     recs = run_probe(cfg, progress=progress)
     vals = [r["value"] for r in recs]
     m = recs[0]["metric"]

@@ -43,6 +43,7 @@ class ProbeConfig:
     cache: str | None = None                    # default: OUT/features
     limit: int | None = None                    # at most N images per split (smoke runs)
     feature_batch: int = 32
+    standardize: bool = True                    # z-score features with training-split statistics (train.py)
     recipe: dict = field(default_factory=dict)  # filled in: the recipe actually used
 
     def check(self) -> None:
@@ -71,6 +72,7 @@ class ProbeConfig:
             if getattr(self, k) is not None:
                 d[k] = getattr(self, k)
         d["lrs"] = tuple(d["lrs"])
+        d["standardize"] = self.standardize
         r = Recipe(**d)
         r.check()
         return r

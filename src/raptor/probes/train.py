@@ -35,6 +35,7 @@ class Recipe:
     min_lr: float = 0.0           # cosine floor; schedule "constant" ignores it
     schedule: str = "cosine"      # cosine | constant
     clip: float | None = 1.0
+    standardize: bool = True     # z-score features with training-split mean/std (see ``feature_stats``)
 
     def check(self) -> None:
         if not self.lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in self.lrs):
@@ -75,9 +76,13 @@ class ProbeResult:
     best: dict = field(default_factory=dict)
 
     def select(self, lrs) -> dict:
+        """Best validation score; ties (a small validation split saturates) go to the lower validation loss, then
+        to the smaller learning rate and the earlier epoch."""
         val, test = np.array(self.history["val"], float), np.array(self.history["test"], float)
         score = np.where(np.isnan(val), -np.inf, val if self.higher_is_better else -val)
-        g, e = np.unravel_index(int(np.argmax(score)), score.shape)  # first best: smaller lr index, earlier epoch
+        loss = np.array(self.history.get("val_loss") or np.zeros_like(val), float)
+        tied = np.argwhere(score == score.max())
+        g, e = min(tied, key=lambda ge: (loss[ge[0], ge[1]], ge[0], ge[1]))
         pick = (np.nanargmax if self.higher_is_better else np.nanargmin)(test[g])
         self.best = {"lr": float(lrs[g]), "epoch": int(e), "val": float(val[g, e]), "test": float(test[g, e]),
                      "test_best_over_epochs": float(test[g, pick])}
@@ -99,6 +104,31 @@ def _schedule(recipe: Recipe, total: int):
     return factor
 
 
+def feature_stats(task: str, tr: dict, rows: np.ndarray, chunk: int = 256) -> dict:
+    """Per-channel mean and std of the training split's features (float64, read in chunks): ``pooled`` for cls;
+    ``patches`` (over images and positions) and ``cls`` for dense tasks.
+
+    Standardising is an affine map of the features that a linear head absorbs exactly (W' = W diag(std),
+    b' = b + W mean), so it does not change what a probe can represent, only how fast AdamW gets there. It matters
+    on a short budget: a surrogate whose pooled features keep a small share of the teacher's between-image variance
+    (docs/surrogate.md) would otherwise be judged by how well the optimiser copes with small-variance directions.
+    ``--no-standardize`` gives the paper's raw-feature protocol."""
+    names = ["pooled"] if task == "cls" else ["patches", "cls"]
+    out = {}
+    for name in names:
+        a = tr[name]
+        s1 = s2 = 0.0
+        n = 0
+        for s in range(0, len(rows), chunk):
+            x = torch.from_numpy(np.asarray(a[rows[s:s + chunk]], dtype=np.float64))
+            x = x.reshape(-1, x.shape[-1])
+            s1, s2, n = s1 + x.sum(0), s2 + (x * x).sum(0), n + len(x)
+        mean = s1 / n
+        std = (s2 / n - mean ** 2).clamp(min=0).sqrt()
+        out[name] = (mean.float(), torch.where(std > 1e-6, std, torch.ones_like(std)).float())
+    return out
+
+
 def _rows(a: dict, valid_only: bool = True) -> np.ndarray:
     v = np.asarray(a["valid"])
     return np.flatnonzero(v) if valid_only else np.arange(len(v))
@@ -107,15 +137,21 @@ def _rows(a: dict, valid_only: bool = True) -> np.ndarray:
 class _Task:
     """Per-task pieces: batch fetch, per-head loss, evaluation."""
 
-    def __init__(self, task: str, geo: DenseGeometry | None, n_classes: int):
-        self.task, self.geo, self.n_classes = task, geo, n_classes
+    def __init__(self, task: str, geo: DenseGeometry | None, n_classes: int, stats: dict | None = None):
+        self.task, self.geo, self.n_classes, self.stats = task, geo, n_classes, stats or {}
         self.centres = bin_centres(geo.depth_range) if task == "depth" else None
+
+    def _z(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        if name not in self.stats:
+            return x
+        mean, std = self.stats[name]
+        return (x - mean) / std
 
     def fetch(self, a: dict, idx: np.ndarray):
         idx = np.sort(idx)
         if self.task == "cls":
-            return as_float(a["pooled"][idx]), torch.from_numpy(np.asarray(a["labels"][idx]))
-        x = (as_float(a["patches"][idx]), as_float(a["cls"][idx]))
+            return self._z("pooled", as_float(a["pooled"][idx])), torch.from_numpy(np.asarray(a["labels"][idx]))
+        x = (self._z("patches", as_float(a["patches"][idx])), self._z("cls", as_float(a["cls"][idx])))
         if self.task == "seg":
             return x, torch.from_numpy(np.asarray(a["masks"][idx]).astype(np.int64))
         return x, as_float(a["depth"][idx])
@@ -151,15 +187,19 @@ class _Task:
         return out
 
     @torch.no_grad()
-    def evaluate(self, head: GridHead, a: dict, batch: int) -> list[float]:
+    def evaluate(self, head: GridHead, a: dict, batch: int) -> tuple[list[float], list[float]]:
+        """Per head: the metric and (cls) the mean cross-entropy, the tie-breaker of ``select``."""
         rows = _rows(a)
         G = len(head)
         acc = [[0.0, 0] for _ in range(G)]
+        ce = torch.zeros(G, dtype=torch.float64)
         cms = [torch.zeros(self.n_classes, self.n_classes, dtype=torch.long) for _ in range(G)]
         for s in range(0, len(rows), batch):
             x, y = self.fetch(a, rows[s:s + batch])
             if self.task == "cls":
-                pred = head.all(x).argmax(-1)
+                logits = head.all(x)
+                ce += F.cross_entropy(logits.transpose(1, 2), y[None].expand(G, -1), reduction="none").sum(1)
+                pred = logits.argmax(-1)
                 for g in range(G):
                     acc[g][0] += int((pred[g] == y).sum())
                     acc[g][1] += len(y)
@@ -173,11 +213,12 @@ class _Task:
                     m = eval_mask(y, self.geo.depth_range, self.geo.eigen)
                     acc[g][0] += float(((pred[:, 0] - y)[m] ** 2).sum())
                     acc[g][1] += int(m.sum())
+        losses = (ce / max(len(rows), 1)).tolist()
         if self.task == "cls":
-            return [accuracy(c, n) for c, n in acc]
+            return [accuracy(c, n) for c, n in acc], losses
         if self.task == "seg":
-            return [100 * miou(cm) for cm in cms]
-        return [rmse(s, n) for s, n in acc]
+            return [100 * miou(cm) for cm in cms], losses
+        return [rmse(s, n) for s, n in acc], losses
 
 
 def train_probe(task: str, arrays: dict, recipe: Recipe, seed: int, *, geo: DenseGeometry | None = None,
@@ -199,23 +240,31 @@ def train_probe(task: str, arrays: dict, recipe: Recipe, seed: int, *, geo: Dens
         in_dim, out_dim = 2 * tr["patches"].shape[-1], len(bin_centres(geo.depth_range))
     gen = torch.Generator().manual_seed(seed)
     head = GridHead(len(recipe.lrs), in_dim, out_dim, gen)
+    stats = feature_stats(task, tr, rows) if recipe.standardize else None
     if init is not None:
         w, b = init
         if tuple(w.shape) != (out_dim, in_dim):
             raise RaptorError(f"--init-head has shape {tuple(w.shape)}; this probe needs ({out_dim}, {in_dim})")
+        if stats:  # the same map on standardised features
+            mean, std = stats["pooled"]
+            w, b = w * std[None, :], b + w @ mean
         head.init_from(w, b)
-    spec = _Task(task, geo, n_classes)
+    spec = _Task(task, geo, n_classes, stats)
     opt = torch.optim.AdamW(head.param_groups(recipe.lrs), weight_decay=recipe.weight_decay)
     steps_per_epoch = math.ceil(len(rows) / recipe.batch_size)
     factor = _schedule(recipe, recipe.epochs * steps_per_epoch)
     name, higher = METRICS[task]
-    res = ProbeResult(name, higher, {"val": [[] for _ in recipe.lrs], "test": [[] for _ in recipe.lrs]})
+    res = ProbeResult(name, higher, {"val": [[] for _ in recipe.lrs], "test": [[] for _ in recipe.lrs],
+                                     "val_loss": [[] for _ in recipe.lrs]})
     eval_batch = max(recipe.batch_size, 256) if task == "cls" else 16
 
     def score():
         for split in ("val", "test"):
-            for g, v in enumerate(spec.evaluate(head, arrays[split], eval_batch)):
+            scores, losses = spec.evaluate(head, arrays[split], eval_batch)
+            for g, v in enumerate(scores):
                 res.history[split][g].append(v)
+                if split == "val":
+                    res.history["val_loss"][g].append(losses[g])
 
     score()
     it = 0
