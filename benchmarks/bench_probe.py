@@ -43,9 +43,9 @@ def main() -> dict:
         res = [train_probe("cls", arrays, recipe, seed, n_classes=data.n_classes) for seed in (0, 1, 2)]
         probes_s = time.perf_counter() - t0
         # official style: backbone on every batch of every epoch, one lr, one seed (one epoch measured)
-        from raptor.data import load_images
+        from raptor.data import ImageItem, load_images
 
-        items = [type("I", (), {"id": s.id, "load": s.image})() for s in data.splits["train"]]
+        items = [ImageItem(s.id, s.image) for s in data.splits["train"]]
         t0 = time.perf_counter()
         head = torch.nn.Linear(2 * bb.teacher.dim, 10)
         opt = torch.optim.AdamW(head.parameters(), lr=1e-3)

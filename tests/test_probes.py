@@ -300,6 +300,7 @@ def test_backbones_layer_pixels_and_runs(tmp_path):
     tok = px.final_tokens(x)
     assert tok.shape == (2, 5, 588)
     torch.testing.assert_close(tok[0, 2].reshape(3, 14, 14), x[0, :, :14, 14:28])
+    torch.testing.assert_close(tok[0, 0].reshape(3, 14, 14), x[0].reshape(3, 14, 2, 14, 2).mean((2, 4)))
     # a run directory: full surrogate and splices
     t = full.teacher
     cfg = SurrogateConfig([[1], [2, 3]], BlockConfig(t.dim, 2))

@@ -129,6 +129,8 @@ class Backbone:
         """What makes two feature passes the same (the cache key): spec, and the surrogate weights' hash."""
         d = {"kind": self.spec.kind, "teacher": self.spec.teacher, "layer": self.spec.layer,
              "splice": list(self.spec.splice) if self.spec.splice else None}
+        if self.spec.kind == "pixels":
+            d["tokens"] = "thumbnail cls + patch pixels"
         if self.spec.run:
             h = hashlib.sha256()
             with open(Path(self.spec.run) / "model.safetensors", "rb") as f:
@@ -162,8 +164,10 @@ class Backbone:
 
 class PixelTeacher:
     """The raw-pixel baseline seen through the teacher contract: its tokens are the normalised pixels of each
-    ``patch`` x ``patch`` patch (3 p^2 values) after a "cls" token that is their mean; no blocks, identity norm. A
-    probe on it says how much of a score the image itself gives a linear map, before any network."""
+    ``patch`` x ``patch`` patch (3 p^2 values) after a "cls" token that is the whole image area-averaged to
+    ``patch`` x ``patch`` pixels (a thumbnail, the same width); no blocks, identity norm. A probe on it says how much
+    of a score the image itself gives a linear map, before any network: [thumbnail || mean patch] for
+    classification, each patch's own pixels for segmentation, [patch || thumbnail] for depth."""
 
     def __init__(self, patch: int, default_image_size: int = 224):
         from raptor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -187,7 +191,8 @@ class PixelTeacher:
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         p = torch.nn.functional.unfold(images, self.patch_size, stride=self.patch_size).transpose(1, 2)
-        return torch.cat([p.mean(1, keepdim=True), p], dim=1)
+        thumb = torch.nn.functional.adaptive_avg_pool2d(images, self.patch_size).flatten(1)[:, None]
+        return torch.cat([thumb, p], dim=1)
 
     def run_blocks(self, tokens: torch.Tensor, start: int, end: int | None = None) -> torch.Tensor:
         return tokens
