@@ -68,9 +68,9 @@ def run_demo(out: Path, limit: int | None = None) -> dict:
     from raptor.probes.table import write_table
 
     probe_dir = out / "probes"
-    console.print(f"\n[bold]Linear probes[/bold] (teacher vs Raptor k=2 and k=3; 3 seeds; 200 images per split of "
-                  f"digits, all of LFW) -> {probe_dir}")
-    for backbone in (DEFAULT_TEACHER, str(k2_dir), str(fit_dir)):
+    console.print(f"\n[bold]Linear probes[/bold] (teacher vs Raptor k=2 and k=3, raw-pixel baseline; 3 seeds; 200 "
+                  f"images per split of digits, all of LFW) -> {probe_dir}")
+    for backbone in (DEFAULT_TEACHER, str(k2_dir), str(fit_dir), "pixels:14"):  # + the raw-pixel baseline
         for data, limit in (("bundled:digits", 200), ("bundled:lfw", None)):
             run_probe(ProbeConfig("cls", backbone, data, str(probe_dir), seeds=(0, 1, 2), limit=limit))
     md, md_path, _ = write_table([probe_dir])
