@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import typer
 
 from raptor.errors import RaptorError
@@ -281,20 +280,22 @@ def probe(
     progress: bool = typer.Option(True, help="Show progress bars"),
 ):
     """Linear probes (the paper's Table-1 protocols) on cached features of a teacher, a surrogate or a splice."""
+    import numpy as np
+
     from raptor.probes.run import ProbeConfig, parse_lrs, parse_seeds, run_probe
+    from raptor.probes.table import display_value
 
     cfg = ProbeConfig(task=task, backbone=backbone, data=data, out=str(out), seeds=parse_seeds(seeds), layer=layer,
                       splice=splice, image_size=image_size, lrs=parse_lrs(lrs), epochs=epochs, batch_size=batch_size,
                       weight_decay=weight_decay, init_head=init_head, cache=str(cache) if cache else None,
                       limit=limit, standardize=standardize)
     recs = run_probe(cfg, progress=progress)
-    vals = [r["value"] for r in recs]
     m = recs[0]["metric"]
-    scale = 100 if m == "top1" else 1
-    best = ", ".join(f"seed {r['seed']}: {scale * r['value']:.3g} (lr {r['best']['lr']:g}, epoch {r['best']['epoch']})"
-                     for r in recs)
-    typer.echo(f"{recs[0]['backbone']} · {task} · {recs[0]['data']}: test {m} {scale * float(np.mean(vals)):.4g} ± "
-               f"{scale * float(np.std(vals, ddof=1) if len(vals) > 1 else 0):.2g} over {len(vals)} seed(s)  [{best}]")
+    vals = [display_value(m, r["value"]) for r in recs]
+    best = ", ".join(f"seed {r['seed']}: {v:.3g} (lr {r['best']['lr']:g}, epoch {r['best']['epoch']})"
+                     for r, v in zip(recs, vals))
+    typer.echo(f"{recs[0]['backbone']} · {task} · {recs[0]['data']}: test {m} {float(np.mean(vals)):.4g} ± "
+               f"{float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0:.2g} over {len(vals)} seed(s)  [{best}]")
     typer.echo(f"appended to {out / 'results.jsonl'}")
 
 

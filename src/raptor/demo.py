@@ -64,6 +64,7 @@ def run_demo(out: Path, limit: int | None = None) -> dict:
     console.print(f"\n[bold]Brief Raptor fit[/bold]: k=2 blocks (phases 1-7 / 8-12) -> {k2_dir}")
     k2_cfg = dataclasses.replace(fit_cfg, out=str(k2_dir), phases=[list(range(1, 8)), list(range(8, 13))])
     run_fit(k2_cfg, resume=(k2_dir / "checkpoints" / "latest.json").exists())
+    from raptor.probes.backbones import Backbone, parse_backbone
     from raptor.probes.run import ProbeConfig, run_probe
     from raptor.probes.table import write_table
 
@@ -71,8 +72,10 @@ def run_demo(out: Path, limit: int | None = None) -> dict:
     console.print(f"\n[bold]Linear probes[/bold] (teacher vs Raptor k=2 and k=3, raw-pixel baseline; 3 seeds; 200 "
                   f"images per split of digits, all of LFW) -> {probe_dir}")
     for backbone in (DEFAULT_TEACHER, str(k2_dir), str(fit_dir), "pixels:14"):  # + the raw-pixel baseline
+        loaded = Backbone.load(parse_backbone(backbone))  # once for both data sets
         for data, limit in (("bundled:digits", 200), ("bundled:lfw", None)):
-            run_probe(ProbeConfig("cls", backbone, data, str(probe_dir), seeds=(0, 1, 2), limit=limit))
+            run_probe(ProbeConfig("cls", backbone, data, str(probe_dir), seeds=(0, 1, 2), limit=limit),
+                      backbone=loaded)
     md, md_path, _ = write_table([probe_dir])
     console.print(md, markup=False, highlight=False)
     console.print("\n[bold green]Demo outputs[/bold green]:")

@@ -31,6 +31,11 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 
+def safe_name(text: str, limit: int | None = None, repl: str = "_") -> str:
+    """``text`` as a file name: letters, digits and ``-_.`` kept, anything else replaced by ``repl``."""
+    return "".join(c if c.isalnum() or c in "-_." else repl for c in text)[:limit]
+
+
 def os_error_message(e: OSError, action: str = "cannot write") -> str:
     """'cannot write /x/y: No space left on device' plus what to do about the common cases."""
     where = f" {e.filename}" if getattr(e, "filename", None) else ""

@@ -54,7 +54,7 @@ class ImageSource:
         return np.array([it.label for it in self.items], dtype=np.int64)
 
 
-def _file_loader(path: Path) -> Callable[[], Image.Image]:
+def file_loader(path: Path) -> Callable[[], Image.Image]:
     def load() -> Image.Image:
         with Image.open(path) as im:
             im.load()
@@ -62,7 +62,7 @@ def _file_loader(path: Path) -> Callable[[], Image.Image]:
     return load
 
 
-def _array_loader(fn: Callable[[], np.ndarray]) -> Callable[[], Image.Image]:
+def array_loader(fn: Callable[[], np.ndarray]) -> Callable[[], Image.Image]:
     def load() -> Image.Image:
         a = np.asarray(fn())
         if a.dtype == bool:
@@ -91,11 +91,11 @@ def folder_source(root: str | Path, spec: str, with_classes: bool | None = None)
         for label, d in enumerate(subdirs):
             for f in sorted(d.rglob("*")):
                 if f.is_file() and f.suffix.lower() in IMAGE_EXTS:
-                    items.append(ImageItem(str(f.relative_to(root)), _file_loader(f), label))
+                    items.append(ImageItem(str(f.relative_to(root)), file_loader(f), label))
     else:
         for f in sorted(root.rglob("*")):
             if f.is_file() and f.suffix.lower() in IMAGE_EXTS:
-                items.append(ImageItem(str(f.relative_to(root)), _file_loader(f)))
+                items.append(ImageItem(str(f.relative_to(root)), file_loader(f)))
     if not items:
         raise RaptorError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) found under {root}")
     return ImageSource(spec, items, names)
@@ -113,32 +113,40 @@ def bundled_photos() -> ImageSource:
     import skimage.data as skd
     from sklearn.datasets import load_sample_images
 
-    items = [ImageItem(f"skimage/{n}", _array_loader(getattr(skd, n))) for n in PHOTO_NAMES]
-    items += [ImageItem("skimage/motorcycle_left", _array_loader(lambda: skd.stereo_motorcycle()[0])),
-              ImageItem("skimage/motorcycle_right", _array_loader(lambda: skd.stereo_motorcycle()[1]))]
+    items = [ImageItem(f"skimage/{n}", array_loader(getattr(skd, n))) for n in PHOTO_NAMES]
+    items += [ImageItem("skimage/motorcycle_left", array_loader(lambda: skd.stereo_motorcycle()[0])),
+              ImageItem("skimage/motorcycle_right", array_loader(lambda: skd.stereo_motorcycle()[1]))]
     for i, name in enumerate(("china", "flower")):
-        items.append(ImageItem(f"sklearn/{name}", _array_loader(lambda i=i: load_sample_images().images[i])))
+        items.append(ImageItem(f"sklearn/{name}", array_loader(lambda i=i: load_sample_images().images[i])))
     return ImageSource("bundled:photos", items)
+
+
+def digits_uint8() -> tuple[np.ndarray, np.ndarray]:
+    """sklearn digits as (1,797 x 8 x 8 uint8 images scaled from 0..16 to 0..255, int64 labels 0..9)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return (d.images / 16.0 * 255).round().astype(np.uint8), d.target.astype(np.int64)
+
+
+def lfw_uint8() -> np.ndarray:
+    """scikit-image ``lfw_subset`` as 200 x 25 x 25 uint8: the first 100 faces, the last 100 non-faces."""
+    import skimage.data as skd
+
+    return (skd.lfw_subset() * 255).round().astype(np.uint8)
 
 
 def bundled_digits() -> ImageSource:
     """sklearn digits: 1,797 8x8 grey digits (0..16), 10 classes; the transform upsamples them."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    imgs = (d.images / 16.0 * 255).round().astype(np.uint8)
-    items = [ImageItem(f"digits/{i:04d}", _array_loader(lambda a=imgs[i]: a), int(d.target[i]))
-             for i in range(len(imgs))]
+    imgs, y = digits_uint8()
+    items = [ImageItem(f"digits/{i:04d}", array_loader(lambda a=imgs[i]: a), int(y[i])) for i in range(len(imgs))]
     return ImageSource("bundled:digits", items, [str(c) for c in range(10)])
 
 
 def bundled_lfw() -> ImageSource:
     """scikit-image ``lfw_subset``: 200 grey 25x25 crops, the first 100 faces, the last 100 non-faces."""
-    import skimage.data as skd
-
-    a = skd.lfw_subset()
-    imgs = (a * 255).round().astype(np.uint8)
-    items = [ImageItem(f"lfw/{i:03d}", _array_loader(lambda x=imgs[i]: x), 0 if i < 100 else 1)
+    imgs = lfw_uint8()
+    items = [ImageItem(f"lfw/{i:03d}", array_loader(lambda x=imgs[i]: x), 0 if i < 100 else 1)
              for i in range(len(imgs))]
     return ImageSource("bundled:lfw", items, ["face", "non-face"])
 

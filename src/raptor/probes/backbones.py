@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from raptor.errors import RaptorError
+from raptor.outputs import safe_name
 
 BACKBONE_HELP = "a teacher spec (bundled:dinov2-s, hf:<id or dir>, dinov2-pth:<file>, tiny:<family>), a raptor " \
                 "fit run directory (holding surrogate.json and model.safetensors) or pixels:<patch> " \
@@ -97,6 +98,7 @@ class Backbone:
     def __init__(self, spec: BackboneSpec, teacher, model=None):
         self.spec, self.teacher, self.model = spec, teacher, model
         self.label = spec.label
+        self._identity: dict | None = None
         if spec.layer is not None and spec.layer > teacher.depth:
             raise RaptorError(f"--layer {spec.layer}: the teacher has layers 0..{teacher.depth}")
 
@@ -126,7 +128,13 @@ class Backbone:
         return cls(spec, teacher, model)
 
     def identity(self) -> dict:
-        """What makes two feature passes the same (the cache key): spec, and the surrogate weights' hash."""
+        """What makes two feature passes the same (the cache key): spec, and the surrogate weights' hash (read once
+        per loaded backbone)."""
+        if self._identity is None:
+            self._identity = self._compute_identity()
+        return dict(self._identity)
+
+    def _compute_identity(self) -> dict:
         d = {"kind": self.spec.kind, "teacher": self.spec.teacher, "layer": self.spec.layer,
              "splice": list(self.spec.splice) if self.spec.splice else None}
         if self.spec.kind == "pixels":
@@ -137,7 +145,7 @@ class Backbone:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     h.update(block)
             d["weights_sha256"] = h.hexdigest()
-        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.label)[:60]
+        name = safe_name(self.label, 60)
         d["id"] = f"{name}-{hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]}"
         return d
 

@@ -31,6 +31,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from raptor.data.sources import array_loader, digits_uint8, file_loader, lfw_uint8
 from raptor.errors import RaptorError
 
 TASKS = ("cls", "seg", "depth")
@@ -74,10 +75,6 @@ class ProbeData:
                 "image_size": self.image_size, "about": self.about}
 
 
-def _rgb(a: np.ndarray) -> Callable[[], Image.Image]:
-    return lambda: Image.fromarray(np.ascontiguousarray(a))
-
-
 def _const(v) -> Callable[[], object]:
     return lambda: v
 
@@ -99,17 +96,11 @@ def _carve_val(train: list[Sample], frac: float = 0.1, seed: int = 0) -> tuple[l
 
 # ---- classification ---------------------------------------------------------------------------------------------
 
-def _digits_uint8() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    return (d.images / 16.0 * 255).round().astype(np.uint8), d.target.astype(np.int64)
-
-
 def bundled_digits() -> ProbeData:
-    imgs, y = _digits_uint8()
+    imgs, y = digits_uint8()
     ids = _split_ids(len(imgs), 297, 500)
-    splits = {s: [Sample(f"digits/{i:04d}", _rgb(imgs[i]), _const(int(y[i]))) for i in ids[s]] for s in SPLITS}
+    splits = {s: [Sample(f"digits/{i:04d}", array_loader(lambda a=imgs[i]: a), _const(int(y[i]))) for i in ids[s]]
+              for s in SPLITS}
     return ProbeData("bundled:digits", "cls", splits, 10, [str(c) for c in range(10)], image_size=112,
                      recipe={"batch_size": 128, "epochs": 30},
                      about="sklearn digits (1,797 real 8x8 handwritten digits, 10 classes), fixed split "
@@ -117,16 +108,15 @@ def bundled_digits() -> ProbeData:
 
 
 def bundled_lfw() -> ProbeData:
-    import skimage.data as skd
-
-    a = (skd.lfw_subset() * 255).round().astype(np.uint8)
+    a = lfw_uint8()
     y = np.array([0] * 100 + [1] * 100)
     splits: dict[str, list[Sample]] = {s: [] for s in SPLITS}
     for c in (0, 1):  # stratified: 50 / 20 / 30 per class
         idx = np.flatnonzero(y == c)
         ids = _split_ids(len(idx), 20, 30, seed=c)
         for s in SPLITS:
-            splits[s] += [Sample(f"lfw/{idx[i]:03d}", _rgb(a[idx[i]]), _const(c)) for i in ids[s]]
+            splits[s] += [Sample(f"lfw/{idx[i]:03d}", array_loader(lambda x=a[idx[i]]: x), _const(c))
+                          for i in ids[s]]
     return ProbeData("bundled:lfw", "cls", splits, 2, ["face", "non-face"], image_size=112,
                      recipe={"batch_size": 32, "epochs": 40},
                      about="scikit-image lfw_subset (200 real 25x25 grey crops: 100 faces, 100 non-faces), "
@@ -140,12 +130,12 @@ def class_folders(root: Path, spec: str) -> ProbeData:
     for s in ("train", "val"):
         if not (root / s).is_dir():
             raise RaptorError(f"{spec}: missing split folder {root / s} (expected class-per-folder train/ and val/)")
-    tr = folder_source(root / "train", spec, with_classes=True)
-    names = tr.class_names
+    sources = {"train": folder_source(root / "train", spec, with_classes=True)}  # scanned once: it names the classes
+    names = sources["train"].class_names
     index = {n: i for i, n in enumerate(names)}
 
     def read(split: str) -> list[Sample]:
-        src = folder_source(root / split, spec, with_classes=True)
+        src = sources.get(split) or folder_source(root / split, spec, with_classes=True)
         extra = sorted(set(src.class_names) - set(names))
         if extra:
             raise RaptorError(f"{spec}: {split}/ has classes that train/ lacks: {extra[:5]}")
@@ -184,7 +174,7 @@ def _digit_canvas(d1: np.ndarray, d2: np.ndarray, y1: int, y2: int, rng: np.rand
 
 
 def bundled_digit_seg() -> ProbeData:
-    imgs, y = _digits_uint8()
+    imgs, y = digits_uint8()
     n = len(imgs) // 2
     pairs = np.random.default_rng(1).permutation(len(imgs))[: 2 * n].reshape(n, 2)
     ids = _split_ids(n, 100, 200, seed=2)
@@ -222,21 +212,13 @@ def ade20k(root: Path, spec: str) -> ProbeData:
             m = next((q for q in (adir / f"{p.stem}.png", adir / f"{p.stem}_seg.png") if q.is_file()), None)
             if m is None:
                 raise RaptorError(f"{spec}: image {p.name} has no annotation {adir / (p.stem + '.png')}")
-            out.append(Sample(f"{split}/{p.stem}", _open(p), _ade_mask(m)))
+            out.append(Sample(f"{split}/{p.stem}", file_loader(p), _ade_mask(m)))
         return out
 
     train, test = read("training"), read("validation")
     train, val = _carve_val(train)
     return ProbeData(spec, "seg", {"train": train, "val": val, "test": test}, 150, image_size=518,
                      about=f"ADE20k (SceneParse150) at {root}; val = 10 % of training, test = validation")
-
-
-def _open(p: Path) -> Callable[[], Image.Image]:
-    def load():
-        with Image.open(p) as im:
-            im.load()
-            return im.copy()
-    return load
 
 
 def _ade_mask(p: Path) -> Callable[[], np.ndarray]:
@@ -282,7 +264,8 @@ def bundled_motorcycle(crop: int = 140) -> ProbeData:
             y0 = int(rng.integers(0, h - crop + 1))
             x0 = int(rng.integers(c0, c1 - crop + 1))
             im, d = left[y0:y0 + crop, x0:x0 + crop], depth[y0:y0 + crop, x0:x0 + crop]
-            out.append(Sample(f"motorcycle/{tag}{i:03d}@{y0},{x0}", _rgb(im), _const(np.ascontiguousarray(d))))
+            out.append(Sample(f"motorcycle/{tag}{i:03d}@{y0},{x0}", array_loader(lambda a=im: a),
+                              _const(np.ascontiguousarray(d))))
         return out
 
     splits = {"train": crops(256, 0, split_col, "train"), "val": crops(48, 0, split_col, "val"),
@@ -367,7 +350,7 @@ def nyud(root: Path, spec: str) -> ProbeData:
                 for p in (rgb, dep):
                     if not p.is_file():
                         raise RaptorError(f"{f}: file {p} not found")
-                out.append(Sample(row[0].strip(), _open(rgb), _depth_png(dep, scale)))
+                out.append(Sample(row[0].strip(), file_loader(rgb), _depth_png(dep, scale)))
         if not out:
             raise RaptorError(f"{f} lists no images")
         return out
@@ -391,7 +374,7 @@ def paired(root: Path, spec: str) -> ProbeData:
         for p in sorted(q for q in rgb_dir.iterdir() if q.suffix.lower() in (".png", ".jpg", ".jpeg")):
             if p.stem not in depth:
                 raise RaptorError(f"{spec}: {p.name} has no depth map {dep_dir / (p.stem + '.png')}")
-            out.append(Sample(f"{d.name}/{p.stem}", _open(p), _depth_png(depth[p.stem], 1e-3)))
+            out.append(Sample(f"{d.name}/{p.stem}", file_loader(p), _depth_png(depth[p.stem], 1e-3)))
         if not out:
             raise RaptorError(f"{spec}: no images in {rgb_dir}")
         return out

@@ -32,6 +32,7 @@ from raptor.config import atomic_write_text
 from raptor.data.sources import ImageLoadWarning
 from raptor.data.transforms import EvalTransform, to_rgb, to_tensor
 from raptor.errors import RaptorError
+from raptor.outputs import safe_name
 from raptor.probes.data import IGNORE, ProbeData, Sample
 
 FEATURE_VERSION = 1
@@ -153,8 +154,7 @@ def split_key(backbone_id: dict, data: ProbeData, task: str, split: str, transfo
 
 def cache_dir(cache: Path, key: dict) -> Path:
     h = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key["data"])
-    return Path(cache) / key["backbone"]["id"] / f"{key['task']}-{safe}-{key['split']}-{h}"
+    return Path(cache) / key["backbone"]["id"] / f"{key['task']}-{safe_name(key['data'])}-{key['split']}-{h}"
 
 
 def _load(sample: Sample, task: str, transform):

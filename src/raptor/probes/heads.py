@@ -64,10 +64,9 @@ class GridHead(nn.Module):
 
 # ---- dense geometry ---------------------------------------------------------------------------------------------
 
-def to_target(grid_maps: torch.Tensor, patch: int, pad: tuple[int, int], hw: tuple[int, int]) -> torch.Tensor:
-    """(B, C, gh, gw) maps -> bilinear to the (padded) input resolution -> cropped to the target (H, W)."""
-    gh, gw = grid_maps.shape[-2:]
-    up = F.interpolate(grid_maps, size=(gh * patch, gw * patch), mode="bilinear", align_corners=False)
+def to_target(maps: torch.Tensor, padded: tuple[int, int], pad: tuple[int, int], hw: tuple[int, int]) -> torch.Tensor:
+    """(B, C, h, w) maps -> bilinear to the (padded) input resolution ``padded`` -> cropped to the target (H, W)."""
+    up = F.interpolate(maps, size=padded, mode="bilinear", align_corners=False)
     return up[..., pad[0]:pad[0] + hw[0], pad[1]:pad[1] + hw[1]]
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from raptor.config import save_config, to_dict
 from raptor.errors import RaptorError, check_positive
-from raptor.outputs import claim_output
+from raptor.outputs import claim_output, safe_name
 from raptor.probes.data import TASKS, open_probe_data
 from raptor.probes.train import DEFAULT_RECIPES, METRICS, DenseGeometry, Recipe, prior_baseline, train_probe
 
@@ -123,13 +123,14 @@ def append_line(path: Path, record: dict) -> None:
 
 
 def _slug(*parts: str) -> str:
-    s = "_".join(parts)
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in s)[:120]
+    return safe_name("_".join(parts), 120, "-")
 
 
-def run_probe(cfg: ProbeConfig, progress: bool = True) -> list[dict]:
+def run_probe(cfg: ProbeConfig, progress: bool = True, backbone=None) -> list[dict]:
     """Check everything cheap (settings, backbone spec, data layout) before the backbone loads; then features
-    (cached), probes per seed, one results line each. Returns this run's records (new and already present)."""
+    (cached), probes per seed, one results line each. Returns this run's records (new and already present).
+    ``backbone``: an already loaded :class:`~raptor.probes.backbones.Backbone` for ``cfg.backbone`` (callers that
+    probe one backbone on several data sets load it once)."""
     from raptor.probes.backbones import parse_backbone
     from raptor.runtime import tune_malloc
 
@@ -147,16 +148,18 @@ def run_probe(cfg: ProbeConfig, progress: bool = True) -> list[dict]:
     def has_progress(p: Path) -> bool:
         return (p / RESULTS).is_file() or (p / "features").is_dir()
 
+    if backbone is not None and backbone.spec != spec:
+        raise RaptorError(f"the loaded backbone is {backbone.label}, the config names {spec.label}")
     with claim_output(out, has_progress=has_progress):
-        return _run(cfg, spec, data, recipe, out, progress)
+        return _run(cfg, spec, data, recipe, out, progress, backbone)
 
 
-def _run(cfg: ProbeConfig, spec, data, recipe: Recipe, out: Path, progress: bool) -> list[dict]:
+def _run(cfg: ProbeConfig, spec, data, recipe: Recipe, out: Path, progress: bool, bb=None) -> list[dict]:
     from raptor.probes.backbones import Backbone
     from raptor.probes.features import DenseTransform, split_features, transform_for
     from raptor.progress import progress_bar
 
-    bb = Backbone.load(spec)
+    bb = bb or Backbone.load(spec)
     teacher = bb.teacher
     transform = transform_for(cfg.task, data, teacher, cfg.image_size)
     ident = bb.identity()
@@ -194,7 +197,7 @@ def _run(cfg: ProbeConfig, spec, data, recipe: Recipe, out: Path, progress: bool
         for i, seed in enumerate(todo):
             t1 = time.perf_counter()
             res = train_probe(cfg.task, arrays, recipe, seed, geo=geo, n_classes=data.n_classes, init=init, bar=bar)
-            rec = {"backbone": bb.label, "backbone_spec": {k: v for k, v in ident.items()},
+            rec = {"backbone": bb.label, "backbone_spec": ident,
                    "teacher": teacher.spec, "task": cfg.task, "data": data.spec, "seed": seed,
                    "metric": name, "higher_is_better": higher, "value": res.best["test"], "best": res.best,
                    "prior_baseline": prior,

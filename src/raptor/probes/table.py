@@ -33,7 +33,8 @@ def collect(paths: list[Path]) -> list[dict]:
     return list(latest.values())
 
 
-def _scale(metric: str, v: float) -> float:
+def display_value(metric: str, v: float) -> float:
+    """A stored metric as tables print it: top-1 in % (stored as a fraction), mIoU in % and RMSE in m as stored."""
     return 100 * v if metric == "top1" else v
 
 
@@ -45,7 +46,7 @@ def aggregate(recs: list[dict]) -> tuple[list[dict], list[tuple]]:
         key = r["backbone_spec"]["id"]
         row = rows.setdefault(key, {"backbone": r["backbone"], "teacher": r["teacher"], "spec": r["backbone_spec"],
                                     "cells": {}})
-        row["cells"].setdefault((r["task"], r["data"], r["metric"]), []).append(_scale(r["metric"], r["value"]))
+        row["cells"].setdefault((r["task"], r["data"], r["metric"]), []).append(display_value(r["metric"], r["value"]))
     out = []
     for row in rows.values():
         cells = {}
@@ -68,7 +69,7 @@ def aggregate(recs: list[dict]) -> tuple[list[dict], list[tuple]]:
     prior = {}
     for r in recs:
         if r.get("prior_baseline") is not None:
-            prior.setdefault((r["task"], r["data"], r["metric"]), _scale(r["metric"], r["prior_baseline"]))
+            prior.setdefault((r["task"], r["data"], r["metric"]), display_value(r["metric"], r["prior_baseline"]))
     if prior:
         out.append({"backbone": "baseline: no image (training-set prior)", "teacher": "", "is_teacher": False,
                     "spec": {"kind": "prior"},

@@ -156,35 +156,36 @@ class _Task:
             return x, torch.from_numpy(np.asarray(a["masks"][idx]).astype(np.int64))
         return x, as_float(a["depth"][idx])
 
+    def _input_size(self, x) -> tuple[int, int]:
+        """The (padded) input resolution: the patch grid times the patch size."""
+        return x[0].shape[1] * self.geo.patch, x[0].shape[2] * self.geo.patch
+
+    def seg_pred(self, head, g, x) -> torch.Tensor:
+        """(B, C, H, W) logits at the target resolution."""
+        return to_target(seg_logits(head, g, x[0]), self._input_size(x), self.geo.pad, self.geo.hw)
+
     def depth_pred(self, head, g, x):
+        """Bin logits on the x4 grid and the depth map (B, 1, H, W) at the target resolution."""
         logits4 = depth_logits(head, g, *x)
         d = (logits4.softmax(1) * self.centres[None, :, None, None]).sum(1, keepdim=True)
-        gh, gw = x[0].shape[1:3]
-        scale = (gh * self.geo.patch) / logits4.shape[-2]
-        full = F.interpolate(d, scale_factor=scale, mode="bilinear", align_corners=False)
-        pad, hw = self.geo.pad, self.geo.hw
-        return logits4, full[..., pad[0]:pad[0] + hw[0], pad[1]:pad[1] + hw[1]]
+        return logits4, to_target(d, self._input_size(x), self.geo.pad, self.geo.hw)
 
     def loss(self, head: GridHead, x, y) -> torch.Tensor:
         if self.task == "cls":
             logits = head.all(x)  # (G, B, C)
             return F.cross_entropy(logits.flatten(0, 1), y.repeat(len(head)), reduction="mean") * len(head)
         total = 0.0
+        if self.task == "depth":  # the target on the padded input canvas (padding = invalid), for the bin CE
+            top, left = self.geo.pad
+            y_padded = y.new_zeros((y.shape[0], *self._input_size(x)))
+            y_padded[:, top:top + y.shape[-2], left:left + y.shape[-1]] = y
         for g in range(len(head)):
             if self.task == "seg":
-                logits = to_target(seg_logits(head, g, x[0]), self.geo.patch, self.geo.pad, self.geo.hw)
-                total = total + F.cross_entropy(logits, y, ignore_index=255)
+                total = total + F.cross_entropy(self.seg_pred(head, g, x), y, ignore_index=255)
             else:
                 logits4, pred = self.depth_pred(head, g, x)
-                total = total + depth_loss(logits4, pred, y, self._padded(y), self.geo.depth_range)
+                total = total + depth_loss(logits4, pred, y, y_padded, self.geo.depth_range)
         return total
-
-    def _padded(self, y: torch.Tensor) -> torch.Tensor:
-        gh = -(-(y.shape[-2] + self.geo.pad[0]) // self.geo.patch) * self.geo.patch
-        gw = -(-(y.shape[-1] + self.geo.pad[1]) // self.geo.patch) * self.geo.patch
-        out = y.new_zeros((y.shape[0], gh, gw))
-        out[:, self.geo.pad[0]:self.geo.pad[0] + y.shape[-2], self.geo.pad[1]:self.geo.pad[1] + y.shape[-1]] = y
-        return out
 
     @torch.no_grad()
     def evaluate(self, head: GridHead, a: dict, batch: int) -> tuple[list[float], list[float]]:
@@ -206,8 +207,7 @@ class _Task:
                 continue
             for g in range(G):
                 if self.task == "seg":
-                    logits = to_target(seg_logits(head, g, x[0]), self.geo.patch, self.geo.pad, self.geo.hw)
-                    cms[g] += confusion(logits.argmax(1), y, self.n_classes)
+                    cms[g] += confusion(self.seg_pred(head, g, x).argmax(1), y, self.n_classes)
                 else:
                     _, pred = self.depth_pred(head, g, x)
                     m = eval_mask(y, self.geo.depth_range, self.geo.eigen)
