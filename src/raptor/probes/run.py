@@ -141,6 +141,10 @@ def run_probe(cfg: ProbeConfig, progress: bool = True, backbone=None) -> list[di
     if cfg.limit:
         for s in data.splits:
             data.splits[s] = data.splits[s][: cfg.limit]
+    if cfg.init_head not in (None, "teacher"):  # a bad head file is refused before any feature pass
+        from raptor.teachers.dinov2_pth import load_state_file
+
+        load_state_file(cfg.init_head)
     recipe = cfg.make_recipe(data.recipe)
     cfg.recipe = to_dict(recipe)
     out = Path(cfg.out)
