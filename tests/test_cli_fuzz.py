@@ -134,10 +134,26 @@ def test_probe_arguments(task, backbone, data, seeds, lrs, epochs, batch, size, 
         _check(["table", str(out)], capsys)
 
 
+@SETTINGS
+@given(teacher=field(["tiny:dinov2"], ["tiny:nope", "bogus"]), data=DATA, limit=field(["4", "6"], BAD_INT),
+       batch=field(["2"], BAD_INT), eps=field(["0.1", "0.05,0.2"], ["0", "-1", "nan", "x", "", ","]),
+       inject=field(["0", "0,2"], ["-1", "3", "99", "x", ""]), phases=field(["1/2-3", "1-3"], ["1-2", "0-3", "x",
+                                                                                          "/no/analysis.json"]),
+       perturb=field(["2"], BAD_INT), ranks=field(["3"], BAD_INT), knn=field(["1", "3"], BAD_INT),
+       space=field(["raw", "normed"], ["", "log"]), size=field(["28"], ["13", "0", "-14"]))
+def test_dynamics_arguments(teacher, data, limit, batch, eps, inject, phases, perturb, ranks, knn, space, size,
+                            capsys):
+    _check(_argv("dynamics", ["--out", str(BASE / f"dyn-{next(_n)}"), "--no-progress"],
+                 {"--teacher": teacher, "--data": data, "--limit": limit, "--batch-size": batch, "--eps": eps,
+                  "--inject": inject, "--phases": phases, "--perturb-images": perturb, "--rank-images": ranks,
+                  "--knn-k": knn, "--space": space, "--image-size": size},
+                 {"--teacher": "tiny:dinov2", "--data": "bundled:lfw", "--limit": "4"}), capsys)
+
+
 def test_the_fuzz_reached_both_outcomes():
     """The draws above must include full successful runs as well as refusals of every command (else the fuzz
     only ever exercised argument parsing)."""
-    for cmd in ("extract", "analyze", "fit", "probe", "table"):
+    for cmd in ("extract", "analyze", "fit", "probe", "table", "dynamics"):
         assert 0 in COUNTS.get(cmd, []) and 2 in COUNTS.get(cmd, []), (cmd, COUNTS.get(cmd))
 
 

@@ -300,6 +300,55 @@ def probe(
 
 
 @app.command()
+def dynamics(
+    teacher: str = typer.Option("bundled:dinov2-s", "--teacher", "-t", help=TEACHER_HELP),
+    surrogate: Optional[Path] = typer.Option(None, "--surrogate", "-s", help="A raptor fit run directory for the same "
+                                             "teacher: its own rollout from the teacher's layer 0, side by side"),
+    data: str = typer.Option("bundled:photos", "--data", "-d", help=DATA_HELP),
+    store: Optional[Path] = typer.Option(None, help="Read trajectories from this store (every layer 0..L) instead of "
+                                         "running the teacher"),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory"),
+    phases: Optional[str] = typer.Option(None, help="analysis.json from raptor analyze, or e.g. 1-7/8-11/12 "
+                                         "(default: the teacher's DP phases, computed in the same pass)"),
+    limit: Optional[int] = typer.Option(None, help="Only the first N images"),
+    batch_size: int = typer.Option(16, help="Batch size"),
+    image_size: Optional[int] = typer.Option(None, help="Crop size for live data (default: the teacher's)"),
+    eps: str = typer.Option("0.05,0.2", help="Relative noise sizes for perturbation recovery (each > 0)"),
+    inject: Optional[str] = typer.Option(None, help="Layers to perturb, e.g. 0,4,8 (default: each phase's entry)"),
+    perturb_images: int = typer.Option(64, help="Images for perturbation recovery"),
+    rank_images: int = typer.Option(256, help="Images for the update ranks (one eigendecomposition per image "
+                                    "and layer: the costly metric)"),
+    knn_k: int = typer.Option(5, help="k of the class-basin kNN accuracy"),
+    seed: int = typer.Option(0, help="Seed of the perturbation noise"),
+    space: str = typer.Option("raw", help="raw: the residual stream x_l (as the paper) | normed: the teacher's final "
+                              "norm applied to every layer (removes outlier channels' pull on directions)"),
+    autocast: Optional[str] = typer.Option(None, help="bfloat16 autocast for the live teacher forward"),
+    progress: bool = typer.Option(True, help="Show progress bars"),
+):
+    """Dynamical interpretability (the paper's §6): convergence, speed, coherence, update ranks, class basins and
+    perturbation recovery, with the paper's three findings stated as holds / does not hold."""
+    from raptor.dynamics.run import DynamicsConfig, run_dynamics
+
+    explicit = parse_phases(phases)
+    try:
+        eps_list = tuple(float(x) for x in eps.split(",") if x.strip())
+    except ValueError:
+        raise RaptorError(f"bad --eps {eps!r}: use e.g. 0.05,0.2") from None
+    cfg = DynamicsConfig(teacher=teacher, surrogate=str(surrogate) if surrogate else None, data=data,
+                         store=str(store) if store else None, out=str(out), phases=explicit,
+                         phases_file=phases if phases and explicit is None else None, limit=limit,
+                         batch_size=batch_size, image_size=image_size, eps=eps_list, inject=parse_layers(inject),
+                         perturb_images=perturb_images, rank_images=rank_images, knn_k=knn_k, seed=seed,
+                         space=space, autocast=autocast)
+    dyn = run_dynamics(cfg, progress=progress)
+    typer.echo(f"phases: {dyn['phases']}  ({dyn['phases_source']})")
+    for key in ("i", "ii", "iii", "boundary_jumps"):
+        verdicts = ", ".join(f"{m}: {f[key]['verdict']}" for m, f in dyn["findings"].items())
+        typer.echo(f"({key}) {dyn['findings']['teacher'][key]['finding']}: {verdicts}")
+    typer.echo(f"wrote {out / 'report.md'}, {out / 'dynamics.json'} and {len(dyn['figures'])} plots")
+
+
+@app.command()
 def table(dirs: list[Path] = typer.Argument(..., help="raptor probe output directories (or results.jsonl files)"),
           out: Optional[Path] = typer.Option(None, "--out", "-o", help="Path prefix for .md and .csv "
                                              "(default: FIRST_DIR/table)")):

@@ -91,6 +91,25 @@ def parse_backbone(text: str, layer: int | None = None, splice: str | None = Non
     return BackboneSpec("teacher", text, None, layer, None)
 
 
+def load_surrogate(run: str | Path, teacher):
+    """The trained RaptorModel of a ``raptor fit`` run (eval mode), checked against ``teacher``'s depth and width."""
+    from raptor.surrogate.checkpoint import load_tensors
+    from raptor.surrogate.model import RaptorModel, SurrogateConfig
+
+    meta = json.loads((Path(run) / "surrogate.json").read_text())
+    cfg = SurrogateConfig.from_dict(meta["surrogate"])
+    if cfg.depth != teacher.depth or cfg.block.dim != teacher.dim:
+        raise RaptorError(f"run {run} is a depth-{cfg.depth}, width-{cfg.block.dim} surrogate; the teacher "
+                          f"{teacher.spec} has depth {teacher.depth}, width {teacher.dim}")
+    model = RaptorModel(cfg)
+    try:
+        model.load_state_dict(load_tensors(Path(run) / "model.safetensors"))
+    except RuntimeError as e:
+        raise RaptorError(f"{run}/model.safetensors does not fit its surrogate.json: "
+                          f"{str(e).splitlines()[0]}") from None
+    return model.eval()
+
+
 class Backbone:
     """A loaded backbone: ``final_tokens(images)`` -> last-layer tokens (before the final norm) and
     ``features(tokens, layout, task)`` -> the arrays a probe of ``task`` reads."""
@@ -108,23 +127,7 @@ class Backbone:
 
         teacher = PixelTeacher(int(spec.teacher.partition(":")[2])) if spec.kind == "pixels" \
             else load_teacher(spec.teacher)
-        model = None
-        if spec.kind == "raptor":
-            from raptor.surrogate.checkpoint import load_tensors
-            from raptor.surrogate.model import RaptorModel, SurrogateConfig
-
-            meta = json.loads((Path(spec.run) / "surrogate.json").read_text())
-            cfg = SurrogateConfig.from_dict(meta["surrogate"])
-            if cfg.depth != teacher.depth or cfg.block.dim != teacher.dim:
-                raise RaptorError(f"run {spec.run} is a depth-{cfg.depth}, width-{cfg.block.dim} surrogate; its "
-                                  f"teacher {spec.teacher} has depth {teacher.depth}, width {teacher.dim}")
-            model = RaptorModel(cfg)
-            try:
-                model.load_state_dict(load_tensors(Path(spec.run) / "model.safetensors"))
-            except RuntimeError as e:
-                raise RaptorError(f"{spec.run}/model.safetensors does not fit its surrogate.json: "
-                                  f"{str(e).splitlines()[0]}") from None
-            model.eval()
+        model = load_surrogate(spec.run, teacher) if spec.kind == "raptor" else None
         return cls(spec, teacher, model)
 
     def identity(self) -> dict:

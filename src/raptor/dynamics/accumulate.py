@@ -1,0 +1,81 @@
+"""One pass over trajectories (B, layers 0..L, tokens, dim): every per-image dynamics metric, batch by batch.
+
+Each batch is normalised once; γ, angular speed (per token group), patch coherence, the update ranks (raw and
+unit-direction updates, on the first ``rank_images`` images: an eigen-decomposition per image and layer is the one
+costly step) and the read-out direction per layer (cls, or the mean patch for teachers without one, kept for the
+class-basin scores at the end) are taken from it. Results equal the functions in :mod:`raptor.dynamics.metrics`
+applied to the whole set at once (tested).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from raptor.dynamics.metrics import (coherence_of_units, gamma_of_units, singular_values, speed_of_units,
+                                     spectrum_ranks, unit)
+from raptor.errors import RaptorError
+
+GROUPS = ("cls", "registers", "patches", "all")
+RANKS = ("stable_rank", "effective_rank", "stable_rank_directions", "effective_rank_directions")
+
+
+class DynamicsAccumulator:
+    def __init__(self, layout, n_layers: int, rank_images: int | None = 256):
+        self.layout = layout
+        self.n_layers = n_layers
+        self.rank_images = rank_images
+        self.groups = [g for g in GROUPS if layout.group(g).stop > layout.group(g).start]
+        self.gamma: dict[str, list] = {g: [] for g in self.groups}
+        self.speed: dict[str, list] = {g: [] for g in self.groups}
+        self.coherence: list = []
+        self.ranks: dict[str, list] = {k: [] for k in RANKS}
+        self.readout: list = []  # (B, n, D) float32 unit directions
+        self.embedded: list = []  # (B, D): the layer-0 mean patch direction, the embedded pixels' basin baseline
+        self.labels: list = []
+        self.n = 0
+        self.n_ranked = 0
+
+    @property
+    def readout_name(self) -> str:
+        return "cls" if self.layout.n_cls else "mean patch"
+
+    @torch.no_grad()
+    def update(self, traj: torch.Tensor, labels: np.ndarray | None = None) -> None:
+        if traj.ndim != 4 or traj.shape[1] != self.n_layers or traj.shape[2] != self.layout.n_tokens:
+            raise RaptorError(f"trajectory shape {tuple(traj.shape)} does not match {self.n_layers} layers x "
+                              f"{self.layout.n_tokens} tokens")
+        traj = traj.float()
+        B = traj.shape[0]
+        u = unit(traj)
+        for g in self.groups:
+            ug = u[:, :, self.layout.group(g)]
+            self.gamma[g].append(gamma_of_units(ug).double())
+            self.speed[g].append(speed_of_units(ug).double())
+        self.coherence.append(coherence_of_units(u[:, :, self.layout.patches]).double())
+        take = B if self.rank_images is None else max(0, min(B, self.rank_images - self.n_ranked))
+        if take:
+            for name, x in (("", traj[:take]), ("_directions", u[:take])):
+                stable, eff = spectrum_ranks(singular_values(x[:, 1:] - x[:, :-1]))
+                self.ranks["stable_rank" + name].append(stable)
+                self.ranks["effective_rank" + name].append(eff)
+            self.n_ranked += take
+        ro = u[:, :, 0] if self.layout.n_cls else unit(traj[:, :, self.layout.patches].mean(2))
+        self.readout.append(ro.clone())
+        self.embedded.append(unit(traj[:, 0, self.layout.patches].mean(1)))
+        self.labels.append(np.full(B, -1, dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64))
+        self.n += B
+
+    def result(self) -> dict:
+        """Per-image arrays: ``gamma``/``speed`` per group, ``coherence``, ``ranks`` (the first ``n_ranked``
+        images), ``readout`` (n_images, n_layers, D), ``embedded`` (n_images, D) and ``labels``."""
+        if self.n == 0:
+            raise RaptorError("no images were read")
+        cat = lambda xs: torch.cat(xs).numpy()  # noqa: E731
+        return {"gamma": {g: cat(v) for g, v in self.gamma.items()},
+                "speed": {g: cat(v) for g, v in self.speed.items()},
+                "coherence": cat(self.coherence),
+                "ranks": {k: cat(v) for k, v in self.ranks.items()} if self.n_ranked else {},
+                "readout": torch.cat(self.readout), "embedded": torch.cat(self.embedded),
+                "labels": np.concatenate(self.labels),
+                "n_images": self.n, "n_ranked": self.n_ranked}

@@ -1,0 +1,353 @@
+"""The paper's three dynamics findings as explicit criteria, the plots and ``report.md`` of ``raptor dynamics``.
+
+Each finding is split into checks with a fixed threshold (ours: the paper states its findings qualitatively; the
+same thresholds for every run and model). A finding **holds** when all its checks hold, **does not hold** when none
+does, else **partly holds**.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from raptor.plots import plt
+
+DEFINITIONS = {
+    "gamma": "γ_ℓ = cos(x̂_ℓ, x̂_L) per token, mean over the group's tokens (paper)",
+    "speed": "s_ℓ = angle(x̂_{ℓ+1}, x̂_ℓ) in radians per token, mean over the group's tokens (paper)",
+    "coherence": "κ_ℓ = mean over patch tokens of cos(x̂_i, m̂), m̂ = normalised mean unit patch direction (ours)",
+    "ranks": "per image, Δ_ℓ = x_{ℓ+1} − x_ℓ over all tokens × channels (and the unit-direction update "
+             "x̂_{ℓ+1} − x̂_ℓ): stable rank ‖Δ‖_F²/‖Δ‖_2², entropy effective rank exp(H(σ/Σσ)) (ours)",
+    "basins": "leave-one-out cosine kNN accuracy and cosine silhouette of the read-out direction (cls, or the mean "
+              "patch without a cls token) per layer (ours)",
+    "perturbation": "x' = x + ε‖x‖ξ/‖ξ‖ per token at layer ℓ, the rest re-run; d_t = mean angle between x̂'_t and "
+                    "x̂_t over all tokens; phase contraction ratio = d at its last layer / d at its entry (ours)",
+    "boundary_jump_ratio": "mean |s_ℓ − s_{ℓ−1}| across phase boundaries / within phases (ours)",
+}
+
+CRITERIA = {
+    "i": ["γ (all tokens) rises on ≥ 80 % of steps",
+          "γ is S-shaped (logistic R² ≥ 0.95, midpoint in 0.15 L..0.85 L, width ≤ L/8)",
+          "class basins: kNN accuracy at the best layer ≥ 0.10 + that of the embedded pixels (layer-0 mean patch "
+          "direction), silhouette there > 0",
+          "self-correction: for ≥ 50 % of injections the angular distance at layer L is below the injected one and "
+          "below the norm-growth baseline (the shrinkage norm growth alone would give)"],
+    "ii": ["cls: the fastest step lies in the last third of depth and is ≥ 2× the median cls step",
+           "patches: κ_L is the largest κ (within 0.01) and κ_L − κ at 2L/3 ≥ 0.05",
+           "registers (if any): median register speed < median patch speed"],
+    "iii": ["effective rank of unit-direction updates, mean over the last phase's steps ≤ 0.5 × the first phase's "
+            "(thirds of depth when there is one phase)"],
+}
+
+NAMES = {"i": "directional convergence into class-dependent basins, with self-correction",
+         "ii": "cls late sharp reorientation vs patch late coherence",
+         "iii": "low-rank late updates"}
+
+
+def _verdict(checks: list[dict]) -> str:
+    ok = [c["holds"] for c in checks if c["holds"] is not None]
+    if not ok:
+        return "not measurable"
+    return "holds" if all(ok) else "does not hold" if not any(ok) else "partly holds"
+
+
+def _early_late(phases: list[list[int]], L: int) -> tuple[list[int], list[int]]:
+    """Step indices (step i makes layer i + 1) of the first and last phase, or of the first and last third."""
+    if len(phases) >= 2:
+        return [t - 1 for t in phases[0]], [t - 1 for t in phases[-1]]
+    third = max(1, L // 3)
+    return list(range(third)), list(range(L - third, L))
+
+
+def findings(m: dict, phases: list[list[int]], L: int) -> dict:
+    """The three findings for one model's summary (see CRITERIA)."""
+    g_all = np.asarray(m["gamma"]["all"]["mean"])
+    rises = float(np.mean(np.diff(g_all) > 0))
+    s = m["s_shape"]["all"]
+    checks_i = [
+        {"check": CRITERIA["i"][0], "value": rises, "holds": rises >= 0.8},
+        {"check": CRITERIA["i"][1], "value": {"logistic_r2": s["logistic_r2"], "midpoint": s["midpoint"],
+                                             "width": s["width"], "linear_r2": s["linear_r2"]}, "holds": s["s_shaped"]},
+    ]
+    b = m["basins"]
+    if b.get("available"):
+        knn = np.asarray(b["knn_accuracy"])
+        best = int(np.argmax(knn))
+        emb = b["embedded_baseline"]["knn_accuracy"]
+        checks_i.append({"check": CRITERIA["i"][2], "value": {"embedded_pixels": emb, "best": float(knn[best]),
+                                                             "best_layer": best, "final": float(knn[-1]),
+                                                             "silhouette_best": b["silhouette"][best],
+                                                             "majority_baseline": b["majority_baseline"]},
+                         "holds": bool(knn[best] >= emb + 0.10 and b["silhouette"][best] > 0)})
+    else:
+        checks_i.append({"check": CRITERIA["i"][2], "value": b.get("reason"), "holds": None})
+    pert = m.get("perturbation", {}).get("summary", {})
+    value = {k: v for k, v in pert.items() if k != "median_ratio_per_phase"}
+    checks_i.append({"check": CRITERIA["i"][3], "value": value,
+                     "holds": bool(pert["fraction_recovering"] >= 0.5 and pert["fraction_beating_norm_growth"] >= 0.5)
+                     if pert else None})
+
+    cls_speed = np.asarray(m["speed"]["cls"]["mean"]) if "cls" in m["speed"] else None
+    checks_ii = []
+    if cls_speed is not None:
+        fastest = int(np.argmax(cls_speed))
+        ratio = float(cls_speed[fastest] / max(np.median(cls_speed), 1e-12))
+        checks_ii.append({"check": CRITERIA["ii"][0], "value": {"fastest_step_to_layer": fastest + 1,
+                                                               "speed": float(cls_speed[fastest]),
+                                                               "over_median": ratio},
+                          "holds": bool(fastest >= (2 * L) // 3 and ratio >= 2)})
+    else:
+        checks_ii.append({"check": CRITERIA["ii"][0], "value": "no cls token", "holds": None})
+    kappa = np.asarray(m["coherence"]["mean"])
+    k23 = kappa[(2 * L) // 3]
+    checks_ii.append({"check": CRITERIA["ii"][1], "value": {"kappa_L": float(kappa[-1]), "kappa_2L/3": float(k23),
+                                                           "kappa_max": float(kappa.max()),
+                                                           "kappa_0": float(kappa[0])},
+                      "holds": bool(kappa[-1] >= kappa.max() - 0.01 and kappa[-1] - k23 >= 0.05)})
+    if "registers" in m["speed"]:
+        reg, pat = np.median(m["speed"]["registers"]["mean"]), np.median(m["speed"]["patches"]["mean"])
+        checks_ii.append({"check": CRITERIA["ii"][2], "value": {"registers": float(reg), "patches": float(pat)},
+                          "holds": bool(reg < pat)})
+
+    early, late = _early_late(phases, L)
+    checks_iii = []
+    if m["ranks"]:
+        eff = np.asarray(m["ranks"]["effective_rank_directions"]["mean"])
+        e, la = float(eff[early].mean()), float(eff[late].mean())
+        value = {"early": e, "late": la, "late_over_early": la / max(e, 1e-12), "paper_late": "about 6",
+                 "stable_rank_directions": {"early": float(np.mean(np.asarray(
+                     m["ranks"]["stable_rank_directions"]["mean"])[early])), "late": float(np.mean(np.asarray(
+                         m["ranks"]["stable_rank_directions"]["mean"])[late]))},
+                 "effective_rank_raw": {"early": float(np.mean(np.asarray(m["ranks"]["effective_rank"]["mean"])
+                                                               [early])),
+                                        "late": float(np.mean(np.asarray(m["ranks"]["effective_rank"]["mean"])
+                                                              [late]))},
+                 "early_steps_to_layers": [i + 1 for i in early], "late_steps_to_layers": [i + 1 for i in late]}
+        checks_iii.append({"check": CRITERIA["iii"][0], "value": value, "holds": bool(la <= 0.5 * e)})
+    else:
+        checks_iii.append({"check": CRITERIA["iii"][0], "value": "no ranks", "holds": None})
+    out = {}
+    for key, checks in (("i", checks_i), ("ii", checks_ii), ("iii", checks_iii)):
+        out[key] = {"finding": NAMES[key], "verdict": _verdict(checks), "checks": checks}
+    jump = m["speed_boundary_jump_ratio"].get("all")
+    out["boundary_jumps"] = {"finding": "angular speed jumps at phase boundaries", "value": jump,
+                             "verdict": "not measurable" if jump is None or not np.isfinite(jump) else
+                             "holds" if jump > 1 else "does not hold", "check": "boundary jump ratio > 1"}
+    return out
+
+
+# ---- plots ---------------------------------------------------------------------------------------------------
+STYLE = {"teacher": "-", "surrogate": "--"}
+GROUP_COLOR = {"cls": "C3", "registers": "C2", "patches": "C0", "all": "C7"}
+
+
+def _boundaries(ax, phases) -> None:
+    for p in phases[1:]:
+        ax.axvline(p[0] - 0.5, color="grey", ls=":", lw=1)
+
+
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def _per_group(stage: Path, name: str, dyn: dict, key: str, x0: int, ylabel: str, title: str) -> str:
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for model, m in dyn["models"].items():
+        for g, s in m[key].items():
+            mean, std = np.asarray(s["mean"]), np.asarray(s["std"])
+            x = np.arange(x0, x0 + len(mean))
+            ax.plot(x, mean, STYLE[model], color=GROUP_COLOR[g], marker="o", ms=3, label=f"{g} ({model})")
+            if model == "teacher":
+                ax.fill_between(x, mean - std, mean + std, color=GROUP_COLOR[g], alpha=0.12)
+    _boundaries(ax, dyn["phases"])
+    ax.set_xlabel("layer" if x0 == 0 else "layer produced (step ℓ−1 → ℓ)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title + "  (dotted: phase boundaries)", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, stage / name)
+
+
+def plots(stage: Path, dyn: dict, results: dict, basins: dict) -> dict:
+    figs = {"convergence": _per_group(stage, "convergence.png", dyn, "gamma", 0, "γ = cos(x̂_ℓ, x̂_L)",
+                                      "directional convergence (band: ±1 std over images, teacher)"),
+            "speed": _per_group(stage, "speed.png", dyn, "speed", 1, "angular speed (rad)", "angular speed")}
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for model, m in dyn["models"].items():
+        ax.plot(dyn["layers"], m["coherence"]["mean"], STYLE[model], marker="o", ms=3, label=model)
+    _boundaries(ax, dyn["phases"])
+    ax.set_xlabel("layer")
+    ax.set_ylabel("patch coherence κ")
+    ax.set_title("patch coherence (mean cosine of patches to their mean direction)", fontsize=9)
+    ax.legend(fontsize=8)
+    figs["coherence"] = _save(fig, stage / "coherence.png")
+
+    if dyn["models"]["teacher"]["ranks"]:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        for ax, kind in zip(axes, ("effective_rank", "stable_rank")):
+            for model, m in dyn["models"].items():
+                for suffix, color in (("", "C0"), ("_directions", "C1")):
+                    y = m["ranks"][kind + suffix]["mean"]
+                    ax.plot(range(1, len(y) + 1), y, STYLE[model], color=color, marker="o", ms=3,
+                            label=f"{'unit-direction' if suffix else 'raw'} update ({model})")
+            _boundaries(ax, dyn["phases"])
+            ax.set_yscale("log")
+            ax.set_xlabel("layer produced")
+            ax.set_title(kind.replace("_", " ") + " of Δ_ℓ (tokens × channels, per image)", fontsize=9)
+            ax.legend(fontsize=7)
+        figs["ranks"] = _save(fig, stage / "ranks.png")
+
+    avail = {k: b for k, b in basins.items() if b.get("available")}
+    if avail:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        for model, b in avail.items():
+            axes[0].plot(dyn["layers"], b["knn_accuracy"], STYLE[model], marker="o", ms=3, label=model)
+            axes[1].plot(dyn["layers"], b["silhouette"], STYLE[model], marker="o", ms=3, label=model)
+        axes[0].axhline(next(iter(avail.values()))["majority_baseline"], color="k", ls=":", lw=1,
+                        label="baseline: majority class")
+        axes[0].set_ylabel(f"leave-one-out {next(iter(avail.values()))['knn_k']}-NN accuracy")
+        axes[1].set_ylabel("cosine silhouette")
+        for ax in axes:
+            _boundaries(ax, dyn["phases"])
+            ax.set_xlabel("layer")
+            ax.legend(fontsize=8)
+        fig.suptitle(f"class basins of the {dyn['readout']} direction", fontsize=10)
+        figs["basins"] = _save(fig, stage / "basins.png")
+        figs["basins_pca"] = _pca_grid(stage / "basins_pca.png", dyn, results, avail)
+
+    fig, ax = plt.subplots(figsize=(6.6, 4))
+    for model, m in dyn["models"].items():
+        for i, r in enumerate(m["perturbation"]["runs"]):
+            color = f"C{dyn['inject_layers'].index(r['layer']) % 10}"
+            alpha = 0.45 + 0.55 * (dyn["eps"].index(r["eps"]) + 1) / len(dyn["eps"])
+            ax.plot(r["layers"], r["distance"]["all"], STYLE[model], color=color, alpha=alpha, marker="o", ms=2,
+                    label=f"ℓ={r['layer']}, ε={r['eps']:g} ({model})")
+    _boundaries(ax, dyn["phases"])
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("angle to the unperturbed run (rad)")
+    ax.set_title("perturbation recovery (noise ε at layer ℓ; falling = self-correcting)", fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
+    figs["perturbation"] = _save(fig, stage / "perturbation.png")
+    return figs
+
+
+def _pca_grid(path: Path, dyn: dict, results: dict, basins: dict) -> str:
+    from raptor.dynamics.metrics import pca_2d
+
+    L = dyn["layers"][-1]
+    cols = sorted({0} | {p[-1] for p in dyn["phases"]} | {L // 2})[:7]
+    fig, axes = plt.subplots(len(basins), len(cols), figsize=(2.3 * len(cols), 2.3 * len(basins)), squeeze=False)
+    for r, (model, b) in enumerate(basins.items()):
+        idx = b["indices"]
+        y = results[model]["labels"][idx]
+        feats = results[model]["readout"][idx].numpy()
+        for c, layer in enumerate(cols):
+            xy, var = pca_2d(feats[:, layer])
+            ax = axes[r, c]
+            ax.scatter(xy[:, 0], xy[:, 1], c=y, cmap="tab10", s=4, vmin=0, vmax=max(9, int(y.max())))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{model} · layer {layer}\nkNN {b['knn_accuracy'][layer]:.2f}, PCA {var.sum():.0%}",
+                         fontsize=7)
+    fig.suptitle(f"{dyn['readout']} directions, first two principal components per layer, coloured by class",
+                 fontsize=9)
+    return _save(fig, path)
+
+
+# ---- report ----------------------------------------------------------------------------------------------------
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_fmt(x)}" for k, x in v.items() if not isinstance(x, (list, dict)) or k == "value")
+    return str(v)
+
+
+def _row(values, fmt="{:.3f}") -> str:
+    return " | ".join(fmt.format(v) for v in values)
+
+
+def render(dyn: dict) -> str:
+    L = dyn["layers"][-1]
+    t = dyn["teacher"]
+    models = dyn["models"]
+    space = "the residual stream x_ℓ (as the paper)" if dyn["space"] == "raw" else "final_norm(x_ℓ) at every layer"
+    sur = dyn["surrogate"]
+    sur_line = f"{sur['run']} (phases {sur['phases']}); rolled out on its own from the teacher’s layer 0" if sur \
+        else "none"
+    lines = [f"# Dynamics of {t['name'] or t['spec']} ({t['spec']})", "",
+             f"- data: {dyn['data']['spec'] or 'store ' + str(dyn['data']['store'])}, "
+             f"{dyn['data']['n_images']} images ({dyn['data']['source']}); tokens: {dyn['layout']['n_tokens']} "
+             f"({dyn['layout']['n_cls']} cls, {dyn['layout']['n_registers']} registers, "
+             f"{dyn['layout']['n_patches']} patches)",
+             f"- phases: {dyn['phases']} — {dyn['phases_source']}",
+             f"- space: {space}",
+             f"- surrogate: {sur_line}",
+             f"- perturbation: ε = {', '.join(f'{e:g}' for e in dyn['eps'])} at layers {dyn['inject_layers']} on "
+             f"{dyn['perturb_images']} images; ranks on {models['teacher']['n_ranked']} images",
+             "", "## Findings", "",
+             "| finding | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+    for key in ("i", "ii", "iii", "boundary_jumps"):
+        f0 = dyn["findings"]["teacher"][key]
+        lines.append(f"| ({key}) {f0['finding']} | " + " | ".join(f"**{dyn['findings'][m][key]['verdict']}**"
+                                                                  for m in models) + " |")
+    for model in models:
+        lines += ["", f"### {model}", ""]
+        for key in ("i", "ii", "iii"):
+            f = dyn["findings"][model][key]
+            lines.append(f"**({key}) {f['finding']}: {f['verdict']}**")
+            lines.append("")
+            for c in f["checks"]:
+                mark = {True: "✔", False: "✘", None: "–"}[c["holds"]]
+                lines.append(f"- {mark} {c['check']}: {_fmt(c['value'])}")
+            lines.append("")
+        bj = dyn["findings"][model]["boundary_jumps"]
+        lines.append(f"**speed jumps at phase boundaries: {bj['verdict']}** (ratio {_fmt(bj['value'])}; "
+                     f"{bj['check']})")
+    lines += ["", "## Curves (mean over images)", ""]
+    head = "| layer | " + " | ".join(str(i) for i in range(L + 1)) + " |"
+    sep = "|---|" + "---|" * (L + 1)
+    for model, m in models.items():
+        lines += [f"**{model}**", "", head, sep]
+        for g, s in m["gamma"].items():
+            lines.append(f"| γ {g} | " + _row(s["mean"]) + " |")
+        lines.append("| κ patches | " + _row(m["coherence"]["mean"]) + " |")
+        for g, s in m["speed"].items():
+            lines.append(f"| speed {g} (→ℓ) | – | " + _row(s["mean"]) + " |")
+        for k, s in m["ranks"].items():
+            lines.append(f"| {k.replace('_', ' ')} (→ℓ) | – | " + _row(s["mean"], "{:.1f}") + " |")
+        b = m["basins"]
+        if b.get("available"):
+            lines.append(f"| kNN accuracy ({dyn['readout']}) | " + _row(b["knn_accuracy"]) + " |")
+            lines.append(f"| silhouette ({dyn['readout']}) | " + _row(b["silhouette"]) + " |")
+        lines.append("")
+        if b.get("available"):
+            e = b["embedded_baseline"]
+            lines.append(f"Baselines for the basins: majority class {b['majority_baseline']:.3f}; the embedded pixels "
+                         f"(layer-0 mean patch direction) kNN {e['knn_accuracy']:.3f}, silhouette "
+                         f"{e['silhouette']:.3f} "
+                         f"({b['n_images']} labelled images, {b['n_classes']} classes).")
+            lines.append("")
+        lines += ["Perturbation recovery (all tokens): angle at injection → at layer L, and contraction ratio per "
+                  "phase crossed", "",
+                  "| ℓ | ε | d_ℓ | d_L | d_L / d_ℓ | baseline: norm growth ‖x_ℓ‖/‖x_L‖ "
+                  "| per phase (entry→exit: ratio) |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in m["perturbation"]["runs"]:
+            d = r["distance"]["all"]
+            ph = "; ".join(f"{p['layers'][0]}→{p['layers'][1]}: {p['ratio']:.2f}" for p in r["phases"])
+            lines.append(f"| {r['layer']} | {r['eps']:g} | {d[0]:.4f} | {d[-1]:.4f} | {r['final_over_initial']:.2f} | "
+                         f"{r['baseline_norm_growth'][-1]:.2f} | {ph} |")
+        lines.append("")
+    lines += ["## Definitions", ""] + [f"- **{k}**: {v}" for k, v in dyn["definitions"].items()]
+    lines += ["", "Criteria: a finding holds when every check holds; the thresholds are ours, fixed in "
+              "`raptor/dynamics/report.py` and the same for every run (the paper states its findings qualitatively).",
+              "", "## Figures", ""] + [f"![{k}]({v})" for k, v in dyn["figures"].items()]
+    tm = dyn["timing"]
+    lines += ["", f"Timing: metrics pass {tm['pass_s']:.1f} s, basins {tm['basins_s']:.1f} s, perturbation "
+              f"{tm['perturbation_s']:.1f} s, total {tm['total_s']:.1f} s.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,318 @@
+"""``raptor dynamics``: the paper's dynamical reading of a ViT (PAPER.md §6) for a teacher and, side by side, a
+Raptor surrogate rolled out from the teacher's layer 0.
+
+One pass over the images (live through the teacher, or from a trajectory store holding every layer 0..L) gives the
+per-image metrics; class basins are scored on the kept read-out directions; perturbation recovery then re-runs the
+remaining layers on the first ``perturb_images`` images. Outputs in OUT: ``dynamics.json`` (written last: a
+directory without it is an unfinished run), ``report.md`` (each of the paper's three findings stated as holds /
+partly holds / does not hold, with its numbers and the criterion), ``config.yaml`` and the plots.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from raptor.config import atomic_write_text, save_config, to_dict
+from raptor.dynamics.accumulate import DynamicsAccumulator
+from raptor.dynamics.metrics import boundary_jump_ratio, cosine_silhouette, knn_accuracy, s_shape
+from raptor.dynamics.perturb import recovery, summarize, surrogate_runner, teacher_runner
+from raptor.errors import RaptorError, check_positive
+from raptor.outputs import claim_output, staged
+
+SPACES = ("raw", "normed")
+BASIN_MAX_IMAGES = 5000  # kNN and silhouette are O(n²): beyond this, a fixed random subset of labelled images
+
+
+@dataclass
+class DynamicsConfig:
+    teacher: str = "bundled:dinov2-s"
+    surrogate: str | None = None               # a raptor fit run directory for the same teacher
+    data: str = "bundled:photos"
+    store: str | None = None                   # read trajectories (every layer 0..L) instead of running the teacher
+    out: str = "runs/dynamics"
+    phases: list[list[int]] | None = None      # explicit phases (output layers 1..L)
+    phases_file: str | None = None             # or an analysis.json (its chosen phases)
+    limit: int | None = None
+    batch_size: int = 16
+    image_size: int | None = None
+    eps: tuple[float, ...] = (0.05, 0.2)       # relative noise sizes for perturbation recovery
+    inject: list[int] | None = None            # injection layers (default: each phase's entry layer)
+    perturb_images: int = 64
+    rank_images: int = 256
+    knn_k: int = 5
+    seed: int = 0
+    space: str = "raw"                         # raw: the residual stream x_ℓ (the paper's); normed: final_norm(x_ℓ)
+    autocast: str | None = None
+
+    def check(self) -> None:
+        from raptor.teachers.base import check_autocast
+
+        check_positive(limit=self.limit, batch_size=self.batch_size, image_size=self.image_size,
+                       perturb_images=self.perturb_images, rank_images=self.rank_images, knn_k=self.knn_k)
+        if not self.eps:
+            raise RaptorError("--eps is empty: give e.g. 0.05,0.2")
+        bad = [e for e in self.eps if not (np.isfinite(e) and e > 0)]
+        if bad:
+            raise RaptorError(f"--eps must be > 0 (a relative noise size), got {bad[0]}")
+        if self.inject is not None and (not self.inject or min(self.inject) < 0):
+            raise RaptorError(f"--inject layers must be >= 0, got {self.inject}")
+        if self.space not in SPACES:
+            raise RaptorError(f"unknown --space {self.space!r} (use {' or '.join(SPACES)})")
+        if self.phases is not None and self.phases_file is not None:
+            raise RaptorError("give --phases as layers or as an analysis.json, not both")
+        check_autocast(self.autocast)
+
+
+def _summary(a: np.ndarray) -> dict:
+    return {"mean": a.mean(0).tolist(), "std": a.std(0).tolist()}
+
+
+def _open_inputs(cfg: DynamicsConfig):
+    """Cheap checks before the output directory or any model is touched: the surrogate run, the store or data."""
+    from raptor.probes.backbones import parse_backbone
+
+    sur = None
+    if cfg.surrogate:
+        if not Path(cfg.surrogate).is_dir():
+            raise RaptorError(f"--surrogate {cfg.surrogate}: no such run directory")
+        sur = parse_backbone(cfg.surrogate)
+        if sur.teacher != cfg.teacher:
+            raise RaptorError(f"surrogate run {cfg.surrogate} was fit on teacher {sur.teacher}, not {cfg.teacher} "
+                              f"(pass --teacher {sur.teacher})")
+    st = src = None
+    if cfg.store:
+        from raptor.store import TrajectoryStore
+
+        st = TrajectoryStore(cfg.store)
+        if not st.complete:
+            raise RaptorError(f"store {cfg.store} is incomplete: finish it first (re-run the same extract command)")
+        depth = int(st.meta["teacher"]["depth"])
+        missing = sorted(set(range(depth + 1)) - set(st.layers))
+        if missing:
+            raise RaptorError(f"store {cfg.store} lacks layers {missing}: dynamics needs every layer 0..{depth} "
+                              f"(extract without --layers)")
+        if st.meta["settings"]["teacher"] != cfg.teacher:
+            raise RaptorError(f"store {cfg.store} was made with teacher {st.meta['settings']['teacher']}, not "
+                              f"{cfg.teacher}")
+    else:
+        from raptor.data import open_source
+
+        src = open_source(cfg.data).subset(cfg.limit)
+    if cfg.phases_file is not None and not Path(cfg.phases_file).is_file():
+        raise RaptorError(f"--phases {cfg.phases_file}: no such file")
+    return sur, st, src
+
+
+def run_dynamics(cfg: DynamicsConfig, progress: bool = True) -> dict:
+    cfg.check()
+    sur, st, src = _open_inputs(cfg)
+    out = Path(cfg.out)
+    with claim_output(out), staged(out, "dynamics.json") as stage:
+        return _run(cfg, sur, st, src, stage, progress)
+
+
+def _batches(cfg, teacher, st, src, bar):
+    """Yield (trajectory (B, 0..L, T, D), labels) batches, from the store or through the teacher."""
+    if st is not None:
+        rows = st.valid_indices[: cfg.limit] if cfg.limit else st.valid_indices
+        for x, idx in st.batches(cfg.batch_size, layers=(0, teacher.depth), shuffle=False, rows=rows):
+            yield x, st.labels[np.asarray(idx)]
+            bar.advance(len(x))
+        return
+    from raptor.data import load_images
+
+    tf = teacher.eval_transform(cfg.image_size)
+    labels = src.labels
+    buf = None
+    for s in range(0, len(src), cfg.batch_size):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tensors, kept, bad = load_images(src.items[s:s + cfg.batch_size], tf)
+        for w in caught:
+            bar.warn(str(w.message))
+        if tensors:
+            buf = teacher.trajectory(torch.stack(tensors), autocast=cfg.autocast, out=buf)
+            yield buf[: len(tensors)], labels[s + np.asarray(kept, dtype=np.int64)]
+        bar.advance(len(tensors) + len(bad))
+
+
+def _resolve_phases(cfg, depth: int, sim) -> tuple[list[list[int]], str]:
+    from raptor.surrogate.model import phases_from_analysis, validate_phases
+
+    if cfg.phases is not None:
+        return validate_phases(cfg.phases, depth), "given (--phases)"
+    if cfg.phases_file is not None:
+        return phases_from_analysis(cfg.phases_file), f"{cfg.phases_file} (its chosen phases)"
+    from raptor.phases import choose_k, contiguous_segmentation
+
+    D = sim.result().distance("paper_cosine_distance")
+    dp = contiguous_segmentation(D, k_max=min(6, depth))
+    k = choose_k(dp, "gain", 0.1)
+    return [[x + 1 for x in p] for p in dp.phases(k)], (
+        f"computed in this pass: DP on the paper's cosine distance over layers 1..{depth}, k = {k} by the gain rule "
+        f"(as raptor analyze)")
+
+
+def _basins(res: dict, k: int, seed: int) -> dict:
+    y = res["labels"]
+    keep = np.flatnonzero(y >= 0)
+    classes, counts = np.unique(y[keep], return_counts=True)
+    if len(classes) < 2 or counts.min() < 2:
+        return {"available": False, "reason": "needs labels with at least 2 classes of at least 2 images each "
+                                              f"(labelled images: {len(keep)}, classes: {len(classes)})"}
+    if len(keep) > BASIN_MAX_IMAGES:
+        keep = np.sort(np.random.default_rng(seed).choice(keep, BASIN_MAX_IMAGES, replace=False))
+    y = y[keep]
+    feats = res["readout"][torch.from_numpy(keep)]
+    knn, sil = [], []
+    for layer in range(feats.shape[1]):
+        knn.append(knn_accuracy(feats[:, layer], y, k=k))
+        sil.append(cosine_silhouette(feats[:, layer], y))
+    chance = float(np.bincount(y).max() / len(y))
+    emb = res["embedded"][torch.from_numpy(keep)]
+    return {"available": True, "n_images": int(len(y)), "n_classes": int(len(classes)), "knn_k": k,
+            "knn_accuracy": knn, "silhouette": sil, "majority_baseline": chance,
+            "embedded_baseline": {"knn_accuracy": knn_accuracy(emb, y, k=k), "silhouette": cosine_silhouette(emb, y)},
+            "indices": keep}
+
+
+def _model_summary(res: dict, phases, basins: dict) -> dict:
+    d = {"n_images": res["n_images"], "n_ranked": res["n_ranked"],
+         "gamma": {g: _summary(v) for g, v in res["gamma"].items()},
+         "speed": {g: _summary(v) for g, v in res["speed"].items()},
+         "coherence": _summary(res["coherence"]),
+         "ranks": {k: _summary(v) for k, v in res["ranks"].items()},
+         "basins": {k: v for k, v in basins.items() if k != "indices"}}
+    d["s_shape"] = {g: s_shape(np.asarray(v["mean"])) for g, v in d["gamma"].items()}
+    d["speed_boundary_jump_ratio"] = {g: boundary_jump_ratio(np.asarray(v["mean"]), phases)
+                                      for g, v in d["speed"].items()}
+    return d
+
+
+def _run(cfg: DynamicsConfig, sur, st, src, stage: Path, progress: bool) -> dict:
+    from raptor.dynamics import report
+    from raptor.probes.backbones import load_surrogate
+    from raptor.progress import progress_bar
+    from raptor.similarity import SimilarityAccumulator
+    from raptor.teachers import load_teacher
+
+    t_start = time.perf_counter()
+    teacher = load_teacher(cfg.teacher)
+    if st is not None:
+        st.check_teacher(teacher)
+        layout = st.layout
+    else:
+        layout = teacher.layout(teacher.image_size(cfg.image_size))
+    model = load_surrogate(sur.run, teacher) if sur is not None else None
+    L = teacher.depth
+    view = _view(teacher, cfg.space)
+    if cfg.phases is not None:  # refuse bad explicit phases before the pass
+        from raptor.surrogate.model import validate_phases
+
+        validate_phases(cfg.phases, L)
+    if cfg.inject is not None and max(cfg.inject) >= L:
+        raise RaptorError(f"--inject layers must lie in 0..{L - 1} (noise at layer L has no layers left to run)")
+
+    accs = {"teacher": DynamicsAccumulator(layout, L + 1, cfg.rank_images)}
+    if model is not None:
+        accs["surrogate"] = DynamicsAccumulator(layout, L + 1, cfg.rank_images)
+    sim = SimilarityAccumulator(layout, list(range(1, L + 1)), cka_groups=(), token_groups=()) \
+        if cfg.phases is None and cfg.phases_file is None else None
+    x0_keep: list[torch.Tensor] = []
+    n_keep = 0
+    total = len(st.valid_indices[: cfg.limit] if cfg.limit else st.valid_indices) if st is not None else len(src)
+    t_pass = time.perf_counter()
+    with progress_bar(total, "dynamics" + (" (store)" if st is not None else ""), "img", enabled=progress) as bar:
+        for traj, labels in _batches(cfg, teacher, st, src, bar):
+            accs["teacher"].update(view(traj), labels)
+            if sim is not None:
+                sim.update(traj[:, 1:])
+            if model is not None:
+                with torch.no_grad():
+                    own = torch.stack([traj[:, 0]] + model(traj[:, 0].clone()), 1)
+                accs["surrogate"].update(view(own), labels)
+            if n_keep < cfg.perturb_images:
+                x0_keep.append(traj[: cfg.perturb_images - n_keep, 0].clone())
+                n_keep += len(x0_keep[-1])
+    seconds_pass = time.perf_counter() - t_pass
+    if accs["teacher"].n == 0:
+        raise RaptorError("no images could be read")
+    phases, phases_source = _resolve_phases(cfg, L, sim)
+    inject = sorted(set(cfg.inject)) if cfg.inject is not None else sorted({p[0] - 1 for p in phases})
+
+    results = {name: acc.result() for name, acc in accs.items()}
+    t_basin = time.perf_counter()
+    basins = {name: _basins(r, cfg.knn_k, cfg.seed) for name, r in results.items()}
+    seconds_basins = time.perf_counter() - t_basin
+    models = {name: _model_summary(r, phases, basins[name]) for name, r in results.items()}
+
+    # perturbation recovery: states at the injection layers from layer 0 by each model's own dynamics
+    t_pert = time.perf_counter()
+    x0 = torch.cat(x0_keep)
+    runners = {"teacher": teacher_runner(teacher)}
+    if model is not None:
+        runners["surrogate"] = surrogate_runner(model)
+    groups = accs["teacher"].groups
+    n_runs = len(runners) * len(inject) * len(x0)
+    with progress_bar(n_runs, "perturbation recovery", "img", enabled=progress) as bar:
+        for name, run in runners.items():
+            traj0 = run(x0, 0)
+            states = {ell: traj0[:, ell] for ell in inject}
+            rec = recovery(run, states, list(cfg.eps), layout, phases, groups=groups, seed=cfg.seed,
+                           batch_size=cfg.batch_size, bar=bar, view=view)
+            models[name]["perturbation"] = {"runs": rec, "summary": summarize(rec)}
+    seconds_pert = time.perf_counter() - t_pert
+
+    findings = {name: report.findings(m, phases, L) for name, m in models.items()}
+    dyn = {
+        "config": to_dict(cfg),
+        "teacher": teacher.describe(),
+        "surrogate": {"run": sur.run, "phases": [list(p) for p in sur.phases]} if sur is not None else None,
+        "data": {"spec": None if st is not None else cfg.data, "store": cfg.store, "n_images": results["teacher"]
+                 ["n_images"], "source": "store" if st is not None else "live"},
+        "layout": layout.to_dict(),
+        "layers": list(range(L + 1)),
+        "layer_convention": "layer 0 = embedding output; layer l = output of block l (before the final norm); "
+                            "speed and rank entry i is the step from layer i to i + 1",
+        "phases": phases, "phases_source": phases_source,
+        "readout": accs["teacher"].readout_name,
+        "space": cfg.space,
+        "inject_layers": inject, "eps": list(cfg.eps), "perturb_images": int(len(x0)),
+        "definitions": report.DEFINITIONS,
+        "models": models,
+        "findings": findings,
+        "timing": {"pass_s": round(seconds_pass, 3), "basins_s": round(seconds_basins, 3),
+                   "perturbation_s": round(seconds_pert, 3), "total_s": round(time.perf_counter() - t_start, 3)},
+    }
+    dyn["figures"] = report.plots(stage, dyn, results, basins)
+    save_config(cfg, stage / "config.yaml")
+    atomic_write_text(stage / "report.md", report.render(dyn))
+    atomic_write_text(stage / "dynamics.json", json.dumps(dyn, indent=1, default=_json_default))
+    return dyn
+
+
+def _view(teacher, space: str):
+    """The space the metrics read: the residual stream as is, or every layer through the teacher's final norm."""
+    if space == "raw":
+        return lambda t: t
+
+    @torch.no_grad()
+    def normed(t: torch.Tensor) -> torch.Tensor:
+        return teacher.final_norm(t)
+
+    return normed
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o).__name__)
