@@ -316,8 +316,8 @@ def dynamics(
     eps: str = typer.Option("0.05,0.2", help="Relative noise sizes for perturbation recovery (each > 0)"),
     inject: Optional[str] = typer.Option(None, help="Layers to perturb, e.g. 0,4,8 (default: each phase's entry)"),
     perturb_images: int = typer.Option(64, help="Images for perturbation recovery"),
-    rank_images: int = typer.Option(256, help="Images for the update ranks (one eigendecomposition per image "
-                                    "and layer: the costly metric)"),
+    rank_images: int = typer.Option(64, help="Images for the update ranks (two eigendecompositions per image "
+                                    "and layer: the costly metric; the report gives their standard error)"),
     knn_k: int = typer.Option(5, help="k of the class-basin kNN accuracy"),
     seed: int = typer.Option(0, help="Seed of the perturbation noise"),
     space: str = typer.Option("raw", help="raw: the residual stream x_l (as the paper) | normed: the teacher's final "

@@ -78,6 +78,16 @@ def run_demo(out: Path, limit: int | None = None) -> dict:
                       backbone=loaded)
     md, md_path, _ = write_table([probe_dir])
     console.print(md, markup=False, highlight=False)
+    # the paper's dynamics findings, teacher and the k=3 surrogate side by side, from the digits store
+    from raptor.dynamics.run import DynamicsConfig, run_dynamics
+
+    dyn_dir = out / "dynamics"
+    console.print(f"\n[bold]Dynamics[/bold] (teacher vs Raptor k=3 on the 640 digits) -> {dyn_dir}")
+    dyn = run_dynamics(DynamicsConfig(teacher=DEFAULT_TEACHER, surrogate=str(fit_dir), store=str(digits_store),
+                                      out=str(dyn_dir)))
+    for key in ("i", "ii", "iii", "boundary_jumps"):
+        console.print(f"({key}) {dyn['findings']['teacher'][key]['finding']}: " +
+                      ", ".join(f"{m} {f[key]['verdict']}" for m, f in dyn["findings"].items()))
     console.print("\n[bold green]Demo outputs[/bold green]:")
     console.print(f"  trajectory store : {store_dir.resolve()}  (inspect: raptor info {store_dir})")
     console.print(f"  phase analysis   : {(an_dir / 'report.md').resolve()}")
@@ -87,5 +97,6 @@ def run_demo(out: Path, limit: int | None = None) -> dict:
     console.print(f"                     {(fit_dir / 'r2_per_layer.png').resolve()}")
     console.print(f"  Raptor k=2 fit   : {(k2_dir / 'metrics.json').resolve()}")
     console.print(f"  probe table      : {md_path.resolve()}  (raptor table {probe_dir})")
+    console.print(f"  dynamics report  : {(dyn_dir / 'report.md').resolve()}")
     return {"store": str(store_dir), "analyze": str(an_dir), "fit": str(fit_dir), "fit_k2": str(k2_dir),
-            "probes": str(probe_dir)}
+            "probes": str(probe_dir), "dynamics": str(dyn_dir)}

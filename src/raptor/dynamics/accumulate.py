@@ -21,7 +21,7 @@ RANKS = ("stable_rank", "effective_rank", "stable_rank_directions", "effective_r
 
 
 class DynamicsAccumulator:
-    def __init__(self, layout, n_layers: int, rank_images: int | None = 256):
+    def __init__(self, layout, n_layers: int, rank_images: int | None = 64):
         self.layout = layout
         self.n_layers = n_layers
         self.rank_images = rank_images

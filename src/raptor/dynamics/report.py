@@ -139,6 +139,7 @@ def findings(m: dict, phases: list[list[int]], L: int) -> dict:
 
 # ---- plots ---------------------------------------------------------------------------------------------------
 STYLE = {"teacher": "-", "surrogate": "--"}
+PCA_POINTS = 600
 GROUP_COLOR = {"cls": "C3", "registers": "C2", "patches": "C0", "all": "C7"}
 
 
@@ -225,6 +226,9 @@ def plots(stage: Path, dyn: dict, results: dict, basins: dict) -> dict:
             alpha = 0.45 + 0.55 * (dyn["eps"].index(r["eps"]) + 1) / len(dyn["eps"])
             ax.plot(r["layers"], r["distance"]["all"], STYLE[model], color=color, alpha=alpha, marker="o", ms=2,
                     label=f"ℓ={r['layer']}, ε={r['eps']:g} ({model})")
+            if model == "teacher" and r["eps"] == max(dyn["eps"]):  # what norm growth alone would leave
+                ax.plot(r["layers"], np.asarray(r["baseline_norm_growth"]) * r["distance"]["all"][0], ":",
+                        color=color, lw=1, label=f"baseline: norm growth, ℓ={r['layer']} (teacher)")
     _boundaries(ax, dyn["phases"])
     ax.set_yscale("log")
     ax.set_xlabel("layer")
@@ -236,25 +240,35 @@ def plots(stage: Path, dyn: dict, results: dict, basins: dict) -> dict:
 
 
 def _pca_grid(path: Path, dyn: dict, results: dict, basins: dict) -> str:
+    """Rows: models; columns: the embedded pixels (layer-0 mean patch direction, the baseline) and the read-out
+    direction at the middle layer and at each phase's last layer."""
     from raptor.dynamics.metrics import pca_2d
 
     L = dyn["layers"][-1]
-    cols = sorted({0} | {p[-1] for p in dyn["phases"]} | {L // 2})[:7]
-    fig, axes = plt.subplots(len(basins), len(cols), figsize=(2.3 * len(cols), 2.3 * len(basins)), squeeze=False)
+    cols = [None] + sorted({p[-1] for p in dyn["phases"]} | {L // 2})[:6]
+    fig, axes = plt.subplots(len(basins), len(cols), figsize=(2.3 * len(cols), 2.4 * len(basins)), squeeze=False)
     for r, (model, b) in enumerate(basins.items()):
         idx = b["indices"]
+        if len(idx) > PCA_POINTS:  # the projection uses every image; the scatter shows a fixed random subset
+            show = np.sort(np.random.default_rng(0).choice(len(idx), PCA_POINTS, replace=False))
+        else:
+            show = np.arange(len(idx))
         y = results[model]["labels"][idx]
-        feats = results[model]["readout"][idx].numpy()
         for c, layer in enumerate(cols):
-            xy, var = pca_2d(feats[:, layer])
+            if layer is None:
+                feats, knn = results[model]["embedded"][idx].numpy(), b["embedded_baseline"]["knn_accuracy"]
+                title = f"{model} · embedded pixels"
+            else:
+                feats, knn = results[model]["readout"][idx][:, layer].numpy(), b["knn_accuracy"][layer]
+                title = f"{model} · layer {layer}"
+            xy, var = pca_2d(feats)
             ax = axes[r, c]
-            ax.scatter(xy[:, 0], xy[:, 1], c=y, cmap="tab10", s=4, vmin=0, vmax=max(9, int(y.max())))
+            ax.scatter(xy[show, 0], xy[show, 1], c=y[show], cmap="tab10", s=4, vmin=0, vmax=max(9, int(y.max())))
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(f"{model} · layer {layer}\nkNN {b['knn_accuracy'][layer]:.2f}, PCA {var.sum():.0%}",
-                         fontsize=7)
-    fig.suptitle(f"{dyn['readout']} directions, first two principal components per layer, coloured by class",
-                 fontsize=9)
+            ax.set_title(f"{title}\nkNN {knn:.2f}, PCA {var.sum():.0%}", fontsize=7)
+    fig.suptitle(f"{dyn['readout']} directions (first column: layer-0 mean patch, the baseline): first two principal "
+                 f"components per panel, colour = class", fontsize=9)
     return _save(fig, path)
 
 
