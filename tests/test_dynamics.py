@@ -47,6 +47,21 @@ def test_accumulator_in_batches_equals_the_metrics_on_the_whole_set():
     torch.testing.assert_close(M.singular_values(a.transpose(1, 2))[..., :9], torch.linalg.svdvals(a))
 
 
+def test_basin_directions_are_a_bounded_uniform_sample_of_the_labelled_images():
+    layout = TokenLayout(1, 0, (1, 2))
+    traj = torch.randn(400, 2, layout.n_tokens, 4)
+    labels = np.where(np.arange(400) % 4 == 3, -1, np.arange(400) // 100)  # class-sorted; every 4th unlabelled
+    acc = DynamicsAccumulator(layout, 2, rank_images=0, basin_images=50)
+    for s in range(0, 400, 16):
+        acc.update(traj[s:s + 16], labels[s:s + 16])
+    r = acc.result()
+    assert r["n_labelled"] == 300 and len(r["labels"]) == 50 and (r["labels"] >= 0).all()
+    assert len(set(r["labels"].tolist())) == 4  # not just the first class, as the first 50 would be
+    for row, y in zip(r["readout"], r["labels"]):  # each kept row is one labelled image's own direction
+        match = [i for i in range(400) if labels[i] == y and torch.allclose(M.unit(traj[i, :, 0]), row)]
+        assert len(match) == 1
+
+
 def test_small_angles_keep_their_precision():
     u = torch.tensor([1.0, 0.0])
     v = torch.tensor([math.cos(1e-4), math.sin(1e-4)])

@@ -2,8 +2,10 @@
 
 Each batch is normalised once; γ, angular speed (per token group), patch coherence, the update ranks (raw and
 unit-direction updates, on the first ``rank_images`` images: an eigen-decomposition per image and layer is the one
-costly step) and the read-out direction per layer (cls, or the mean patch for teachers without one, kept for the
-class-basin scores at the end) are taken from it. Results equal the functions in :mod:`raptor.dynamics.metrics`
+costly step) and the read-out direction per layer (cls, or the mean patch for teachers without one) are taken from
+it. For the class-basin scores at the end, the read-out directions of up to ``basin_images`` labelled images are
+kept: a uniform random sample of the labelled stream (reservoir sampling, fixed seed), so memory stays bounded on a
+class-sorted data set of any size. Results equal the functions in :mod:`raptor.dynamics.metrics`
 applied to the whole set at once (tested).
 """
 
@@ -21,7 +23,7 @@ RANKS = ("stable_rank", "effective_rank", "stable_rank_directions", "effective_r
 
 
 class DynamicsAccumulator:
-    def __init__(self, layout, n_layers: int, rank_images: int | None = 64):
+    def __init__(self, layout, n_layers: int, rank_images: int | None = 64, basin_images: int = 5000, seed: int = 0):
         self.layout = layout
         self.n_layers = n_layers
         self.rank_images = rank_images
@@ -30,9 +32,12 @@ class DynamicsAccumulator:
         self.speed: dict[str, list] = {g: [] for g in self.groups}
         self.coherence: list = []
         self.ranks: dict[str, list] = {k: [] for k in RANKS}
-        self.readout: list = []  # (B, n, D) float32 unit directions
-        self.embedded: list = []  # (B, D): the layer-0 mean patch direction, the embedded pixels' basin baseline
-        self.labels: list = []
+        self.basin_images = basin_images
+        self._rng = np.random.default_rng(seed)
+        self.readout: torch.Tensor | None = None  # (K, n, D) float32 unit directions of the kept labelled images
+        self.embedded: torch.Tensor | None = None  # (K, D): layer-0 mean patch direction, the embedded-pixel baseline
+        self.labels = np.full(basin_images, -1, dtype=np.int64)
+        self.n_labelled = 0
         self.n = 0
         self.n_ranked = 0
 
@@ -61,21 +66,34 @@ class DynamicsAccumulator:
                 self.ranks["effective_rank" + name].append(eff)
             self.n_ranked += take
         ro = u[:, :, 0] if self.layout.n_cls else unit(traj[:, :, self.layout.patches].mean(2))
-        self.readout.append(ro.clone())
-        self.embedded.append(unit(traj[:, 0, self.layout.patches].mean(1)))
-        self.labels.append(np.full(B, -1, dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64))
+        if labels is not None:
+            self._keep(ro, unit(traj[:, 0, self.layout.patches].mean(1)), np.asarray(labels, dtype=np.int64))
         self.n += B
+
+    def _keep(self, ro: torch.Tensor, emb: torch.Tensor, labels: np.ndarray) -> None:
+        """Reservoir sampling (Algorithm R) over the labelled images."""
+        if self.readout is None:
+            self.readout = torch.zeros((self.basin_images,) + tuple(ro.shape[1:]))
+            self.embedded = torch.zeros((self.basin_images, emb.shape[-1]))
+        for i in np.flatnonzero(labels >= 0):
+            slot = self.n_labelled if self.n_labelled < self.basin_images else \
+                int(self._rng.integers(0, self.n_labelled + 1))
+            if slot < self.basin_images:
+                self.readout[slot], self.embedded[slot], self.labels[slot] = ro[i], emb[i], labels[i]
+            self.n_labelled += 1
 
     def result(self) -> dict:
         """Per-image arrays: ``gamma``/``speed`` per group, ``coherence``, ``ranks`` (the first ``n_ranked``
-        images), ``readout`` (n_images, n_layers, D), ``embedded`` (n_images, D) and ``labels``."""
+        images), and for the kept labelled images ``readout`` (K, n_layers, D), ``embedded`` (K, D), ``labels``."""
         if self.n == 0:
             raise RaptorError("no images were read")
         cat = lambda xs: torch.cat(xs).numpy()  # noqa: E731
+        k = min(self.n_labelled, self.basin_images)
         return {"gamma": {g: cat(v) for g, v in self.gamma.items()},
                 "speed": {g: cat(v) for g, v in self.speed.items()},
                 "coherence": cat(self.coherence),
                 "ranks": {k: cat(v) for k, v in self.ranks.items()} if self.n_ranked else {},
-                "readout": torch.cat(self.readout), "embedded": torch.cat(self.embedded),
-                "labels": np.concatenate(self.labels),
+                "readout": self.readout[:k] if k else torch.zeros(0, self.n_layers, 1),
+                "embedded": self.embedded[:k] if k else torch.zeros(0, 1), "labels": self.labels[:k].copy(),
+                "n_labelled": self.n_labelled,
                 "n_images": self.n, "n_ranked": self.n_ranked}

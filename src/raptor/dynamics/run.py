@@ -27,7 +27,7 @@ from raptor.errors import RaptorError, check_positive
 from raptor.outputs import claim_output, staged
 
 SPACES = ("raw", "normed")
-BASIN_MAX_IMAGES = 5000  # kNN and silhouette are O(n²): beyond this, a fixed random subset of labelled images
+BASIN_IMAGES = 5000  # kNN and silhouette are O(n²): beyond this, a uniform random sample of the labelled images
 
 
 @dataclass
@@ -144,13 +144,22 @@ def _batches(cfg, teacher, st, src, bar):
         bar.advance(len(tensors) + len(bad))
 
 
-def _resolve_phases(cfg, depth: int, sim) -> tuple[list[list[int]], str]:
+def _given_phases(cfg, depth: int) -> tuple[list[list[int]], str] | None:
+    """Phases from --phases (layers or an analysis.json), checked against the teacher before the pass."""
     from raptor.surrogate.model import phases_from_analysis, validate_phases
 
     if cfg.phases is not None:
         return validate_phases(cfg.phases, depth), "given (--phases)"
     if cfg.phases_file is not None:
-        return phases_from_analysis(cfg.phases_file), f"{cfg.phases_file} (its chosen phases)"
+        phases = phases_from_analysis(cfg.phases_file)
+        if phases[-1][-1] != depth:
+            raise RaptorError(f"--phases {cfg.phases_file} covers layers 1..{phases[-1][-1]}, the teacher has "
+                              f"{depth}")
+        return phases, f"{cfg.phases_file} (its chosen phases)"
+    return None
+
+
+def _computed_phases(depth: int, sim) -> tuple[list[list[int]], str]:
     from raptor.phases import choose_k, contiguous_segmentation
 
     D = sim.result().distance("paper_cosine_distance")
@@ -161,24 +170,23 @@ def _resolve_phases(cfg, depth: int, sim) -> tuple[list[list[int]], str]:
         f"(as raptor analyze)")
 
 
-def _basins(res: dict, k: int, seed: int) -> dict:
+def _basins(res: dict, k: int) -> dict:
+    """kNN accuracy and silhouette per layer on the kept labelled images (at most BASIN_IMAGES, a uniform sample)."""
     y = res["labels"]
-    keep = np.flatnonzero(y >= 0)
-    classes, counts = np.unique(y[keep], return_counts=True)
+    classes, counts = np.unique(y, return_counts=True)
     if len(classes) < 2 or counts.min() < 2:
         return {"available": False, "reason": "needs labels with at least 2 classes of at least 2 images each "
-                                              f"(labelled images: {len(keep)}, classes: {len(classes)})"}
-    if len(keep) > BASIN_MAX_IMAGES:
-        keep = np.sort(np.random.default_rng(seed).choice(keep, BASIN_MAX_IMAGES, replace=False))
-    y = y[keep]
-    feats = res["readout"][torch.from_numpy(keep)]
+                                              f"(labelled images: {len(y)}, classes: {len(classes)})"}
+    keep = np.arange(len(y))
+    feats = res["readout"]
     knn, sil = [], []
     for layer in range(feats.shape[1]):
         knn.append(knn_accuracy(feats[:, layer], y, k=k))
         sil.append(cosine_silhouette(feats[:, layer], y))
     chance = float(np.bincount(y).max() / len(y))
-    emb = res["embedded"][torch.from_numpy(keep)]
-    return {"available": True, "n_images": int(len(y)), "n_classes": int(len(classes)), "knn_k": k,
+    emb = res["embedded"]
+    return {"available": True, "n_images": int(len(y)), "n_labelled": int(res["n_labelled"]),
+            "n_classes": int(len(classes)), "knn_k": k,
             "knn_accuracy": knn, "silhouette": sil, "majority_baseline": chance,
             "embedded_baseline": {"knn_accuracy": knn_accuracy(emb, y, k=k), "silhouette": cosine_silhouette(emb, y)},
             "indices": keep}
@@ -214,18 +222,14 @@ def _run(cfg: DynamicsConfig, sur, st, src, stage: Path, progress: bool) -> dict
     model = load_surrogate(sur.run, teacher) if sur is not None else None
     L = teacher.depth
     view = _view(teacher, cfg.space)
-    if cfg.phases is not None:  # refuse bad explicit phases before the pass
-        from raptor.surrogate.model import validate_phases
-
-        validate_phases(cfg.phases, L)
+    given = _given_phases(cfg, L)  # refuse bad phases before the pass
     if cfg.inject is not None and max(cfg.inject) >= L:
         raise RaptorError(f"--inject layers must lie in 0..{L - 1} (noise at layer L has no layers left to run)")
 
-    accs = {"teacher": DynamicsAccumulator(layout, L + 1, cfg.rank_images)}
-    if model is not None:
-        accs["surrogate"] = DynamicsAccumulator(layout, L + 1, cfg.rank_images)
+    accs = {name: DynamicsAccumulator(layout, L + 1, cfg.rank_images, BASIN_IMAGES, cfg.seed)
+            for name in (("teacher", "surrogate") if model is not None else ("teacher",))}
     sim = SimilarityAccumulator(layout, list(range(1, L + 1)), cka_groups=(), token_groups=()) \
-        if cfg.phases is None and cfg.phases_file is None else None
+        if given is None else None
     x0_keep: list[torch.Tensor] = []
     n_keep = 0
     total = len(st.valid_indices[: cfg.limit] if cfg.limit else st.valid_indices) if st is not None else len(src)
@@ -245,12 +249,12 @@ def _run(cfg: DynamicsConfig, sur, st, src, stage: Path, progress: bool) -> dict
     seconds_pass = time.perf_counter() - t_pass
     if accs["teacher"].n == 0:
         raise RaptorError("no images could be read")
-    phases, phases_source = _resolve_phases(cfg, L, sim)
+    phases, phases_source = given or _computed_phases(L, sim)
     inject = sorted(set(cfg.inject)) if cfg.inject is not None else sorted({p[0] - 1 for p in phases})
 
     results = {name: acc.result() for name, acc in accs.items()}
     t_basin = time.perf_counter()
-    basins = {name: _basins(r, cfg.knn_k, cfg.seed) for name, r in results.items()}
+    basins = {name: _basins(r, cfg.knn_k) for name, r in results.items()}
     seconds_basins = time.perf_counter() - t_basin
     models = {name: _model_summary(r, phases, basins[name]) for name, r in results.items()}
 
@@ -263,9 +267,9 @@ def _run(cfg: DynamicsConfig, sur, st, src, stage: Path, progress: bool) -> dict
     groups = accs["teacher"].groups
     n_runs = len(runners) * len(inject) * len(x0)
     with progress_bar(n_runs, "perturbation recovery", "img", enabled=progress) as bar:
-        for name, run in runners.items():
-            traj0 = run(x0, 0)
-            states = {ell: traj0[:, ell] for ell in inject}
+        for name, run in runners.items():  # states at the injection layers, batch by batch from layer 0
+            parts = [run(x0[s:s + cfg.batch_size], 0)[:, inject] for s in range(0, len(x0), cfg.batch_size)]
+            states = dict(zip(inject, torch.cat(parts).unbind(1)))
             rec = recovery(run, states, list(cfg.eps), layout, phases, groups=groups, seed=cfg.seed,
                            batch_size=cfg.batch_size, bar=bar, view=view)
             models[name]["perturbation"] = {"runs": rec, "summary": summarize(rec)}
