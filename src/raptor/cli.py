@@ -348,6 +348,62 @@ def dynamics(
     typer.echo(f"wrote {out / 'report.md'}, {out / 'dynamics.json'} and {len(dyn['figures'])} plots")
 
 
+def _floats(text: str, name: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise RaptorError(f"bad {name} {text!r}: a comma-separated list of numbers") from None
+
+
+def _ints(text: str, name: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise RaptorError(f"bad {name} {text!r}: a comma-separated list of integers") from None
+
+
+@app.command()
+def study(
+    data: str = typer.Option("bundled:digits", "--data", "-d", help="Labelled data: bundled:digits | bundled:lfw | "
+                             "classes:<dir> (a folder per class, e.g. CIFAR-100 exported to PNG)"),
+    out: Path = typer.Option(..., "--out", "-o", help="Study directory (re-run the same command to resume)"),
+    sd: str = typer.Option("0,0.1,0.2,0.3,0.5", "--sd", help="Uniform stochastic-depth probabilities p"),
+    seeds: str = typer.Option("0,1", help="Training seeds per p"),
+    ks: str = typer.Option("2,3", help="Raptor block counts k"),
+    random: int = typer.Option(10, help="Random contiguous partitions per k (the Figure-3 baseline)"),
+    swap_samples: int = typer.Option(10, help="Random draws per layer-swap setting (0: no swap test)"),
+    limit: Optional[int] = typer.Option(None, help="Only the first N images"),
+    image_size: int = typer.Option(16, help="ViT input size"),
+    patch_size: int = typer.Option(4, help="ViT patch size"),
+    dim: int = typer.Option(64, help="ViT width"),
+    depth: int = typer.Option(12, help="ViT depth"),
+    heads: int = typer.Option(4, help="ViT heads"),
+    epochs: int = typer.Option(30, help="ViT training epochs"),
+    batch_size: int = typer.Option(64, help="ViT training batch size"),
+    lr: float = typer.Option(2e-3, help="ViT peak learning rate (AdamW, warm-up + cosine)"),
+    shift: int = typer.Option(2, help="Augmentation: random translation up to this many pixels"),
+    flip: bool = typer.Option(False, help="Augmentation: random horizontal flips (not for digits)"),
+    steps1: int = typer.Option(120, help="Raptor stage-1 steps per block"),
+    steps2: int = typer.Option(60, help="Raptor stage-2 steps"),
+    progress: bool = typer.Option(True, help="Show progress"),
+):
+    """The small-scale study (the paper's §5): does stochastic depth make ViTs block-recurrent? Trains one ViT per
+    (p, seed), then phases, Raptor fits vs random partitions, layer swaps and correlations (Figures 3 and 4)."""
+    from raptor.study.run import FitBudget, StudyConfig, run_study
+    from raptor.study.vit import TrainConfig, ViTConfig
+
+    cfg = StudyConfig(data=data, out=str(out), sd=_floats(sd, "--sd"), seeds=_ints(seeds, "--seeds"),
+                      ks=_ints(ks, "--ks"), random_partitions=random, swap_samples=swap_samples, limit=limit,
+                      vit=ViTConfig(image_size=image_size, patch_size=patch_size, dim=dim, depth=depth, heads=heads),
+                      train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, shift=shift, flip=flip),
+                      fit=FitBudget(steps1=steps1, steps2=steps2))
+    res = run_study(cfg, progress=progress)
+    for name, c in res["correlations"].items():
+        rho = "n/a" if c["rho"] is None else f"{c['rho']:.2f} [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]"
+        typer.echo(f"{name}: {rho} (n = {c['n']})")
+    typer.echo(f"wrote {out / 'report.md'}, {out / 'study.json'} and {len(res['figures'])} figures")
+
+
 @app.command()
 def table(dirs: list[Path] = typer.Argument(..., help="raptor probe output directories (or results.jsonl files)"),
           out: Optional[Path] = typer.Option(None, "--out", "-o", help="Path prefix for .md and .csv "

@@ -1,0 +1,291 @@
+"""``raptor study``: train one small ViT per (stochastic-depth p, seed), then for each: accuracy, layer similarity,
+phases, phase-structure metrics, Raptor fits (the DP phases and random contiguous partitions of the same k) and the
+layer-swap test; finally correlations across the sweep and the paper's Figures 3 and 4 (PAPER.md §5).
+
+Everything a run produces is cached under ``OUT/runs/p<p>_s<seed>/`` and marked complete by ``result.json``
+(written last); the ViT trains with per-epoch checkpoints and each fit resumes from its own checkpoint, so an
+interrupted sweep resumes where it stopped without retraining anything finished.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from raptor.config import atomic_write_text, save_config, to_dict
+from raptor.errors import RaptorError, check_positive
+from raptor.outputs import claim_output, safe_name
+from raptor.study.vit import TrainConfig, ViTConfig
+
+PRIMARY = "mean_layer_similarity"
+
+
+@dataclass
+class FitBudget:
+    steps1: int = 120
+    steps2: int = 60
+    batch_size: int = 32
+    lr: float = 3e-3
+    lr2: float = 1e-3
+    val_images: int = 128
+    stats_images: int = 256
+
+
+@dataclass
+class StudyConfig:
+    data: str = "bundled:digits"
+    out: str = "runs/study"
+    sd: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.5)
+    seeds: tuple[int, ...] = (0, 1)
+    ks: tuple[int, ...] = (2, 3)
+    random_partitions: int = 10
+    swap_samples: int = 10
+    limit: int | None = None
+    vit: ViTConfig = field(default_factory=ViTConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fit: FitBudget = field(default_factory=FitBudget)
+
+    def check(self) -> None:
+        if not self.sd or not self.seeds or not self.ks:
+            raise RaptorError("--sd, --seeds and --ks must each name at least one value")
+        bad = [p for p in self.sd if not 0 <= p < 1]
+        if bad:
+            raise RaptorError(f"--sd values are drop probabilities in [0, 1), got {bad[0]}")
+        if len(set(self.sd)) != len(self.sd) or len(set(self.seeds)) != len(self.seeds):
+            raise RaptorError("--sd and --seeds must not repeat a value")
+        if any(s < 0 for s in self.seeds):
+            raise RaptorError("--seeds must be >= 0")
+        self.vit.check()
+        self.train.check()
+        bad_k = [k for k in self.ks if not 2 <= k < self.vit.depth]
+        if bad_k:
+            raise RaptorError(f"--ks must lie in 2..{self.vit.depth - 1} (the ViT's depth is {self.vit.depth}), "
+                              f"got {bad_k[0]}")
+        if self.random_partitions < 0 or self.swap_samples < 0:
+            raise RaptorError("--random and --swap-samples must be >= 0")
+        check_positive(limit=self.limit, **{k: v for k, v in asdict(self.fit).items() if k in
+                                            ("steps1", "steps2", "batch_size", "val_images", "stats_images")})
+
+
+def run_name(p: float, seed: int) -> str:
+    return safe_name(f"p{p:g}_s{seed}")
+
+
+def random_partitions(depth: int, k: int, n: int, exclude: list[list[int]], seed: int) -> list[list[list[int]]]:
+    """``n`` distinct random contiguous partitions of layers 1..depth into k phases, none equal to ``exclude``
+    (all of them when fewer exist)."""
+    cuts_all = [c for c in itertools.combinations(range(1, depth), k - 1)]
+    ex = tuple(p[-1] for p in exclude[:-1])
+    cuts_all = [c for c in cuts_all if c != ex]
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(cuts_all), size=min(n, len(cuts_all)), replace=False)
+    out = []
+    for i in sorted(pick):
+        edges = (0,) + cuts_all[i] + (depth,)
+        out.append([list(range(edges[j] + 1, edges[j + 1] + 1)) for j in range(k)])
+    return out
+
+
+def _similarity(teacher, x: torch.Tensor, layout) -> np.ndarray:
+    from raptor.similarity import SimilarityAccumulator
+
+    acc = SimilarityAccumulator(layout, list(range(1, teacher.depth + 1)), cka_groups=(), token_groups=())
+    for s in range(0, len(x), 128):
+        acc.update(teacher.trajectory(x[s:s + 128], layers=range(1, teacher.depth + 1)))
+    return acc.result().distance("paper_cosine_distance")
+
+
+def _phase_analysis(D: np.ndarray, ks) -> dict:
+    from raptor.phases import contiguous_segmentation, phase_metrics, recursive_max_cut
+
+    L = D.shape[0]
+    dp = contiguous_segmentation(D, k_max=max(ks))
+    iu = np.triu_indices(L, 1)
+    out = {"distance": D.tolist(), PRIMARY: float(1 - D[iu].mean()), "dp": {}, "maxcut": {}}
+    for k in ks:
+        ph = [[x + 1 for x in p] for p in dp.phases(k)]
+        out["dp"][str(k)] = {"phases": ph, "metrics": phase_metrics(D, dp.phases(k))}
+    for frac in (0.2, 0.1):
+        out["maxcut"][str(frac)] = [[x + 1 for x in p] for p in sorted(recursive_max_cut(D, frac=frac))]
+    return out
+
+
+@torch.no_grad()
+def _surrogate_accuracy(run: Path, teacher, x: torch.Tensor, y: torch.Tensor, layout) -> float:
+    from raptor.probes.backbones import load_surrogate
+
+    model = load_surrogate(run, teacher)
+    correct = 0
+    for s in range(0, len(x), 256):
+        h = model(teacher.embed(x[s:s + 256]))[-1]
+        correct += int((teacher.classify(h, layout).argmax(1) == y[s:s + 256]).sum())
+    return correct / max(1, len(x))
+
+
+def _fit(cfg: StudyConfig, teacher_spec: str, store: Path, phases, out: Path, seed: int, teacher, x_te, y_te,
+         layout) -> dict:
+    """One Raptor fit (cached: ``out/study_fit.json`` last), evaluated by R² on its held-out images and by the
+    teacher head's accuracy on the test split."""
+    done = out / "study_fit.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    from raptor.surrogate.fit import run_fit
+    from raptor.surrogate.train import FitConfig
+
+    if out.exists() and not (out / "checkpoints" / "latest.json").is_file() and not (out / "metrics.json").is_file():
+        shutil.rmtree(out)  # killed before its first checkpoint: nothing to keep
+    b = cfg.fit
+    fc = FitConfig(teacher=teacher_spec, data=None, store=str(store), out=str(out), phases=phases,
+                   steps1=b.steps1, steps2=b.steps2, batch_size=b.batch_size, lr=b.lr, lr2=b.lr2,
+                   val_images=b.val_images, stats_images=b.stats_images, probe_data=None, seed=seed,
+                   ckpt_every=max(b.steps1, b.steps2))
+    if (out / "metrics.json").is_file():
+        m = json.loads((out / "metrics.json").read_text())
+    else:
+        m = run_fit(fc, resume=(out / "checkpoints" / "latest.json").is_file(), progress=False)
+    ar = m["validation"]["autoregressive"]
+    res = {"phases": phases, "r2_mean": ar["r2_mean"], "r2": ar["r2"],
+           "r2_groups_mean": {g: float(np.mean(v)) for g, v in ar["r2_groups"].items()},
+           "identity_r2_mean": m["validation"]["baselines"]["identity"]["r2_mean"],
+           "accuracy": _surrogate_accuracy(out, teacher, x_te, y_te, layout), "train_seconds": m["train_seconds"]}
+    atomic_write_text(done, json.dumps(res, indent=1))
+    return res
+
+
+def _one_run(cfg: StudyConfig, p: float, seed: int, data, run_dir: Path, progress: bool) -> dict:
+    from raptor.data import ImageSource
+    from raptor.store import extract
+    from raptor.study.swap import layer_swap_test
+    from raptor.study.vit import train_vit
+    from raptor.teachers import load_teacher
+
+    done = run_dir / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    x_tr, y_tr, x_te, y_te, items_tr, _, src, tf = data
+    t0 = time.perf_counter()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    summary = train_vit(cfg.vit, cfg.train, p, seed, x_tr, y_tr, x_te, y_te, run_dir / "vit", tf.mean, tf.std,
+                        progress=progress)
+    spec = f"hf:{(run_dir / 'vit' / 'model').resolve()}"
+    teacher = load_teacher(spec)
+    layout = teacher.layout(cfg.vit.image_size)
+    D = _similarity(teacher, x_te, layout)
+    phases = _phase_analysis(D, cfg.ks)
+    store = run_dir / "store"
+    extract(teacher, ImageSource(src.spec, items_tr, src.class_names), store, dtype="float32",
+            image_size=cfg.vit.image_size, progress=False)
+    fits: dict = {}
+    for k in cfg.ks:
+        dp_ph = phases["dp"][str(k)]["phases"]
+        fits[str(k)] = {"dp": _fit(cfg, spec, store, dp_ph, run_dir / f"fit_k{k}", seed, teacher, x_te, y_te, layout),
+                        "random": []}
+        for i, ph in enumerate(random_partitions(cfg.vit.depth, k, cfg.random_partitions, dp_ph, seed * 100 + k)):
+            fits[str(k)]["random"].append(_fit(cfg, spec, store, ph, run_dir / f"random_k{k}_{i}", seed, teacher,
+                                               x_te, y_te, layout))
+        rnd = fits[str(k)]["random"]
+        for key in ("r2_mean", "accuracy"):
+            vals = np.array([r[key] for r in rnd])
+            sd = float(vals.std(ddof=1)) if len(vals) > 1 else float("nan")
+            fits[str(k)][f"gap_sigma_{key}"] = (fits[str(k)]["dp"][key] - float(vals.mean())) / sd \
+                if len(vals) > 1 and sd > 0 else None
+            fits[str(k)][f"random_{key}_mean"] = float(vals.mean()) if len(vals) else None
+            fits[str(k)][f"random_{key}_std"] = sd if len(vals) > 1 else None
+    swap_k = max(cfg.ks)
+    swap = layer_swap_test(teacher, x_te, y_te, layout, phases["dp"][str(swap_k)]["phases"],
+                           samples=cfg.swap_samples, seed=seed) if cfg.swap_samples else {}
+    result = {"p": p, "seed": seed, "teacher": spec, "train": summary, "teacher_accuracy": summary["test_accuracy"],
+              "phases": phases, "fits": fits, "swap": swap, "seconds": round(time.perf_counter() - t0, 1)}
+    atomic_write_text(done, json.dumps(result, indent=1))
+    return result
+
+
+def spearman_ci(x, y, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Spearman ρ with a percentile bootstrap 95 % CI over the runs (pairs resampled)."""
+    from scipy.stats import spearmanr
+
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return {"rho": None, "ci95": None, "p_value": None, "n": int(len(x))}
+    r = spearmanr(x, y)
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        i = rng.integers(0, len(x), len(x))
+        if np.ptp(x[i]) > 0 and np.ptp(y[i]) > 0:
+            boots.append(spearmanr(x[i], y[i]).statistic)
+    lo, hi = (np.percentile(boots, [2.5, 97.5]) if boots else (np.nan, np.nan))
+    return {"rho": float(r.statistic), "ci95": [float(lo), float(hi)], "p_value": float(r.pvalue), "n": int(len(x))}
+
+
+def summarize(cfg: StudyConfig, results: list[dict]) -> dict:
+    k0 = str(min(cfg.ks))
+    block = [r["phases"][PRIMARY] for r in results]
+    p = [r["p"] for r in results]
+    r2 = [r["fits"][k0]["dp"]["r2_mean"] for r in results]
+    corr = {f"rho(p, {PRIMARY})": spearman_ci(p, block),
+            f"rho({PRIMARY}, raptor k={k0} R2)": spearman_ci(block, r2),
+            f"rho(p, raptor k={k0} R2)": spearman_ci(p, r2),
+            "rho(p, teacher accuracy)": spearman_ci(p, [r["teacher_accuracy"] for r in results])}
+    for k in cfg.ks:
+        corr[f"rho(p, dp k={k} contrast)"] = spearman_ci(p, [r["phases"]["dp"][str(k)]["metrics"]["contrast"]
+                                                             for r in results])
+    gaps = {k: {key: [r["fits"][str(k)][f"gap_sigma_{key}"] for r in results] for key in ("r2_mean", "accuracy")}
+            for k in cfg.ks}
+    return {"correlations": corr, "gaps_sigma": {str(k): v for k, v in gaps.items()}}
+
+
+def run_study(cfg: StudyConfig, progress: bool = True, after_run=None) -> dict:
+    """Run or resume the sweep. ``after_run(name)`` is called after each finished (p, seed) (tests use it to
+    interrupt)."""
+    from raptor.study import report
+    from raptor.study.vit import load_split
+
+    cfg.check()
+    out = Path(cfg.out)
+    data = load_split(cfg.data, cfg.vit.image_size, limit=cfg.limit)
+    prev = out / "config.json"
+    if prev.is_file():  # a resumed sweep must be the same sweep (new p or seeds may be added)
+        old = json.loads(prev.read_text())
+        mine = to_dict(cfg)
+        diff = [k for k in ("data", "vit", "train", "fit", "ks", "random_partitions", "swap_samples", "limit")
+                if old.get(k) != mine.get(k)]
+        if diff:
+            raise RaptorError(f"{out} holds a study with other settings ({', '.join(diff)}): use another --out")
+
+    def has_progress(path: Path) -> bool:
+        return (path / "runs").is_dir()
+
+    with claim_output(out, has_progress=has_progress):
+        atomic_write_text(prev, json.dumps(to_dict(cfg), indent=1))
+        save_config(cfg, out / "config.yaml")
+        results = []
+        grid = [(p, s) for p in cfg.sd for s in cfg.seeds]
+        for i, (p, s) in enumerate(grid):
+            name = run_name(p, s)
+            t = time.perf_counter()
+            results.append(_one_run(cfg, p, s, data, out / "runs" / name, progress))
+            if progress:
+                from raptor.progress import console
+
+                console.print(f"[{i + 1}/{len(grid)}] {name}: teacher top-1 {results[-1]['teacher_accuracy']:.3f}, "
+                              f"{PRIMARY} {results[-1]['phases'][PRIMARY]:.3f}, Raptor k={min(cfg.ks)} R² "
+                              f"{results[-1]['fits'][str(min(cfg.ks))]['dp']['r2_mean']:.3f} "
+                              f"({time.perf_counter() - t:.0f} s)")
+            if after_run is not None:
+                after_run(name)
+        study = {"config": to_dict(cfg), "runs": results, **summarize(cfg, results),
+                 "definitions": report.DEFINITIONS}
+        study["figures"] = report.plots(out, cfg, results)
+        atomic_write_text(out / "report.md", report.render(cfg, study))
+        atomic_write_text(out / "study.json", json.dumps(study, indent=1))
+    return study
