@@ -378,13 +378,13 @@ def study(
     dim: int = typer.Option(64, help="ViT width"),
     depth: int = typer.Option(12, help="ViT depth"),
     heads: int = typer.Option(4, help="ViT heads"),
-    epochs: int = typer.Option(30, help="ViT training epochs"),
+    epochs: int = typer.Option(25, help="ViT training epochs"),
     batch_size: int = typer.Option(64, help="ViT training batch size"),
     lr: float = typer.Option(2e-3, help="ViT peak learning rate (AdamW, warm-up + cosine)"),
     shift: int = typer.Option(2, help="Augmentation: random translation up to this many pixels"),
     flip: bool = typer.Option(False, help="Augmentation: random horizontal flips (not for digits)"),
-    steps1: int = typer.Option(120, help="Raptor stage-1 steps per block"),
-    steps2: int = typer.Option(60, help="Raptor stage-2 steps"),
+    steps1: int = typer.Option(80, help="Raptor stage-1 steps per block"),
+    steps2: int = typer.Option(40, help="Raptor stage-2 steps"),
     progress: bool = typer.Option(True, help="Show progress"),
 ):
     """The small-scale study (the paper's §5): does stochastic depth make ViTs block-recurrent? Trains one ViT per

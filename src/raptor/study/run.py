@@ -29,8 +29,8 @@ PRIMARY = "mean_layer_similarity"
 
 @dataclass
 class FitBudget:
-    steps1: int = 120
-    steps2: int = 60
+    steps1: int = 80
+    steps2: int = 40
     batch_size: int = 32
     lr: float = 3e-3
     lr2: float = 1e-3
@@ -149,7 +149,7 @@ def _fit(cfg: StudyConfig, teacher_spec: str, store: Path, phases, out: Path, se
     if (out / "metrics.json").is_file():
         m = json.loads((out / "metrics.json").read_text())
     else:
-        m = run_fit(fc, resume=(out / "checkpoints" / "latest.json").is_file(), progress=False)
+        m = run_fit(fc, resume=(out / "checkpoints" / "latest.json").is_file(), progress=False, teacher=teacher)
     ar = m["validation"]["autoregressive"]
     res = {"phases": phases, "r2_mean": ar["r2_mean"], "r2": ar["r2"],
            "r2_groups_mean": {g: float(np.mean(v)) for g, v in ar["r2_groups"].items()},
@@ -160,7 +160,7 @@ def _fit(cfg: StudyConfig, teacher_spec: str, store: Path, phases, out: Path, se
 
 
 def _one_run(cfg: StudyConfig, p: float, seed: int, data, run_dir: Path, progress: bool) -> dict:
-    from raptor.data import ImageSource
+    from raptor.data import ImageItem, ImageSource
     from raptor.store import extract
     from raptor.study.swap import layer_swap_test
     from raptor.study.vit import train_vit
@@ -179,9 +179,11 @@ def _one_run(cfg: StudyConfig, p: float, seed: int, data, run_dir: Path, progres
     layout = teacher.layout(cfg.vit.image_size)
     D = _similarity(teacher, x_te, layout)
     phases = _phase_analysis(D, cfg.ks)
-    store = run_dir / "store"
-    extract(teacher, ImageSource(src.spec, items_tr, src.class_names), store, dtype="float32",
-            image_size=cfg.vit.image_size, progress=False)
+    store = run_dir / "store"  # without labels: the study scores accuracy through the ViT's own head, so the fits
+    # need not fit their own logistic-regression probes
+    unlabelled = [ImageItem(it.id, it.load) for it in items_tr]
+    extract(teacher, ImageSource(src.spec, unlabelled), store, dtype="float32", image_size=cfg.vit.image_size,
+            progress=False)
     fits: dict = {}
     for k in cfg.ks:
         dp_ph = phases["dp"][str(k)]["phases"]

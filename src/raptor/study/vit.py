@@ -51,7 +51,7 @@ class ViTConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30
+    epochs: int = 25
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.05

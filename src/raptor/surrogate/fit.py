@@ -25,10 +25,11 @@ from raptor.surrogate.train import (FitConfig, OnlineBatches, StoreBatches, buil
                                     compute_stats, evenly_spaced, holdout_split, train)
 
 
-def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step=None) -> dict:
+def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step=None, teacher=None) -> dict:
     """Validate (settings, data, phases, an existing run: all before the teacher loads), lock ``cfg.out``, train,
     evaluate. A refused or failed run never harms an earlier result and leaves no directory it created without a
-    checkpoint; the final files move in together at the end (``metrics.json`` last)."""
+    checkpoint; the final files move in together at the end (``metrics.json`` last). ``teacher``: the already
+    loaded teacher of ``cfg.teacher`` (a sweep of many fits loads it once)."""
     from raptor.data import open_source
     from raptor.runtime import tune_malloc
     from raptor.surrogate.model import phases_from_analysis, validate_phases
@@ -68,14 +69,17 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
 
     with claim_output(out, has_progress=has_checkpoint):
         check_existing_run(cfg, resume)
-        return _run_fit(cfg, st, src, out, resume, progress, on_step)
+        return _run_fit(cfg, st, src, out, resume, progress, on_step, teacher)
 
 
-def _run_fit(cfg: FitConfig, st, src, out: Path, resume: bool, progress: bool, on_step) -> dict:
+def _run_fit(cfg: FitConfig, st, src, out: Path, resume: bool, progress: bool, on_step, teacher=None) -> dict:
     from raptor.data import load_images
     from raptor.teachers import load_teacher
 
-    teacher = load_teacher(cfg.teacher)
+    if teacher is None:
+        teacher = load_teacher(cfg.teacher)
+    elif teacher.spec != cfg.teacher:
+        raise RaptorError(f"the teacher passed in is {teacher.spec}, the config names {cfg.teacher}")
     model = build_model(cfg, teacher.describe(), teacher)  # checks the phases before any data is read
     # labelled training data, if any: (a callable giving layer-0 tokens + labels of the probe's training images, the
     # labels of the held-out images, whose layer-0 tokens are val_traj[:, 0], data name)
