@@ -52,7 +52,8 @@ def test_vit_training_resumes_to_identical_weights(tmp_path, digits8, monkeypatc
     assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in full["history"]]
     from safetensors.torch import load_file
 
-    a, b = load_file(str(tmp_path / "a/model/model.safetensors")), load_file(str(tmp_path / "b/model/model.safetensors"))
+    a = load_file(str(tmp_path / "a/model/model.safetensors"))
+    b = load_file(str(tmp_path / "b/model/model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     # the saved model is a teacher through the contract, with the same accuracy as the HF classifier
     from raptor.teachers import load_teacher

@@ -129,13 +129,22 @@ def _surrogate_accuracy(run: Path, teacher, x: torch.Tensor, y: torch.Tensor, la
     return correct / max(1, len(x))
 
 
+def _baselines(metrics: dict) -> dict:
+    """Mean held-out R² of the fit's baselines (identity and ridge teacher-forced; copy-layer-0 and chained ridge
+    autoregressive, the fair comparison for the autoregressive Raptor R²)."""
+    return {k: v["r2_mean"] for k, v in metrics["validation"].get("baselines", {}).items()}
+
+
 def _fit(cfg: StudyConfig, teacher_spec: str, store: Path, phases, out: Path, seed: int, teacher, x_te, y_te,
          layout) -> dict:
     """One Raptor fit (cached: ``out/study_fit.json`` last), evaluated by R² on its held-out images and by the
     teacher head's accuracy on the test split."""
     done = out / "study_fit.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        res = json.loads(done.read_text())
+        if "baselines_r2_mean" not in res and (out / "metrics.json").is_file():  # cached by an earlier version
+            res["baselines_r2_mean"] = _baselines(json.loads((out / "metrics.json").read_text()))
+        return res
     from raptor.surrogate.fit import run_fit
     from raptor.surrogate.train import FitConfig
 
@@ -154,6 +163,7 @@ def _fit(cfg: StudyConfig, teacher_spec: str, store: Path, phases, out: Path, se
     res = {"phases": phases, "r2_mean": ar["r2_mean"], "r2": ar["r2"],
            "r2_groups_mean": {g: float(np.mean(v)) for g, v in ar["r2_groups"].items()},
            "identity_r2_mean": m["validation"]["baselines"]["identity"]["r2_mean"],
+           "baselines_r2_mean": _baselines(m),
            "accuracy": _surrogate_accuracy(out, teacher, x_te, y_te, layout), "train_seconds": m["train_seconds"]}
     atomic_write_text(done, json.dumps(res, indent=1))
     return res
@@ -168,7 +178,7 @@ def _one_run(cfg: StudyConfig, p: float, seed: int, data, run_dir: Path, progres
 
     done = run_dir / "result.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        return _upgrade(json.loads(done.read_text()), run_dir)
     x_tr, y_tr, x_te, y_te, items_tr, _, src, tf = data
     t0 = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -209,6 +219,18 @@ def _one_run(cfg: StudyConfig, p: float, seed: int, data, run_dir: Path, progres
     return result
 
 
+def _upgrade(result: dict, run_dir: Path) -> dict:
+    """Fill in what an earlier version did not cache (the fits' baselines) from the fits' own metrics.json."""
+    for k, f in result["fits"].items():
+        dirs = [("dp", None, run_dir / f"fit_k{k}")] + [("random", i, run_dir / f"random_k{k}_{i}")
+                                                         for i in range(len(f["random"]))]
+        for kind, i, d in dirs:
+            fit = f["dp"] if kind == "dp" else f["random"][i]
+            if "baselines_r2_mean" not in fit and (d / "metrics.json").is_file():
+                fit["baselines_r2_mean"] = _baselines(json.loads((d / "metrics.json").read_text()))
+    return result
+
+
 def spearman_ci(x, y, n_boot: int = 2000, seed: int = 0) -> dict:
     """Spearman ρ with a percentile bootstrap 95 % CI over the runs (pairs resampled)."""
     from scipy.stats import spearmanr
@@ -238,12 +260,21 @@ def summarize(cfg: StudyConfig, results: list[dict]) -> dict:
             f"rho({PRIMARY}, raptor k={k0} R2)": spearman_ci(block, r2),
             f"rho(p, raptor k={k0} R2)": spearman_ci(p, r2),
             "rho(p, teacher accuracy)": spearman_ci(p, [r["teacher_accuracy"] for r in results])}
+    for base in ("identity", "ridge_autoregressive"):  # do the baselines rise with p too?
+        vals = [r["fits"][k0]["dp"].get("baselines_r2_mean", {}).get(base) for r in results]
+        if all(v is not None for v in vals):
+            corr[f"rho(p, baseline {base} R2)"] = spearman_ci(p, vals)
     for k in cfg.ks:
         corr[f"rho(p, dp k={k} contrast)"] = spearman_ci(p, [r["phases"]["dp"][str(k)]["metrics"]["contrast"]
                                                              for r in results])
     gaps = {k: {key: [r["fits"][str(k)][f"gap_sigma_{key}"] for r in results] for key in ("r2_mean", "accuracy")}
             for k in cfg.ks}
-    return {"correlations": corr, "gaps_sigma": {str(k): v for k, v in gaps.items()}}
+    above = {str(k): {key: float(np.mean([g is not None and g > 1 for g in v])) for key, v in gk.items()}
+             for k, gk in gaps.items()}
+    wins = {str(k): {key: float(np.mean([g is not None and g > 0 for g in v])) for key, v in gk.items()}
+            for k, gk in gaps.items()}
+    return {"correlations": corr, "gaps_sigma": {str(k): v for k, v in gaps.items()},
+            "fraction_gap_above_1_sigma": above, "fraction_dp_beats_random_mean": wins}
 
 
 def run_study(cfg: StudyConfig, progress: bool = True, after_run=None) -> dict:
