@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,7 +89,6 @@ def resolve_cka_groups(groups, layout) -> tuple[str, ...]:
 
 
 def _accumulate_live(cfg: AnalyzeConfig, src, teacher, layers, progress: bool):
-    from raptor.data import load_images
     from raptor.progress import progress_bar
 
     size = teacher.image_size(cfg.image_size)
@@ -99,19 +97,11 @@ def _accumulate_live(cfg: AnalyzeConfig, src, teacher, layers, progress: bool):
     acc = SimilarityAccumulator(layout, layers, cka_groups=resolve_cka_groups(cfg.cka_groups, layout),
                                 cka_dtype=getattr(torch, cfg.cka_dtype))
     skipped: list[str] = []
-    buf = None
     with progress_bar(len(src), "analyze", "img", enabled=progress) as bar:
-        for s in range(0, len(src), cfg.batch_size):
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                tensors, _, bad = load_images(src.items[s:s + cfg.batch_size], tf)
-            for w in caught:
-                bar.warn(str(w.message))
+        for traj, _, bad in teacher.iter_trajectories(src.items, tf, cfg.batch_size, bar, layers, cfg.autocast):
             skipped += bad
-            if tensors:
-                buf = teacher.trajectory(torch.stack(tensors), layers, autocast=cfg.autocast, out=buf)
-                acc.update(buf[: len(tensors)])
-            bar.advance(len(tensors) + len(bad))
+            if traj is not None:
+                acc.update(traj)
     info = {"source": "live", "n_images": acc.n, "skipped": skipped, "layout": layout.to_dict(),
             "transform": tf.describe(), "teacher": teacher.describe()}
     return acc, info
@@ -162,8 +152,7 @@ def run_analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalysisOutputs:
         from raptor.store import TrajectoryStore
 
         st = TrajectoryStore(cfg.store)
-        if not st.complete:
-            raise RaptorError(f"store {cfg.store} is incomplete: finish it first (re-run the same extract command)")
+        st.require_complete()
     else:
         from raptor.data import open_source
 

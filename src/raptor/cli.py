@@ -88,6 +88,20 @@ def parse_weights(text: str | None, name: str) -> tuple[float, float, float] | N
     return w
 
 
+def _floats(text: str, name: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise RaptorError(f"bad {name} {text!r}: a comma-separated list of numbers") from None
+
+
+def _ints(text: str, name: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise RaptorError(f"bad {name} {text!r}: a comma-separated list of integers") from None
+
+
 def _echo_json(d: dict) -> None:
     typer.echo(json.dumps(d, indent=2, default=str))
 
@@ -330,10 +344,7 @@ def dynamics(
     from raptor.dynamics.run import DynamicsConfig, run_dynamics
 
     explicit = parse_phases(phases)
-    try:
-        eps_list = tuple(float(x) for x in eps.split(",") if x.strip())
-    except ValueError:
-        raise RaptorError(f"bad --eps {eps!r}: use e.g. 0.05,0.2") from None
+    eps_list = _floats(eps, "--eps")
     cfg = DynamicsConfig(teacher=teacher, surrogate=str(surrogate) if surrogate else None, data=data,
                          store=str(store) if store else None, out=str(out), phases=explicit,
                          phases_file=phases if phases and explicit is None else None, limit=limit,
@@ -346,20 +357,6 @@ def dynamics(
         verdicts = ", ".join(f"{m}: {f[key]['verdict']}" for m, f in dyn["findings"].items())
         typer.echo(f"({key}) {dyn['findings']['teacher'][key]['finding']}: {verdicts}")
     typer.echo(f"wrote {out / 'report.md'}, {out / 'dynamics.json'} and {len(dyn['figures'])} plots")
-
-
-def _floats(text: str, name: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise RaptorError(f"bad {name} {text!r}: a comma-separated list of numbers") from None
-
-
-def _ints(text: str, name: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise RaptorError(f"bad {name} {text!r}: a comma-separated list of integers") from None
 
 
 @app.command()

@@ -12,6 +12,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def save_figure(fig, path: Path) -> str:
+    """Lay out, write as PNG (110 dpi) and close ``fig``; returns the file name."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path).name
+
+
 def heatmap(path: Path, M: np.ndarray, layers: Sequence[int], title: str, *, kind: str = "score",
             dp_phases: list[list[int]] | None = None, maxcut_phases: list[list[int]] | None = None,
             cbar_label: str = "") -> Path:
@@ -38,9 +46,7 @@ def heatmap(path: Path, M: np.ndarray, layers: Sequence[int], title: str, *, kin
             for m in members:
                 ax.add_patch(plt.Rectangle((m - 0.5, n - 0.5), 1, 0.35 * max(1, n / 12), color=c, clip_on=False))
         ax.text(n / 2, n + 0.55 * max(1, n / 12), "max-cut clusters (colour)", ha="center", va="top", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -53,9 +59,7 @@ def cost_curve(path: Path, costs: np.ndarray, chosen: int, total: float, title: 
     ax.set_ylabel("within-phase distance / total")
     ax.set_title(title, fontsize=10)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -76,7 +80,5 @@ def line_plot(path: Path, x, series: dict[str, Sequence[float]], *, xlabel: str,
     ax.set_title(title, fontsize=10)
     if len(series) > 1:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return path

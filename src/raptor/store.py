@@ -198,11 +198,31 @@ class TrajectoryStore:
             raise RaptorError(f"store {self.path}: array shape {list(shape)} does not match its metadata "
                               f"({len(self.layers)} layers, {self.layout.n_tokens} tokens); the store is damaged")
 
+    def require_complete(self, why: str = "") -> None:
+        """Refuse a store whose extraction has not finished."""
+        if not self.complete:
+            raise RaptorError(f"store {self.path} is incomplete ({self.summary()['chunks_done']} chunks): finish it "
+                              f"first (re-run the same extract command)" + (f"; {why}" if why else ""))
+
+    def require_teacher_spec(self, spec: str) -> None:
+        """Refuse a store another teacher wrote (by spec: cheap, before any teacher loads)."""
+        made = self.meta["settings"]["teacher"]
+        if made != spec:
+            raise RaptorError(f"store {self.path} was made with {made}, not {spec}")
+
+    def require_every_layer(self, command: str) -> int:
+        """Refuse a store without every layer 0..L; returns L."""
+        depth = int(self.meta["teacher"]["depth"])
+        missing = sorted(set(range(depth + 1)) - set(self.layers))
+        if missing:
+            raise RaptorError(f"store {self.path} lacks layers {missing}: {command} needs every layer 0..{depth} "
+                              f"(extract without --layers)")
+        return depth
+
     def check_teacher(self, teacher) -> None:
         """Refuse a store that another teacher (or another crop size / dim) wrote."""
         s = self.meta["settings"]
-        if s["teacher"] != teacher.spec:
-            raise RaptorError(f"store {self.path} was made with teacher {s['teacher']}, not {teacher.spec}")
+        self.require_teacher_spec(teacher.spec)
         if self.array.shape[3] != teacher.dim:
             raise RaptorError(f"store {self.path} holds dim {self.array.shape[3]}, the teacher has {teacher.dim}")
         size = int(s["transform"]["center_crop"])

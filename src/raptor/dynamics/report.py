@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raptor.plots import plt
+from raptor.plots import plt, save_figure
 
 DEFINITIONS = {
     "gamma": "γ_ℓ = cos(x̂_ℓ, x̂_L) per token, mean over the group's tokens (paper)",
@@ -148,13 +148,6 @@ def _boundaries(ax, phases) -> None:
         ax.axvline(p[0] - 0.5, color="grey", ls=":", lw=1)
 
 
-def _save(fig, path: Path) -> str:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
-
-
 def _per_group(stage: Path, name: str, dyn: dict, key: str, x0: int, ylabel: str, title: str) -> str:
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     for model, m in dyn["models"].items():
@@ -169,7 +162,7 @@ def _per_group(stage: Path, name: str, dyn: dict, key: str, x0: int, ylabel: str
     ax.set_ylabel(ylabel)
     ax.set_title(title + "  (dotted: phase boundaries)", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
-    return _save(fig, stage / name)
+    return save_figure(fig, stage / name)
 
 
 def plots(stage: Path, dyn: dict, results: dict, basins: dict) -> dict:
@@ -184,7 +177,7 @@ def plots(stage: Path, dyn: dict, results: dict, basins: dict) -> dict:
     ax.set_ylabel("patch coherence κ")
     ax.set_title("patch coherence (mean cosine of patches to their mean direction)", fontsize=9)
     ax.legend(fontsize=8)
-    figs["coherence"] = _save(fig, stage / "coherence.png")
+    figs["coherence"] = save_figure(fig, stage / "coherence.png")
 
     if dyn["models"]["teacher"]["ranks"]:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -199,7 +192,7 @@ def plots(stage: Path, dyn: dict, results: dict, basins: dict) -> dict:
             ax.set_xlabel("layer produced")
             ax.set_title(kind.replace("_", " ") + " of Δ_ℓ (tokens × channels, per image)", fontsize=9)
             ax.legend(fontsize=7)
-        figs["ranks"] = _save(fig, stage / "ranks.png")
+        figs["ranks"] = save_figure(fig, stage / "ranks.png")
 
     avail = {k: b for k, b in basins.items() if b.get("available")}
     if avail:
@@ -216,7 +209,7 @@ def plots(stage: Path, dyn: dict, results: dict, basins: dict) -> dict:
             ax.set_xlabel("layer")
             ax.legend(fontsize=8)
         fig.suptitle(f"class basins of the {dyn['readout']} direction", fontsize=10)
-        figs["basins"] = _save(fig, stage / "basins.png")
+        figs["basins"] = save_figure(fig, stage / "basins.png")
         figs["basins_pca"] = _pca_grid(stage / "basins_pca.png", dyn, results, avail)
 
     fig, ax = plt.subplots(figsize=(6.6, 4))
@@ -235,7 +228,7 @@ def plots(stage: Path, dyn: dict, results: dict, basins: dict) -> dict:
     ax.set_ylabel("angle to the unperturbed run (rad)")
     ax.set_title("perturbation recovery (noise ε at layer ℓ; falling = self-correcting)", fontsize=9)
     ax.legend(fontsize=6, ncol=2)
-    figs["perturbation"] = _save(fig, stage / "perturbation.png")
+    figs["perturbation"] = save_figure(fig, stage / "perturbation.png")
     return figs
 
 
@@ -248,18 +241,17 @@ def _pca_grid(path: Path, dyn: dict, results: dict, basins: dict) -> str:
     cols = [None] + sorted({p[-1] for p in dyn["phases"]} | {L // 2})[:6]
     fig, axes = plt.subplots(len(basins), len(cols), figsize=(2.3 * len(cols), 2.4 * len(basins)), squeeze=False)
     for r, (model, b) in enumerate(basins.items()):
-        idx = b["indices"]
-        if len(idx) > PCA_POINTS:  # the projection uses every image; the scatter shows a fixed random subset
-            show = np.sort(np.random.default_rng(0).choice(len(idx), PCA_POINTS, replace=False))
+        y = results[model]["labels"]
+        if len(y) > PCA_POINTS:  # the projection uses every image; the scatter shows a fixed random subset
+            show = np.sort(np.random.default_rng(0).choice(len(y), PCA_POINTS, replace=False))
         else:
-            show = np.arange(len(idx))
-        y = results[model]["labels"][idx]
+            show = np.arange(len(y))
         for c, layer in enumerate(cols):
             if layer is None:
-                feats, knn = results[model]["embedded"][idx].numpy(), b["embedded_baseline"]["knn_accuracy"]
+                feats, knn = results[model]["embedded"].numpy(), b["embedded_baseline"]["knn_accuracy"]
                 title = f"{model} · embedded pixels"
             else:
-                feats, knn = results[model]["readout"][idx][:, layer].numpy(), b["knn_accuracy"][layer]
+                feats, knn = results[model]["readout"][:, layer].numpy(), b["knn_accuracy"][layer]
                 title = f"{model} · layer {layer}"
             xy, var = pca_2d(feats)
             ax = axes[r, c]
@@ -269,7 +261,7 @@ def _pca_grid(path: Path, dyn: dict, results: dict, basins: dict) -> str:
             ax.set_title(f"{title}\nkNN {knn:.2f}, PCA {var.sum():.0%}", fontsize=7)
     fig.suptitle(f"{dyn['readout']} directions (first column: layer-0 mean patch, the baseline): first two principal "
                  f"components per panel, colour = class", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ---- report ----------------------------------------------------------------------------------------------------

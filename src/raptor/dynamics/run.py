@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,16 +91,9 @@ def _open_inputs(cfg: DynamicsConfig):
         from raptor.store import TrajectoryStore
 
         st = TrajectoryStore(cfg.store)
-        if not st.complete:
-            raise RaptorError(f"store {cfg.store} is incomplete: finish it first (re-run the same extract command)")
-        depth = int(st.meta["teacher"]["depth"])
-        missing = sorted(set(range(depth + 1)) - set(st.layers))
-        if missing:
-            raise RaptorError(f"store {cfg.store} lacks layers {missing}: dynamics needs every layer 0..{depth} "
-                              f"(extract without --layers)")
-        if st.meta["settings"]["teacher"] != cfg.teacher:
-            raise RaptorError(f"store {cfg.store} was made with teacher {st.meta['settings']['teacher']}, not "
-                              f"{cfg.teacher}")
+        st.require_complete()
+        st.require_every_layer("dynamics")
+        st.require_teacher_spec(cfg.teacher)
     else:
         from raptor.data import open_source
 
@@ -122,26 +114,16 @@ def run_dynamics(cfg: DynamicsConfig, progress: bool = True) -> dict:
 def _batches(cfg, teacher, st, src, bar):
     """Yield (trajectory (B, 0..L, T, D), labels) batches, from the store or through the teacher."""
     if st is not None:
-        rows = st.valid_indices[: cfg.limit] if cfg.limit else st.valid_indices
+        rows = st.valid_indices[: cfg.limit]
         for x, idx in st.batches(cfg.batch_size, layers=(0, teacher.depth), shuffle=False, rows=rows):
             yield x, st.labels[np.asarray(idx)]
             bar.advance(len(x))
         return
-    from raptor.data import load_images
-
-    tf = teacher.eval_transform(cfg.image_size)
     labels = src.labels
-    buf = None
-    for s in range(0, len(src), cfg.batch_size):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            tensors, kept, bad = load_images(src.items[s:s + cfg.batch_size], tf)
-        for w in caught:
-            bar.warn(str(w.message))
-        if tensors:
-            buf = teacher.trajectory(torch.stack(tensors), autocast=cfg.autocast, out=buf)
-            yield buf[: len(tensors)], labels[s + np.asarray(kept, dtype=np.int64)]
-        bar.advance(len(tensors) + len(bad))
+    for traj, kept, _ in teacher.iter_trajectories(src.items, teacher.eval_transform(cfg.image_size), cfg.batch_size,
+                                                   bar, autocast=cfg.autocast):
+        if traj is not None:
+            yield traj, labels[kept]
 
 
 def _given_phases(cfg, depth: int) -> tuple[list[list[int]], str] | None:
@@ -160,14 +142,16 @@ def _given_phases(cfg, depth: int) -> tuple[list[list[int]], str] | None:
 
 
 def _computed_phases(depth: int, sim) -> tuple[list[list[int]], str]:
+    """The phases ``raptor analyze`` would choose with its defaults (DP on its primary metric, k by its rule)."""
+    from raptor.analyze import PRIMARY, AnalyzeConfig
     from raptor.phases import choose_k, contiguous_segmentation
 
-    D = sim.result().distance("paper_cosine_distance")
-    dp = contiguous_segmentation(D, k_max=min(6, depth))
-    k = choose_k(dp, "gain", 0.1)
+    d = AnalyzeConfig()
+    dp = contiguous_segmentation(sim.result().distance(PRIMARY), k_max=min(d.k_max, depth))
+    k = choose_k(dp, d.k_rule, d.k_frac)
     return [[x + 1 for x in p] for p in dp.phases(k)], (
-        f"computed in this pass: DP on the paper's cosine distance over layers 1..{depth}, k = {k} by the gain rule "
-        f"(as raptor analyze)")
+        f"computed in this pass: DP on the paper's cosine distance over layers 1..{depth}, k = {k} by the "
+        f"{d.k_rule} rule (as raptor analyze)")
 
 
 def _basins(res: dict, k: int) -> dict:
@@ -177,7 +161,6 @@ def _basins(res: dict, k: int) -> dict:
     if len(classes) < 2 or counts.min() < 2:
         return {"available": False, "reason": "needs labels with at least 2 classes of at least 2 images each "
                                               f"(labelled images: {len(y)}, classes: {len(classes)})"}
-    keep = np.arange(len(y))
     feats = res["readout"]
     knn, sil = [], []
     for layer in range(feats.shape[1]):
@@ -188,8 +171,7 @@ def _basins(res: dict, k: int) -> dict:
     return {"available": True, "n_images": int(len(y)), "n_labelled": int(res["n_labelled"]),
             "n_classes": int(len(classes)), "knn_k": k,
             "knn_accuracy": knn, "silhouette": sil, "majority_baseline": chance,
-            "embedded_baseline": {"knn_accuracy": knn_accuracy(emb, y, k=k), "silhouette": cosine_silhouette(emb, y)},
-            "indices": keep}
+            "embedded_baseline": {"knn_accuracy": knn_accuracy(emb, y, k=k), "silhouette": cosine_silhouette(emb, y)}}
 
 
 def _model_summary(res: dict, phases, basins: dict) -> dict:
@@ -198,7 +180,7 @@ def _model_summary(res: dict, phases, basins: dict) -> dict:
          "speed": {g: _summary(v) for g, v in res["speed"].items()},
          "coherence": _summary(res["coherence"]),
          "ranks": {k: _summary(v) for k, v in res["ranks"].items()},
-         "basins": {k: v for k, v in basins.items() if k != "indices"}}
+         "basins": basins}
     d["s_shape"] = {g: s_shape(np.asarray(v["mean"])) for g, v in d["gamma"].items()}
     d["speed_boundary_jump_ratio"] = {g: boundary_jump_ratio(np.asarray(v["mean"]), phases)
                                       for g, v in d["speed"].items()}
@@ -232,7 +214,7 @@ def _run(cfg: DynamicsConfig, sur, st, src, stage: Path, progress: bool) -> dict
         if given is None else None
     x0_keep: list[torch.Tensor] = []
     n_keep = 0
-    total = len(st.valid_indices[: cfg.limit] if cfg.limit else st.valid_indices) if st is not None else len(src)
+    total = len(st.valid_indices[: cfg.limit]) if st is not None else len(src)
     t_pass = time.perf_counter()
     with progress_bar(total, "dynamics" + (" (store)" if st is not None else ""), "img", enabled=progress) as bar:
         for traj, labels in _batches(cfg, teacher, st, src, bar):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raptor.plots import plt
+from raptor.plots import plt, save_figure
 
 DEFINITIONS = {
     "mean_layer_similarity": "mean over layer pairs i < j of 1 − d_ij, d = the paper's cosine distance on the [cls, "
@@ -30,13 +30,6 @@ def _by_p(results, fn):
     return np.array(ps), np.array([np.mean(v) for v in vals]), np.array([np.std(v) for v in vals])
 
 
-def _save(fig, path: Path) -> str:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
-
-
 def plots(out: Path, cfg, results: list[dict]) -> dict:
     figs = {}
     seed0 = min(r["seed"] for r in results)
@@ -53,7 +46,7 @@ def plots(out: Path, cfg, results: list[dict]) -> dict:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(f"layer similarity (1 − cosine distance), seed {seed0}; dashed: DP phases k = {kk}", fontsize=9)
-    figs["similarity"] = _save(fig, out / "fig4a_similarity.png")
+    figs["similarity"] = save_figure(fig, out / "fig4a_similarity.png")
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for k in cfg.ks:
@@ -80,7 +73,7 @@ def plots(out: Path, cfg, results: list[dict]) -> dict:
         ax.legend(fontsize=7)
     fig.suptitle("Figure 4 shape: R², accuracy and block structure vs stochastic depth (mean ± std over seeds)",
                  fontsize=9)
-    figs["vs_p"] = _save(fig, out / "fig4bce_vs_p.png")
+    figs["vs_p"] = save_figure(fig, out / "fig4bce_vs_p.png")
 
     if cfg.random_partitions:
         fig, axes = plt.subplots(1, len(cfg.ks), figsize=(5.5 * len(cfg.ks), 3.6), squeeze=False)
@@ -97,7 +90,7 @@ def plots(out: Path, cfg, results: list[dict]) -> dict:
             ax.legend(fontsize=7)
         fig.suptitle("Figure 3 shape: phases found from similarity vs random contiguous partitions of the same k",
                      fontsize=9)
-        figs["phases_vs_random"] = _save(fig, out / "fig3_phases_vs_random.png")
+        figs["phases_vs_random"] = save_figure(fig, out / "fig3_phases_vs_random.png")
     return figs
 
 

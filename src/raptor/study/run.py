@@ -117,16 +117,12 @@ def _phase_analysis(D: np.ndarray, ks) -> dict:
     return out
 
 
-@torch.no_grad()
 def _surrogate_accuracy(run: Path, teacher, x: torch.Tensor, y: torch.Tensor, layout) -> float:
     from raptor.probes.backbones import load_surrogate
+    from raptor.study.swap import head_top1
 
     model = load_surrogate(run, teacher)
-    correct = 0
-    for s in range(0, len(x), 256):
-        h = model(teacher.embed(x[s:s + 256]))[-1]
-        correct += int((teacher.classify(h, layout).argmax(1) == y[s:s + 256]).sum())
-    return correct / max(1, len(x))
+    return head_top1(teacher, x, y, layout, lambda h: model(h)[-1])
 
 
 def _baselines(metrics: dict) -> dict:
@@ -179,7 +175,7 @@ def _one_run(cfg: StudyConfig, p: float, seed: int, data, run_dir: Path, progres
     done = run_dir / "result.json"
     if done.is_file():
         return _upgrade(json.loads(done.read_text()), run_dir)
-    x_tr, y_tr, x_te, y_te, items_tr, _, src, tf = data
+    x_tr, y_tr, x_te, y_te, tf = data.x_train, data.y_train, data.x_test, data.y_test, data.transform
     t0 = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
     summary = train_vit(cfg.vit, cfg.train, p, seed, x_tr, y_tr, x_te, y_te, run_dir / "vit", tf.mean, tf.std,
@@ -191,8 +187,8 @@ def _one_run(cfg: StudyConfig, p: float, seed: int, data, run_dir: Path, progres
     phases = _phase_analysis(D, cfg.ks)
     store = run_dir / "store"  # without labels: the study scores accuracy through the ViT's own head, so the fits
     # need not fit their own logistic-regression probes
-    unlabelled = [ImageItem(it.id, it.load) for it in items_tr]
-    extract(teacher, ImageSource(src.spec, unlabelled), store, dtype="float32", image_size=cfg.vit.image_size,
+    unlabelled = [ImageItem(it.id, it.load) for it in data.items_train]
+    extract(teacher, ImageSource(data.source.spec, unlabelled), store, dtype="float32", image_size=cfg.vit.image_size,
             progress=False)
     fits: dict = {}
     for k in cfg.ks:

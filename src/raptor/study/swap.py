@@ -14,16 +14,23 @@ import torch
 
 
 @torch.no_grad()
-def swapped_accuracy(teacher, x: torch.Tensor, y: torch.Tensor, layout, mapping: dict[int, int],
-                     batch: int = 256) -> float:
-    """Top-1 of the teacher's head when block ``mapping.get(i, i)`` runs at position i (0-based blocks)."""
+def head_top1(teacher, x: torch.Tensor, y: torch.Tensor, layout, body, batch: int = 256) -> float:
+    """Top-1 of the teacher's own head on ``body(teacher.embed(images))``, the last-layer tokens of some network
+    built on the teacher's embedding (the teacher with swapped blocks, a surrogate, ...)."""
     correct = 0
     for s in range(0, len(x), batch):
-        h = teacher.embed(x[s:s + batch])
+        correct += int((teacher.classify(body(teacher.embed(x[s:s + batch])), layout).argmax(1) ==
+                        y[s:s + batch]).sum())
+    return correct / max(1, len(x))
+
+
+def swapped_accuracy(teacher, x: torch.Tensor, y: torch.Tensor, layout, mapping: dict[int, int]) -> float:
+    """Top-1 of the teacher's head when block ``mapping.get(i, i)`` runs at position i (0-based blocks)."""
+    def body(h):
         for i in range(teacher.depth):
             h = teacher.run_block(mapping.get(i, i), h)
-        correct += int((teacher.classify(h, layout).argmax(1) == y[s:s + batch]).sum())
-    return correct / max(1, len(x))
+        return h
+    return head_top1(teacher, x, y, layout, body)
 
 
 def layer_swap_test(teacher, x: torch.Tensor, y: torch.Tensor, layout, phases: list[list[int]], *,

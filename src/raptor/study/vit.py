@@ -19,6 +19,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -93,13 +94,6 @@ def augment(x: torch.Tensor, shift: int, flip: bool, g: torch.Generator) -> torc
     return x
 
 
-def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-
 def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + 17) % (2 ** 31)
 
@@ -127,7 +121,8 @@ def train_vit(vcfg: ViTConfig, tcfg: TrainConfig, drop_path: float, seed: int, x
     """Train (or resume) one ViT into ``out``: ``out/model`` (the HF dir, the teacher) and ``out/train.json``
     (written last) when done; ``out/checkpoints`` while running. Returns the training summary."""
     from raptor.progress import progress_bar
-    from raptor.surrogate.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint, load_optimizer
+    from raptor.surrogate.checkpoint import latest_checkpoint, load_optimizer, read_checkpoint, save_checkpoint
+    from raptor.surrogate.train import warmup_cosine
 
     done = out / "train.json"
     if done.is_file():
@@ -163,7 +158,7 @@ def train_vit(vcfg: ViTConfig, tcfg: TrainConfig, drop_path: float, seed: int, x
                 idx = order[b * tcfg.batch_size:(b + 1) * tcfg.batch_size]
                 step = epoch * steps_per_epoch + b
                 for group in opt.param_groups:
-                    group["lr"] = lr_at(step, total, tcfg.warmup_epochs * steps_per_epoch, tcfg.lr)
+                    group["lr"] = warmup_cosine(step, total, tcfg.warmup_epochs * steps_per_epoch, tcfg.lr)
                 xb = augment(x_train[idx], tcfg.shift, tcfg.flip, g)
                 loss = F.cross_entropy(model(pixel_values=xb).logits, y_train[idx],
                                        label_smoothing=tcfg.label_smoothing)
@@ -192,10 +187,22 @@ def train_vit(vcfg: ViTConfig, tcfg: TrainConfig, drop_path: float, seed: int, x
     return summary
 
 
-def load_split(spec: str, size: int, test_frac: float = 0.2, limit: int | None = None, mean=None, std=None):
-    """A labelled image source as normalised tensors at ``size`` px (the teacher's eval transform), with a fixed
-    stratified train/test split (independent of the training seed). Returns (x_tr, y_tr, x_te, y_te, items_tr,
-    source, transform)."""
+class Split(NamedTuple):
+    """A labelled data set as normalised tensors with its fixed train/test split."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    items_train: list
+    items_test: list
+    source: object
+    transform: object
+
+
+def load_split(spec: str, size: int, test_frac: float = 0.2, limit: int | None = None) -> Split:
+    """A labelled image source as normalised tensors at ``size`` px (the eval transform with ImageNet statistics),
+    with a fixed stratified train/test split (independent of the training seed)."""
     from raptor.data import EvalTransform, load_images, open_source
     from raptor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -207,7 +214,7 @@ def load_split(spec: str, size: int, test_frac: float = 0.2, limit: int | None =
     classes = np.unique(y)
     if len(classes) < 2:
         raise RaptorError(f"--data {spec} has a single class")
-    tf = EvalTransform.for_size(size, mean or IMAGENET_MEAN, std or IMAGENET_STD)
+    tf = EvalTransform.for_size(size, IMAGENET_MEAN, IMAGENET_STD)
     rng = np.random.default_rng(12345)
     test = np.zeros(len(y), dtype=bool)
     for c in classes:
@@ -219,4 +226,4 @@ def load_split(spec: str, size: int, test_frac: float = 0.2, limit: int | None =
     x = torch.stack(tensors)
     yt = torch.from_numpy(y)
     tr, te = np.flatnonzero(~test), np.flatnonzero(test)
-    return (x[tr], yt[tr], x[te], yt[te], [src.items[i] for i in tr], [src.items[i] for i in te], src, tf)
+    return Split(x[tr], yt[tr], x[te], yt[te], [src.items[i] for i in tr], [src.items[i] for i in te], src, tf)

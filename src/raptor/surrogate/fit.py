@@ -42,14 +42,9 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
         from raptor.store import TrajectoryStore
 
         st = TrajectoryStore(cfg.store)
-        if not st.complete:
-            raise RaptorError(f"store {cfg.store} is incomplete ({st.summary()['chunks_done']} chunks): finish it "
-                              f"first (re-run the same extract command); fit never trains on part of a store")
-        if st.meta["settings"]["teacher"] != cfg.teacher:
-            raise RaptorError(f"store {cfg.store} was made with {st.meta['settings']['teacher']}, not {cfg.teacher}")
-        depth = int(st.meta["teacher"]["depth"])
-        if st.layers != list(range(depth + 1)):
-            raise RaptorError(f"fit needs a store with every layer 0..{depth} (this one holds {st.layers})")
+        st.require_complete("fit never trains on part of a store")
+        st.require_teacher_spec(cfg.teacher)
+        depth = st.require_every_layer("fit")
         _enough_images(len(st.valid_indices[: cfg.limit]), cfg.val_images)
         if cfg.phases:
             validate_phases(cfg.phases, depth)

@@ -148,13 +148,17 @@ def holdout_split(n: int, val_images: int) -> tuple[np.ndarray, np.ndarray]:
     return np.setdiff1d(np.arange(n), val), val
 
 
-def lr_at(step: int, total: int, cfg: FitConfig, stage: int = 1) -> float:
-    peak = cfg.lr2 if (stage == 2 and cfg.lr2 is not None) else cfg.lr
-    warm = max(1, int(round(cfg.warmup_frac * total)))
+def warmup_cosine(step: int, total: int, warm: int, peak: float, floor: float = 0.0) -> float:
+    """Linear warm-up over ``warm`` steps to ``peak``, then cosine decay to ``floor`` at step ``total``."""
     if step < warm:
         return peak * (step + 1) / warm
     p = (step - warm) / max(1, total - warm)
-    return cfg.min_lr + 0.5 * (peak - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, p)))
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(1.0, p)))
+
+
+def lr_at(step: int, total: int, cfg: FitConfig, stage: int = 1) -> float:
+    peak = cfg.lr2 if (stage == 2 and cfg.lr2 is not None) else cfg.lr
+    return warmup_cosine(step, total, max(1, int(round(cfg.warmup_frac * total))), peak, cfg.min_lr)
 
 
 def _rng(seed: int, tag: str, step: int) -> random.Random:
