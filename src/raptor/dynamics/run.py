@@ -80,8 +80,12 @@ def _open_inputs(cfg: DynamicsConfig):
 
     sur = None
     if cfg.surrogate:
-        if not Path(cfg.surrogate).is_dir():
+        run = Path(cfg.surrogate)
+        if not run.is_dir():
             raise RaptorError(f"--surrogate {cfg.surrogate}: no such run directory")
+        if not (run / "surrogate.json").is_file() or not (run / "model.safetensors").is_file():
+            raise RaptorError(f"--surrogate {cfg.surrogate} is not a finished raptor fit run (needs surrogate.json "
+                              f"and model.safetensors)")
         sur = parse_backbone(cfg.surrogate)
         if sur.teacher != cfg.teacher:
             raise RaptorError(f"surrogate run {cfg.surrogate} was fit on teacher {sur.teacher}, not {cfg.teacher} "
