@@ -16,6 +16,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Raptor: phases, block-recurrent surrogates and dynamics of Vision Transformers.")
 
 TEACHER_HELP = "Teacher spec: bundled:dinov2-s | hf:<hub id or dir> | dinov2-pth:<file> | tiny:<family>"
+DEVICE_HELP = "auto (a CUDA GPU when there is one) | cpu | cuda | cuda:N (under torchrun: cuda = the local rank's GPU)"
 DATA_HELP = "Data spec: bundled:photos | bundled:digits | bundled:lfw | <dir> | folder:<dir> | classes:<dir>"
 
 
@@ -120,24 +121,33 @@ def extract(
     compression: str = typer.Option("lz4", help="lz4 (bit-shuffled, default) | zstd | none"),
     autocast: Optional[str] = typer.Option(None, help="bfloat16 autocast for the forward pass (faster on CPU)"),
     head: Optional[str] = typer.Option(None, help="Official DINOv2 linear head .pth (for dinov2-pth teachers)"),
+    workers: int = typer.Option(1, help="Image-decoding worker processes (0: a thread of this process)"),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     progress: bool = typer.Option(True, help="Show a progress bar"),
 ):
-    """Store every image's trajectory (layers 0..L, all tokens) in a resumable zarr v3 store."""
+    """Store every image's trajectory (layers 0..L, all tokens) in a resumable zarr v3 store. Runs under
+    torchrun --nproc-per-node N: the ranks extract disjoint chunks into the one store."""
     from raptor.data import open_source
     from raptor.store import TrajectoryStore, check_extract_args, precheck_store
     from raptor.store import extract as run_extract
     from raptor.teachers import load_teacher
 
     # cheap checks first: arguments, data, an existing --out; only then the teacher (seconds to load)
+    from raptor.distributed import setup
+
     check_extract_args(dtype=dtype, compression=compression, batch_size=batch_size, chunk_images=chunk_images,
-                       image_size=image_size, autocast=autocast, limit=limit)
+                       image_size=image_size, autocast=autocast, limit=limit, workers=workers)
     layer_list = parse_layers(layers)
     source = open_source(data).subset(limit)
     precheck_store(out, teacher=teacher, data=source.spec, n_images=len(source), dtype=dtype,
                    chunk_images=chunk_images, compression=compression, autocast=autocast)
+    dist, dev = setup(device)
     t = load_teacher(teacher, head=head)
     s = run_extract(t, source, out, dtype=dtype, layers=layer_list, batch_size=batch_size, chunk_images=chunk_images,
-                    image_size=image_size, compression=compression, autocast=autocast, progress=progress)
+                    image_size=image_size, compression=compression, autocast=autocast, progress=progress and dist.main,
+                    workers=workers, device=dev)
+    if not dist.main:
+        return
     info = TrajectoryStore(out).summary()
     info["this_run"] = {"chunks_written": s.chunks_written, "chunks_already_done": s.chunks_done_before,
                         "seconds": round(s.seconds, 2), "images_per_s": round(s.images_per_s, 2),
@@ -221,9 +231,13 @@ def fit(
     ckpt_every: int = typer.Option(25, help="Checkpoint every N steps"),
     val_every: int = typer.Option(0, help="Validate (held-out R2) every N steps; 0 = only at the end"),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint"),
+    workers: int = typer.Option(2, help="Online data: image-decoding worker processes (0: in the main process)"),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the surrogate's blocks (GPU runs)"),
     progress: bool = typer.Option(True, help="Show progress bars"),
 ):
-    """Train a Raptor surrogate (stage 1 per block, stage 2 joint) and validate it against the teacher."""
+    """Train a Raptor surrogate (stage 1 per block, stage 2 joint) and validate it against the teacher.
+    Runs under torchrun --nproc-per-node N (data-parallel, DDP; gloo on CPU, NCCL on GPU)."""
     from raptor.surrogate.fit import run_fit
     from raptor.surrogate.train import FitConfig
 
@@ -237,8 +251,10 @@ def fit(
                     stats_images=stats_images, probe_limit=probe_limit,
                     mlp=mlp, init_from_teacher=init_from_teacher, autocast=autocast, image_size=image_size,
                     limit=limit, probe_data=None if probe_data in (None, "none") else probe_data, seed=seed,
-                    ckpt_every=ckpt_every, val_every=val_every)
+                    ckpt_every=ckpt_every, val_every=val_every, workers=workers, device=device, compile=compile)
     m = run_fit(cfg, resume=resume, progress=progress)
+    if not m:  # a torchrun rank other than 0: rank 0 reports
+        return
     v = m["validation"]
     ar = v["autoregressive"]
     typer.echo(f"phases: {m['surrogate']['phases']}  ({v['n_images']} held-out images)")

@@ -56,6 +56,22 @@ def _first_missing_ancestor(path: Path) -> Path | None:
         missing = p
     return missing
 
+_HELD: set[int] = set()  # descriptors of the locks this process holds
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker): close the inherited lock descriptors. A flock belongs to the open
+    file, which the parent keeps open, so the parent's lock stands; but a child outliving a killed parent no longer
+    keeps the directory locked."""
+    for fd in list(_HELD):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_inherited_locks)
+
 
 class OutputLock:
     """An exclusive, crash-safe lock on a directory (see module docstring)."""
@@ -91,6 +107,7 @@ class OutputLock:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self.fd = fd
+        _HELD.add(fd)
         return self
 
     def release(self) -> None:
@@ -98,6 +115,7 @@ class OutputLock:
             return
         with contextlib.suppress(OSError):
             os.unlink(self.path)
+        _HELD.discard(self.fd)
         os.close(self.fd)  # closing drops the flock
         self.fd = None
 

@@ -26,7 +26,6 @@ import queue
 import shutil
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -36,7 +35,7 @@ import torch
 
 from raptor.config import atomic_write_text
 from raptor.errors import RaptorError, check_positive
-from raptor.outputs import LOCK_NAME, claim_output, only_lock_inside
+from raptor.outputs import LOCK_NAME, only_lock_inside
 from raptor.teachers.base import TokenLayout
 
 STORE_VERSION = 1
@@ -424,7 +423,8 @@ def _open_or_create(path: Path, settings: StoreSettings, meta: dict, ids: list[s
 
 
 def check_extract_args(*, dtype: str, compression: str, batch_size: int, chunk_images: int,
-                       image_size: int | None = None, autocast: str | None = None, limit: int | None = None) -> None:
+                       image_size: int | None = None, autocast: str | None = None, limit: int | None = None,
+                       workers: int = 0) -> None:
     """Every cheap check of extract's arguments, done before any teacher, data or output is touched."""
     from raptor.teachers.base import check_autocast
 
@@ -433,6 +433,8 @@ def check_extract_args(*, dtype: str, compression: str, batch_size: int, chunk_i
     if compression not in COMPRESSIONS:
         raise RaptorError(f"unknown --compression {compression!r} (use {', '.join(COMPRESSIONS)})")
     check_positive(batch_size=batch_size, chunk_images=chunk_images, image_size=image_size, limit=limit)
+    if not workers >= 0:
+        raise RaptorError(f"--workers must be >= 0, got {workers}")
     check_autocast(autocast)
 
 
@@ -476,13 +478,21 @@ def _has_rows(path: Path) -> bool:
 def extract(teacher, source, out: str | Path, *, dtype: str = "bfloat16", layers: Sequence[int] | None = None,
             batch_size: int = 16, chunk_images: int = 32, image_size: int | None = None,
             compression: str = "lz4", autocast: str | None = None, progress: bool = True,
-            stop_after_chunks: int | None = None) -> ExtractSummary:
+            stop_after_chunks: int | None = None, workers: int = 0, device: torch.device | None = None,
+            dist=None) -> ExtractSummary:
     """Write (or resume writing) the trajectories of every image of ``source`` into a store at ``out``.
 
     The directory is locked for the run (a second writer is refused); a run that fails before extracting any
-    image removes the store it created; a source none of whose images can be read is refused, never "complete"."""
+    image removes the store it created; a source none of whose images can be read is refused, never "complete".
+    ``workers``: image-decoding processes (0: a thread). Under torchrun (``dist``, default: the current process
+    group) rank ``r`` extracts the chunks ``c`` with ``c % world == r`` into the same store (see
+    :mod:`raptor.distributed`)."""
+    from raptor.distributed import claim_on_main, current
+
+    dist = dist or current()
+    device = device or torch.device("cpu")
     check_extract_args(dtype=dtype, compression=compression, batch_size=batch_size, chunk_images=chunk_images,
-                       image_size=image_size, autocast=autocast)
+                       image_size=image_size, autocast=autocast, workers=workers)
     out = Path(out)
     size = teacher.image_size(image_size)
     transform = teacher.eval_transform(size)
@@ -499,25 +509,67 @@ def extract(teacher, source, out: str | Path, *, dtype: str = "bfloat16", layers
             "layer_convention": "layer 0 = embedding output; layer l = output of block l (before final norm)"}
     shape = (n, len(layer_list), layout.n_tokens, teacher.dim)
     precheck_store(out)
-    with claim_output(out, has_progress=_has_rows):
-        g = _open_or_create(out, settings, meta, [it.id for it in source.items], source.labels, shape)
+    with contextlib.ExitStack() as stack:
+        def create():
+            _open_or_create(out, settings, meta, [it.id for it in source.items], source.labels, shape)
+            _merge_rank_manifests(out)  # a run interrupted under torchrun left per-rank records
+
+        claim_on_main(stack, dist, out, _has_rows, create)
+        import zarr
+
+        g = zarr.open_group(str(out), mode="r+")
         manifest = read_manifest(out)
         done = set(manifest.get("done", []))
         skipped: list[str] = list(manifest.get("skipped", []))
+        n_before = len(done)
         n_chunks = -(-n // chunk_images)
-        todo = [c for c in range(n_chunks) if c not in done]
+        todo = [c for c in range(n_chunks) if c not in done and c % dist.world == dist.rank]
         if stop_after_chunks is not None:
             todo = todo[:stop_after_chunks]
         from raptor.runtime import tune_malloc
 
         tune_malloc()
+        record = out / ("manifest.json" if not dist.active else f"manifest.rank{dist.rank}.json")
+        mine: set = set() if dist.active else done
+        mine_skipped: list = [] if dist.active else skipped
         with _quiet_io_threads():
-            summary = _run_pipeline(teacher, source, out, g, settings, layer_list, shape, done, skipped, todo,
-                                    n_chunks, transform, autocast, batch_size, progress)
+            summary = _run_pipeline(teacher.to(device), source, record, g, settings, layer_list, shape, mine,
+                                    mine_skipped, todo, transform, autocast, batch_size, progress, workers)
+        if dist.active:  # every rank's chunks are written (or a rank failed, and this never returns)
+            if not dist.all_ok(True):
+                raise RaptorError("another rank failed (its error line says why)")
+            if dist.main:
+                _merge_rank_manifests(out)
+            dist.barrier()
+            manifest = read_manifest(out)
+            done, skipped = set(manifest["done"]), list(manifest["skipped"])
+        complete = len(done) == n_chunks and len(skipped) < n  # a store of only unreadable images is never complete
+        if complete and dist.main:
+            g.attrs["raptor"] = {**dict(g.attrs["raptor"]), "complete": True, "skipped": skipped}
+        summary = ExtractSummary(store=str(out), n_images=n, n_extracted=n - len(skipped), skipped=list(skipped),
+                                 chunks_done_before=n_before, chunks_written=summary.chunks_written,
+                                 seconds=summary.seconds, images_per_s=summary.images_per_s,
+                                 bytes_stored=_dir_bytes(out), complete=complete)
         if summary.n_extracted == 0 and len(done) == n_chunks:
             raise RaptorError(f"none of the {n} images of {source.spec} could be read (first: {skipped[0]}): "
                               f"nothing to store")
         return summary
+
+
+def _merge_rank_manifests(out: Path) -> None:
+    """Fold every ``manifest.rank<r>.json`` into ``manifest.json`` (written first), then remove them."""
+    parts = sorted(out.glob("manifest.rank*.json"))
+    if not parts:
+        return
+    m = read_manifest(out)
+    done, skipped = set(m.get("done", [])), list(m.get("skipped", []))
+    for p in parts:
+        r = json.loads(p.read_text())
+        done.update(r.get("done", []))
+        skipped.extend(x for x in r.get("skipped", []) if x not in skipped)
+    atomic_write_text(out / "manifest.json", json.dumps({"done": sorted(done), "skipped": skipped}))
+    for p in parts:
+        p.unlink()
 
 
 @contextlib.contextmanager
@@ -535,19 +587,22 @@ def _quiet_io_threads():
         blosc.set_nthreads(old)
 
 
-def _run_pipeline(teacher, source, out: Path, g, settings: StoreSettings, layer_list, shape, done: set,
-                  skipped: list, todo: list[int], n_chunks: int, transform, autocast, batch_size: int,
-                  progress: bool) -> ExtractSummary:
-    """loader thread (decode + transform) -> main thread (forward) -> writer thread (encode + write + manifest)."""
-    from raptor.data import load_images
+def _run_pipeline(teacher, source, record: Path, g, settings: StoreSettings, layer_list, shape, done: set,
+                  skipped: list, todo: list[int], transform, autocast, batch_size: int, progress: bool,
+                  workers: int = 0) -> ExtractSummary:
+    """loader thread (pulls decoded chunks from ``workers`` DataLoader processes, or decodes them itself) -> main
+    thread (forward) -> writer thread (write + record the chunk in ``done``/``skipped`` and the ``record`` file).
+    Returns this run's counts (chunks written, seconds, images/s); the caller fills in the store-wide ones."""
+    from raptor.data.stream import ChunkDataset, loader
     from raptor.progress import progress_bar
 
     arr, valid = g["trajectories"], g["valid"]
     n, c_img, dtype = shape[0], settings.chunk_images, settings.dtype
-    n_before = len(done)
     load_q: queue.Queue = queue.Queue(maxsize=2)
     write_q: queue.Queue = queue.Queue(maxsize=2)
     errors: list[BaseException] = []
+    device = next(teacher.parameters()).device
+    pin = device.type == "cuda"
 
     stop = threading.Event()  # set when the run ends early (an error): no thread may stay blocked on a queue
 
@@ -559,17 +614,15 @@ def _run_pipeline(teacher, source, out: Path, g, settings: StoreSettings, layer_
             except queue.Full:
                 pass
 
-    def loader():
+    def load():
         _lower_thread_priority()
         try:
-            for c in todo:
+            chunks = ChunkDataset(source.items, transform, [(c * c_img, min((c + 1) * c_img, n)) for c in todo])
+            for i, x, kept, bad, msgs in loader(chunks, workers, pin_memory=pin):
                 if stop.is_set():
                     return
-                lo, hi = c * c_img, min((c + 1) * c_img, n)
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    tensors, kept, bad = load_images(source.items[lo:hi], transform)
-                put(load_q, (c, lo, hi, tensors, kept, bad, [str(w.message) for w in caught]))
+                c = todo[i]
+                put(load_q, (c, c * c_img, min((c + 1) * c_img, n), x, kept, bad, msgs))
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
         finally:
@@ -584,7 +637,7 @@ def _run_pipeline(teacher, source, out: Path, g, settings: StoreSettings, layer_
         # only now does the chunk count as done: a kill before this line redoes it on resume
         done.add(c)
         skipped.extend(bad)
-        atomic_write_text(out / "manifest.json", json.dumps({"done": sorted(done), "skipped": skipped}))
+        atomic_write_text(record, json.dumps({"done": sorted(done), "skipped": skipped}))
 
     def writer():
         _lower_thread_priority()
@@ -599,7 +652,7 @@ def _run_pipeline(teacher, source, out: Path, g, settings: StoreSettings, layer_
     t_start = time.perf_counter()
     n_images_run = 0
     buf = None  # reused trajectory buffer
-    lt = threading.Thread(target=loader, daemon=True, name="raptor-extract-loader")
+    lt = threading.Thread(target=load, daemon=True, name="raptor-extract-loader")
     wt = threading.Thread(target=writer, daemon=True, name="raptor-extract-writer")
     lt.start()
     wt.start()
@@ -607,7 +660,7 @@ def _run_pipeline(teacher, source, out: Path, g, settings: StoreSettings, layer_
     try:
         with progress_bar(total=total, description="extract", unit="img", enabled=progress) as bar:
             while (item := load_q.get()) is not None and not errors:
-                c, lo, hi, tensors, kept, bad, msgs = item
+                c, lo, hi, x, kept, bad, msgs = item
                 for m in msgs:
                     bar.warn(m)
                 # encode here, not in the writer: torch ops from a second thread would start a second OpenMP
@@ -615,11 +668,11 @@ def _run_pipeline(teacher, source, out: Path, g, settings: StoreSettings, layer_
                 if bad:
                     block = np.zeros((hi - lo,) + tuple(shape[1:]), dtype=_STORAGE[dtype])
                 parts = []
-                if tensors:
-                    x = torch.stack(tensors)
+                if x is not None:
+                    x = x.to(device, non_blocking=True)
                     for s in range(0, len(x), batch_size):
                         buf = teacher.trajectory(x[s:s + batch_size], layer_list, autocast=autocast, out=buf)
-                        parts.append(encode(buf, dtype))
+                        parts.append(encode(buf if device.type == "cpu" else _to_storage(buf, dtype), dtype))
                         bar.advance(len(parts[-1]))
                 if bad:
                     if parts:
@@ -637,10 +690,14 @@ def _run_pipeline(teacher, source, out: Path, g, settings: StoreSettings, layer_
     if errors:
         raise errors[0]
     seconds = time.perf_counter() - t_start
-    complete = len(done) == n_chunks and len(skipped) < n  # a store of only unreadable images is never complete
-    if complete:
-        g.attrs["raptor"] = {**dict(g.attrs["raptor"]), "complete": True, "skipped": skipped}
-    return ExtractSummary(store=str(out), n_images=n, n_extracted=n - len(skipped), skipped=list(skipped),
-                          chunks_done_before=n_before, chunks_written=len(todo), seconds=seconds,
-                          images_per_s=n_images_run / seconds if seconds > 0 else 0.0,
-                          bytes_stored=_dir_bytes(out), complete=complete)
+    return ExtractSummary(store=str(record.parent), n_images=n, n_extracted=0, skipped=[], chunks_done_before=0,
+                          chunks_written=len(todo), seconds=seconds,
+                          images_per_s=n_images_run / seconds if seconds > 0 else 0.0, bytes_stored=0,
+                          complete=False)
+
+
+def _to_storage(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """A device trajectory as CPU tensor in the storage precision: the cast runs on the GPU and only half the bytes
+    cross the bus for 16-bit stores."""
+    table = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    return x.to(table[dtype]).cpu()

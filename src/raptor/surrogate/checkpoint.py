@@ -38,7 +38,7 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """safetensors file with the umask-derived mode (safetensors itself creates files 0600)."""
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path))
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
     os.chmod(path, FILE_MODE)
 
 

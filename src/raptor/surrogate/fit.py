@@ -9,6 +9,7 @@ baselines and probes (:mod:`raptor.surrogate.evaluate`). Outputs in OUT: ``confi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -17,8 +18,9 @@ import numpy as np
 import torch
 
 from raptor.config import atomic_write_text, save_config, to_dict
+from raptor.distributed import claim_on_main, setup
 from raptor.errors import RaptorError
-from raptor.outputs import claim_output, staged
+from raptor.outputs import staged
 from raptor.surrogate.evaluate import head_agreement, probe_evaluation, validate
 from raptor.surrogate.losses import effective_group_weights
 from raptor.surrogate.train import (FitConfig, OnlineBatches, StoreBatches, build_model, check_existing_run,
@@ -58,24 +60,36 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
     if cfg.probe_data:
         open_source(cfg.probe_data)
     check_existing_run(cfg, resume)  # refuse early; checked again under the lock
+    dist, device = setup(cfg.device)
+    if cfg.batch_size % dist.world:
+        raise RaptorError(f"--batch-size {cfg.batch_size} must be a multiple of the number of processes "
+                          f"({dist.world})")
 
     def has_checkpoint(path: Path) -> bool:
         return (path / "checkpoints" / "latest.json").is_file()
 
-    with claim_output(out, has_progress=has_checkpoint):
-        check_existing_run(cfg, resume)
-        return _run_fit(cfg, st, src, out, resume, progress, on_step, teacher)
+    # rank 0 holds the lock and writes every file; the other ranks (torchrun) train their shares
+    with contextlib.ExitStack() as stack:
+        claim_on_main(stack, dist, out, has_checkpoint, lambda: check_existing_run(cfg, resume))
+        return _run_fit(cfg, st, src, out, resume, progress and dist.main, on_step, teacher, dist, device)
 
 
-def _run_fit(cfg: FitConfig, st, src, out: Path, resume: bool, progress: bool, on_step, teacher=None) -> dict:
+def _run_fit(cfg: FitConfig, st, src, out: Path, resume: bool, progress: bool, on_step, teacher=None,
+             dist=None, device=None) -> dict:
     from raptor.data import load_images
+    from raptor.distributed import Dist
     from raptor.teachers import load_teacher
 
+    dist = dist or Dist()
+    device = device or torch.device("cpu")
     if teacher is None:
         teacher = load_teacher(cfg.teacher)
     elif teacher.spec != cfg.teacher:
         raise RaptorError(f"the teacher passed in is {teacher.spec}, the config names {cfg.teacher}")
     model = build_model(cfg, teacher.describe(), teacher)  # checks the phases before any data is read
+    if cfg.compile:
+        for blk in model.blocks:
+            blk.compile()
     # labelled training data, if any: (a callable giving layer-0 tokens + labels of the probe's training images, the
     # labels of the held-out images, whose layer-0 tokens are val_traj[:, 0], data name)
     probe_inputs = None
@@ -84,26 +98,29 @@ def _run_fit(cfg: FitConfig, st, src, out: Path, resume: bool, progress: bool, o
         rows = st.valid_indices[: cfg.limit] if cfg.limit else st.valid_indices
         tr_pos, val_pos = holdout_split(len(rows), cfg.val_images)
         tr_rows, val_rows = rows[tr_pos], rows[val_pos]
-        data = StoreBatches(st, tr_rows, cfg.seed, progress=progress)
+        data = StoreBatches(st, tr_rows, cfg.seed, progress=progress, device=device, dist=dist)
         layout = st.layout
         size = int(st.meta["settings"]["transform"]["center_crop"])
-        val_traj = st.read(np.sort(val_rows))
+        val_traj = st.read(np.sort(val_rows)) if dist.main else None
         n_train = len(tr_rows)
         labels = st.labels
         if (labels[rows] >= 0).all():
             ptr = np.sort(tr_rows[evenly_spaced(len(tr_rows), cfg.probe_limit)])
-            probe_inputs = (lambda: (data.read(ptr, 0, 0)[:, 0], labels[ptr]), labels[np.sort(val_rows)],
+            probe_inputs = (lambda: (data.read(ptr, 0, 0)[:, 0].cpu(), labels[ptr]), labels[np.sort(val_rows)],
                             st.meta["settings"]["data"])
     else:
         tr_pos, val_pos = holdout_split(len(src.items), cfg.val_images)
         tr_items, val_items = [src.items[i] for i in tr_pos], [src.items[i] for i in val_pos]
         size = teacher.image_size(cfg.image_size)
-        data = OnlineBatches(teacher, tr_items, size, cfg.seed, cfg.crops)
+        data = OnlineBatches(teacher.to(device), tr_items, size, cfg.seed, cfg.crops, cfg.workers, device, dist)
         layout = teacher.layout(size)
-        vt, vkept, _ = load_images(val_items, teacher.eval_transform(size))
-        if not vt:
-            raise RaptorError("none of the held-out validation images could be read")
-        val_traj = teacher.trajectory(torch.stack(vt))
+        vt, vkept = [], []
+        if dist.main:
+            vt, vkept, _ = load_images(val_items, teacher.eval_transform(size))
+            if not vt:
+                raise RaptorError("none of the held-out validation images could be read")
+            val_traj = teacher.cpu().trajectory(torch.stack(vt))
+            teacher.to(device)
         n_train = len(tr_items)
         if (src.labels >= 0).all():
             ptr = tr_pos[evenly_spaced(len(tr_pos), cfg.probe_limit)]
@@ -113,16 +130,24 @@ def _run_fit(cfg: FitConfig, st, src, out: Path, resume: bool, progress: bool, o
                 return _embed(teacher, t), src.labels[ptr[kept]]
 
             probe_inputs = (probe_train, src.labels[val_pos[vkept]], cfg.data)
-    save_config(cfg, out / "config.yaml")
+    if dist.main:
+        save_config(cfg, out / "config.yaml")
     stats = compute_stats(data, layout, cfg.stats_images, progress=progress)
     t0 = time.perf_counter()
 
-    def quick_val(m) -> float:  # mean held-out R^2 of the full autoregressive rollout
-        return validate(m, teacher, val_traj, layout, baselines=False)["autoregressive"]["r2_mean"]
+    def quick_val(m) -> float:  # mean held-out R^2 of the full autoregressive rollout, on the CPU
+        m.cpu(), teacher.cpu()
+        try:
+            return validate(m, teacher, val_traj, layout, baselines=False)["autoregressive"]["r2_mean"]
+        finally:
+            m.to(device), teacher.to(device)
 
     state = train(cfg, model, data, layout, resume=resume, progress=progress, on_step=on_step,
-                  validate_fn=quick_val, stats=stats)
+                  validate_fn=quick_val, stats=stats, dist=dist, device=device)
     train_s = time.perf_counter() - t0
+    model.cpu(), teacher.cpu()  # evaluation (128 images by default) runs on the CPU
+    if not dist.main:
+        return {}
     with staged(out, "metrics.json") as stage:
         return _finish(cfg, model, teacher, layout, size, probe_inputs, val_traj, state, stats, n_train, train_s,
                        stage, progress)

@@ -98,15 +98,17 @@ class RaptorModel(nn.Module):
         return self.blocks[self.block_of[t]](x, t)
 
     def forward(self, x: torch.Tensor, start: int = 0, end: int | None = None, noise: float = 0.0,
-                generator: torch.Generator | None = None) -> list[torch.Tensor]:
-        """Roll out from layer ``start`` to ``end`` on its own predictions; returns [layer start+1, ..., end]."""
+                generator: torch.Generator | None = None, share: tuple[int, int] = (0, 1)) -> list[torch.Tensor]:
+        """Roll out from layer ``start`` to ``end`` on its own predictions; returns [layer start+1, ..., end].
+        ``share`` = (rank, world): ``x`` is rank's share of a batch ``world`` times larger; the input noise is drawn
+        for the whole batch and sliced, so it equals a 1-process run's."""
         end = self.depth if end is None else end
         if not 0 <= start <= end <= self.depth:
             raise RaptorError(f"bad rollout range {start}..{end} (depth {self.depth})")
         outs = []
         for t in range(start + 1, end + 1):
             if noise > 0:
-                x = x + noise * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+                x = x + noise * share_noise(x, generator, share)
             x = self.step(x, t)
             outs.append(x)
         return outs
@@ -153,3 +155,13 @@ def init_from_teacher(model: RaptorModel, teacher) -> list[int]:
         blk.norm1.eps = blk.norm2.eps = tb.norm1.eps
         used.append(phase[len(phase) // 2] - 1)
     return used
+
+
+def share_noise(x: torch.Tensor, generator: torch.Generator | None, share: tuple[int, int] = (0, 1),
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Standard normal noise shaped like ``x``, the rows ``share`` = (rank, world) would get of the noise of the
+    whole batch (drawn on the CPU generator, then moved to ``x``'s device: the same on every device)."""
+    rank, world = share
+    n = x.shape[0]
+    z = torch.randn((n * world,) + tuple(x.shape[1:]), generator=generator, dtype=dtype or x.dtype)
+    return z[rank * n:(rank + 1) * n].to(x.device)

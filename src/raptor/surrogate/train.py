@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +74,9 @@ class FitConfig:
     ckpt_every: int = 25
     val_every: int = 0  # validate on the held-out set every N steps of each work item (0: only at the end)
     limit: int | None = None
+    workers: int = 2  # online data: image-decoding worker processes (0: in the main process)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    compile: bool = False  # torch.compile the surrogate's blocks
 
     def check(self) -> None:
         """Cheap checks of the settings themselves, done before any teacher, data or output is touched. Zero is
@@ -104,7 +106,7 @@ class FitConfig:
             v = getattr(self, name)
             if v is not None and not v > 0:
                 raise RaptorError(f"--{name.replace('_', '-')} must be > 0, got {v}")
-        for name in ("weight_decay", "sigma", "min_lr", "val_every", "warmup_frac"):
+        for name in ("weight_decay", "sigma", "min_lr", "val_every", "warmup_frac", "workers"):
             v = getattr(self, name)
             if not v >= 0:
                 raise RaptorError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
@@ -121,7 +123,8 @@ class FitConfig:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-EVAL_ONLY = ("out", "probe_data", "probe_limit", "val_every", "ckpt_every")
+EVAL_ONLY = ("out", "probe_data", "probe_limit", "val_every", "ckpt_every",
+             "workers", "device", "compile")  # none of these changes the training trajectory
 
 
 def evenly_spaced(n: int, k: int) -> np.ndarray:
@@ -161,56 +164,78 @@ def lr_at(step: int, total: int, cfg: FitConfig, stage: int = 1) -> float:
     return warmup_cosine(step, total, max(1, int(round(cfg.warmup_frac * total))), peak, cfg.min_lr)
 
 
-def _rng(seed: int, tag: str, step: int) -> random.Random:
-    return random.Random(int(hashlib.sha256(f"{seed}/{tag}/{step}".encode()).hexdigest()[:16], 16))
-
-
 class OnlineBatches:
-    """Trajectories computed by the teacher on the fly (no storage). Images are decoded once and cached."""
+    """Trajectories computed by the teacher on the fly (no storage), from images streamed through DataLoader worker
+    processes (:mod:`raptor.data.stream`): nothing is kept in memory but a few prefetched batches, whatever the
+    data set's size, and each step's images are a function of (seed, work item, step) alone. Under torchrun rank
+    ``r`` decodes and runs the teacher on its ``batch / world`` share only."""
 
-    def __init__(self, teacher, items, size: int, seed: int, crops: bool):
-        import warnings
-
+    def __init__(self, teacher, items, size: int, seed: int, crops: bool, workers: int = 2,
+                 device: torch.device | None = None, dist=None):
         from raptor.data import TrainTransform
-        from raptor.data.sources import ImageLoadWarning
+        from raptor.distributed import Dist
 
-        self.teacher, self.seed = teacher, seed
+        self.teacher, self.items, self.seed, self.crops, self.workers = teacher, list(items), seed, crops, workers
+        self.device = device or torch.device("cpu")
+        self.dist = dist or Dist()
         self.train_tf = TrainTransform(size=size, scale=(0.25, 1.0), mean=teacher.image_mean, std=teacher.image_std)
         self.eval_tf = teacher.eval_transform(size)
-        self.crops = crops
-        self.images = []
-        for it in items:
-            try:
-                self.images.append(it.load())
-            except Exception as e:  # noqa: BLE001 - skip, name it, never crash
-                warnings.warn(f"skipping unreadable image {it.id}: {type(e).__name__}: {str(e)[:120]}",
-                              ImageLoadWarning, stacklevel=2)
-        if not self.images:
-            raise RaptorError("no readable training images")
+        self._skipped: set = set()
+        if not self.items:
+            raise RaptorError("no training images")
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.device, non_blocking=True)
 
     def sample(self, n: int, batch: int = 32):
         """Trajectories (all layers, eval transform) of n training images spread evenly over the set."""
-        pick = evenly_spaced(len(self.images), n)
-        for s in range(0, len(pick), batch):
-            yield self.teacher.trajectory(torch.stack([self.eval_tf(self.images[i]) for i in pick[s:s + batch]]))
+        from raptor.data.stream import ChunkDataset, even_bounds, loader
 
-    def get(self, tag: str, step: int, batch: int, lo: int, hi: int) -> torch.Tensor:
-        rng = _rng(self.seed, tag, step)
-        idx = [rng.randrange(len(self.images)) for _ in range(batch)]
-        if self.crops:
-            x = torch.stack([self.train_tf(self.images[i], rng) for i in idx])
-        else:
-            x = torch.stack([self.eval_tf(self.images[i]) for i in idx])
-        return self.teacher.trajectory(x, range(lo, hi + 1))
+        pick = [self.items[i] for i in evenly_spaced(len(self.items), n)]
+        for _, x, _, bad, msgs in loader(ChunkDataset(pick, self.eval_tf, even_bounds(len(pick), batch)),
+                                         self.workers, pin_memory=self.device.type == "cuda"):
+            _warn_once(msgs, self._skipped)
+            if x is not None:
+                yield self.teacher.trajectory(self._to_device(x))
+
+    def stream(self, keys: list[tuple[str, int, int, int]], batch: int):
+        """This rank's share of each (tag, step, first layer, last layer) batch, in order."""
+        from raptor.data.stream import TrainBatchDataset, loader, warn_skipped
+
+        ds = TrainBatchDataset(self.items, [(k[0], k[1]) for k in keys], batch, self.seed, self.train_tf,
+                               self.eval_tf, self.crops, self.dist.rank, self.dist.world)
+        for (tag, step, lo, hi), (x, bad) in zip(keys, loader(ds, self.workers,
+                                                              pin_memory=self.device.type == "cuda")):
+            warn_skipped(bad, self._skipped)
+            yield self.teacher.trajectory(self._to_device(x), range(lo, hi + 1))
+
+
+def _warn_once(messages, seen: set) -> None:
+    import warnings
+
+    from raptor.data.sources import ImageLoadWarning
+
+    for m in messages:
+        if m not in seen:
+            seen.add(m)
+            warnings.warn(m, ImageLoadWarning, stacklevel=3)
 
 
 class StoreBatches:
     """Training batches from a trajectory store. Random rows are scattered over many chunks (a batch of 32 touches
     ~32 chunks per layer), so when the training rows fit in ``cache_bytes`` they are read once, in order, and kept
-    in memory in the store's own precision (bf16 stays bf16: lossless); reads then cost nothing."""
+    in memory in the store's own precision (bf16 stays bf16: lossless); reads then cost nothing. On a GPU the
+    cache moves to GPU memory when it fits in half of what is free (the GPU-side reader: a batch is a gather on
+    the device), else it is pinned for asynchronous copies. Under torchrun rank ``r`` reads its share of each
+    step's rows."""
 
-    def __init__(self, store, rows: np.ndarray, seed: int, cache_bytes: float = 6e9, progress: bool = False):
+    def __init__(self, store, rows: np.ndarray, seed: int, cache_bytes: float = 6e9, progress: bool = False,
+                 device: torch.device | None = None, dist=None):
+        from raptor.distributed import Dist
+
         self.store, self.rows, self.seed = store, np.asarray(rows), seed
+        self.device = device or torch.device("cpu")
+        self.dist = dist or Dist()
         self.cache = None
         T, D = store.layout.n_tokens, store.array.shape[-1]
         keep = torch.bfloat16 if store.dtype == "bfloat16" else torch.float16 if store.dtype == "float16" \
@@ -228,14 +253,18 @@ class StoreBatches:
                     self.cache[torch.from_numpy(pos)] = store.read(self.rows[pos]).to(keep)
                     bar.advance(len(pos))
             self._pos = {int(r): i for i, r in enumerate(self.rows)}
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                self.cache = self.cache.to(self.device) if need <= free / 2 else self.cache.pin_memory()
 
     def read(self, rows: np.ndarray, lo: int, hi: int) -> torch.Tensor:
-        """float32 (rows, hi-lo+1, T, D) of training rows (from the in-memory cache when there is one)."""
+        """float32 (rows, hi-lo+1, T, D) of training rows (from the in-memory cache when there is one), on the
+        training device."""
         if self.cache is None:
-            return self.store.read(rows, layers=(lo, hi))
+            return self.store.read(rows, layers=(lo, hi)).to(self.device, non_blocking=True)
         p0, p1 = self.store.layer_positions((lo, hi))
-        idx = torch.tensor([self._pos[int(r)] for r in rows])
-        return self.cache[idx, p0:p1].float()
+        idx = torch.tensor([self._pos[int(r)] for r in rows], device=self.cache.device)
+        return self.cache[idx, p0:p1].to(self.device, non_blocking=True).float()
 
     def sample(self, n: int, batch: int = 32):
         pick = self.rows[evenly_spaced(len(self.rows), n)]
@@ -243,10 +272,22 @@ class StoreBatches:
             yield self.read(np.sort(pick[s:s + batch]), self.store.layers[0], self.store.layers[-1])
 
     def get(self, tag: str, step: int, batch: int, lo: int, hi: int) -> torch.Tensor:
-        rng = _rng(self.seed, tag, step)
-        pick = np.sort(np.array([self.rows[rng.randrange(len(self.rows))] for _ in range(batch)]))
+        """This rank's share of the batch of (tag, step): the rows are drawn from (seed, tag, step) alone."""
+        from raptor.data.stream import key_rng
+
+        if batch % self.dist.world:
+            raise RaptorError(f"--batch-size {batch} must be a multiple of the number of processes "
+                              f"({self.dist.world})")
+        rng = key_rng(self.seed, tag, step)
+        pick = np.array([self.rows[rng.randrange(len(self.rows))] for _ in range(batch)])
+        share = batch // self.dist.world
+        pick = np.sort(pick[self.dist.rank * share:(self.dist.rank + 1) * share])
         uniq, inv = np.unique(pick, return_inverse=True)
-        return self.read(uniq, lo, hi)[torch.from_numpy(inv)]
+        return self.read(uniq, lo, hi)[torch.from_numpy(inv).to(self.device)]
+
+    def stream(self, keys: list[tuple[str, int, int, int]], batch: int):
+        for tag, step, lo, hi in keys:
+            yield self.get(tag, step, batch, lo, hi)
 
 
 @dataclass
@@ -292,14 +333,17 @@ def compute_stats(data, layout, n_images: int, progress: bool = True):
         for traj in data.sample(n_images):
             if acc is None:
                 acc = TrajectoryStats(traj.shape[1], traj.shape[2], traj.shape[3], layout)
-            acc.update(traj)
+            acc.update(traj.cpu())
             bar.advance(len(traj))
     return acc.result()
 
 
 def item_loss(model: RaptorModel, item: WorkItem, traj: torch.Tensor, step: int, cfg: FitConfig, layout,
-              gen: torch.Generator, stats=None) -> torch.Tensor:
-    """traj: (B, end-start+1, T, D) teacher layers start..end. ``stats``: per-layer scales (normalised loss)."""
+              gen: torch.Generator, stats=None, share: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """traj: (B, end-start+1, T, D) teacher layers start..end. ``stats``: per-layer scales (normalised loss).
+    ``share`` = (rank, world) when ``traj`` is one rank's share of the step's batch (the noise follows it)."""
+    from raptor.surrogate.model import share_noise
+
     n = item.end - item.start
 
     def tl(pred, i):  # loss against teacher layer item.start + i
@@ -307,7 +351,7 @@ def item_loss(model: RaptorModel, item: WorkItem, traj: torch.Tensor, step: int,
         return token_loss(pred, traj[:, i], cfg.loss, layout, item.weights, scale)
 
     if item.stage == 2:
-        outs = model(traj[:, 0], item.start, item.end, noise=cfg.sigma, generator=gen)
+        outs = model(traj[:, 0], item.start, item.end, noise=cfg.sigma, generator=gen, share=share)
         return sum(tl(o, i + 1) for i, o in enumerate(outs)) / n
     blk = model.blocks[item.block]
     r = max(0.0, 1.0 - step / max(1e-9, cfg.tf_anneal_frac * item.steps))
@@ -317,14 +361,14 @@ def item_loss(model: RaptorModel, item: WorkItem, traj: torch.Tensor, step: int,
         for i in range(n):
             x = traj[:, i]
             if cfg.sigma > 0:
-                x = x + cfg.sigma * torch.randn(x.shape, generator=gen)
+                x = x + cfg.sigma * share_noise(x, gen, share, torch.float32)
             tf = tf + tl(blk(x, item.start + i + 1), i + 1)
         loss = loss + r * tf / n
     if r < 1:  # autoregressive rollout on the block's own predictions
         x, ar = traj[:, 0], 0
         for i in range(n):
             if cfg.sigma > 0:
-                x = x + cfg.sigma * torch.randn(x.shape, generator=gen)
+                x = x + cfg.sigma * share_noise(x, gen, share, torch.float32)
             x = blk(x, item.start + i + 1)
             ar = ar + tl(x, i + 1)
         loss = loss + (1 - r) * ar / n
@@ -388,12 +432,34 @@ def check_existing_run(cfg: FitConfig, resume: bool) -> Path | None:
     return ck
 
 
+class _ItemObjective(torch.nn.Module):
+    """The loss of one work item as a module whose parameters are exactly the trained ones (one block in stage 1,
+    the whole surrogate in stage 2): what ``DistributedDataParallel`` wraps to average their gradients."""
+
+    def __init__(self, model: RaptorModel, item: WorkItem):
+        super().__init__()
+        self.trained = model.blocks[item.block] if item.stage == 1 else model
+        self._ctx = (model, item)  # a tuple: not registered, so DDP sees only the trained parameters
+
+    def forward(self, traj, step, cfg, layout, gen, stats, share):
+        model, item = self._ctx
+        return item_loss(model, item, traj, step, cfg, layout, gen, stats, share)
+
+
 def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, progress: bool = True,
-          on_step=None, validate_fn=None, stats=None) -> FitState:
-    """Run (or resume) every work item; checkpoints under OUT/checkpoints."""
+          on_step=None, validate_fn=None, stats=None, dist=None, device: torch.device | None = None) -> FitState:
+    """Run (or resume) every work item; checkpoints under OUT/checkpoints. Under torchrun (``dist.active``) every
+    rank trains on its share of each step's batch with ``DistributedDataParallel``; the logged loss is the mean
+    over ranks (= the whole batch's loss), and rank 0 alone writes checkpoints and validates."""
+    from raptor.distributed import Dist
     from raptor.progress import progress_bar
 
     cfg.check()
+    dist = dist or Dist()
+    device = device or torch.device("cpu")
+    if cfg.batch_size % dist.world:
+        raise RaptorError(f"--batch-size {cfg.batch_size} must be a multiple of the number of processes "
+                          f"({dist.world})")
     if cfg.loss_norm == "layer" and stats is None:
         raise RaptorError("the normalised loss needs training-set statistics")
     out = Path(cfg.out)
@@ -410,9 +476,20 @@ def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, pro
             raise RaptorError(f"checkpoint {ck} does not fit this model ({str(e).splitlines()[0][:160]})") from None
         state = FitState(st["item"], st["step"], st["history"])
         opt_meta = st["optimizer"]
+    model.to(device)
+    keys = [(items[i].name, s, items[i].start, items[i].end) for i in range(state.item, len(items))
+            for s in range(state.step if i == state.item else 0, items[i].steps)]
+    batches = data.stream(keys, cfg.batch_size)
+    share = (dist.rank, dist.world)
     for it_idx in range(state.item, len(items)):
         item = items[it_idx]
-        params = list(model.blocks[item.block].parameters()) if item.stage == 1 else list(model.parameters())
+        objective = _ItemObjective(model, item)
+        params = list(objective.parameters())
+        if dist.active:
+            from torch.nn.parallel import DistributedDataParallel
+
+            objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda"
+                                                else None)
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         start = 0
         if opt_tensors is not None and it_idx == state.item:
@@ -422,34 +499,41 @@ def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, pro
         opt_tensors = None
         hist = state.history.setdefault(item.name, [])
         model.train()
-        with progress_bar(item.steps, item.name, "step", enabled=progress, extra="loss {task.fields[loss]}") as bar:
+        with progress_bar(item.steps, item.name, "step", enabled=progress and dist.main,
+                          extra="loss {task.fields[loss]}") as bar:
             bar.advance(start, loss="-")
             for step in range(start, item.steps):
                 lr = lr_at(step, item.steps, cfg, item.stage)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                traj = data.get(item.name, step, cfg.batch_size, item.start, item.end)
+                traj = next(batches)
                 gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it_idx * 10_007 + step)
-                with autocast_context(cfg.autocast):
-                    loss = item_loss(model, item, traj, step, cfg, layout, gen, stats)
+                with autocast_context(cfg.autocast, device):
+                    loss = objective(traj, step, cfg, layout, gen, stats, share)
                 if on_step is not None:
                     loss = on_step(item, step, loss)
-                if not torch.isfinite(loss):
+                value = loss.detach().float()
+                if dist.active:  # the whole batch's loss: the mean of the ranks' equal shares
+                    value = value.clone()
+                    torch.distributed.all_reduce(value)
+                    value /= dist.world
+                value = value.item()
+                if not math.isfinite(value):
                     last = latest_checkpoint(ck_root)
-                    raise RaptorError(f"loss became {loss.item()} at {item.name} step {step}; stopped. Last good "
+                    raise RaptorError(f"loss became {value} at {item.name} step {step}; stopped. Last good "
                                       f"checkpoint: {last or 'none'} (lower --lr or use --autocast none)")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip)
                 opt.step()
-                hist.append([step, loss.item(), lr])
-                bar.advance(1, loss=f"{hist[-1][1]:.4g}")
+                hist.append([step, value, lr])
+                bar.advance(1, loss=f"{value:.4g}")
                 done = step + 1
-                if validate_fn is not None and cfg.val_every and done % cfg.val_every == 0:
+                if validate_fn is not None and cfg.val_every and done % cfg.val_every == 0 and dist.main:
                     model.eval()
                     state.history.setdefault(f"val/{item.name}", []).append([done, validate_fn(model)])
                     model.train()
-                if done % cfg.ckpt_every == 0 or done == item.steps:
+                if (done % cfg.ckpt_every == 0 or done == item.steps) and dist.main:
                     nxt = (it_idx, done) if done < item.steps else (it_idx + 1, 0)
                     save_checkpoint(ck_root, f"item{it_idx}-step{done:07d}", model,
                                     opt if done < item.steps else None,

@@ -1,0 +1,137 @@
+"""Streaming images through ``torch.utils.data.DataLoader`` worker processes.
+
+Nothing here keeps a data set in memory: an element is decoded (and augmented) when it is asked for, in a worker
+process when ``workers > 0``, and at most ``workers x prefetch`` elements wait in the queue -- memory is bounded
+by a few batches whatever the data set's size. Elements come back in index order (never in worker-finishing
+order), and everything random in an element is drawn from a generator seeded by the element's key, so the
+result is a function of the key alone: worker count and timing change nothing.
+
+- :class:`ChunkDataset`: element ``c`` = the eval-transformed images of one contiguous run of items (a store
+  chunk, a feature batch). Unreadable images are skipped and named, as :func:`raptor.data.load_images` does.
+- :class:`TrainBatchDataset`: element ``(tag, step)`` = the training images of one step: ``batch`` random items
+  drawn from ``(seed, tag, step)``, each with a random-resized crop + flip from its own generator
+  ``(seed, tag#j, step)``; rank ``r`` of ``world`` materialises only its share of the batch. An unreadable item
+  is replaced by the next readable one (deterministically) and named once.
+
+Workers are forked (the image loaders of bundled sets are closures, which cannot be pickled); where fork does not
+exist the loading runs in the calling process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import random
+import warnings
+from typing import Iterator, Sequence
+
+import torch
+
+from raptor.data.sources import ImageItem, ImageLoadWarning, load_images
+from raptor.errors import RaptorError
+
+
+def key_rng(seed: int, tag: str, step: int) -> random.Random:
+    """The generator of one (tag, step): a function of the key alone."""
+    return random.Random(int(hashlib.sha256(f"{seed}/{tag}/{step}".encode()).hexdigest()[:16], 16))
+
+
+def _context(workers: int):
+    if workers <= 0:
+        return None
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return None
+    return multiprocessing.get_context("fork")
+
+
+def loader(dataset, workers: int, *, pin_memory: bool = False, prefetch: int = 2,
+           indices: Sequence[int] | None = None) -> Iterator:
+    """Iterate ``dataset`` (in ``indices`` order, default 0..len-1) through ``workers`` processes; the elements are
+    yielded exactly in that order. ``workers = 0`` (or no fork on this platform) loads in the calling process."""
+    from torch.utils.data import DataLoader
+
+    ctx = _context(workers)
+    if workers > 0 and ctx is None:
+        warnings.warn("worker processes need fork, which this platform lacks: loading images in the main process",
+                      UserWarning, stacklevel=2)
+        workers = 0
+    order = list(range(len(dataset))) if indices is None else list(indices)
+    if not order:
+        return iter(())
+    dl = DataLoader(dataset, batch_size=None, sampler=order, num_workers=min(workers, len(order)),
+                    multiprocessing_context=ctx if workers else None, prefetch_factor=prefetch if workers else None,
+                    pin_memory=pin_memory, persistent_workers=False)
+    return iter(dl)
+
+
+class ChunkDataset(torch.utils.data.Dataset):
+    """Element ``c``: ``(c, images (n, 3, H, W) or None, kept positions within the run, skipped ids, warnings)``
+    of ``items[bounds[c][0]:bounds[c][1]]``."""
+
+    def __init__(self, items: Sequence[ImageItem], transform, bounds: Sequence[tuple[int, int]]):
+        self.items, self.transform, self.bounds = items, transform, list(bounds)
+
+    def __len__(self) -> int:
+        return len(self.bounds)
+
+    def __getitem__(self, c: int):
+        lo, hi = self.bounds[c]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tensors, kept, bad = load_images(self.items[lo:hi], self.transform)
+        x = torch.stack(tensors) if tensors else None
+        return c, x, kept, bad, [str(w.message) for w in caught]
+
+
+def even_bounds(n: int, size: int) -> list[tuple[int, int]]:
+    return [(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+class TrainBatchDataset(torch.utils.data.Dataset):
+    """Element ``i`` of ``keys`` (a list of (tag, step)): ``(images of this rank's share, skipped ids)``."""
+
+    def __init__(self, items: Sequence[ImageItem], keys: Sequence[tuple[str, int]], batch: int, seed: int,
+                 train_tf, eval_tf, crops: bool, rank: int = 0, world: int = 1):
+        if batch % world:
+            raise RaptorError(f"--batch-size {batch} must be a multiple of the number of processes ({world})")
+        self.items, self.keys, self.batch, self.seed = items, list(keys), batch, seed
+        self.train_tf, self.eval_tf, self.crops = train_tf, eval_tf, crops
+        self.share = slice(rank * (batch // world), (rank + 1) * (batch // world))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def indices(self, tag: str, step: int) -> list[int]:
+        """The item positions of the whole (global) batch of (tag, step)."""
+        rng = key_rng(self.seed, tag, step)
+        return [rng.randrange(len(self.items)) for _ in range(self.batch)]
+
+    def _load(self, i: int, bad: list[str]):
+        """Item ``i``, or the next readable one after it (the unreadable ones named in ``bad``)."""
+        for k in range(len(self.items)):
+            it = self.items[(i + k) % len(self.items)]
+            try:
+                return it.load()
+            except Exception as e:  # noqa: BLE001 - skip, name it, never crash
+                bad.append(f"{it.id}: {type(e).__name__}: {str(e)[:120]}")
+        raise RaptorError("none of the training images can be read")
+
+    def __getitem__(self, i: int):
+        tag, step = self.keys[i]
+        idx = self.indices(tag, step)
+        out, bad = [], []
+        for j in range(self.share.start, self.share.stop):
+            img = self._load(idx[j], bad)
+            if self.crops:
+                out.append(self.train_tf(img, key_rng(self.seed, f"{tag}#{j}", step)))
+            else:
+                out.append(self.eval_tf(img))
+        return torch.stack(out), bad
+
+
+def warn_skipped(bad: Sequence[str], seen: set) -> None:
+    """One warning per unreadable image, however often it is drawn."""
+    for b in bad:
+        if b not in seen:
+            seen.add(b)
+            warnings.warn(f"skipping unreadable image {b}", ImageLoadWarning, stacklevel=3)

@@ -1,0 +1,182 @@
+"""Multi-process runs under ``torchrun`` (one node or many): the process group, who does what, and the device.
+
+``torchrun --nproc-per-node N raptor extract|fit|probe ...`` starts N copies of the same command; each reads its
+rank from the environment torchrun sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``) and
+:func:`setup` joins the process group: NCCL when the run is on CUDA, gloo on CPU. A plain ``raptor ...`` (no
+torchrun) is a world of one and never touches ``torch.distributed``.
+
+Division of work (every rank runs the same cheap checks first, so a bad argument ends every rank the same way):
+
+- ``extract``: store chunk ``c`` belongs to rank ``c % world``; rank 0 creates (and locks) the store, every rank
+  writes its own disjoint chunks and records them in ``manifest.rank<r>.json``; at the end rank 0 merges them into
+  the one ``manifest.json``. A resumed run (any world size) skips every chunk any manifest records.
+- ``fit``: data-parallel. Every step's global batch is drawn from (seed, work item, step) exactly as in a
+  1-process run, rank ``r`` takes its ``batch / world`` share, and ``DistributedDataParallel`` averages the
+  gradients, so the update equals the 1-process update on the whole batch (to float rounding). Rank 0 alone writes
+  checkpoints, evaluates and writes the results.
+- ``probe``: feature passes are sharded by image and gathered on every rank.
+
+Multi-node needs a shared filesystem for ``--out`` / ``--store`` (every rank reads and writes the same paths).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+from raptor.errors import RaptorError
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.active:
+            torch.distributed.barrier()
+
+    def all_ok(self, ok: bool) -> bool:
+        """True on every rank iff ``ok`` is True on every rank (a failure on one rank stops them all cleanly)."""
+        if not self.active:
+            return ok
+        t = torch.tensor([0 if ok else 1], dtype=torch.int64, device=_collective_device())
+        torch.distributed.all_reduce(t)
+        return int(t.item()) == 0
+
+    def broadcast(self, obj):
+        """``obj`` of rank 0 on every rank (picklable Python values only, produced by our own code)."""
+        if not self.active:
+            return obj
+        box = [obj if self.main else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather_cat(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's ``x`` (equal shapes except dim 0) in rank order, on every rank."""
+        if not self.active:
+            return x
+        dev = _collective_device()
+        n = torch.tensor([x.shape[0]], dtype=torch.int64, device=dev)
+        sizes = [torch.zeros_like(n) for _ in range(self.world)]
+        torch.distributed.all_gather(sizes, n)
+        sizes = [int(s.item()) for s in sizes]
+        pad = torch.zeros((max(sizes),) + tuple(x.shape[1:]), dtype=x.dtype, device=dev)
+        pad[: x.shape[0]] = x.to(dev)
+        parts = [torch.empty_like(pad) for _ in range(self.world)]
+        torch.distributed.all_gather(parts, pad)
+        return torch.cat([p[:s] for p, s in zip(parts, sizes)]).to(x.device)
+
+    def share(self, n: int) -> slice:
+        """This rank's contiguous share of ``n`` items (the first ``n % world`` ranks get one more)."""
+        base, extra = divmod(n, self.world)
+        lo = self.rank * base + min(self.rank, extra)
+        return slice(lo, lo + base + (1 if self.rank < extra else 0))
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        raise RaptorError(f"environment variable {name}={os.environ.get(name)!r} is not an integer") from None
+
+
+def from_env() -> Dist:
+    """The rank layout torchrun set (a world of one without torchrun)."""
+    world = _env_int("WORLD_SIZE", 1)
+    return Dist(_env_int("RANK", 0), world, _env_int("LOCAL_RANK", 0), _env_int("LOCAL_WORLD_SIZE", world))
+
+
+_current = Dist()
+
+
+def current() -> Dist:
+    return _current
+
+
+def _collective_device() -> torch.device:
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def resolve_device(device: str | None, dist: Dist | None = None) -> torch.device:
+    """``auto`` (CUDA when there is one, else CPU), ``cpu``, ``cuda`` or ``cuda:N``. Under torchrun ``cuda`` means
+    this rank's local GPU. A request for a missing GPU is refused with the reason."""
+    dist = dist or current()
+    text = (device or "auto").strip().lower()
+    if text == "auto":
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cpu":
+        return torch.device("cpu")
+    if text == "cuda" or text.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise RaptorError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU (install the "
+                              f"CUDA build of torch, see README 'GPU')")
+        idx = dist.local_rank if text == "cuda" else text.partition(":")[2]
+        try:
+            idx = int(idx)
+        except ValueError:
+            raise RaptorError(f"bad --device {device!r} (use auto, cpu, cuda or cuda:N)") from None
+        if not 0 <= idx < torch.cuda.device_count():
+            raise RaptorError(f"--device {device}: GPU {idx} does not exist ({torch.cuda.device_count()} visible)")
+        return torch.device("cuda", idx)
+    raise RaptorError(f"bad --device {device!r} (use auto, cpu, cuda or cuda:N)")
+
+
+def setup(device: str | None = "auto") -> tuple[Dist, torch.device]:
+    """Join the torchrun process group (if any) and pick this rank's device. Idempotent."""
+    global _current
+    dist = from_env()
+    if dist.world < 1 or not 0 <= dist.rank < dist.world:
+        raise RaptorError(f"bad torchrun environment: RANK={dist.rank}, WORLD_SIZE={dist.world}")
+    dev = resolve_device(device, dist)
+    if dist.active and not torch.distributed.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        torch.distributed.init_process_group(backend, timeout=timedelta(minutes=30))
+        if dev.type == "cpu":  # the node's cores are shared by its ranks
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, dist.local_world)))
+    _current = dist
+    return dist, dev
+
+
+def claim_on_main(stack, dist: Dist, out, has_progress=None, then=None):
+    """Rank 0 claims (creates and locks) ``out`` inside ``stack`` (a ``contextlib.ExitStack``) and runs ``then()``;
+    every rank learns whether that worked, so a refusal on rank 0 ends every rank at once instead of leaving them
+    waiting. Returns ``then()``'s value on rank 0 (None elsewhere)."""
+    from raptor.outputs import claim_output
+
+    err, value = None, None
+    if dist.main:
+        try:
+            stack.enter_context(claim_output(out, has_progress=has_progress))
+            value = then() if then is not None else None
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after the other ranks are told
+            err = e
+    if not dist.all_ok(err is None):
+        if err is not None:
+            raise err
+        raise RaptorError(f"rank 0 could not prepare {out} (its error line says why)")
+    return value
+
+
+def teardown() -> None:
+    global _current
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    _current = Dist()
