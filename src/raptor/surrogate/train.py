@@ -281,7 +281,7 @@ class StoreBatches:
         rng = key_rng(self.seed, tag, step)
         pick = np.array([self.rows[rng.randrange(len(self.rows))] for _ in range(batch)])
         share = batch // self.dist.world
-        pick = np.sort(pick[self.dist.rank * share:(self.dist.rank + 1) * share])
+        pick = pick[self.dist.rank * share:(self.dist.rank + 1) * share]  # in draw order: the noise follows rows
         uniq, inv = np.unique(pick, return_inverse=True)
         return self.read(uniq, lo, hi)[torch.from_numpy(inv).to(self.device)]
 

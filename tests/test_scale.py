@@ -1,0 +1,222 @@
+"""Scale: streaming images (DataLoader workers), bounded memory, torchrun (2 gloo processes) for extract and fit."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from clirun import ENV, one_error_line, raptor
+from raptor.data import open_source
+from raptor.data.stream import ChunkDataset, TrainBatchDataset, even_bounds, loader
+from raptor.distributed import Dist
+from raptor.store import TrajectoryStore
+from raptor.surrogate.train import OnlineBatches
+from raptor.teachers.hf import build_tiny_teacher
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def torchrun(*args, timeout=300):
+    cmd = TORCHRUN + ["-m", "raptor.cli"] + [str(a) for a in args]
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+# ---- streaming --------------------------------------------------------------------------------------------------
+
+def _keys(n):
+    return [("stage1/block0", s, 0, 1) for s in range(n)] + [("stage2", s, 0, 3) for s in range(n)]
+
+
+def test_train_batches_are_a_function_of_seed_and_step_not_of_workers_or_ranks():
+    t = build_tiny_teacher("dinov2")
+    items = open_source("bundled:lfw").items[:60]
+    ob = lambda w, dist=None: OnlineBatches(t, items, 28, seed=3, crops=True, workers=w, dist=dist)  # noqa: E731
+    keys = _keys(4)
+    ref = list(ob(0).stream(keys, 8))
+    got = list(ob(2).stream(keys, 8))
+    assert all(torch.equal(a, b) for a, b in zip(ref, got)) and len(got) == len(keys)
+    # a resumed run asks for the tail of the plan and gets exactly the same batches
+    tail = list(ob(2).stream(keys[5:], 8))
+    assert all(torch.equal(a, b) for a, b in zip(ref[5:], tail))
+    # rank shares put together are the whole batch; 1-process batches differ between steps and seeds
+    shares = [list(ob(1, Dist(r, 2)).stream(keys, 8)) for r in range(2)]
+    assert all(torch.equal(torch.cat([s0, s1]), a) for s0, s1, a in zip(shares[0], shares[1], ref))
+    assert not torch.equal(ref[0], ref[1])
+    other = next(OnlineBatches(t, items, 28, seed=4, crops=True, workers=0).stream(keys[:1], 8))
+    assert not torch.equal(other, ref[0])
+    # the images are what the dataset's own (seed, tag, step) draw names
+    ds = TrainBatchDataset(items, [("stage2", 1)], 8, 3, None, t.eval_transform(28), crops=False)
+    idx = ds.indices("stage2", 1)
+    x, bad = ds[0]
+    assert bad == [] and torch.equal(x, torch.stack([t.eval_transform(28)(items[i].load()) for i in idx]))
+
+
+def test_unreadable_training_image_is_replaced_and_named_once(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / f"im{i}.png")
+    (tmp_path / "im2.png").write_bytes(b"not a png")
+    t = build_tiny_teacher("dinov2")
+    data = OnlineBatches(t, open_source(str(tmp_path)).items, 28, seed=0, crops=True, workers=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = list(data.stream([("stage2", s, 0, 3) for s in range(12)], 6))
+    assert all(o.shape[0] == 6 and torch.isfinite(o).all() for o in out)
+    named = [str(w.message) for w in caught if "im2.png" in str(w.message)]
+    assert len(named) == 1 and "skipping unreadable image" in named[0]
+
+
+def test_chunks_stream_in_order_with_skips_named():
+    t = build_tiny_teacher("dinov2")
+    items = open_source("bundled:lfw").items[:50]
+    tf = t.eval_transform(28)
+    got = list(loader(ChunkDataset(items, tf, even_bounds(50, 8)), 2))
+    assert [g[0] for g in got] == list(range(7))
+    assert torch.equal(torch.cat([g[1] for g in got]), torch.stack([tf(it.load()) for it in items]))
+
+
+RSS_SCRIPT = """
+import resource, sys
+from raptor.cli import run
+rc = run(sys.argv[1:])
+print("RSS", rc, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+def _peak_rss(args) -> tuple[int, int]:
+    r = subprocess.run([sys.executable, "-c", RSS_SCRIPT] + [str(a) for a in args], env=ENV, capture_output=True,
+                       text=True, timeout=300)
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("RSS")]
+    assert line and line[0].split()[1] == "0", r.stderr[-2000:]
+    _, _, self_kb, child_kb = line[0].split()
+    return int(self_kb) // 1024, int(child_kb) // 1024
+
+
+def test_peak_memory_is_flat_from_200_to_2000_images(tmp_path):
+    """Decoded, the 2,000 images are 2000 x 256 x 256 x 3 B = 375 MiB (an in-memory cache of them: +340 MiB over
+    200 images); streamed, neither the main process nor any worker grows by more than 40 MiB."""
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)
+    for n in (200, 2000):
+        (tmp_path / f"d{n}").mkdir()
+    for i in range(2000):
+        im = Image.fromarray(np.roll(base, i, axis=1))
+        im.save(tmp_path / "d2000" / f"{i:04d}.jpg", quality=80)
+        if i < 200:
+            shutil.copy(tmp_path / "d2000" / f"{i:04d}.jpg", tmp_path / "d200" / f"{i:04d}.jpg")
+    peaks = {}
+    for n in (200, 2000):
+        fit = _peak_rss(["fit", "--teacher", "tiny:dinov2", "--data", tmp_path / f"d{n}", "--k", "1", "--steps1",
+                         "30", "--steps2", "30", "--batch-size", "8", "--val-images", "8", "--stats-images", "16",
+                         "--probe-data", "none", "--workers", "2", "--no-progress", "--out", tmp_path / f"fit{n}"])
+        ext = _peak_rss(["extract", "--teacher", "tiny:dinov2", "--data", tmp_path / f"d{n}", "--workers", "2",
+                         "--no-progress", "--out", tmp_path / f"store{n}"])
+        peaks[n] = fit + ext
+    grow = [b - a for a, b in zip(peaks[200], peaks[2000])]
+    assert max(grow) < 40, f"peak RSS MiB (fit main, fit worker, extract main, extract worker): {peaks}"
+
+
+# ---- torchrun: 2 gloo processes ---------------------------------------------------------------------------------
+
+EXTRACT = ["extract", "--teacher", "tiny:dinov2", "--data", "bundled:lfw", "--limit", "100", "--chunk-images", "8",
+           "--no-progress", "--device", "cpu"]
+
+
+def _same_store(a, b):
+    sa, sb = TrajectoryStore(a), TrajectoryStore(b)
+    assert sa.complete and sb.complete
+    assert np.array_equal(np.asarray(sa.array[:]), np.asarray(sb.array[:]))
+    assert np.array_equal(sa.valid_indices, sb.valid_indices) and np.array_equal(sa.labels, sb.labels)
+    assert sa.ids == sb.ids and sa.manifest == sb.manifest
+    assert not list(sb.path.glob("manifest.rank*.json"))
+    assert {k: v for k, v in sa.meta.items() if k != "packages"} == {k: v for k, v in sb.meta.items()
+                                                                      if k != "packages"}
+
+
+def test_two_process_extract_writes_the_one_process_store(tmp_path):
+    r = raptor(*EXTRACT, "--out", tmp_path / "one")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = torchrun(*EXTRACT, "--out", tmp_path / "two")
+    assert r.returncode == 0, r.stderr[-3000:]
+    _same_store(tmp_path / "one", tmp_path / "two")
+    # resumable per rank: a run stopped before rank 0 merged the ranks' records is finished by the next run
+    part = tmp_path / "part"
+    shutil.copytree(tmp_path / "two", part)
+    m = json.loads((part / "manifest.json").read_text())
+    mine = {r_: [c for c in m["done"] if c % 2 == r_ and c < 9] for r_ in range(2)}
+    for r_ in range(2):
+        (part / f"manifest.rank{r_}.json").write_text(json.dumps({"done": mine[r_], "skipped": []}))
+    (part / "manifest.json").write_text(json.dumps({"done": [], "skipped": []}))
+    for c in range(9, 13):  # chunks nobody recorded are redone: zero them so a skipped redo would show
+        shutil.rmtree(part / "trajectories" / "c" / str(c), ignore_errors=True)
+    zj = json.loads((part / "zarr.json").read_text())
+    zj["attributes"]["raptor"]["complete"] = False
+    (part / "zarr.json").write_text(json.dumps(zj))
+    assert not TrajectoryStore(part).complete
+    r = torchrun(*EXTRACT, "--out", part)
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads(r.stdout[r.stdout.index("{"):])
+    assert info["this_run"]["chunks_already_done"] == 9 and info["this_run"]["chunks_written"] == 2  # rank 0's 2
+    _same_store(tmp_path / "one", part)
+
+
+FIT = ["fit", "--teacher", "tiny:dinov2", "--k", "2", "--steps1", "8", "--steps2", "8", "--batch-size", "8",
+       "--val-images", "10", "--stats-images", "32", "--probe-data", "none", "--no-progress", "--lr", "1e-3",
+       "--sigma", "0.01", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("source", ["store", "online"])
+def test_two_process_fit_matches_one_process_fit(tmp_path, source):
+    if source == "store":
+        r = raptor(*EXTRACT, "--out", tmp_path / "s")
+        assert r.returncode == 0, r.stderr[-2000:]
+        data = ["--store", tmp_path / "s"]
+    else:
+        data = ["--data", "bundled:lfw", "--limit", "100", "--workers", "1"]
+    r = raptor(*FIT, *data, "--out", tmp_path / "one")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = torchrun(*FIT, *data, "--out", tmp_path / "two")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("wrote ") == 1  # rank 0 alone reports and writes
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text())["loss_history"] for d in ("one", "two"))
+    assert a.keys() == b.keys() == {"stage1/block0", "stage1/block1", "stage2"}
+    for k in a:
+        la, lb = np.array(a[k])[:, 1], np.array(b[k])[:, 1]
+        assert len(la) == 8 and np.allclose(la, lb, rtol=1e-4, atol=1e-7), (k, la, lb)
+    wa, wb = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("one", "two"))
+    # atol: a key bias has an exactly-zero gradient (softmax ignores it), so Adam turns rounding noise into
+    # lr-sized steps there (1e-5 measured); every other weight agrees to ~1e-6
+    assert all(torch.allclose(wa[k], wb[k], rtol=1e-3, atol=5e-5) for k in wa)
+
+
+def test_distributed_refusals_are_one_error_line(tmp_path):
+    r = torchrun(*FIT, "--data", "bundled:lfw", "--limit", "100", "--batch-size", "7", "--out", tmp_path / "x")
+    assert r.returncode != 0 and "must be a multiple of the number of processes (2)" in r.stderr
+    assert not (tmp_path / "x").exists()
+    if not torch.cuda.is_available():
+        one_error_line(raptor(*EXTRACT, "--device", "cuda", "--out", tmp_path / "y").stderr, "sees no CUDA GPU")
+        assert not (tmp_path / "y").exists()
+    one_error_line(raptor(*EXTRACT, "--device", "tpu", "--out", tmp_path / "y").stderr, "bad --device")
+    one_error_line(raptor(*EXTRACT, "--workers", "-1", "--out", tmp_path / "y").stderr, "--workers must be >= 0")
+    one_error_line(raptor(*FIT, "--data", "bundled:lfw", "--workers", "-1", "--out", tmp_path / "y").stderr,
+                   "--workers must be >= 0")
+    assert not (tmp_path / "y").exists()
+    # a torchrun job aimed at a directory another process holds: rank 0's refusal ends both ranks at once
+    from raptor.outputs import OutputLock
+
+    (tmp_path / "held").mkdir()
+    lock = OutputLock(tmp_path / "held").acquire()
+    try:
+        r = torchrun(*EXTRACT, "--out", tmp_path / "held", timeout=120)
+    finally:
+        lock.release()
+    assert r.returncode != 0 and "another raptor process" in r.stderr and "rank 0 could not prepare" in r.stderr
+    assert os.listdir(tmp_path / "held") == []
