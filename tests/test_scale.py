@@ -121,6 +121,7 @@ def test_peak_memory_is_flat_from_200_to_2000_images(tmp_path):
                          "--no-progress", "--out", tmp_path / f"store{n}"])
         peaks[n] = fit + ext
     grow = [b - a for a, b in zip(peaks[200], peaks[2000])]
+    print("peak RSS MiB", peaks)
     assert max(grow) < 40, f"peak RSS MiB (fit main, fit worker, extract main, extract worker): {peaks}"
 
 

@@ -320,6 +320,8 @@ def probe(
                       weight_decay=weight_decay, init_head=init_head, cache=str(cache) if cache else None,
                       limit=limit, standardize=standardize)
     recs = run_probe(cfg, progress=progress)
+    if not recs:  # a torchrun rank other than 0 (it shared the feature passes); rank 0 reports
+        return
     m = recs[0]["metric"]
     vals = [display_value(m, r["value"]) for r in recs]
     best = ", ".join(f"seed {r['seed']}: {v:.3g} (lr {r['best']['lr']:g}, epoch {r['best']['epoch']})"

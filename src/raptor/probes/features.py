@@ -180,38 +180,54 @@ def split_features(backbone, data: ProbeData, task: str, split: str, transform, 
     samples = data.splits[split]
     layout_cache: dict = {}
 
+    def one(s: int) -> dict:
+        chunk = samples[s:s + batch]
+        xs, ts, ok = [], [], []
+        for smp in chunk:
+            try:
+                x, t = _load(smp, task, transform)
+            except RaptorError:
+                raise
+            except Exception as e:  # noqa: BLE001 - an unreadable image is skipped and named
+                warnings.warn(f"skipping unreadable image {smp.id}: {type(e).__name__}: {str(e)[:120]}",
+                              ImageLoadWarning, stacklevel=2)
+                x, t = None, None
+            xs.append(x)
+            ts.append(t)
+            ok.append(x is not None)
+        if not any(ok):
+            raise RaptorError(f"none of images {s}..{s + len(chunk) - 1} of the {split} split could be read")
+        good = next(i for i, v in enumerate(ok) if v)
+        xs = [x if x is not None else torch.zeros_like(xs[good]) for x in xs]
+        ts = [t if t is not None else np.zeros_like(ts[good]) for t in ts]
+        tokens = backbone.final_tokens(torch.stack(xs))
+        hw = tuple(xs[good].shape[1:])
+        if hw not in layout_cache:
+            layout_cache[hw] = backbone.teacher.layout(hw)
+        out = backbone.features(tokens, layout_cache[hw], task)
+        tgt = np.stack(ts)
+        if task == "seg":
+            tgt[~np.array(ok)] = IGNORE
+        out.update({"labels" if task == "cls" else ("masks" if task == "seg" else "depth"): tgt,
+                    "valid": np.array(ok)})
+        return out
+
     def batches(start: int):
         for s in range(start, len(samples), batch):
-            chunk = samples[s:s + batch]
-            xs, ts, ok = [], [], []
-            for smp in chunk:
-                try:
-                    x, t = _load(smp, task, transform)
-                except RaptorError:
-                    raise
-                except Exception as e:  # noqa: BLE001 - an unreadable image is skipped and named
-                    warnings.warn(f"skipping unreadable image {smp.id}: {type(e).__name__}: {str(e)[:120]}",
-                                  ImageLoadWarning, stacklevel=2)
-                    x, t = None, None
-                xs.append(x)
-                ts.append(t)
-                ok.append(x is not None)
-            if not any(ok):
-                raise RaptorError(f"none of images {s}..{s + len(chunk) - 1} of the {split} split could be read")
-            good = next(i for i, v in enumerate(ok) if v)
-            xs = [x if x is not None else torch.zeros_like(xs[good]) for x in xs]
-            ts = [t if t is not None else np.zeros_like(ts[good]) for t in ts]
-            tokens = backbone.final_tokens(torch.stack(xs))
-            hw = tuple(xs[good].shape[1:])
-            if hw not in layout_cache:
-                layout_cache[hw] = backbone.teacher.layout(hw)
-            out = backbone.features(tokens, layout_cache[hw], task)
-            tgt = np.stack(ts)
-            if task == "seg":
-                tgt[~np.array(ok)] = IGNORE
-            out.update({"labels" if task == "cls" else ("masks" if task == "seg" else "depth"): tgt,
-                        "valid": np.array(ok)})
-            yield s, out
+            yield s, one(s)
+
+    from raptor.distributed import current
+
+    dist = current()
+    if dist.active:  # torchrun: each rank computes every world-th batch, rank 0 writes them all in order
+        mine = {s: one(s) for s in list(range(0, len(samples), batch))[dist.rank::dist.world]}
+        parts = [None] * dist.world if dist.main else None
+        torch.distributed.gather_object(mine, parts, dst=0)  # between our own ranks, never from a file
+        if dist.main:
+            merged = {s: v for p in parts for s, v in p.items()}
+            aset.fill(len(samples), lambda start: ((s, merged[s]) for s in sorted(merged) if s >= start))
+        dist.barrier()
+        return aset.open()
 
     with progress_bar(len(samples), f"features {backbone.label} · {split}", "img", enabled=progress) as bar:
         return aset.fill(len(samples), batches, bar)

@@ -18,7 +18,7 @@ import numpy as np
 
 from raptor.config import save_config, to_dict
 from raptor.errors import RaptorError, check_positive
-from raptor.outputs import claim_output, safe_name
+from raptor.outputs import safe_name
 from raptor.probes.data import TASKS, open_probe_data
 from raptor.probes.train import DEFAULT_RECIPES, METRICS, DenseGeometry, Recipe, prior_baseline, train_probe
 
@@ -154,12 +154,21 @@ def run_probe(cfg: ProbeConfig, progress: bool = True, backbone=None) -> list[di
 
     if backbone is not None and backbone.spec != spec:
         raise RaptorError(f"the loaded backbone is {backbone.label}, the config names {spec.label}")
-    with claim_output(out, has_progress=has_progress):
-        return _run(cfg, spec, data, recipe, out, progress, backbone)
+    import contextlib
+
+    from raptor.distributed import claim_on_main, setup
+
+    dist, _ = setup("cpu")  # under torchrun: the feature passes are sharded over the ranks (gloo)
+    with contextlib.ExitStack() as stack:
+        claim_on_main(stack, dist, out, has_progress)
+        return _run(cfg, spec, data, recipe, out, progress and dist.main, backbone, dist)
 
 
-def _run(cfg: ProbeConfig, spec, data, recipe: Recipe, out: Path, progress: bool, bb=None) -> list[dict]:
+def _run(cfg: ProbeConfig, spec, data, recipe: Recipe, out: Path, progress: bool, bb=None, dist=None) -> list[dict]:
+    from raptor.distributed import Dist
     from raptor.probes.backbones import Backbone
+
+    dist = dist or Dist()
     from raptor.probes.features import DenseTransform, split_features, transform_for
     from raptor.progress import progress_bar
 
@@ -172,7 +181,8 @@ def _run(cfg: ProbeConfig, spec, data, recipe: Recipe, out: Path, progress: bool
     done = {r["seed"]: r for r in read_results(out / RESULTS) if r.get("settings") == json.loads(json.dumps(settings))}
     todo = [s for s in cfg.seeds if s not in done]
     slug = _slug(ident["id"], cfg.task, data.spec)
-    save_config(cfg, out / "configs" / f"{slug}.yaml")
+    if dist.main:
+        save_config(cfg, out / "configs" / f"{slug}.yaml")
     records = [done[s] for s in cfg.seeds if s in done]
     if not todo:
         return records
@@ -181,6 +191,8 @@ def _run(cfg: ProbeConfig, spec, data, recipe: Recipe, out: Path, progress: bool
     arrays = {s: split_features(bb, data, cfg.task, s, transform, cache, cfg.feature_batch, progress)
               for s in ("train", "val", "test")}
     feature_s = time.perf_counter() - t0
+    if not dist.main:  # the other torchrun ranks only help with the feature passes; rank 0 trains the probes
+        return []
     geo = None
     if isinstance(transform, DenseTransform):
         tgt = arrays["train"]["masks" if cfg.task == "seg" else "depth"]
