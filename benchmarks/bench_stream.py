@@ -27,8 +27,6 @@ SIZE, BATCH, STEPS1, STEPS2, N_FILES = 112, 8, 12, 12, 200
 
 
 def write_jpegs(root: Path, n: int) -> None:
-    from PIL import Image
-
     from raptor.data import open_source
     from raptor.data.transforms import to_rgb
 

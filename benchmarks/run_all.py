@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-BENCHES = ["bench_store", "bench_phases", "bench_train", "bench_probe", "bench_dynamics"]
+BENCHES = ["bench_store", "bench_phases", "bench_train", "bench_probe", "bench_dynamics", "bench_stream"]
 
 if __name__ == "__main__":
     only = sys.argv[1:]

@@ -11,11 +11,28 @@ import typer
 
 from raptor.cli import app
 
-README = (Path(__file__).parents[1] / "README.md").read_text()
+ROOT = Path(__file__).parents[1]
+README = (ROOT / "README.md").read_text()
+SCALE = (ROOT / "docs" / "scale.md").read_text()
 
 
-def blocks(lang: str) -> list[str]:
-    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+def blocks(lang: str, text: str = README) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", text, flags=re.S)
+
+
+def command_lines(text: str) -> list[list[str]]:
+    """The ``raptor`` arguments of every command line of the bash blocks (``raptor X ...``, ``.venv/bin/raptor X``
+    or ``torchrun ... -m raptor.cli X ...``; backslash continuations joined, comments dropped)."""
+    out = []
+    for b in blocks("bash", text):
+        for ln in b.replace("\\\n", " ").splitlines():
+            ln = ln.split("  #")[0].split(" # ")[0].strip()
+            words = shlex.split(ln) if ln and not ln.startswith("#") else []
+            if words and words[0] in ("raptor", ".venv/bin/raptor"):
+                out.append(words[1:])
+            elif words and words[0] == "torchrun" and "raptor.cli" in words:
+                out.append(words[words.index("raptor.cli") + 1:])
+    return out
 
 
 def test_readme_python_snippets_run(tmp_path, monkeypatch):
@@ -31,10 +48,10 @@ def test_readme_python_snippets_run(tmp_path, monkeypatch):
 
 def test_readme_command_lines_parse():
     group = typer.main.get_command(app)
-    lines = [ln.split("  #")[0].strip() for b in blocks("bash") for ln in b.splitlines()]
-    commands = [shlex.split(ln)[1:] for ln in lines if ln.startswith("raptor ")]
-    assert len(commands) >= 5
-    for argv in commands:
+    commands = command_lines(README)
+    scale = command_lines(SCALE)
+    assert len(commands) >= 5 and len(scale) >= 8 and any(a[0] == "fit" and "--parallel-blocks" in a for a in scale)
+    for argv in commands + scale:
         with group.make_context("raptor", list(argv), resilient_parsing=False) as ctx:
             name, sub, rest = group.resolve_command(ctx, list(argv))
             sub.make_context(name, rest, parent=ctx)  # raises on an unknown option or a bad value

@@ -87,7 +87,8 @@ RSS_SCRIPT = """
 import resource, sys
 from raptor.cli import run
 rc = run(sys.argv[1:])
-print("RSS", rc, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+peak = lambda who: resource.getrusage(who).ru_maxrss
+print("RSS", rc, peak(resource.RUSAGE_SELF), peak(resource.RUSAGE_CHILDREN))
 """
 
 
@@ -221,3 +222,61 @@ def test_distributed_refusals_are_one_error_line(tmp_path):
         lock.release()
     assert r.returncode != 0 and "another raptor process" in r.stderr and "rank 0 could not prepare" in r.stderr
     assert os.listdir(tmp_path / "held") == []
+
+
+def test_parallel_stage1_blocks_on_two_ranks_match_the_sequential_fit(tmp_path):
+    r = raptor(*EXTRACT, "--out", tmp_path / "s")
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = ["--store", tmp_path / "s"]
+    r = raptor(*FIT, *data, "--out", tmp_path / "one")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = torchrun(*FIT, *data, "--parallel-blocks", "--out", tmp_path / "two")
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text())["loss_history"] for d in ("one", "two"))
+    for k in ("stage1/block0", "stage1/block1", "stage2"):  # block 1 was trained by rank 1, alone
+        assert np.allclose(np.array(a[k])[:, 1], np.array(b[k])[:, 1], rtol=1e-4, atol=1e-7), k
+    wa, wb = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("one", "two"))
+    assert all(torch.allclose(wa[k], wb[k], rtol=1e-3, atol=5e-5) for k in wa)
+    assert not list((tmp_path / "two" / "checkpoints").glob("block*"))  # folded into the stage-2 checkpoint
+
+
+def test_parallel_stage1_resumes_from_block_checkpoints(tmp_path):
+    """One process, --parallel-blocks: blocks are checkpointed per block; a run stopped inside block 1 resumes
+    there (block 0 is not retrained) and ends with the weights of the sequential run."""
+    from raptor.errors import RaptorError
+    from raptor.surrogate.fit import run_fit
+    from raptor.surrogate.train import FitConfig
+
+    def cfg(out, **kw):
+        return FitConfig(**{**dict(teacher="tiny:dinov2", data="bundled:lfw", limit=60, k=2, steps1=6, steps2=4,
+                                   batch_size=4, ckpt_every=2, probe_data=None, lr=1e-3, val_images=10,
+                                   stats_images=16, workers=0, device="cpu"), **kw, "out": str(out)})
+
+    run_fit(cfg(tmp_path / "seq"), progress=False)
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def stop_at(item, step, loss):
+        seen.append((item.name, step))
+        if item.name == "stage1/block1" and step == 3:
+            raise Stop
+        return loss
+
+    with pytest.raises(Stop):
+        run_fit(cfg(tmp_path / "par", parallel_blocks=True), progress=False, on_step=stop_at)
+    assert sorted(p.name for p in (tmp_path / "par" / "checkpoints").iterdir()) == ["block0", "block1"]
+    with pytest.raises(RaptorError, match="--resume"):
+        run_fit(cfg(tmp_path / "par", parallel_blocks=True), progress=False)
+    with pytest.raises(RaptorError, match="other settings"):
+        run_fit(cfg(tmp_path / "par"), resume=True, progress=False)
+    seen.clear()
+    run_fit(cfg(tmp_path / "par", parallel_blocks=True), resume=True, progress=False, on_step=lambda i, s, l: (
+        seen.append((i.name, s)), l)[1])
+    assert seen[0] == ("stage1/block1", 2) and not any(n == "stage1/block0" for n, _ in seen)
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("seq", "par"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = (json.loads((tmp_path / d / "metrics.json").read_text())["loss_history"] for d in ("seq", "par"))
+    assert ma == mb

@@ -234,6 +234,8 @@ def fit(
     workers: int = typer.Option(2, help="Online data: image-decoding worker processes (0: in the main process)"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the surrogate's blocks (GPU runs)"),
+    parallel_blocks: bool = typer.Option(False, "--parallel-blocks", help="Under torchrun: train the stage-1 "
+                                         "blocks at the same time, one rank group per block"),
     progress: bool = typer.Option(True, help="Show progress bars"),
 ):
     """Train a Raptor surrogate (stage 1 per block, stage 2 joint) and validate it against the teacher.
@@ -251,7 +253,8 @@ def fit(
                     stats_images=stats_images, probe_limit=probe_limit,
                     mlp=mlp, init_from_teacher=init_from_teacher, autocast=autocast, image_size=image_size,
                     limit=limit, probe_data=None if probe_data in (None, "none") else probe_data, seed=seed,
-                    ckpt_every=ckpt_every, val_every=val_every, workers=workers, device=device, compile=compile)
+                    ckpt_every=ckpt_every, val_every=val_every, workers=workers, device=device, compile=compile,
+                    parallel_blocks=parallel_blocks)
     m = run_fit(cfg, resume=resume, progress=progress)
     if not m:  # a torchrun rank other than 0: rank 0 reports
         return

@@ -57,12 +57,13 @@ class Dist:
         torch.distributed.all_reduce(t)
         return int(t.item()) == 0
 
-    def broadcast(self, obj):
-        """``obj`` of rank 0 on every rank (picklable Python values only, produced by our own code)."""
+    def broadcast(self, obj, src: int = 0):
+        """``obj`` of rank ``src`` on every rank (picklable Python values produced by our own code, never read
+        from a file)."""
         if not self.active:
             return obj
-        box = [obj if self.main else None]
-        torch.distributed.broadcast_object_list(box, src=0)
+        box = [obj if self.rank == src else None]
+        torch.distributed.broadcast_object_list(box, src=src)
         return box[0]
 
     def gather_cat(self, x: torch.Tensor) -> torch.Tensor:

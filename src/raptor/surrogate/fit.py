@@ -23,8 +23,8 @@ from raptor.errors import RaptorError
 from raptor.outputs import staged
 from raptor.surrogate.evaluate import head_agreement, probe_evaluation, validate
 from raptor.surrogate.losses import effective_group_weights
-from raptor.surrogate.train import (FitConfig, OnlineBatches, StoreBatches, build_model, check_existing_run,
-                                    compute_stats, evenly_spaced, holdout_split, train)
+from raptor.surrogate.train import (FitConfig, OnlineBatches, StoreBatches, block_checkpoints, build_model,
+                                    check_existing_run, compute_stats, evenly_spaced, holdout_split, train)
 
 
 def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step=None, teacher=None) -> dict:
@@ -66,7 +66,7 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
                           f"({dist.world})")
 
     def has_checkpoint(path: Path) -> bool:
-        return (path / "checkpoints" / "latest.json").is_file()
+        return (path / "checkpoints" / "latest.json").is_file() or bool(block_checkpoints(path))
 
     # rank 0 holds the lock and writes every file; the other ranks (torchrun) train their shares
     with contextlib.ExitStack() as stack:
@@ -112,7 +112,8 @@ def _run_fit(cfg: FitConfig, st, src, out: Path, resume: bool, progress: bool, o
         tr_pos, val_pos = holdout_split(len(src.items), cfg.val_images)
         tr_items, val_items = [src.items[i] for i in tr_pos], [src.items[i] for i in val_pos]
         size = teacher.image_size(cfg.image_size)
-        data = OnlineBatches(teacher.to(device), tr_items, size, cfg.seed, cfg.crops, cfg.workers, device, dist)
+        data = OnlineBatches(teacher.to(device), tr_items, size, cfg.seed, cfg.crops, cfg.workers, device, dist,
+                             cfg.autocast)
         layout = teacher.layout(size)
         vt, vkept = [], []
         if dist.main:

@@ -77,6 +77,7 @@ class FitConfig:
     workers: int = 2  # online data: image-decoding worker processes (0: in the main process)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     compile: bool = False  # torch.compile the surrogate's blocks
+    parallel_blocks: bool = False  # torchrun: train the stage-1 blocks at the same time, one rank group per block
 
     def check(self) -> None:
         """Cheap checks of the settings themselves, done before any teacher, data or output is touched. Zero is
@@ -171,13 +172,14 @@ class OnlineBatches:
     ``r`` decodes and runs the teacher on its ``batch / world`` share only."""
 
     def __init__(self, teacher, items, size: int, seed: int, crops: bool, workers: int = 2,
-                 device: torch.device | None = None, dist=None):
+                 device: torch.device | None = None, dist=None, autocast: str | None = None):
         from raptor.data import TrainTransform
         from raptor.distributed import Dist
 
         self.teacher, self.items, self.seed, self.crops, self.workers = teacher, list(items), seed, crops, workers
         self.device = device or torch.device("cpu")
         self.dist = dist or Dist()
+        self.autocast = autocast  # the teacher's forward under the training's autocast, as extract --autocast
         self.train_tf = TrainTransform(size=size, scale=(0.25, 1.0), mean=teacher.image_mean, std=teacher.image_std)
         self.eval_tf = teacher.eval_transform(size)
         self._skipped: set = set()
@@ -196,18 +198,20 @@ class OnlineBatches:
                                          self.workers, pin_memory=self.device.type == "cuda"):
             _warn_once(msgs, self._skipped)
             if x is not None:
-                yield self.teacher.trajectory(self._to_device(x))
+                yield self.teacher.trajectory(self._to_device(x), autocast=self.autocast)
 
-    def stream(self, keys: list[tuple[str, int, int, int]], batch: int):
-        """This rank's share of each (tag, step, first layer, last layer) batch, in order."""
+    def stream(self, keys: list[tuple[str, int, int, int]], batch: int, share: tuple[int, int] | None = None):
+        """The ``share`` = (rank, world) of each (tag, step, first layer, last layer) batch (default: this process's
+        rank), in order."""
         from raptor.data.stream import TrainBatchDataset, loader, warn_skipped
 
+        rank, world = share or (self.dist.rank, self.dist.world)
         ds = TrainBatchDataset(self.items, [(k[0], k[1]) for k in keys], batch, self.seed, self.train_tf,
-                               self.eval_tf, self.crops, self.dist.rank, self.dist.world)
+                               self.eval_tf, self.crops, rank, world)
         for (tag, step, lo, hi), (x, bad) in zip(keys, loader(ds, self.workers,
                                                               pin_memory=self.device.type == "cuda")):
             warn_skipped(bad, self._skipped)
-            yield self.teacher.trajectory(self._to_device(x), range(lo, hi + 1))
+            yield self.teacher.trajectory(self._to_device(x), range(lo, hi + 1), autocast=self.autocast)
 
 
 def _warn_once(messages, seen: set) -> None:
@@ -271,23 +275,25 @@ class StoreBatches:
         for s in range(0, len(pick), batch):
             yield self.read(np.sort(pick[s:s + batch]), self.store.layers[0], self.store.layers[-1])
 
-    def get(self, tag: str, step: int, batch: int, lo: int, hi: int) -> torch.Tensor:
-        """This rank's share of the batch of (tag, step): the rows are drawn from (seed, tag, step) alone."""
+    def get(self, tag: str, step: int, batch: int, lo: int, hi: int,
+            share: tuple[int, int] | None = None) -> torch.Tensor:
+        """The ``share`` = (rank, world) of the batch of (tag, step) (default: this process's rank): the rows are
+        drawn from (seed, tag, step) alone."""
         from raptor.data.stream import key_rng
 
-        if batch % self.dist.world:
-            raise RaptorError(f"--batch-size {batch} must be a multiple of the number of processes "
-                              f"({self.dist.world})")
+        rank, world = share or (self.dist.rank, self.dist.world)
+        if batch % world:
+            raise RaptorError(f"--batch-size {batch} must be a multiple of the number of processes ({world})")
         rng = key_rng(self.seed, tag, step)
         pick = np.array([self.rows[rng.randrange(len(self.rows))] for _ in range(batch)])
-        share = batch // self.dist.world
-        pick = pick[self.dist.rank * share:(self.dist.rank + 1) * share]  # in draw order: the noise follows rows
+        n = batch // world
+        pick = pick[rank * n:(rank + 1) * n]  # in draw order: the input noise follows the rows
         uniq, inv = np.unique(pick, return_inverse=True)
         return self.read(uniq, lo, hi)[torch.from_numpy(inv).to(self.device)]
 
-    def stream(self, keys: list[tuple[str, int, int, int]], batch: int):
+    def stream(self, keys: list[tuple[str, int, int, int]], batch: int, share: tuple[int, int] | None = None):
         for tag, step, lo, hi in keys:
-            yield self.get(tag, step, batch, lo, hi)
+            yield self.get(tag, step, batch, lo, hi, share)
 
 
 @dataclass
@@ -406,10 +412,16 @@ def check_existing_run(cfg: FitConfig, resume: bool) -> Path | None:
     unless ``resume``, and a resume with other training settings -- naming them -- before anything is written."""
     out = Path(cfg.out)
     ck = latest_checkpoint(out / "checkpoints")
-    if ck is None:
+    blocks = block_checkpoints(out)
+    if ck is None and not blocks:
         if (out / "metrics.json").exists():
             raise RaptorError(f"{out} holds a finished run whose checkpoints are gone; choose another --out")
         return None
+    if ck is None:  # stage 1 in parallel (--parallel-blocks) was under way: per-block checkpoints only
+        ck = next(iter(blocks.values()))
+        top = None
+    else:
+        top = ck
     if not resume:
         raise RaptorError(f"{out} already holds a run (checkpoint {ck.name}); pass --resume to continue it "
                           f"or choose another --out")
@@ -429,7 +441,17 @@ def check_existing_run(cfg: FitConfig, resume: bool) -> Path | None:
         except (OSError, ValueError, ImportError, AttributeError):
             pass
         raise RaptorError(f"cannot resume {out}: it was started with other settings{diff}")
-    return ck
+    return top
+
+
+def block_checkpoints(out: Path) -> dict[int, Path]:
+    """Block -> latest checkpoint of a stage-1 block trained in parallel (``checkpoints/block<b>/``)."""
+    found = {}
+    for d in sorted((Path(out) / "checkpoints").glob("block*")):
+        ck = latest_checkpoint(d) if d.is_dir() and d.name[5:].isdigit() else None
+        if ck is not None:
+            found[int(d.name[5:])] = ck
+    return found
 
 
 class _ItemObjective(torch.nn.Module):
@@ -450,9 +472,10 @@ def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, pro
           on_step=None, validate_fn=None, stats=None, dist=None, device: torch.device | None = None) -> FitState:
     """Run (or resume) every work item; checkpoints under OUT/checkpoints. Under torchrun (``dist.active``) every
     rank trains on its share of each step's batch with ``DistributedDataParallel``; the logged loss is the mean
-    over ranks (= the whole batch's loss), and rank 0 alone writes checkpoints and validates."""
+    over ranks (= the whole batch's loss), and rank 0 alone writes checkpoints and validates. With
+    ``cfg.parallel_blocks`` the stage-1 blocks train at the same time, one rank group per block
+    (:func:`_parallel_stage1`), then every rank joins stage 2."""
     from raptor.distributed import Dist
-    from raptor.progress import progress_bar
 
     cfg.check()
     dist = dist or Dist()
@@ -466,40 +489,79 @@ def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, pro
     ck_root = out / "checkpoints"
     items = plan(cfg, model)
     state = FitState()
-    opt_tensors = None
+    opt_tensors = opt_meta = None
     ck = check_existing_run(cfg, resume)
     if ck is not None:
         weights, opt_tensors, st = read_checkpoint(ck)
-        try:
-            model.load_state_dict(weights)
-        except RuntimeError as e:
-            raise RaptorError(f"checkpoint {ck} does not fit this model ({str(e).splitlines()[0][:160]})") from None
+        _load_weights(model, weights, ck)
         state = FitState(st["item"], st["step"], st["history"])
         opt_meta = st["optimizer"]
     model.to(device)
+    n1 = sum(1 for it in items if it.stage == 1)
+    if cfg.parallel_blocks and n1 > 1 and state.item < n1:
+        _parallel_stage1(cfg, model, items[:n1], data, layout, stats, dist, device, state, progress, on_step)
+        opt_tensors = None
+    run = _ItemRunner(cfg, model, data, layout, stats, device, progress and dist.main, on_step)
     keys = [(items[i].name, s, items[i].start, items[i].end) for i in range(state.item, len(items))
             for s in range(state.step if i == state.item else 0, items[i].steps)]
-    batches = data.stream(keys, cfg.batch_size)
-    share = (dist.rank, dist.world)
+    batches = data.stream(keys, cfg.batch_size, (dist.rank, dist.world))
     for it_idx in range(state.item, len(items)):
-        item = items[it_idx]
+        start = state.step if it_idx == state.item else 0
+        resume_opt = (opt_tensors, opt_meta) if (opt_tensors is not None and it_idx == state.item) else None
+        opt_tensors = None
+
+        def checkpoint(done, opt, item=items[it_idx], it_idx=it_idx):
+            if dist.main:
+                nxt = (it_idx, done) if done < item.steps else (it_idx + 1, 0)
+                save_checkpoint(ck_root, f"item{it_idx}-step{done:07d}", model, opt if done < item.steps else None,
+                                {"item": nxt[0], "step": nxt[1], "history": state.history,
+                                 "fingerprint": cfg.training_fingerprint(), "surrogate": model.cfg.to_dict()})
+
+        def val(done, item=items[it_idx]):
+            if validate_fn is not None and cfg.val_every and done % cfg.val_every == 0 and dist.main:
+                model.eval()
+                state.history.setdefault(f"val/{item.name}", []).append([done, validate_fn(model)])
+                model.train()
+
+        run(items[it_idx], it_idx, start, batches, state.history.setdefault(items[it_idx].name, []), dist, None,
+            resume_opt, checkpoint, val)
+    state.item, state.step = len(items), 0
+    return state
+
+
+def _load_weights(module: torch.nn.Module, weights: dict, ck: Path) -> None:
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as e:
+        raise RaptorError(f"checkpoint {ck} does not fit this model ({str(e).splitlines()[0][:160]})") from None
+
+
+class _ItemRunner:
+    """The step loop of one work item: learning rate, loss (DDP over ``group`` when distributed), the whole batch's
+    loss logged, NaN stop, gradient clipping, AdamW; ``checkpoint(done, opt)`` and ``val(done)`` after each step."""
+
+    def __init__(self, cfg, model, data, layout, stats, device, progress, on_step):
+        self.cfg, self.model, self.data, self.layout, self.stats = cfg, model, data, layout, stats
+        self.device, self.progress, self.on_step = device, progress, on_step
+
+    def __call__(self, item: WorkItem, it_idx: int, start: int, batches, hist: list, dist, group, resume_opt,
+                 checkpoint, val) -> None:
+        from raptor.progress import progress_bar
+
+        cfg, model, device = self.cfg, self.model, self.device
+        rank, world = (dist.rank, dist.world) if group is None else (group[1], group[2])
         objective = _ItemObjective(model, item)
         params = list(objective.parameters())
-        if dist.active:
+        if world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda"
-                                                else None)
+                                                else None, process_group=None if group is None else group[0])
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        start = 0
-        if opt_tensors is not None and it_idx == state.item:
-            start = state.step
-            if opt_tensors:
-                load_optimizer(opt, opt_tensors, opt_meta)
-        opt_tensors = None
-        hist = state.history.setdefault(item.name, [])
+        if resume_opt is not None and resume_opt[0]:
+            load_optimizer(opt, *resume_opt)
         model.train()
-        with progress_bar(item.steps, item.name, "step", enabled=progress and dist.main,
+        with progress_bar(item.steps, item.name, "step", enabled=self.progress,
                           extra="loss {task.fields[loss]}") as bar:
             bar.advance(start, loss="-")
             for step in range(start, item.steps):
@@ -509,17 +571,17 @@ def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, pro
                 traj = next(batches)
                 gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it_idx * 10_007 + step)
                 with autocast_context(cfg.autocast, device):
-                    loss = objective(traj, step, cfg, layout, gen, stats, share)
-                if on_step is not None:
-                    loss = on_step(item, step, loss)
+                    loss = objective(traj, step, cfg, self.layout, gen, self.stats, (rank, world))
+                if self.on_step is not None:
+                    loss = self.on_step(item, step, loss)
                 value = loss.detach().float()
-                if dist.active:  # the whole batch's loss: the mean of the ranks' equal shares
+                if world > 1:  # the whole batch's loss: the mean of the ranks' equal shares
                     value = value.clone()
-                    torch.distributed.all_reduce(value)
-                    value /= dist.world
+                    torch.distributed.all_reduce(value, group=None if group is None else group[0])
+                    value /= world
                 value = value.item()
                 if not math.isfinite(value):
-                    last = latest_checkpoint(ck_root)
+                    last = latest_checkpoint(Path(cfg.out) / "checkpoints")
                     raise RaptorError(f"loss became {value} at {item.name} step {step}; stopped. Last good "
                                       f"checkpoint: {last or 'none'} (lower --lr or use --autocast none)")
                 opt.zero_grad(set_to_none=True)
@@ -529,16 +591,62 @@ def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, pro
                 hist.append([step, value, lr])
                 bar.advance(1, loss=f"{value:.4g}")
                 done = step + 1
-                if validate_fn is not None and cfg.val_every and done % cfg.val_every == 0 and dist.main:
-                    model.eval()
-                    state.history.setdefault(f"val/{item.name}", []).append([done, validate_fn(model)])
-                    model.train()
-                if (done % cfg.ckpt_every == 0 or done == item.steps) and dist.main:
-                    nxt = (it_idx, done) if done < item.steps else (it_idx + 1, 0)
-                    save_checkpoint(ck_root, f"item{it_idx}-step{done:07d}", model,
-                                    opt if done < item.steps else None,
-                                    {"item": nxt[0], "step": nxt[1], "history": state.history,
-                                     "fingerprint": cfg.training_fingerprint(), "surrogate": model.cfg.to_dict()})
+                val(done)
+                if done % cfg.ckpt_every == 0 or done == item.steps:
+                    checkpoint(done, opt)
         model.eval()
+
+
+def _parallel_stage1(cfg: FitConfig, model: RaptorModel, items: list[WorkItem], data, layout, stats, dist, device,
+                     state: FitState, progress: bool, on_step) -> None:
+    """Stage 1 with the blocks trained at the same time: ``G = min(k, world)`` rank groups (rank r in group
+    r % G), group g trains blocks g, g+G, ... (DDP within the group). Each block's batches are drawn from
+    (seed, its work item, step) as in a sequential run, so the result is the same up to float rounding. Each
+    group's first rank checkpoints its block under ``checkpoints/block<b>/``; a resumed run (any world size) skips
+    finished blocks and continues unfinished ones. At the end every rank receives every block, rank 0 writes the
+    ordinary checkpoint at the start of stage 2, and the block checkpoints are removed with it."""
+    n_groups = min(len(items), dist.world)
+    members = [[r for r in range(dist.world) if r % n_groups == g] for g in range(n_groups)]
+    # every rank creates every group, in the same order
+    handles = [torch.distributed.new_group(m) for m in members] if dist.active else [None]
+    g = dist.rank % n_groups
+    group = (handles[g], members[g].index(dist.rank), len(members[g]))
+    leader = group[1] == 0
+    found = block_checkpoints(Path(cfg.out))
+    run = _ItemRunner(cfg, model, data, layout, stats, device, progress and leader, on_step)
+    for it_idx in range(g, len(items), n_groups):
+        item = items[it_idx]
+        hist: list = []
+        start, resume_opt = 0, None
+        if item.block in found:
+            weights, opt_tensors, st = read_checkpoint(found[item.block])
+            _load_weights(model.blocks[item.block], weights, found[item.block])
+            model.to(device)
+            start, hist, resume_opt = st["step"], st["history"][item.name], (opt_tensors, st["optimizer"])
+        root = Path(cfg.out) / "checkpoints" / f"block{item.block}"
+
+        def checkpoint(done, opt, item=item, hist=hist, root=root):
+            if leader:
+                save_checkpoint(root, f"step{done:07d}", model.blocks[item.block],
+                                opt if done < item.steps else None,
+                                {"item": None, "step": done, "history": {item.name: hist},
+                                 "fingerprint": cfg.training_fingerprint(), "block": item.block})
+
+        if start < item.steps:
+            keys = [(item.name, s, item.start, item.end) for s in range(start, item.steps)]
+            run(item, it_idx, start, data.stream(keys, cfg.batch_size, group[1:]), hist, dist, group, resume_opt,
+                checkpoint, lambda done: None)
+        state.history[item.name] = hist
+    dist.barrier()
+    for it_idx, item in enumerate(items):  # every block from its group's first rank to every rank
+        src = members[it_idx % n_groups][0]
+        if dist.active:
+            for p in model.blocks[item.block].parameters():
+                torch.distributed.broadcast(p.data, src=src)
+        state.history[item.name] = dist.broadcast(state.history.get(item.name), src)
     state.item, state.step = len(items), 0
-    return state
+    if dist.main:
+        save_checkpoint(Path(cfg.out) / "checkpoints", f"item{len(items)}-step0000000", model, None,
+                        {"item": state.item, "step": 0, "history": state.history,
+                         "fingerprint": cfg.training_fingerprint(), "surrogate": model.cfg.to_dict()})
+    dist.barrier()
