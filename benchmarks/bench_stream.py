@@ -57,6 +57,8 @@ def main() -> dict:
                       steps1=STEPS1, steps2=STEPS2, batch_size=BATCH, probe_data=None, ckpt_every=1000,
                       val_images=16, stats_images=32)
         runs = {"store": dict(store=str(tmp / "store"), data=None),
+                "store read from disk (--store-cache-gb 0)": dict(store=str(tmp / "store"), data=None,
+                                                                   store_cache_gb=0.0),
                 "online, 2 workers": dict(data=str(tmp / "jpegs"), image_size=SIZE, workers=2),
                 "online, 1 worker": dict(data=str(tmp / "jpegs"), image_size=SIZE, workers=1),
                 "online, 0 workers (decode in the main process)": dict(data=str(tmp / "jpegs"), image_size=SIZE,

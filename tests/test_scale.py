@@ -280,3 +280,37 @@ def test_parallel_stage1_resumes_from_block_checkpoints(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     ma, mb = (json.loads((tmp_path / d / "metrics.json").read_text())["loss_history"] for d in ("seq", "par"))
     assert ma == mb
+
+
+class _DiesInWorker(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        if i == 2:
+            os.kill(os.getpid(), 9)  # what the kernel's OOM killer does to a worker
+        return torch.zeros(1)
+
+
+def test_a_killed_worker_is_one_clear_error():
+    from raptor.errors import RaptorError
+
+    with pytest.raises(RaptorError, match="image-loading worker process died.*lower --workers"):
+        list(loader(_DiesInWorker(), 1))
+
+
+def test_store_batches_from_disk_equal_the_cached_ones(tmp_path):
+    """--store-cache-gb 0: every batch is read from the store (prefetched in a thread), equal to the RAM cache."""
+    from raptor.store import extract
+    from raptor.surrogate.train import StoreBatches
+
+    extract(build_tiny_teacher("dinov2"), open_source("bundled:lfw").subset(40), tmp_path / "s", chunk_images=8,
+            progress=False)
+    st = TrajectoryStore(tmp_path / "s")
+    rows = np.arange(3, 37)
+    keys = _keys(5)
+    cached, disk = StoreBatches(st, rows, 1), StoreBatches(st, rows, 1, cache_bytes=0)
+    assert cached.cache is not None and disk.cache is None
+    a, b = list(cached.stream(keys, 6)), list(disk.stream(keys, 6))
+    assert len(a) == len(b) == len(keys) and all(torch.equal(x, y) for x, y in zip(a, b))
+    assert a[0].shape == (6, 2, 5, 32) and a[-1].shape == (6, 4, 5, 32)

@@ -236,6 +236,8 @@ def fit(
     compile: bool = typer.Option(False, "--compile", help="torch.compile the surrogate's blocks (GPU runs)"),
     parallel_blocks: bool = typer.Option(False, "--parallel-blocks", help="Under torchrun: train the stage-1 "
                                          "blocks at the same time, one rank group per block"),
+    store_cache_gb: float = typer.Option(6.0, help="Cache a store's training rows in RAM (GPU memory on a GPU) "
+                                         "when they fit in this many GB; 0 reads every batch from disk"),
     progress: bool = typer.Option(True, help="Show progress bars"),
 ):
     """Train a Raptor surrogate (stage 1 per block, stage 2 joint) and validate it against the teacher.
@@ -254,7 +256,7 @@ def fit(
                     mlp=mlp, init_from_teacher=init_from_teacher, autocast=autocast, image_size=image_size,
                     limit=limit, probe_data=None if probe_data in (None, "none") else probe_data, seed=seed,
                     ckpt_every=ckpt_every, val_every=val_every, workers=workers, device=device, compile=compile,
-                    parallel_blocks=parallel_blocks)
+                    parallel_blocks=parallel_blocks, store_cache_gb=store_cache_gb)
     m = run_fit(cfg, resume=resume, progress=progress)
     if not m:  # a torchrun rank other than 0: rank 0 reports
         return

@@ -60,8 +60,30 @@ def loader(dataset, workers: int, *, pin_memory: bool = False, prefetch: int = 2
         return iter(())
     dl = DataLoader(dataset, batch_size=None, sampler=order, num_workers=min(workers, len(order)),
                     multiprocessing_context=ctx if workers else None, prefetch_factor=prefetch if workers else None,
-                    pin_memory=pin_memory, persistent_workers=False)
-    return iter(dl)
+                    pin_memory=pin_memory, persistent_workers=False, worker_init_fn=_worker_init if workers else None)
+    return _named_worker_failures(iter(dl), workers)
+
+
+def _worker_init(_: int) -> None:
+    """Workers yield the CPU to the forward pass: on a machine with few cores they only fill its idle gaps."""
+    import os
+
+    try:
+        os.nice(5)
+    except OSError:  # pragma: no cover - not permitted: run at normal priority
+        pass
+
+
+def _named_worker_failures(it, workers: int):
+    """A worker killed from outside (out of memory, a signal) becomes one clear error, not a traceback."""
+    try:
+        yield from it
+    except RuntimeError as e:
+        if "DataLoader worker" not in str(e):
+            raise
+        raise RaptorError(f"an image-loading worker process died ({str(e).splitlines()[0][:160]}); with "
+                          f"--workers {workers} each worker holds 2 batches: lower --workers (0 loads in the main "
+                          f"process) and re-run the same command to resume") from None
 
 
 class ChunkDataset(torch.utils.data.Dataset):

@@ -98,7 +98,8 @@ def _run_fit(cfg: FitConfig, st, src, out: Path, resume: bool, progress: bool, o
         rows = st.valid_indices[: cfg.limit] if cfg.limit else st.valid_indices
         tr_pos, val_pos = holdout_split(len(rows), cfg.val_images)
         tr_rows, val_rows = rows[tr_pos], rows[val_pos]
-        data = StoreBatches(st, tr_rows, cfg.seed, progress=progress, device=device, dist=dist)
+        data = StoreBatches(st, tr_rows, cfg.seed, cache_bytes=cfg.store_cache_gb * 1e9, progress=progress,
+                            device=device, dist=dist)
         layout = st.layout
         size = int(st.meta["settings"]["transform"]["center_crop"])
         val_traj = st.read(np.sort(val_rows)) if dist.main else None

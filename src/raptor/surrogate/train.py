@@ -78,6 +78,7 @@ class FitConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     compile: bool = False  # torch.compile the surrogate's blocks
     parallel_blocks: bool = False  # torchrun: train the stage-1 blocks at the same time, one rank group per block
+    store_cache_gb: float = 6.0  # a store's training rows are cached in RAM (GPU memory on a GPU) up to this size
 
     def check(self) -> None:
         """Cheap checks of the settings themselves, done before any teacher, data or output is touched. Zero is
@@ -107,7 +108,7 @@ class FitConfig:
             v = getattr(self, name)
             if v is not None and not v > 0:
                 raise RaptorError(f"--{name.replace('_', '-')} must be > 0, got {v}")
-        for name in ("weight_decay", "sigma", "min_lr", "val_every", "warmup_frac", "workers"):
+        for name in ("weight_decay", "sigma", "min_lr", "val_every", "warmup_frac", "workers", "store_cache_gb"):
             v = getattr(self, name)
             if not v >= 0:
                 raise RaptorError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
@@ -125,7 +126,7 @@ class FitConfig:
 
 
 EVAL_ONLY = ("out", "probe_data", "probe_limit", "val_every", "ckpt_every",
-             "workers", "device", "compile")  # none of these changes the training trajectory
+             "workers", "device", "compile", "store_cache_gb")  # none of these changes the training trajectory
 
 
 def evenly_spaced(n: int, k: int) -> np.ndarray:
@@ -292,8 +293,49 @@ class StoreBatches:
         return self.read(uniq, lo, hi)[torch.from_numpy(inv).to(self.device)]
 
     def stream(self, keys: list[tuple[str, int, int, int]], batch: int, share: tuple[int, int] | None = None):
-        for tag, step, lo, hi in keys:
-            yield self.get(tag, step, batch, lo, hi, share)
+        """The batches of ``keys`` in order; from disk (no cache) they are read two steps ahead in a thread, so
+        decompression overlaps training."""
+        gen = (self.get(tag, step, batch, lo, hi, share) for tag, step, lo, hi in keys)
+        return gen if self.cache is not None else _prefetch(gen, 2)
+
+
+def _prefetch(gen, depth: int):
+    """Run ``gen`` ``depth`` items ahead in a daemon thread; its exceptions surface in the consumer."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def produce():
+        try:
+            for x in gen:
+                while not stop.is_set():
+                    try:
+                        q.put((x, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+                if stop.is_set():
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put((None, e))
+            return
+        q.put((end, None))
+
+    t = threading.Thread(target=produce, daemon=True, name="raptor-store-prefetch")
+    t.start()
+    try:
+        while True:
+            x, err = q.get()
+            if err is not None:
+                raise err
+            if x is end:
+                return
+            yield x
+    finally:
+        stop.set()
 
 
 @dataclass
