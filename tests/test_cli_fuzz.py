@@ -63,14 +63,16 @@ def _check(argv: list[str], capsys) -> None:
        chunk=field(["2", "8"], BAD_INT), size=field(["14", "28"], ["-14", "0", "13", "x"]),
        dtype=field(["bfloat16", "float32"], ["int8", ""]), compression=field(["lz4", "none"], ["gzip"]),
        autocast=field(["float32"], ["bogus", ""]), layers=field(["0-3", "0,2"], ["a-b", "3-1", "0-99", ""]),
+       workers=field(["0", "1"], ["-1", "x"]), device=field(["cpu", "auto"], ["tpu", "cuda:x", ""]),
        same_out=st.booleans())
 def test_extract_arguments(teacher, data, limit, batch, chunk, size, dtype, compression, autocast, layers,
-                           same_out, capsys):
+                           workers, device, same_out, capsys):
     out = BASE / ("extract-shared" if same_out else f"extract-{next(_n)}")
     _check(_argv("extract", ["--out", str(out), "--no-progress"],
                  {"--teacher": teacher, "--data": data, "--limit": limit, "--batch-size": batch,
                   "--chunk-images": chunk, "--image-size": size, "--dtype": dtype, "--compression": compression,
-                  "--autocast": autocast, "--layers": layers}, {"--teacher": "tiny:dinov2", "--limit": "3"}), capsys)
+                  "--autocast": autocast, "--layers": layers, "--workers": workers, "--device": device},
+                 {"--teacher": "tiny:dinov2", "--limit": "3"}), capsys)
 
 
 @SETTINGS
@@ -98,16 +100,17 @@ def test_analyze_arguments(teacher, data, limit, batch, layers, k_max, k_rule, k
        weights=field(["0.45,0.1,0.45", "none"], ["1,2", "-1,0,1", "a,b,c", "0,0,0"]),
        stage=field(["1", "2", "both"], ["3"]), val=field(["5"], ["-1", "0"]), stats=field(["1", "8"], ["0"]),
        mlp=field(["swiglu", "gelu"], ["relu"]), probe=field(["none", "bundled:lfw"], ["bundled:nope"]),
-       resume=st.booleans())
+       workers=field(["0", "2"], ["-1", "x"]), device=field(["cpu"], ["tpu", ""]),
+       cache=field(["0", "1"], ["-1", "x"]), resume=st.booleans())
 def test_fit_arguments(teacher, data, limit, phases, k, steps, batch, lr, loss, norm, weights, stage, val, stats,
-                       mlp, probe, resume, capsys):
+                       mlp, probe, workers, device, cache, resume, capsys):
     out = BASE / f"fit-{next(_n)}"
     _check(_argv("fit", ["--out", str(out), "--no-progress", "--probe-limit", "20"],
                  {"--teacher": teacher, "--data": data, "--limit": limit, "--phases": phases, "--k": k,
                   "--steps1": steps, "--steps2": steps, "--batch-size": batch, "--lr": lr,
                   "--loss": loss, "--loss-norm": norm, "--stage2-weights": weights, "--stage": stage,
                   "--val-images": val, "--stats-images": stats, "--mlp": mlp, "--probe-data": probe,
-                  "--resume": resume or None},
+                  "--workers": workers, "--device": device, "--store-cache-gb": cache, "--resume": resume or None},
                  {"--teacher": "tiny:dinov2", "--data": "bundled:lfw", "--limit": "30", "--k": "2", "--steps1": "2",
                   "--steps2": "2", "--val-images": "5"}), capsys)
 

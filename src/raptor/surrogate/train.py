@@ -532,7 +532,14 @@ def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, pro
     items = plan(cfg, model)
     state = FitState()
     opt_tensors = opt_meta = None
-    ck = check_existing_run(cfg, resume)
+    err = ck = None
+    try:
+        ck = check_existing_run(cfg, resume)
+    except RaptorError as e:
+        err = e
+    # every rank has read the run directory before any rank writes to it (a group leader checkpoints its block)
+    if not dist.all_ok(err is None):
+        raise err or RaptorError("another rank refused the run directory (its error line says why)")
     if ck is not None:
         weights, opt_tensors, st = read_checkpoint(ck)
         _load_weights(model, weights, ck)
