@@ -86,50 +86,58 @@ def test_chunks_stream_in_order_with_skips_named():
 RSS_SCRIPT = """
 import resource, sys
 from raptor.cli import run
-rc = run(sys.argv[1:])
+argv = sys.argv[1:]
+cut = argv.index("--then")
+rc = run(argv[:cut]) or run(argv[cut + 1:])
 peak = lambda who: resource.getrusage(who).ru_maxrss
 print("RSS", rc, peak(resource.RUSAGE_SELF), peak(resource.RUSAGE_CHILDREN))
 """
 
 
-def _peak_rss(args) -> tuple[int, int]:
-    r = subprocess.run([sys.executable, "-c", RSS_SCRIPT] + [str(a) for a in args], env=ENV, capture_output=True,
-                       text=True, timeout=300)
-    line = [ln for ln in r.stdout.splitlines() if ln.startswith("RSS")]
-    assert line and line[0].split()[1] == "0", r.stderr[-2000:]
-    _, _, self_kb, child_kb = line[0].split()
-    return int(self_kb) // 1024, int(child_kb) // 1024
-
-
 def test_peak_memory_is_flat_from_200_to_2000_images(tmp_path):
     """Decoded, the 2,000 images are 2000 x 256 x 256 x 3 B = 375 MiB (an in-memory cache of them: +340 MiB over
-    200 images); streamed, neither the main process nor any worker grows by more than 40 MiB."""
+    200 images). Streamed (extract, then an online fit, in one process), neither the main process nor any worker
+    grows by more than 40 MiB."""
     rng = np.random.default_rng(0)
     base = rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)
     for n in (200, 2000):
         (tmp_path / f"d{n}").mkdir()
     for i in range(2000):
-        im = Image.fromarray(np.roll(base, i, axis=1))
-        im.save(tmp_path / "d2000" / f"{i:04d}.jpg", quality=80)
+        Image.fromarray(np.roll(base, i, axis=1)).save(tmp_path / "d2000" / f"{i:04d}.jpg", quality=80)
         if i < 200:
             shutil.copy(tmp_path / "d2000" / f"{i:04d}.jpg", tmp_path / "d200" / f"{i:04d}.jpg")
     peaks = {}
     for n in (200, 2000):
-        fit = _peak_rss(["fit", "--teacher", "tiny:dinov2", "--data", tmp_path / f"d{n}", "--k", "1", "--steps1",
-                         "30", "--steps2", "30", "--batch-size", "8", "--val-images", "8", "--stats-images", "16",
-                         "--probe-data", "none", "--workers", "2", "--no-progress", "--out", tmp_path / f"fit{n}"])
-        ext = _peak_rss(["extract", "--teacher", "tiny:dinov2", "--data", tmp_path / f"d{n}", "--workers", "2",
-                         "--no-progress", "--out", tmp_path / f"store{n}"])
-        peaks[n] = fit + ext
+        args = ["extract", "--teacher", "tiny:dinov2", "--data", tmp_path / f"d{n}", "--workers", "2",
+                "--no-progress", "--out", tmp_path / f"store{n}", "--then",
+                "fit", "--teacher", "tiny:dinov2", "--data", tmp_path / f"d{n}", "--k", "1", "--steps1", "20",
+                "--steps2", "20", "--batch-size", "8", "--val-images", "8", "--stats-images", "16",
+                "--probe-data", "none", "--workers", "2", "--no-progress", "--out", tmp_path / f"fit{n}"]
+        r = subprocess.run([sys.executable, "-c", RSS_SCRIPT] + [str(a) for a in args], env=ENV,
+                           capture_output=True, text=True, timeout=300)
+        line = [ln for ln in r.stdout.splitlines() if ln.startswith("RSS")]
+        assert line and line[0].split()[1] == "0", r.stderr[-2000:]
+        peaks[n] = tuple(int(x) // 1024 for x in line[0].split()[2:])
     grow = [b - a for a, b in zip(peaks[200], peaks[2000])]
-    print("peak RSS MiB", peaks)
-    assert max(grow) < 40, f"peak RSS MiB (fit main, fit worker, extract main, extract worker): {peaks}"
+    print("peak RSS MiB (main process, largest worker):", peaks)
+    assert max(grow) < 40, f"peak RSS MiB (main process, largest worker): {peaks}"
 
 
 # ---- torchrun: 2 gloo processes ---------------------------------------------------------------------------------
 
 EXTRACT = ["extract", "--teacher", "tiny:dinov2", "--data", "bundled:lfw", "--limit", "100", "--chunk-images", "8",
            "--no-progress", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def store_and_fit(tmp_path_factory):
+    """A store of 100 LFW images and the 1-process fit on it (shared by the 2-process fits)."""
+    root = tmp_path_factory.mktemp("scale")
+    r = raptor(*EXTRACT, "--out", root / "s")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = raptor(*FIT, "--store", root / "s", "--out", root / "one")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return root / "s", root / "one"
 
 
 def _same_store(a, b):
@@ -143,12 +151,11 @@ def _same_store(a, b):
                                                                       if k != "packages"}
 
 
-def test_two_process_extract_writes_the_one_process_store(tmp_path):
-    r = raptor(*EXTRACT, "--out", tmp_path / "one")
-    assert r.returncode == 0, r.stderr[-2000:]
+def test_two_process_extract_writes_the_one_process_store(tmp_path, store_and_fit):
+    one = store_and_fit[0]
     r = torchrun(*EXTRACT, "--out", tmp_path / "two")
     assert r.returncode == 0, r.stderr[-3000:]
-    _same_store(tmp_path / "one", tmp_path / "two")
+    _same_store(one, tmp_path / "two")
     # resumable per rank: a run stopped before rank 0 merged the ranks' records is finished by the next run
     part = tmp_path / "part"
     shutil.copytree(tmp_path / "two", part)
@@ -167,7 +174,7 @@ def test_two_process_extract_writes_the_one_process_store(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     info = json.loads(r.stdout[r.stdout.index("{"):])
     assert info["this_run"]["chunks_already_done"] == 9 and info["this_run"]["chunks_written"] == 2  # rank 0's 2
-    _same_store(tmp_path / "one", part)
+    _same_store(one, part)
 
 
 FIT = ["fit", "--teacher", "tiny:dinov2", "--k", "2", "--steps1", "8", "--steps2", "8", "--batch-size", "8",
@@ -175,42 +182,53 @@ FIT = ["fit", "--teacher", "tiny:dinov2", "--k", "2", "--steps1", "8", "--steps2
        "--sigma", "0.01", "--device", "cpu"]
 
 
-@pytest.mark.parametrize("source", ["store", "online"])
-def test_two_process_fit_matches_one_process_fit(tmp_path, source):
-    if source == "store":
-        r = raptor(*EXTRACT, "--out", tmp_path / "s")
-        assert r.returncode == 0, r.stderr[-2000:]
-        data = ["--store", tmp_path / "s"]
-    else:
-        data = ["--data", "bundled:lfw", "--limit", "100", "--workers", "1"]
-    r = raptor(*FIT, *data, "--out", tmp_path / "one")
-    assert r.returncode == 0, r.stderr[-2000:]
-    r = torchrun(*FIT, *data, "--out", tmp_path / "two")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("wrote ") == 1  # rank 0 alone reports and writes
-    a, b = (json.loads((tmp_path / d / "metrics.json").read_text())["loss_history"] for d in ("one", "two"))
+def _same_fit(one, two):
+    a, b = (json.loads((d / "metrics.json").read_text())["loss_history"] for d in (one, two))
     assert a.keys() == b.keys() == {"stage1/block0", "stage1/block1", "stage2"}
     for k in a:
         la, lb = np.array(a[k])[:, 1], np.array(b[k])[:, 1]
         assert len(la) == 8 and np.allclose(la, lb, rtol=1e-4, atol=1e-7), (k, la, lb)
-    wa, wb = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("one", "two"))
+    wa, wb = (load_file(str(d / "model.safetensors")) for d in (one, two))
     # atol: a key bias has an exactly-zero gradient (softmax ignores it), so Adam turns rounding noise into
     # lr-sized steps there (1e-5 measured); every other weight agrees to ~1e-6
     assert all(torch.allclose(wa[k], wb[k], rtol=1e-3, atol=5e-5) for k in wa)
 
 
-def test_distributed_refusals_are_one_error_line(tmp_path):
+def test_two_process_fit_from_a_store_matches_one_process_fit(tmp_path, store_and_fit):
+    store, one = store_and_fit
+    r = torchrun(*FIT, "--store", store, "--out", tmp_path / "two")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("wrote ") == 1  # rank 0 alone reports and writes
+    _same_fit(one, tmp_path / "two")
+
+
+def test_two_process_online_fit_matches_one_process_fit(tmp_path):
+    data = ["--data", "bundled:lfw", "--limit", "100", "--workers", "1"]
+    r = raptor(*FIT, *data, "--out", tmp_path / "one")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = torchrun(*FIT, *data, "--out", tmp_path / "two")
+    assert r.returncode == 0, r.stderr[-3000:]
+    _same_fit(tmp_path / "one", tmp_path / "two")
+
+
+def test_distributed_refusals_are_one_error_line(tmp_path, capsys):
     r = torchrun(*FIT, "--data", "bundled:lfw", "--limit", "100", "--batch-size", "7", "--out", tmp_path / "x")
     assert r.returncode != 0 and "must be a multiple of the number of processes (2)" in r.stderr
     assert not (tmp_path / "x").exists()
-    if not torch.cuda.is_available():
-        one_error_line(raptor(*EXTRACT, "--device", "cuda", "--out", tmp_path / "y").stderr, "sees no CUDA GPU")
+    from raptor.cli import run
+
+    def refused(*argv, needle):
+        capsys.readouterr()
+        assert run([str(a) for a in argv]) == 2
+        one_error_line(capsys.readouterr().err, needle)
         assert not (tmp_path / "y").exists()
-    one_error_line(raptor(*EXTRACT, "--device", "tpu", "--out", tmp_path / "y").stderr, "bad --device")
-    one_error_line(raptor(*EXTRACT, "--workers", "-1", "--out", tmp_path / "y").stderr, "--workers must be >= 0")
-    one_error_line(raptor(*FIT, "--data", "bundled:lfw", "--workers", "-1", "--out", tmp_path / "y").stderr,
-                   "--workers must be >= 0")
-    assert not (tmp_path / "y").exists()
+
+    if not torch.cuda.is_available():
+        refused(*EXTRACT, "--device", "cuda", "--out", tmp_path / "y", needle="sees no CUDA GPU")
+    refused(*EXTRACT, "--device", "tpu", "--out", tmp_path / "y", needle="bad --device")
+    refused(*EXTRACT, "--workers", "-1", "--out", tmp_path / "y", needle="--workers must be >= 0")
+    refused(*FIT, "--data", "bundled:lfw", "--workers", "-1", "--out", tmp_path / "y", needle="--workers must be >= 0")
+    refused(*FIT, "--data", "bundled:lfw", "--device", "tpu", "--out", tmp_path / "y", needle="bad --device")
     # a torchrun job aimed at a directory another process holds: rank 0's refusal ends both ranks at once
     from raptor.outputs import OutputLock
 
@@ -224,19 +242,11 @@ def test_distributed_refusals_are_one_error_line(tmp_path):
     assert os.listdir(tmp_path / "held") == []
 
 
-def test_parallel_stage1_blocks_on_two_ranks_match_the_sequential_fit(tmp_path):
-    r = raptor(*EXTRACT, "--out", tmp_path / "s")
-    assert r.returncode == 0, r.stderr[-2000:]
-    data = ["--store", tmp_path / "s"]
-    r = raptor(*FIT, *data, "--out", tmp_path / "one")
-    assert r.returncode == 0, r.stderr[-2000:]
-    r = torchrun(*FIT, *data, "--parallel-blocks", "--out", tmp_path / "two")
+def test_parallel_stage1_blocks_on_two_ranks_match_the_sequential_fit(tmp_path, store_and_fit):
+    store, one = store_and_fit
+    r = torchrun(*FIT, "--store", store, "--parallel-blocks", "--out", tmp_path / "two")
     assert r.returncode == 0, r.stderr[-3000:]
-    a, b = (json.loads((tmp_path / d / "metrics.json").read_text())["loss_history"] for d in ("one", "two"))
-    for k in ("stage1/block0", "stage1/block1", "stage2"):  # block 1 was trained by rank 1, alone
-        assert np.allclose(np.array(a[k])[:, 1], np.array(b[k])[:, 1], rtol=1e-4, atol=1e-7), k
-    wa, wb = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("one", "two"))
-    assert all(torch.allclose(wa[k], wb[k], rtol=1e-3, atol=5e-5) for k in wa)
+    _same_fit(one, tmp_path / "two")  # block 1 was trained by rank 1 alone, block 0 by rank 0
     assert not list((tmp_path / "two" / "checkpoints").glob("block*"))  # folded into the stage-2 checkpoint
 
 
@@ -314,3 +324,25 @@ def test_store_batches_from_disk_equal_the_cached_ones(tmp_path):
     a, b = list(cached.stream(keys, 6)), list(disk.stream(keys, 6))
     assert len(a) == len(b) == len(keys) and all(torch.equal(x, y) for x, y in zip(a, b))
     assert a[0].shape == (6, 2, 5, 32) and a[-1].shape == (6, 4, 5, 32)
+
+
+@pytest.mark.parametrize("task,data", [("seg", "bundled:digit-seg")])
+def test_two_process_probe_features_equal_the_one_process_ones(tmp_path, task, data):
+    """torchrun probe: the ranks share the feature passes (every other batch), rank 0 gathers them into the same
+    cache and trains the same probes: the same arrays, the same results line."""
+    args = ["probe", "--task", task, "--backbone", "tiny:dinov2", "--data", data, "--seeds", "0", "--epochs", "2",
+            "--image-size", "28", "--limit", "40", "--no-progress"]
+    r = raptor(*args, "--out", tmp_path / "one")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = torchrun(*args, "--out", tmp_path / "two")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("appended to") == 1
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one" / "features").rglob("*.npy"))
+    assert files and files == sorted(p.relative_to(tmp_path / "two") for p in
+                                     (tmp_path / "two" / "features").rglob("*.npy"))
+    for f in files:
+        a, b = np.load(tmp_path / "one" / f), np.load(tmp_path / "two" / f)
+        assert a.shape == b.shape and np.allclose(a, b, rtol=1e-4, atol=1e-5), f
+    ra, rb = ((tmp_path / d / "results.jsonl").read_text().splitlines() for d in ("one", "two"))
+    va, vb = (json.loads(x[0]) for x in (ra, rb))
+    assert len(ra) == len(rb) == 1 and abs(va["value"] - vb["value"]) < 1e-3
