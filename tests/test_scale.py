@@ -229,6 +229,8 @@ def test_distributed_refusals_are_one_error_line(tmp_path, capsys):
     refused(*EXTRACT, "--workers", "-1", "--out", tmp_path / "y", needle="--workers must be >= 0")
     refused(*FIT, "--data", "bundled:lfw", "--workers", "-1", "--out", tmp_path / "y", needle="--workers must be >= 0")
     refused(*FIT, "--data", "bundled:lfw", "--device", "tpu", "--out", tmp_path / "y", needle="bad --device")
+    refused("probe", "--task", "cls", "--backbone", "tiny:dinov2", "--data", "bundled:digits", "--device", "tpu",
+            "--out", tmp_path / "y", needle="bad --device")
     # a torchrun job aimed at a directory another process holds: rank 0's refusal ends both ranks at once
     from raptor.outputs import OutputLock
 

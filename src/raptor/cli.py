@@ -312,9 +312,11 @@ def probe(
     limit: Optional[int] = typer.Option(None, help="At most N images per split (smoke runs)"),
     standardize: bool = typer.Option(True, help="z-score features with training-split mean/std (an affine map the "
                                      "head absorbs; --no-standardize: the paper's raw features)"),
+    device: str = typer.Option("auto", help=DEVICE_HELP + "; for the feature passes (heads train on the CPU)"),
     progress: bool = typer.Option(True, help="Show progress bars"),
 ):
-    """Linear probes (the paper's Table-1 protocols) on cached features of a teacher, a surrogate or a splice."""
+    """Linear probes (the paper's Table-1 protocols) on cached features of a teacher, a surrogate or a splice.
+    Runs under torchrun --nproc-per-node N: the ranks share the feature passes."""
     import numpy as np
 
     from raptor.probes.run import ProbeConfig, parse_lrs, parse_seeds, run_probe
@@ -323,7 +325,7 @@ def probe(
     cfg = ProbeConfig(task=task, backbone=backbone, data=data, out=str(out), seeds=parse_seeds(seeds), layer=layer,
                       splice=splice, image_size=image_size, lrs=parse_lrs(lrs), epochs=epochs, batch_size=batch_size,
                       weight_decay=weight_decay, init_head=init_head, cache=str(cache) if cache else None,
-                      limit=limit, standardize=standardize)
+                      limit=limit, standardize=standardize, device=device)
     recs = run_probe(cfg, progress=progress)
     if not recs:  # a torchrun rank other than 0 (it shared the feature passes); rank 0 reports
         return

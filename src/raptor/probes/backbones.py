@@ -117,6 +117,7 @@ class Backbone:
     def __init__(self, spec: BackboneSpec, teacher, model=None):
         self.spec, self.teacher, self.model = spec, teacher, model
         self.label = spec.label
+        self.device = torch.device("cpu")
         self._identity: dict | None = None
         if spec.layer is not None and spec.layer > teacher.depth:
             raise RaptorError(f"--layer {spec.layer}: the teacher has layers 0..{teacher.depth}")
@@ -152,9 +153,19 @@ class Backbone:
         d["id"] = f"{name}-{hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]}"
         return d
 
+    def to(self, device: torch.device) -> "Backbone":
+        """Run the feature passes on ``device`` (the features come back to the CPU)."""
+        self.device = torch.device(device)
+        if isinstance(self.teacher, torch.nn.Module):
+            self.teacher.to(self.device)
+        if self.model is not None:
+            self.model.to(self.device)
+        return self
+
     @torch.no_grad()
     def final_tokens(self, images: torch.Tensor) -> torch.Tensor:
         t = self.teacher
+        images = images.to(self.device, non_blocking=True)
         if self.model is None:
             end = t.depth if self.spec.layer is None else self.spec.layer
             return t.run_blocks(t.embed(images), 0, end)
@@ -167,10 +178,10 @@ class Backbone:
 
         normed = self.teacher.final_norm(tokens)
         if task == "cls":
-            return {"pooled": pool_tokens(normed, layout, ClassifierHead.default_pooling(layout)).float().numpy()}
+            return {"pooled": pool_tokens(normed, layout, ClassifierHead.default_pooling(layout)).float().cpu().numpy()}
         patches = normed[:, layout.patches].reshape(len(normed), *layout.grid, normed.shape[-1])
         cls = normed[:, 0] if layout.n_cls else normed[:, layout.patches].mean(1)
-        return {"patches": patches.to(torch.float16).numpy(), "cls": cls.to(torch.float16).numpy()}
+        return {"patches": patches.to(torch.float16).cpu().numpy(), "cls": cls.to(torch.float16).cpu().numpy()}
 
 
 class PixelTeacher:

@@ -43,6 +43,7 @@ class ProbeConfig:
     cache: str | None = None                    # default: OUT/features
     limit: int | None = None                    # at most N images per split (smoke runs)
     feature_batch: int = 32
+    device: str = "auto"                        # the feature passes' device (the heads train on the CPU)
     standardize: bool = True                    # z-score features with training-split statistics (train.py)
     recipe: dict = field(default_factory=dict)  # filled in: the recipe actually used
 
@@ -158,21 +159,21 @@ def run_probe(cfg: ProbeConfig, progress: bool = True, backbone=None) -> list[di
 
     from raptor.distributed import claim_on_main, setup
 
-    dist, _ = setup("cpu")  # under torchrun: the feature passes are sharded over the ranks (gloo)
+    dist, device = setup(cfg.device)  # under torchrun: the feature passes are sharded over the ranks
     with contextlib.ExitStack() as stack:
         claim_on_main(stack, dist, out, has_progress)
-        return _run(cfg, spec, data, recipe, out, progress and dist.main, backbone, dist)
+        return _run(cfg, spec, data, recipe, out, progress and dist.main, backbone, dist, device)
 
 
-def _run(cfg: ProbeConfig, spec, data, recipe: Recipe, out: Path, progress: bool, bb=None, dist=None) -> list[dict]:
+def _run(cfg: ProbeConfig, spec, data, recipe: Recipe, out: Path, progress: bool, bb=None, dist=None,
+         device=None) -> list[dict]:
     from raptor.distributed import Dist
     from raptor.probes.backbones import Backbone
-
-    dist = dist or Dist()
     from raptor.probes.features import DenseTransform, split_features, transform_for
     from raptor.progress import progress_bar
 
-    bb = bb or Backbone.load(spec)
+    dist = dist or Dist()
+    bb = (bb or Backbone.load(spec)).to(device or "cpu")
     teacher = bb.teacher
     transform = transform_for(cfg.task, data, teacher, cfg.image_size)
     ident = bb.identity()
