@@ -66,26 +66,13 @@ class Dist:
         torch.distributed.broadcast_object_list(box, src=src)
         return box[0]
 
-    def gather_cat(self, x: torch.Tensor) -> torch.Tensor:
-        """Concatenate every rank's ``x`` (equal shapes except dim 0) in rank order, on every rank."""
-        if not self.active:
-            return x
-        dev = _collective_device()
-        n = torch.tensor([x.shape[0]], dtype=torch.int64, device=dev)
-        sizes = [torch.zeros_like(n) for _ in range(self.world)]
-        torch.distributed.all_gather(sizes, n)
-        sizes = [int(s.item()) for s in sizes]
-        pad = torch.zeros((max(sizes),) + tuple(x.shape[1:]), dtype=x.dtype, device=dev)
-        pad[: x.shape[0]] = x.to(dev)
-        parts = [torch.empty_like(pad) for _ in range(self.world)]
-        torch.distributed.all_gather(parts, pad)
-        return torch.cat([p[:s] for p, s in zip(parts, sizes)]).to(x.device)
 
-    def share(self, n: int) -> slice:
-        """This rank's contiguous share of ``n`` items (the first ``n % world`` ranks get one more)."""
-        base, extra = divmod(n, self.world)
-        lo = self.rank * base + min(self.rank, extra)
-        return slice(lo, lo + base + (1 if self.rank < extra else 0))
+def rows_per_rank(batch: int, world: int) -> int:
+    """Each rank's share of a global batch; refused unless the ranks' shares are equal (the mean of their losses
+    is then the whole batch's loss)."""
+    if batch % world:
+        raise RaptorError(f"--batch-size {batch} must be a multiple of the number of processes ({world})")
+    return batch // world
 
 
 def _env_int(name: str, default: int) -> int:
@@ -159,25 +146,18 @@ def setup(device: str | None = "auto") -> tuple[Dist, torch.device]:
 def claim_on_main(stack, dist: Dist, out, has_progress=None, then=None):
     """Rank 0 claims (creates and locks) ``out`` inside ``stack`` (a ``contextlib.ExitStack``) and runs ``then()``;
     every rank learns whether that worked, so a refusal on rank 0 ends every rank at once instead of leaving them
-    waiting. Returns ``then()``'s value on rank 0 (None elsewhere)."""
+    waiting."""
     from raptor.outputs import claim_output
 
-    err, value = None, None
+    err = None
     if dist.main:
         try:
             stack.enter_context(claim_output(out, has_progress=has_progress))
-            value = then() if then is not None else None
+            if then is not None:
+                then()
         except BaseException as e:  # noqa: BLE001 - re-raised below, after the other ranks are told
             err = e
     if not dist.all_ok(err is None):
         if err is not None:
             raise err
         raise RaptorError(f"rank 0 could not prepare {out} (its error line says why)")
-    return value
-
-
-def teardown() -> None:
-    global _current
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    _current = Dist()

@@ -152,6 +152,47 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def _put_until(q: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put ``item`` unless ``stop`` is set first (a thread never stays blocked on a queue nobody reads)."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            pass
+    return False
+
+
+def prefetched(gen: Iterator, depth: int, name: str = "raptor-prefetch") -> Iterator:
+    """Run the generator ``gen`` up to ``depth`` items ahead in a daemon thread. Its exceptions surface in the
+    consumer; a consumer that stops early stops the thread."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+    end = object()
+
+    def produce():
+        try:
+            for x in gen:
+                if not _put_until(q, (x, None), stop):
+                    return
+        except BaseException as e:  # noqa: BLE001 - raised in the consumer
+            _put_until(q, (end, e), stop)
+            return
+        _put_until(q, (end, None), stop)
+
+    threading.Thread(target=produce, daemon=True, name=name).start()
+    try:
+        while True:
+            x, err = q.get()
+            if err is not None:
+                raise err
+            if x is end:
+                return
+            yield x
+    finally:
+        stop.set()
+
+
 class TrajectoryStore:
     """Read access to a store made by :func:`extract`."""
 
@@ -298,66 +339,44 @@ class TrajectoryStore:
         windows = [w for w in range(0, self.n_images, c) if allowed[w:w + c].any()]
         if not windows:
             raise RaptorError(f"store {self.path} has no readable rows for this selection")
-        q: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
-        stop = threading.Event()
-        _END = object()
+        yield from prefetched(self._window_batches(windows, allowed, p0, p1, batch_size, shuffle, seed, epochs,
+                                                   drop_last), prefetch, "raptor-store-reader")
 
-        def producer():
-            try:
-                rng = np.random.default_rng(seed)
-                epoch = 0
-                while epochs is None or epoch < epochs:
-                    order = rng.permutation(len(windows)) if shuffle else np.arange(len(windows))
-                    buf_x: list[torch.Tensor] = []
-                    buf_i: list[np.ndarray] = []
-                    n_buf = 0
-                    for k, wi in enumerate(order):
-                        w0 = windows[wi]
-                        w1 = min(w0 + c, self.n_images)
-                        keep = np.flatnonzero(allowed[w0:w1])
-                        x = decode(np.asarray(self.array[w0:w1, p0:p1]), self.dtype)[keep]
-                        buf_x.append(x)
-                        buf_i.append(keep + w0)
-                        n_buf += len(keep)
-                        last = k == len(order) - 1
-                        if n_buf >= 2 * batch_size or last or n_buf >= 2 * c:
-                            X = torch.cat(buf_x)
-                            I = np.concatenate(buf_i)
-                            if shuffle:
-                                perm = torch.from_numpy(rng.permutation(len(I)))
-                                X, I = X[perm], I[perm.numpy()]
-                            n_out = (len(I) // batch_size) * batch_size if not last else len(I)
-                            for s in range(0, n_out, batch_size):
-                                xb, ib = X[s:s + batch_size], I[s:s + batch_size]
-                                if len(ib) < batch_size and drop_last:
-                                    continue
-                                while not stop.is_set():
-                                    try:
-                                        q.put((xb, ib), timeout=0.1)
-                                        break
-                                    except queue.Full:
-                                        pass
-                                if stop.is_set():
-                                    return
-                            buf_x, buf_i = ([X[n_out:]], [I[n_out:]]) if n_out < len(I) else ([], [])
-                            n_buf = len(I) - n_out
-                    epoch += 1
-                q.put(_END)
-            except BaseException as e:  # noqa: BLE001 - forwarded to the consumer
-                q.put(e)
-
-        t = threading.Thread(target=producer, daemon=True, name="raptor-store-reader")
-        t.start()
-        try:
-            while True:
-                item = q.get()
-                if item is _END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
+    def _window_batches(self, windows, allowed, p0: int, p1: int, batch_size: int, shuffle: bool, seed: int,
+                        epochs: int | None, drop_last: bool):
+        """The batches of :meth:`batches`, read window by window (run in its reader thread)."""
+        c = self.chunk_images
+        rng = np.random.default_rng(seed)
+        epoch = 0
+        while epochs is None or epoch < epochs:
+            order = rng.permutation(len(windows)) if shuffle else np.arange(len(windows))
+            buf_x: list[torch.Tensor] = []
+            buf_i: list[np.ndarray] = []
+            n_buf = 0
+            for k, wi in enumerate(order):
+                w0 = windows[wi]
+                w1 = min(w0 + c, self.n_images)
+                keep = np.flatnonzero(allowed[w0:w1])
+                x = decode(np.asarray(self.array[w0:w1, p0:p1]), self.dtype)[keep]
+                buf_x.append(x)
+                buf_i.append(keep + w0)
+                n_buf += len(keep)
+                last = k == len(order) - 1
+                if n_buf >= 2 * batch_size or last or n_buf >= 2 * c:
+                    X = torch.cat(buf_x)
+                    I = np.concatenate(buf_i)
+                    if shuffle:
+                        perm = torch.from_numpy(rng.permutation(len(I)))
+                        X, I = X[perm], I[perm.numpy()]
+                    n_out = (len(I) // batch_size) * batch_size if not last else len(I)
+                    for s in range(0, n_out, batch_size):
+                        xb, ib = X[s:s + batch_size], I[s:s + batch_size]
+                        if len(ib) < batch_size and drop_last:
+                            continue
+                        yield xb, ib
+                    buf_x, buf_i = ([X[n_out:]], [I[n_out:]]) if n_out < len(I) else ([], [])
+                    n_buf = len(I) - n_out
+            epoch += 1
 
     def summary(self) -> dict:
         s = self.meta["settings"]
@@ -533,8 +552,8 @@ def extract(teacher, source, out: str | Path, *, dtype: str = "bfloat16", layers
         mine: set = set() if dist.active else done
         mine_skipped: list = [] if dist.active else skipped
         with _quiet_io_threads():
-            summary = _run_pipeline(teacher.to(device), source, record, g, settings, layer_list, shape, mine,
-                                    mine_skipped, todo, transform, autocast, batch_size, progress, workers)
+            seconds, n_run = _run_pipeline(teacher.to(device), source, record, g, settings, layer_list, shape, mine,
+                                           mine_skipped, todo, transform, autocast, batch_size, progress, workers)
         if dist.active:  # every rank's chunks are written (or a rank failed, and this never returns)
             if not dist.all_ok(True):
                 raise RaptorError("another rank failed (its error line says why)")
@@ -547,8 +566,8 @@ def extract(teacher, source, out: str | Path, *, dtype: str = "bfloat16", layers
         if complete and dist.main:
             g.attrs["raptor"] = {**dict(g.attrs["raptor"]), "complete": True, "skipped": skipped}
         summary = ExtractSummary(store=str(out), n_images=n, n_extracted=n - len(skipped), skipped=list(skipped),
-                                 chunks_done_before=n_before, chunks_written=summary.chunks_written,
-                                 seconds=summary.seconds, images_per_s=summary.images_per_s,
+                                 chunks_done_before=n_before, chunks_written=len(todo), seconds=seconds,
+                                 images_per_s=n_run / seconds if seconds > 0 else 0.0,
                                  bytes_stored=_dir_bytes(out), complete=complete)
         if summary.n_extracted == 0 and len(done) == n_chunks:
             raise RaptorError(f"none of the {n} images of {source.spec} could be read (first: {skipped[0]}): "
@@ -589,10 +608,10 @@ def _quiet_io_threads():
 
 def _run_pipeline(teacher, source, record: Path, g, settings: StoreSettings, layer_list, shape, done: set,
                   skipped: list, todo: list[int], transform, autocast, batch_size: int, progress: bool,
-                  workers: int = 0) -> ExtractSummary:
+                  workers: int = 0) -> tuple[float, int]:
     """loader thread (pulls decoded chunks from ``workers`` DataLoader processes, or decodes them itself) -> main
     thread (forward) -> writer thread (write + record the chunk in ``done``/``skipped`` and the ``record`` file).
-    Returns this run's counts (chunks written, seconds, images/s); the caller fills in the store-wide ones."""
+    Returns (seconds, images this run went through)."""
     from raptor.data.stream import ChunkDataset, loader
     from raptor.progress import progress_bar
 
@@ -607,12 +626,7 @@ def _run_pipeline(teacher, source, record: Path, g, settings: StoreSettings, lay
     stop = threading.Event()  # set when the run ends early (an error): no thread may stay blocked on a queue
 
     def put(q: queue.Queue, item) -> None:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                pass
+        _put_until(q, item, stop)
 
     def load():
         _lower_thread_priority()
@@ -621,8 +635,7 @@ def _run_pipeline(teacher, source, record: Path, g, settings: StoreSettings, lay
             for i, x, kept, bad, msgs in loader(chunks, workers, pin_memory=pin):
                 if stop.is_set():
                     return
-                c = todo[i]
-                put(load_q, (c, c * c_img, min((c + 1) * c_img, n), x, kept, bad, msgs))
+                put(load_q, (todo[i], *chunks.bounds[i], x, kept, bad, msgs))
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
         finally:
@@ -689,11 +702,7 @@ def _run_pipeline(teacher, source, record: Path, g, settings: StoreSettings, lay
     lt.join(timeout=5)
     if errors:
         raise errors[0]
-    seconds = time.perf_counter() - t_start
-    return ExtractSummary(store=str(record.parent), n_images=n, n_extracted=0, skipped=[], chunks_done_before=0,
-                          chunks_written=len(todo), seconds=seconds,
-                          images_per_s=n_images_run / seconds if seconds > 0 else 0.0, bytes_stored=0,
-                          complete=False)
+    return time.perf_counter() - t_start, n_images_run
 
 
 def _to_storage(x: torch.Tensor, dtype: str) -> torch.Tensor:

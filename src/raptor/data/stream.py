@@ -11,7 +11,7 @@ result is a function of the key alone: worker count and timing change nothing.
 - :class:`TrainBatchDataset`: element ``(tag, step)`` = the training images of one step: ``batch`` random items
   drawn from ``(seed, tag, step)``, each with a random-resized crop + flip from its own generator
   ``(seed, tag#j, step)``; rank ``r`` of ``world`` materialises only its share of the batch. An unreadable item
-  is replaced by the next readable one (deterministically) and named once.
+  is replaced by the next readable one (deterministically) and named once (:func:`warn_once`).
 
 Workers are forked (the image loaders of bundled sets are closures, which cannot be pickled); where fork does not
 exist the loading runs in the calling process.
@@ -110,15 +110,16 @@ def even_bounds(n: int, size: int) -> list[tuple[int, int]]:
 
 
 class TrainBatchDataset(torch.utils.data.Dataset):
-    """Element ``i`` of ``keys`` (a list of (tag, step)): ``(images of this rank's share, skipped ids)``."""
+    """Element ``i`` of ``keys`` (a list of (tag, step)): ``(images of this rank's share, load warnings)``."""
 
     def __init__(self, items: Sequence[ImageItem], keys: Sequence[tuple[str, int]], batch: int, seed: int,
                  train_tf, eval_tf, crops: bool, rank: int = 0, world: int = 1):
-        if batch % world:
-            raise RaptorError(f"--batch-size {batch} must be a multiple of the number of processes ({world})")
+        from raptor.distributed import rows_per_rank
+
+        n = rows_per_rank(batch, world)
         self.items, self.keys, self.batch, self.seed = items, list(keys), batch, seed
         self.train_tf, self.eval_tf, self.crops = train_tf, eval_tf, crops
-        self.share = slice(rank * (batch // world), (rank + 1) * (batch // world))
+        self.share = slice(rank * n, (rank + 1) * n)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -135,7 +136,7 @@ class TrainBatchDataset(torch.utils.data.Dataset):
             try:
                 return it.load()
             except Exception as e:  # noqa: BLE001 - skip, name it, never crash
-                bad.append(f"{it.id}: {type(e).__name__}: {str(e)[:120]}")
+                bad.append(f"skipping unreadable image {it.id}: {type(e).__name__}: {str(e)[:120]}")
         raise RaptorError("none of the training images can be read")
 
     def __getitem__(self, i: int):
@@ -151,9 +152,9 @@ class TrainBatchDataset(torch.utils.data.Dataset):
         return torch.stack(out), bad
 
 
-def warn_skipped(bad: Sequence[str], seen: set) -> None:
-    """One warning per unreadable image, however often it is drawn."""
-    for b in bad:
-        if b not in seen:
-            seen.add(b)
-            warnings.warn(f"skipping unreadable image {b}", ImageLoadWarning, stacklevel=3)
+def warn_once(messages: Sequence[str], seen: set) -> None:
+    """Each load warning once (an unreadable image is named once, however often it is drawn)."""
+    for m in messages:
+        if m not in seen:
+            seen.add(m)
+            warnings.warn(m, ImageLoadWarning, stacklevel=3)

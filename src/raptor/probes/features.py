@@ -220,7 +220,7 @@ def split_features(backbone, data: ProbeData, task: str, split: str, transform, 
 
     dist = current()
     if dist.active:  # torchrun: each rank computes every world-th batch, rank 0 writes them all in order
-        mine = {s: one(s) for s in list(range(0, len(samples), batch))[dist.rank::dist.world]}
+        mine = {s: one(s) for s in list(range(aset.done(), len(samples), batch))[dist.rank::dist.world]}
         parts = [None] * dist.world if dist.main else None
         torch.distributed.gather_object(mine, parts, dst=0)  # between our own ranks, never from a file
         if dist.main:

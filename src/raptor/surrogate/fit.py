@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from raptor.config import atomic_write_text, save_config, to_dict
-from raptor.distributed import claim_on_main, setup
+from raptor.distributed import claim_on_main, rows_per_rank, setup
 from raptor.errors import RaptorError
 from raptor.outputs import staged
 from raptor.surrogate.evaluate import head_agreement, probe_evaluation, validate
@@ -61,9 +61,7 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
         open_source(cfg.probe_data)
     check_existing_run(cfg, resume)  # refuse early; checked again under the lock
     dist, device = setup(cfg.device)
-    if cfg.batch_size % dist.world:
-        raise RaptorError(f"--batch-size {cfg.batch_size} must be a multiple of the number of processes "
-                          f"({dist.world})")
+    rows_per_rank(cfg.batch_size, dist.world)  # refused before the teacher loads
 
     def has_checkpoint(path: Path) -> bool:
         return (path / "checkpoints" / "latest.json").is_file() or bool(block_checkpoints(path))
@@ -121,8 +119,7 @@ def _run_fit(cfg: FitConfig, st, src, out: Path, resume: bool, progress: bool, o
             vt, vkept, _ = load_images(val_items, teacher.eval_transform(size))
             if not vt:
                 raise RaptorError("none of the held-out validation images could be read")
-            val_traj = teacher.cpu().trajectory(torch.stack(vt))
-            teacher.to(device)
+            val_traj = teacher.trajectory(torch.stack(vt).to(device)).cpu()
         n_train = len(tr_items)
         if (src.labels >= 0).all():
             ptr = tr_pos[evenly_spaced(len(tr_pos), cfg.probe_limit)]

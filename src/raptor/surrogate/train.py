@@ -192,38 +192,27 @@ class OnlineBatches:
 
     def sample(self, n: int, batch: int = 32):
         """Trajectories (all layers, eval transform) of n training images spread evenly over the set."""
-        from raptor.data.stream import ChunkDataset, even_bounds, loader
+        from raptor.data.stream import ChunkDataset, even_bounds, loader, warn_once
 
         pick = [self.items[i] for i in evenly_spaced(len(self.items), n)]
         for _, x, _, bad, msgs in loader(ChunkDataset(pick, self.eval_tf, even_bounds(len(pick), batch)),
                                          self.workers, pin_memory=self.device.type == "cuda"):
-            _warn_once(msgs, self._skipped)
+            warn_once(msgs, self._skipped)
             if x is not None:
                 yield self.teacher.trajectory(self._to_device(x), autocast=self.autocast)
 
     def stream(self, keys: list[tuple[str, int, int, int]], batch: int, share: tuple[int, int] | None = None):
         """The ``share`` = (rank, world) of each (tag, step, first layer, last layer) batch (default: this process's
         rank), in order."""
-        from raptor.data.stream import TrainBatchDataset, loader, warn_skipped
+        from raptor.data.stream import TrainBatchDataset, loader, warn_once
 
         rank, world = share or (self.dist.rank, self.dist.world)
         ds = TrainBatchDataset(self.items, [(k[0], k[1]) for k in keys], batch, self.seed, self.train_tf,
                                self.eval_tf, self.crops, rank, world)
         for (tag, step, lo, hi), (x, bad) in zip(keys, loader(ds, self.workers,
                                                               pin_memory=self.device.type == "cuda")):
-            warn_skipped(bad, self._skipped)
+            warn_once(bad, self._skipped)
             yield self.teacher.trajectory(self._to_device(x), range(lo, hi + 1), autocast=self.autocast)
-
-
-def _warn_once(messages, seen: set) -> None:
-    import warnings
-
-    from raptor.data.sources import ImageLoadWarning
-
-    for m in messages:
-        if m not in seen:
-            seen.add(m)
-            warnings.warn(m, ImageLoadWarning, stacklevel=3)
 
 
 class StoreBatches:
@@ -281,13 +270,12 @@ class StoreBatches:
         """The ``share`` = (rank, world) of the batch of (tag, step) (default: this process's rank): the rows are
         drawn from (seed, tag, step) alone."""
         from raptor.data.stream import key_rng
+        from raptor.distributed import rows_per_rank
 
         rank, world = share or (self.dist.rank, self.dist.world)
-        if batch % world:
-            raise RaptorError(f"--batch-size {batch} must be a multiple of the number of processes ({world})")
+        n = rows_per_rank(batch, world)
         rng = key_rng(self.seed, tag, step)
         pick = np.array([self.rows[rng.randrange(len(self.rows))] for _ in range(batch)])
-        n = batch // world
         pick = pick[rank * n:(rank + 1) * n]  # in draw order: the input noise follows the rows
         uniq, inv = np.unique(pick, return_inverse=True)
         return self.read(uniq, lo, hi)[torch.from_numpy(inv).to(self.device)]
@@ -295,47 +283,10 @@ class StoreBatches:
     def stream(self, keys: list[tuple[str, int, int, int]], batch: int, share: tuple[int, int] | None = None):
         """The batches of ``keys`` in order; from disk (no cache) they are read two steps ahead in a thread, so
         decompression overlaps training."""
+        from raptor.store import prefetched
+
         gen = (self.get(tag, step, batch, lo, hi, share) for tag, step, lo, hi in keys)
-        return gen if self.cache is not None else _prefetch(gen, 2)
-
-
-def _prefetch(gen, depth: int):
-    """Run ``gen`` ``depth`` items ahead in a daemon thread; its exceptions surface in the consumer."""
-    import queue
-    import threading
-
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    end = object()
-
-    def produce():
-        try:
-            for x in gen:
-                while not stop.is_set():
-                    try:
-                        q.put((x, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        pass
-                if stop.is_set():
-                    return
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            q.put((None, e))
-            return
-        q.put((end, None))
-
-    t = threading.Thread(target=produce, daemon=True, name="raptor-store-prefetch")
-    t.start()
-    try:
-        while True:
-            x, err = q.get()
-            if err is not None:
-                raise err
-            if x is end:
-                return
-            yield x
-    finally:
-        stop.set()
+        return gen if self.cache is not None else prefetched(gen, 2, "raptor-store-prefetch")
 
 
 @dataclass
@@ -517,18 +468,14 @@ def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, pro
     over ranks (= the whole batch's loss), and rank 0 alone writes checkpoints and validates. With
     ``cfg.parallel_blocks`` the stage-1 blocks train at the same time, one rank group per block
     (:func:`_parallel_stage1`), then every rank joins stage 2."""
-    from raptor.distributed import Dist
+    from raptor.distributed import Dist, rows_per_rank
 
     cfg.check()
     dist = dist or Dist()
     device = device or torch.device("cpu")
-    if cfg.batch_size % dist.world:
-        raise RaptorError(f"--batch-size {cfg.batch_size} must be a multiple of the number of processes "
-                          f"({dist.world})")
+    rows_per_rank(cfg.batch_size, dist.world)
     if cfg.loss_norm == "layer" and stats is None:
         raise RaptorError("the normalised loss needs training-set statistics")
-    out = Path(cfg.out)
-    ck_root = out / "checkpoints"
     items = plan(cfg, model)
     state = FitState()
     opt_tensors = opt_meta = None
@@ -550,7 +497,7 @@ def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, pro
     if cfg.parallel_blocks and n1 > 1 and state.item < n1:
         _parallel_stage1(cfg, model, items[:n1], data, layout, stats, dist, device, state, progress, on_step)
         opt_tensors = None
-    run = _ItemRunner(cfg, model, data, layout, stats, device, progress and dist.main, on_step)
+    run = _ItemRunner(cfg, model, layout, stats, device, progress and dist.main, on_step)
     keys = [(items[i].name, s, items[i].start, items[i].end) for i in range(state.item, len(items))
             for s in range(state.step if i == state.item else 0, items[i].steps)]
     batches = data.stream(keys, cfg.batch_size, (dist.rank, dist.world))
@@ -562,9 +509,8 @@ def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, pro
         def checkpoint(done, opt, item=items[it_idx], it_idx=it_idx):
             if dist.main:
                 nxt = (it_idx, done) if done < item.steps else (it_idx + 1, 0)
-                save_checkpoint(ck_root, f"item{it_idx}-step{done:07d}", model, opt if done < item.steps else None,
-                                {"item": nxt[0], "step": nxt[1], "history": state.history,
-                                 "fingerprint": cfg.training_fingerprint(), "surrogate": model.cfg.to_dict()})
+                _save_progress(cfg, model, opt if done < item.steps else None, f"item{it_idx}-step{done:07d}", *nxt,
+                               state.history)
 
         def val(done, item=items[it_idx]):
             if validate_fn is not None and cfg.val_every and done % cfg.val_every == 0 and dist.main:
@@ -572,8 +518,8 @@ def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, pro
                 state.history.setdefault(f"val/{item.name}", []).append([done, validate_fn(model)])
                 model.train()
 
-        run(items[it_idx], it_idx, start, batches, state.history.setdefault(items[it_idx].name, []), dist, None,
-            resume_opt, checkpoint, val)
+        run(items[it_idx], it_idx, start, batches, state.history.setdefault(items[it_idx].name, []),
+            (None, dist.rank, dist.world), resume_opt, checkpoint, val)
     state.item, state.step = len(items), 0
     return state
 
@@ -586,26 +532,27 @@ def _load_weights(module: torch.nn.Module, weights: dict, ck: Path) -> None:
 
 
 class _ItemRunner:
-    """The step loop of one work item: learning rate, loss (DDP over ``group`` when distributed), the whole batch's
-    loss logged, NaN stop, gradient clipping, AdamW; ``checkpoint(done, opt)`` and ``val(done)`` after each step."""
+    """The step loop of one work item: learning rate, loss (DDP over the ranks of ``group`` = (process group or
+    None for all ranks, this rank's index in it, its size)), the whole batch's loss logged, NaN stop, gradient
+    clipping, AdamW; ``checkpoint(done, opt)`` and ``val(done)`` after each step."""
 
-    def __init__(self, cfg, model, data, layout, stats, device, progress, on_step):
-        self.cfg, self.model, self.data, self.layout, self.stats = cfg, model, data, layout, stats
+    def __init__(self, cfg, model, layout, stats, device, progress, on_step):
+        self.cfg, self.model, self.layout, self.stats = cfg, model, layout, stats
         self.device, self.progress, self.on_step = device, progress, on_step
 
-    def __call__(self, item: WorkItem, it_idx: int, start: int, batches, hist: list, dist, group, resume_opt,
+    def __call__(self, item: WorkItem, it_idx: int, start: int, batches, hist: list, group, resume_opt,
                  checkpoint, val) -> None:
         from raptor.progress import progress_bar
 
         cfg, model, device = self.cfg, self.model, self.device
-        rank, world = (dist.rank, dist.world) if group is None else (group[1], group[2])
+        pg, rank, world = group
         objective = _ItemObjective(model, item)
         params = list(objective.parameters())
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda"
-                                                else None, process_group=None if group is None else group[0])
+                                                else None, process_group=pg)
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         if resume_opt is not None and resume_opt[0]:
             load_optimizer(opt, *resume_opt)
@@ -626,7 +573,7 @@ class _ItemRunner:
                 value = loss.detach().float()
                 if world > 1:  # the whole batch's loss: the mean of the ranks' equal shares
                     value = value.clone()
-                    torch.distributed.all_reduce(value, group=None if group is None else group[0])
+                    torch.distributed.all_reduce(value, group=pg)
                     value /= world
                 value = value.item()
                 if not math.isfinite(value):
@@ -662,15 +609,14 @@ def _parallel_stage1(cfg: FitConfig, model: RaptorModel, items: list[WorkItem], 
     group = (handles[g], members[g].index(dist.rank), len(members[g]))
     leader = group[1] == 0
     found = block_checkpoints(Path(cfg.out))
-    run = _ItemRunner(cfg, model, data, layout, stats, device, progress and leader, on_step)
+    run = _ItemRunner(cfg, model, layout, stats, device, progress and leader, on_step)
     for it_idx in range(g, len(items), n_groups):
         item = items[it_idx]
         hist: list = []
         start, resume_opt = 0, None
         if item.block in found:
             weights, opt_tensors, st = read_checkpoint(found[item.block])
-            _load_weights(model.blocks[item.block], weights, found[item.block])
-            model.to(device)
+            _load_weights(model.blocks[item.block], weights, found[item.block])  # copied into the device's weights
             start, hist, resume_opt = st["step"], st["history"][item.name], (opt_tensors, st["optimizer"])
         root = Path(cfg.out) / "checkpoints" / f"block{item.block}"
 
@@ -683,7 +629,7 @@ def _parallel_stage1(cfg: FitConfig, model: RaptorModel, items: list[WorkItem], 
 
         if start < item.steps:
             keys = [(item.name, s, item.start, item.end) for s in range(start, item.steps)]
-            run(item, it_idx, start, data.stream(keys, cfg.batch_size, group[1:]), hist, dist, group, resume_opt,
+            run(item, it_idx, start, data.stream(keys, cfg.batch_size, group[1:]), hist, group, resume_opt,
                 checkpoint, lambda done: None)
         state.history[item.name] = hist
     dist.barrier()
@@ -695,7 +641,12 @@ def _parallel_stage1(cfg: FitConfig, model: RaptorModel, items: list[WorkItem], 
         state.history[item.name] = dist.broadcast(state.history.get(item.name), src)
     state.item, state.step = len(items), 0
     if dist.main:
-        save_checkpoint(Path(cfg.out) / "checkpoints", f"item{len(items)}-step0000000", model, None,
-                        {"item": state.item, "step": 0, "history": state.history,
-                         "fingerprint": cfg.training_fingerprint(), "surrogate": model.cfg.to_dict()})
+        _save_progress(cfg, model, None, f"item{len(items)}-step0000000", state.item, 0, state.history)
     dist.barrier()
+
+
+def _save_progress(cfg: FitConfig, model: RaptorModel, opt, name: str, item: int, step: int, history: dict) -> None:
+    """The run's checkpoint ``name``: training resumes at work item ``item``, step ``step``."""
+    save_checkpoint(Path(cfg.out) / "checkpoints", name, model, opt,
+                    {"item": item, "step": step, "history": history, "fingerprint": cfg.training_fingerprint(),
+                     "surrogate": model.cfg.to_dict()})
