@@ -179,3 +179,29 @@ def test_a_refused_fit_touches_no_output(tmp_path):
         with pytest.raises(RaptorError, match=msg):
             run_fit(FitConfig(**{**base, **change, "out": str(tmp_path / "fresh")}), progress=False)
     assert not (tmp_path / "fresh").exists()
+
+
+def test_stage2_from_a_stage1_run_equals_one_run_of_both_stages(tmp_path):
+    """`--stage 1` then `--stage 2 --init-from` that run trains exactly what `--stage both` trains (the official code
+    runs its stages separately); mismatched phases and two starting points are refused before anything is written."""
+    from raptor.surrogate.checkpoint import load_tensors
+
+    base = dict(teacher="tiny:dinov2", data="bundled:digits", limit=60, k=2, steps1=3, steps2=3, batch_size=4,
+                lr=1e-3, val_images=12, stats_images=16, probe_data=None)
+    both = run_fit(FitConfig(**base, out=str(tmp_path / "both")), progress=False)
+    run_fit(FitConfig(**base, stage="1", out=str(tmp_path / "s1")), progress=False)
+    two = run_fit(FitConfig(**base, stage="2", init_from=str(tmp_path / "s1"), out=str(tmp_path / "s2")),
+                  progress=False)
+    assert np.allclose(two["loss_history"]["stage2"], both["loss_history"]["stage2"], rtol=1e-5, atol=0)
+    w_both, w_two = (load_tensors(tmp_path / r / "model.safetensors") for r in ("both", "s2"))
+    assert w_both.keys() == w_two.keys()
+    for name in w_both:
+        assert torch.allclose(w_both[name], w_two[name], rtol=1e-4, atol=1e-6), name
+    for change, msg in ((dict(k=3), "phases"), (dict(init_from_teacher=True), "give one"),
+                        (dict(init_from=str(tmp_path / "nowhere")), "not found"),
+                        (dict(init_from=str(tmp_path)), "not a finished raptor fit run")):
+        cfg = FitConfig(**{**base, "stage": "2", "init_from": str(tmp_path / "s1"), **change,
+                           "out": str(tmp_path / "refused")})
+        with pytest.raises(RaptorError, match=msg):
+            run_fit(cfg, progress=False)
+    assert not (tmp_path / "refused").exists()

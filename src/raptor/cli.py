@@ -219,6 +219,8 @@ def fit(
     sigma: float = typer.Option(0.0, help="Gaussian input noise"),
     mlp: str = typer.Option("swiglu", help="swiglu | gelu"),
     init_from_teacher: bool = typer.Option(False, help="Start each block from its phase's middle teacher block (gelu)"),
+    init_from: Optional[Path] = typer.Option(None, help="Start from the weights of a finished fit run with the same "
+                                             "phases and blocks (e.g. --stage 2 from a --stage 1 run)"),
     autocast: Optional[str] = typer.Option(None, help="bfloat16 autocast for training"),
     image_size: Optional[int] = typer.Option(None, help="Crop size for online data (default: the teacher's)"),
     limit: Optional[int] = typer.Option(None, help="Only the first N images/rows"),
@@ -253,7 +255,8 @@ def fit(
                     loss_norm=loss_norm, stage1_last_weights=parse_weights(stage1_weights, "--stage1-weights"),
                     stage2_weights=parse_weights(stage2_weights, "--stage2-weights"), val_images=val_images,
                     stats_images=stats_images, probe_limit=probe_limit,
-                    mlp=mlp, init_from_teacher=init_from_teacher, autocast=autocast, image_size=image_size,
+                    mlp=mlp, init_from_teacher=init_from_teacher,
+                    init_from=str(init_from) if init_from else None, autocast=autocast, image_size=image_size,
                     limit=limit, probe_data=None if probe_data in (None, "none") else probe_data, seed=seed,
                     ckpt_every=ckpt_every, val_every=val_every, workers=workers, device=device, compile=compile,
                     parallel_blocks=parallel_blocks, store_cache_gb=store_cache_gb)

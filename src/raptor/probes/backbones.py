@@ -93,21 +93,13 @@ def parse_backbone(text: str, layer: int | None = None, splice: str | None = Non
 
 def load_surrogate(run: str | Path, teacher):
     """The trained RaptorModel of a ``raptor fit`` run (eval mode), checked against ``teacher``'s depth and width."""
-    from raptor.surrogate.checkpoint import load_tensors
-    from raptor.surrogate.model import RaptorModel, SurrogateConfig
+    from raptor.surrogate.model import load_run_model, read_run_config
 
-    meta = json.loads((Path(run) / "surrogate.json").read_text())
-    cfg = SurrogateConfig.from_dict(meta["surrogate"])
+    cfg = read_run_config(run)
     if cfg.depth != teacher.depth or cfg.block.dim != teacher.dim:
         raise RaptorError(f"run {run} is a depth-{cfg.depth}, width-{cfg.block.dim} surrogate; the teacher "
                           f"{teacher.spec} has depth {teacher.depth}, width {teacher.dim}")
-    model = RaptorModel(cfg)
-    try:
-        model.load_state_dict(load_tensors(Path(run) / "model.safetensors"))
-    except RuntimeError as e:
-        raise RaptorError(f"{run}/model.safetensors does not fit its surrogate.json: "
-                          f"{str(e).splitlines()[0]}") from None
-    return model.eval()
+    return load_run_model(run)
 
 
 class Backbone:

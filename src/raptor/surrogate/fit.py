@@ -59,6 +59,10 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
         phases_from_analysis(cfg.phases_file, cfg.k)
     if cfg.probe_data:
         open_source(cfg.probe_data)
+    if cfg.init_from is not None:
+        from raptor.surrogate.model import read_run_config
+
+        read_run_config(cfg.init_from)
     check_existing_run(cfg, resume)  # refuse early; checked again under the lock
     dist, device = setup(cfg.device)
     rows_per_rank(cfg.batch_size, dist.world)  # refused before the teacher loads

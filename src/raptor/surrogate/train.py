@@ -63,6 +63,7 @@ class FitConfig:
     mlp_ratio: float = 4.0
     t_scale: bool = True
     init_from_teacher: bool = False
+    init_from: str | None = None  # a finished fit run (same phases and blocks) whose weights start this one
     autocast: str | None = None
     image_size: int | None = None
     val_images: int = 128  # whole images held out for validation (fewer, with a warning, for small data sets)
@@ -93,6 +94,8 @@ class FitConfig:
             raise RaptorError(f"bad --stage {self.stage!r} (use 1, 2 or both)")
         if self.mlp not in ("swiglu", "gelu"):
             raise RaptorError(f"--mlp must be swiglu or gelu, got {self.mlp!r}")
+        if self.init_from is not None and self.init_from_teacher:
+            raise RaptorError("--init-from and --init-from-teacher both choose the starting weights: give one")
         if self.data is None and self.store is None:
             raise RaptorError("give --data (online teacher) or --store")
         if self.phases is None and self.phases_file is None and self.k is None:
@@ -397,6 +400,10 @@ def build_model(cfg: FitConfig, teacher_desc: dict, teacher=None) -> RaptorModel
         if teacher is None:
             raise RaptorError("--init-from-teacher needs the teacher")
         init_from_teacher(model, teacher)
+    if cfg.init_from is not None:
+        from raptor.surrogate.model import init_from_run
+
+        init_from_run(model, cfg.init_from)
     return model
 
 
