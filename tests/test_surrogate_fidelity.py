@@ -197,6 +197,12 @@ def test_stage2_from_a_stage1_run_equals_one_run_of_both_stages(tmp_path):
     assert w_both.keys() == w_two.keys()
     for name in w_both:
         assert torch.allclose(w_both[name], w_two[name], rtol=1e-4, atol=1e-6), name
+    from raptor.surrogate.report import load_run, report
+
+    text = report([load_run(tmp_path / "both"), load_run(tmp_path / "s2")])  # the same training twice
+    assert "| `s2` (stage 1: `s1`) | tiny:dinov2 | 2 |" in text and "| 3 / 3 × 4 |" in text
+    r2 = both["validation"]["autoregressive"]["r2_mean"]
+    assert f"| 0, 0 | `both`, `s2` | **{r2:.3f} ± 0.000** |" in text
     for change, msg in ((dict(k=3), "phases"), (dict(init_from_teacher=True), "give one"),
                         (dict(init_from=str(tmp_path / "nowhere")), "not found"),
                         (dict(init_from=str(tmp_path)), "not a finished raptor fit run")):

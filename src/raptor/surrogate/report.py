@@ -19,7 +19,78 @@ def load_run(path: str | Path) -> dict:
     if "validation" not in m or "baselines" not in m["validation"]:
         raise RaptorError(f"{f} is not a metrics.json from this version of raptor fit (no baselines)")
     m["_name"] = p.name if p.is_dir() else p.parent.name
+    m["_stage1"] = None
+    c = m.get("config", {})
+    if c.get("stage") == "2" and c.get("init_from"):  # continued from a stage-1 run: report both halves together
+        src = Path(c["init_from"])
+        if not src.is_absolute() and not src.exists():
+            src = (p if p.is_dir() else p.parent).parent / src.name
+        try:
+            s1 = json.loads((src / "metrics.json").read_text())
+        except (OSError, ValueError):
+            s1 = None
+        if s1 and s1.get("config", {}).get("stage") in ("1", "both"):
+            m["_stage1"] = {"name": src.name, "steps1": s1["config"]["steps1"],
+                            "train_seconds": s1["train_seconds"], "stage1_last_weights":
+                            s1["config"].get("stage1_last_weights"), "lr": s1["config"]["lr"]}
     return m
+
+
+def _steps1(m) -> int:
+    return m["_stage1"]["steps1"] if m.get("_stage1") else m["config"]["steps1"]
+
+
+def _train_s(m) -> float:
+    return m["train_seconds"] + (m["_stage1"]["train_seconds"] if m.get("_stage1") else 0.0)
+
+
+def _label(m) -> str:
+    return f"`{m['_name']}`" + (f" (stage 1: `{m['_stage1']['name']}`)" if m.get("_stage1") else "")
+
+
+def recipe_key(m) -> tuple:
+    """What a run trained, but not its seed: runs with equal keys are seeds of one configuration."""
+    c = m["config"]
+    s1 = m.get("_stage1") or {}
+    return (m["teacher"]["spec"], json.dumps(m["surrogate"]["phases"]), c.get("loss_norm"), _steps1(m),
+            c["steps2"], c["batch_size"], s1.get("lr", c["lr"]), c.get("lr2"),
+            json.dumps(s1.get("stage1_last_weights", c.get("stage1_last_weights"))),
+            json.dumps(c.get("stage2_weights")), c.get("mlp"), c.get("sigma"), c.get("val_images"))
+
+
+def _mean_std(xs: list[float], nd: int = 3) -> str:
+    import statistics
+
+    if len(xs) == 1:
+        return _f(xs[0], nd)
+    return f"{_f(statistics.fmean(xs), nd)} ± {_f(statistics.stdev(xs), nd)}"
+
+
+def seed_summary(runs: list[dict]) -> list[str]:
+    """One row per configuration trained with several seeds: mean ± sample std over its seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for m in runs:
+        groups.setdefault(recipe_key(m), []).append(m)
+    multi = [g for g in groups.values() if len(g) > 1]
+    if not multi:
+        return []
+    out = ["", "Over seeds (runs that differ only in their seed; mean ± sample standard deviation):", "",
+           "| configuration | seeds | runs | mean AR R² | image-level R² | fresh probe, % of teacher | "
+           "teacher-probe agreement | train s |", "|" + "---|" * 8]
+    for g in multi:
+        m0 = g[0]
+        fulls = [_full(m["validation"]["probes"]) if m["validation"].get("probes") else {} for m in g]
+        pct = [f["pct_of_teacher"] for f in fulls if "pct_of_teacher" in f]
+        agr = [f["teacher_probe_agreement"] for f in fulls if "teacher_probe_agreement" in f]
+        out.append(f"| {m0['teacher']['spec']}, k = {len(m0['surrogate']['phases'])}, {_phases(m0)} | "
+                   f"{', '.join(str(m['config']['seed']) for m in g)} | "
+                   f"{', '.join('`' + m['_name'] + '`' for m in g)} | "
+                   f"**{_mean_std([m['validation']['autoregressive']['r2_mean'] for m in g])}** | "
+                   f"{_mean_std([m['validation']['image_level']['autoregressive']['r2'] for m in g])} | "
+                   f"{_mean_std(pct, 1) if len(pct) == len(g) else '–'} | "
+                   f"{_mean_std(agr) if len(agr) == len(g) else '–'} | "
+                   f"{_mean_std([_train_s(m) for m in g], 0)} |")
+    return out
 
 
 def _f(x, nd=3) -> str:
@@ -47,11 +118,12 @@ def report(runs: list[dict]) -> str:
         ar, pb, il = v["autoregressive"], v["per_block_from_teacher"], v["image_level"]["autoregressive"]
         pr = v.get("probes")
         full = _full(pr) if pr else {}
-        out.append(f"| `{m['_name']}` | {m['teacher']['spec']} | {len(m['surrogate']['phases'])} | {_phases(m)} | "
-                   f"{c.get('loss_norm', 'none')} | {c['steps1']} / {c['steps2']} × {c['batch_size']} | "
-                   f"{m['train_seconds']:.0f} | **{_f(ar['r2_mean'])}** | {_f(pb['r2_mean'])} | "
+        out.append(f"| {_label(m)} | {m['teacher']['spec']} | {len(m['surrogate']['phases'])} | {_phases(m)} | "
+                   f"{c.get('loss_norm', 'none')} | {_steps1(m)} / {c['steps2']} × {c['batch_size']} | "
+                   f"{_train_s(m):.0f} | **{_f(ar['r2_mean'])}** | {_f(pb['r2_mean'])} | "
                    f"{_f(il['r2'])} ({_f(il['variance_kept'], 2)}) | {_f(full.get('fresh_probe_accuracy'))} | "
                    f"{_f(full.get('pct_of_teacher'), 1)} | {_f(full.get('teacher_probe_agreement'))} |")
+    out += seed_summary(runs)
     out.append("")
     out.append("Baselines on the same held-out images (mean R² over layers 1..L; image-level R² of the pooled "
                "features):")
