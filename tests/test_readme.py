@@ -14,6 +14,7 @@ from raptor.cli import app
 ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text()
 SCALE = (ROOT / "docs" / "scale.md").read_text()
+SURROGATE = (ROOT / "docs" / "surrogate.md").read_text()  # the fidelity protocol's commands
 
 
 def blocks(lang: str, text: str = README) -> list[str]:
@@ -51,7 +52,9 @@ def test_readme_command_lines_parse():
     commands = command_lines(README)
     scale = command_lines(SCALE)
     assert len(commands) >= 5 and len(scale) >= 8 and any(a[0] == "fit" and "--parallel-blocks" in a for a in scale)
-    for argv in commands + scale:
+    protocol = command_lines(SURROGATE)
+    assert sum(a[0] == "fit" for a in protocol) >= 6 and any(a[0] == "fit-report" for a in protocol)
+    for argv in commands + scale + protocol:
         with group.make_context("raptor", list(argv), resilient_parsing=False) as ctx:
             name, sub, rest = group.resolve_command(ctx, list(argv))
             sub.make_context(name, rest, parent=ctx)  # raises on an unknown option or a bad value

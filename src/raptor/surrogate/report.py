@@ -87,7 +87,7 @@ def seed_summary(runs: list[dict]) -> list[str]:
                    f"{', '.join('`' + m['_name'] + '`' for m in g)} | "
                    f"**{_mean_std([m['validation']['autoregressive']['r2_mean'] for m in g])}** | "
                    f"{_mean_std([m['validation']['image_level']['autoregressive']['r2'] for m in g])} | "
-                   f"{_mean_std(pct, 1) if len(pct) == len(g) else '–'} | "
+                   f"{_mean_std(pct, 2) if len(pct) == len(g) else '–'} | "
                    f"{_mean_std(agr) if len(agr) == len(g) else '–'} | "
                    f"{_mean_std([_train_s(m) for m in g], 0)} |")
     return out
@@ -122,7 +122,7 @@ def report(runs: list[dict]) -> str:
                    f"{c.get('loss_norm', 'none')} | {_steps1(m)} / {c['steps2']} × {c['batch_size']} | "
                    f"{_train_s(m):.0f} | **{_f(ar['r2_mean'])}** | {_f(pb['r2_mean'])} | "
                    f"{_f(il['r2'])} ({_f(il['variance_kept'], 2)}) | {_f(full.get('fresh_probe_accuracy'))} | "
-                   f"{_f(full.get('pct_of_teacher'), 1)} | {_f(full.get('teacher_probe_agreement'))} |")
+                   f"{_f(full.get('pct_of_teacher'), 2)} | {_f(full.get('teacher_probe_agreement'))} |")
     out += seed_summary(runs)
     out.append("")
     out.append("Baselines on the same held-out images (mean R² over layers 1..L; image-level R² of the pooled "
@@ -163,7 +163,7 @@ def report(runs: list[dict]) -> str:
         pr = m["validation"].get("probes")
         if not pr:
             continue
-        cells = [f"{k}: {_f(b['fresh_probe_accuracy'])} ({_f(b['pct_of_teacher'], 1)} %) / "
+        cells = [f"{k}: {_f(b['fresh_probe_accuracy'])} ({_f(b['pct_of_teacher'], 2)} %) / "
                  f"{_f(b['teacher_probe_agreement'])}" for k, b in pr["backbones"].items()]
         out.append(f"- `{m['_name']}` ({pr['data']}, {pr['n_train']} train / {pr['n_test']} held-out images): "
                    + "; ".join(cells))
