@@ -197,6 +197,9 @@ def test_stage2_from_a_stage1_run_equals_one_run_of_both_stages(tmp_path):
     assert w_both.keys() == w_two.keys()
     for name in w_both:
         assert torch.allclose(w_both[name], w_two[name], rtol=1e-4, atol=1e-6), name
+    again = run_fit(FitConfig(**base, stage="2", init_from=str(tmp_path / "s1"), out=str(tmp_path / "s2"),
+                              val_every=1), resume=True, progress=False)  # re-evaluation keeps the training time
+    assert again["train_seconds"] == two["train_seconds"] > 0
     from raptor.surrogate.report import load_run, report
 
     text = report([load_run(tmp_path / "both"), load_run(tmp_path / "s2")])  # the same training twice
