@@ -307,8 +307,16 @@ class _DiesInWorker(torch.utils.data.Dataset):
 def test_a_killed_worker_is_one_clear_error():
     from raptor.errors import RaptorError
 
-    with pytest.raises(RaptorError, match="image-loading worker process died.*lower --workers"):
+    with pytest.raises(RaptorError, match="image-loading worker process died.*lower --workers") as caught:
         list(loader(_DiesInWorker(), 1))
+    assert caught.tb is not None  # the traceback (and the loader's frame) stay alive, as in pytest's own reporting
+    # the dead worker is unregistered at once: torch's SIGCHLD handler must not raise later, in unrelated code,
+    # when some other child process exits
+    import subprocess
+
+    torch._C._error_if_any_worker_fails()
+    subprocess.run(["true"], check=True)
+    torch._C._error_if_any_worker_fails()
 
 
 def test_store_batches_from_disk_equal_the_cached_ones(tmp_path):

@@ -75,7 +75,9 @@ def _worker_init(_: int) -> None:
 
 
 def _named_worker_failures(it, workers: int):
-    """A worker killed from outside (out of memory, a signal) becomes one clear error, not a traceback."""
+    """A worker killed from outside (out of memory, a signal) becomes one clear error, not a traceback. However the
+    loop ends, the workers are shut down and unregistered at once: torch's SIGCHLD handler would otherwise go on
+    checking a dead worker's pid and raise in whatever code runs when the next child process exits."""
     try:
         yield from it
     except RuntimeError as e:
@@ -84,6 +86,13 @@ def _named_worker_failures(it, workers: int):
         raise RaptorError(f"an image-loading worker process died ({str(e).splitlines()[0][:160]}); with "
                           f"--workers {workers} each worker holds 2 batches: lower --workers (0 loads in the main "
                           f"process) and re-run the same command to resume") from None
+    finally:
+        stop = getattr(it, "_shutdown_workers", None)
+        if stop is not None:
+            try:
+                stop()
+            except RuntimeError:  # pragma: no cover - the dead worker's signal landed here; it is handled above
+                pass
 
 
 class ChunkDataset(torch.utils.data.Dataset):
