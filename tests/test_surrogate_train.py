@@ -1,6 +1,7 @@
 """Surrogate model, losses, metrics, training: exact resume, NaN stop, splicing, R^2 definitions, CLI."""
 
 import json
+import time
 import os
 import subprocess
 import sys
@@ -103,7 +104,15 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path):
         run_fit(_cfg(tmp_path / "part"), progress=False)
     with pytest.raises(RaptorError, match="other settings"):
         run_fit(_cfg(tmp_path / "part", lr=5e-4), resume=True, progress=False)
+    ck = json.loads((tmp_path / "part" / "checkpoints" / "latest.json").read_text())["checkpoint"]
+    state_file = tmp_path / "part" / "checkpoints" / ck / "state.json"
+    st = json.loads(state_file.read_text())
+    assert st["train_seconds"] > 0
+    st["train_seconds"] = 1000.0  # as if the interrupted process had trained for 1,000 s
+    state_file.write_text(json.dumps(st))
+    t = time.perf_counter()
     run_fit(_cfg(tmp_path / "part"), resume=True, progress=False)
+    wall = time.perf_counter() - t
     a = load_file(str(tmp_path / "full" / "model.safetensors"))
     b = load_file(str(tmp_path / "part" / "model.safetensors"))
     assert a.keys() == b.keys()
@@ -111,6 +120,8 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path):
     ma = json.loads((tmp_path / "full" / "metrics.json").read_text())
     mb = json.loads((tmp_path / "part" / "metrics.json").read_text())
     assert ma["loss_history"] == mb["loss_history"]
+    # the recorded training time is the interrupted process's (from its checkpoint) plus the resumed one's
+    assert 1000.0 < mb["train_seconds"] < 1000.0 + wall
 
 
 def test_nan_loss_stops_with_clear_message_and_keeps_last_checkpoint(tmp_path):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -137,7 +136,6 @@ def _run_fit(cfg: FitConfig, st, src, out: Path, resume: bool, progress: bool, o
         save_config(cfg, out / "config.yaml")
     stats = compute_stats(data, layout, cfg.stats_images, progress=progress)
     prior_s = _finished_train_seconds(out) if resume else None  # a re-evaluation keeps the training's own time
-    t0 = time.perf_counter()
 
     def quick_val(m) -> float:  # mean held-out R^2 of the full autoregressive rollout, on the CPU
         m.cpu(), teacher.cpu()
@@ -148,7 +146,7 @@ def _run_fit(cfg: FitConfig, st, src, out: Path, resume: bool, progress: bool, o
 
     state = train(cfg, model, data, layout, resume=resume, progress=progress, on_step=on_step,
                   validate_fn=quick_val, stats=stats, dist=dist, device=device)
-    train_s = time.perf_counter() - t0 if prior_s is None else prior_s
+    train_s = state.train_seconds if prior_s is None else prior_s  # summed over a resumed run's processes
     model.cpu(), teacher.cpu()  # evaluation (128 images by default) runs on the CPU
     if not dist.main:
         return {}

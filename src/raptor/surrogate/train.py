@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -308,6 +309,9 @@ class FitState:
     item: int = 0
     step: int = 0
     history: dict = field(default_factory=dict)  # item name -> list of [step, loss, lr]
+    # training seconds of the run so far: the earlier processes' (up to the checkpoint resumed from) plus this one's,
+    # so an interrupted and resumed run records about what an uninterrupted one would
+    train_seconds: float = 0.0
 
 
 def plan(cfg: FitConfig, model: RaptorModel) -> list[WorkItem]:
@@ -485,6 +489,10 @@ def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, pro
         raise RaptorError("the normalised loss needs training-set statistics")
     items = plan(cfg, model)
     state = FitState()
+    t_start, before = time.perf_counter(), 0.0
+
+    def seconds() -> float:
+        return before + time.perf_counter() - t_start
     opt_tensors = opt_meta = None
     err = ck = None
     try:
@@ -498,11 +506,13 @@ def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, pro
         weights, opt_tensors, st = read_checkpoint(ck)
         _load_weights(model, weights, ck)
         state = FitState(st["item"], st["step"], st["history"])
+        before = float(st.get("train_seconds", 0.0))  # checkpoints written before this was recorded: 0
         opt_meta = st["optimizer"]
     model.to(device)
     n1 = sum(1 for it in items if it.stage == 1)
     if cfg.parallel_blocks and n1 > 1 and state.item < n1:
-        _parallel_stage1(cfg, model, items[:n1], data, layout, stats, dist, device, state, progress, on_step)
+        _parallel_stage1(cfg, model, items[:n1], data, layout, stats, dist, device, state, progress, on_step,
+                         seconds)
         opt_tensors = None
     run = _ItemRunner(cfg, model, layout, stats, device, progress and dist.main, on_step)
     keys = [(items[i].name, s, items[i].start, items[i].end) for i in range(state.item, len(items))
@@ -517,7 +527,7 @@ def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, pro
             if dist.main:
                 nxt = (it_idx, done) if done < item.steps else (it_idx + 1, 0)
                 _save_progress(cfg, model, opt if done < item.steps else None, f"item{it_idx}-step{done:07d}", *nxt,
-                               state.history)
+                               state.history, seconds())
 
         def val(done, item=items[it_idx]):
             if validate_fn is not None and cfg.val_every and done % cfg.val_every == 0 and dist.main:
@@ -528,6 +538,7 @@ def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, pro
         run(items[it_idx], it_idx, start, batches, state.history.setdefault(items[it_idx].name, []),
             (None, dist.rank, dist.world), resume_opt, checkpoint, val)
     state.item, state.step = len(items), 0
+    state.train_seconds = seconds()
     return state
 
 
@@ -601,7 +612,7 @@ class _ItemRunner:
 
 
 def _parallel_stage1(cfg: FitConfig, model: RaptorModel, items: list[WorkItem], data, layout, stats, dist, device,
-                     state: FitState, progress: bool, on_step) -> None:
+                     state: FitState, progress: bool, on_step, seconds) -> None:
     """Stage 1 with the blocks trained at the same time: ``G = min(k, world)`` rank groups (rank r in group
     r % G), group g trains blocks g, g+G, ... (DDP within the group). Each block's batches are drawn from
     (seed, its work item, step) as in a sequential run, so the result is the same up to float rounding. Each
@@ -648,12 +659,14 @@ def _parallel_stage1(cfg: FitConfig, model: RaptorModel, items: list[WorkItem], 
         state.history[item.name] = dist.broadcast(state.history.get(item.name), src)
     state.item, state.step = len(items), 0
     if dist.main:
-        _save_progress(cfg, model, None, f"item{len(items)}-step0000000", state.item, 0, state.history)
+        _save_progress(cfg, model, None, f"item{len(items)}-step0000000", state.item, 0, state.history, seconds())
     dist.barrier()
 
 
-def _save_progress(cfg: FitConfig, model: RaptorModel, opt, name: str, item: int, step: int, history: dict) -> None:
+def _save_progress(cfg: FitConfig, model: RaptorModel, opt, name: str, item: int, step: int, history: dict,
+                   train_seconds: float) -> None:
     """The run's checkpoint ``name``: training resumes at work item ``item``, step ``step``."""
     save_checkpoint(Path(cfg.out) / "checkpoints", name, model, opt,
                     {"item": item, "step": step, "history": history, "fingerprint": cfg.training_fingerprint(),
+                     "train_seconds": round(train_seconds, 3),
                      "surrogate": model.cfg.to_dict()})
