@@ -1,10 +1,10 @@
 """Surrogate model, losses, metrics, training: exact resume, NaN stop, splicing, R^2 definitions, CLI."""
 
 import json
-import time
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch

@@ -135,7 +135,6 @@ def _run_fit(cfg: FitConfig, st, src, out: Path, resume: bool, progress: bool, o
     if dist.main:
         save_config(cfg, out / "config.yaml")
     stats = compute_stats(data, layout, cfg.stats_images, progress=progress)
-    prior_s = _finished_train_seconds(out) if resume else None  # a re-evaluation keeps the training's own time
 
     def quick_val(m) -> float:  # mean held-out R^2 of the full autoregressive rollout, on the CPU
         m.cpu(), teacher.cpu()
@@ -146,22 +145,13 @@ def _run_fit(cfg: FitConfig, st, src, out: Path, resume: bool, progress: bool, o
 
     state = train(cfg, model, data, layout, resume=resume, progress=progress, on_step=on_step,
                   validate_fn=quick_val, stats=stats, dist=dist, device=device)
-    train_s = state.train_seconds if prior_s is None else prior_s  # summed over a resumed run's processes
+    train_s = state.train_seconds  # summed over a resumed run's processes; a re-evaluation adds none
     model.cpu(), teacher.cpu()  # evaluation (128 images by default) runs on the CPU
     if not dist.main:
         return {}
     with staged(out, "metrics.json") as stage:
         return _finish(cfg, model, teacher, layout, size, probe_inputs, val_traj, state, stats, n_train, train_s,
                        stage, progress)
-
-
-def _finished_train_seconds(out: Path) -> float | None:
-    """The training time recorded by a finished run in ``out`` (``metrics.json`` is written last, so a run that has
-    one has trained to the end and a resume only re-evaluates it), else None."""
-    try:
-        return float(json.loads((out / "metrics.json").read_text())["train_seconds"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def _finish(cfg: FitConfig, model, teacher, layout, size: int, probe_inputs, val_traj, state, stats, n_train: int,

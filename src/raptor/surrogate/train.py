@@ -488,11 +488,12 @@ def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, pro
     if cfg.loss_norm == "layer" and stats is None:
         raise RaptorError("the normalised loss needs training-set statistics")
     items = plan(cfg, model)
-    state = FitState()
-    t_start, before = time.perf_counter(), 0.0
+    state, before = FitState(), 0.0
+    t_start = time.perf_counter()
 
-    def seconds() -> float:
-        return before + time.perf_counter() - t_start
+    def clock() -> float:  # the run's training seconds now, kept in the state and written into each checkpoint
+        state.train_seconds = round(before + time.perf_counter() - t_start, 3)
+        return state.train_seconds
     opt_tensors = opt_meta = None
     err = ck = None
     try:
@@ -505,14 +506,15 @@ def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, pro
     if ck is not None:
         weights, opt_tensors, st = read_checkpoint(ck)
         _load_weights(model, weights, ck)
-        state = FitState(st["item"], st["step"], st["history"])
         before = float(st.get("train_seconds", 0.0))  # checkpoints written before this was recorded: 0
+        # a resume of a finished run (a re-evaluation) trains nothing and keeps exactly the recorded time
+        state = FitState(st["item"], st["step"], st["history"], before)
         opt_meta = st["optimizer"]
     model.to(device)
     n1 = sum(1 for it in items if it.stage == 1)
     if cfg.parallel_blocks and n1 > 1 and state.item < n1:
         _parallel_stage1(cfg, model, items[:n1], data, layout, stats, dist, device, state, progress, on_step,
-                         seconds)
+                         clock)
         opt_tensors = None
     run = _ItemRunner(cfg, model, layout, stats, device, progress and dist.main, on_step)
     keys = [(items[i].name, s, items[i].start, items[i].end) for i in range(state.item, len(items))
@@ -524,10 +526,11 @@ def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, pro
         opt_tensors = None
 
         def checkpoint(done, opt, item=items[it_idx], it_idx=it_idx):
+            seconds = clock()  # the last step's checkpoint sets the run's final time
             if dist.main:
                 nxt = (it_idx, done) if done < item.steps else (it_idx + 1, 0)
                 _save_progress(cfg, model, opt if done < item.steps else None, f"item{it_idx}-step{done:07d}", *nxt,
-                               state.history, seconds())
+                               state.history, seconds)
 
         def val(done, item=items[it_idx]):
             if validate_fn is not None and cfg.val_every and done % cfg.val_every == 0 and dist.main:
@@ -538,7 +541,6 @@ def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, pro
         run(items[it_idx], it_idx, start, batches, state.history.setdefault(items[it_idx].name, []),
             (None, dist.rank, dist.world), resume_opt, checkpoint, val)
     state.item, state.step = len(items), 0
-    state.train_seconds = seconds()
     return state
 
 
@@ -612,7 +614,7 @@ class _ItemRunner:
 
 
 def _parallel_stage1(cfg: FitConfig, model: RaptorModel, items: list[WorkItem], data, layout, stats, dist, device,
-                     state: FitState, progress: bool, on_step, seconds) -> None:
+                     state: FitState, progress: bool, on_step, clock) -> None:
     """Stage 1 with the blocks trained at the same time: ``G = min(k, world)`` rank groups (rank r in group
     r % G), group g trains blocks g, g+G, ... (DDP within the group). Each block's batches are drawn from
     (seed, its work item, step) as in a sequential run, so the result is the same up to float rounding. Each
@@ -658,8 +660,9 @@ def _parallel_stage1(cfg: FitConfig, model: RaptorModel, items: list[WorkItem], 
                 torch.distributed.broadcast(p.data, src=src)
         state.history[item.name] = dist.broadcast(state.history.get(item.name), src)
     state.item, state.step = len(items), 0
+    seconds = clock()
     if dist.main:
-        _save_progress(cfg, model, None, f"item{len(items)}-step0000000", state.item, 0, state.history, seconds())
+        _save_progress(cfg, model, None, f"item{len(items)}-step0000000", state.item, 0, state.history, seconds)
     dist.barrier()
 
 
@@ -668,5 +671,5 @@ def _save_progress(cfg: FitConfig, model: RaptorModel, opt, name: str, item: int
     """The run's checkpoint ``name``: training resumes at work item ``item``, step ``step``."""
     save_checkpoint(Path(cfg.out) / "checkpoints", name, model, opt,
                     {"item": item, "step": step, "history": history, "fingerprint": cfg.training_fingerprint(),
-                     "train_seconds": round(train_seconds, 3),
+                     "train_seconds": train_seconds,
                      "surrogate": model.cfg.to_dict()})
