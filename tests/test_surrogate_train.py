@@ -108,6 +108,9 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path):
     state_file = tmp_path / "part" / "checkpoints" / ck / "state.json"
     st = json.loads(state_file.read_text())
     assert st["train_seconds"] > 0
+    state_file.write_text(json.dumps({**st, "train_seconds": "abc"}))  # a damaged checkpoint: one error line
+    with pytest.raises(RaptorError, match=r"is damaged: state.json \(ValueError"):
+        run_fit(_cfg(tmp_path / "part"), resume=True, progress=False)
     st["train_seconds"] = 1000.0  # as if the interrupted process had trained for 1,000 s
     state_file.write_text(json.dumps(st))
     t = time.perf_counter()

@@ -506,9 +506,13 @@ def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, pro
     if ck is not None:
         weights, opt_tensors, st = read_checkpoint(ck)
         _load_weights(model, weights, ck)
-        before = float(st.get("train_seconds", 0.0))  # checkpoints written before this was recorded: 0
+        try:  # train_seconds: 0 in checkpoints written before it was recorded
+            before = float(st.get("train_seconds", 0.0))
+            state = FitState(int(st["item"]), int(st["step"]), dict(st["history"]), before)
+        except (KeyError, TypeError, ValueError) as e:
+            raise RaptorError(f"checkpoint {ck} is damaged: state.json ({type(e).__name__}: {str(e)[:80]}); delete "
+                              "the run or restore it") from None
         # a resume of a finished run (a re-evaluation) trains nothing and keeps exactly the recorded time
-        state = FitState(st["item"], st["step"], st["history"], before)
         opt_meta = st["optimizer"]
     model.to(device)
     n1 = sum(1 for it in items if it.stage == 1)
