@@ -208,6 +208,7 @@ def test_stage2_from_a_stage1_run_equals_one_run_of_both_stages(tmp_path):
     assert f"| 0, 0 | `both`, `s2` | **{r2:.3f} ± 0.000** |" in text
     for change, msg in ((dict(k=3), "phases"), (dict(init_from_teacher=True), "give one"),
                         (dict(init_from=str(tmp_path / "nowhere")), "not found"),
+                        (dict(init_from=str(tmp_path / "s1" / "surrogate.json")), "is a file, not a raptor fit run"),
                         (dict(init_from=str(tmp_path)), "not a finished raptor fit run")):
         cfg = FitConfig(**{**base, "stage": "2", "init_from": str(tmp_path / "s1"), **change,
                            "out": str(tmp_path / "refused")})

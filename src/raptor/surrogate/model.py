@@ -130,7 +130,8 @@ def read_run_config(run: str | Path) -> SurrogateConfig:
     folder is not one."""
     path = Path(run) / "surrogate.json"
     if not Path(run).is_dir():
-        raise RaptorError(f"run folder {run} not found")
+        raise RaptorError(f"run folder {run} not found" if not Path(run).exists() else
+                          f"{run} is a file, not a raptor fit run folder")
     try:
         return SurrogateConfig.from_dict(json.loads(path.read_text())["surrogate"])
     except FileNotFoundError:
