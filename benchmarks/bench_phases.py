@@ -1,5 +1,5 @@
-"""Issue 3 benchmarks: DP contiguous segmentation at ViT-g depth, brute-force max-cut cost, and the overhead of
-the one-pass similarity accumulation on top of the teacher's forward pass.
+"""Phase and similarity benchmarks: DP contiguous segmentation at ViT-g depth, brute-force max-cut cost, and the
+overhead of the one-pass similarity accumulation on top of the teacher's forward pass.
 
 Run: .venv/bin/python benchmarks/bench_phases.py
 """
@@ -31,7 +31,7 @@ def random_distance(L: int, seed: int = 0) -> np.ndarray:
 
 
 def notebook_style_max_cut(W: np.ndarray):
-    """The official notebook's approach (PAPER.md 1.3): one Python iteration per bipartition, xor-outer mask."""
+    """The official notebook's approach (docs/method.md §3): one Python iteration per bipartition, xor-outer mask."""
     n = W.shape[0]
     best_val, best_side = -np.inf, None
     for bits in itertools.product([0, 1], repeat=n - 1):

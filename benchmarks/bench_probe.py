@@ -1,4 +1,4 @@
-"""Probe harness cost (issue 9): with cached features, 3 seeds x a 10-learning-rate grid must cost <= 1.3x one
+"""Probe harness cost: with cached features, 3 seeds x a 10-learning-rate grid must cost <= 1.3x one
 backbone pass over the data.
 
 Side by side in one process, on the bundled DINOv2-S and the real `bundled:digits` classification split (1,797

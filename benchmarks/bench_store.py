@@ -1,4 +1,4 @@
-"""Issue 2 benchmarks: extraction vs bare forward, bf16 vs fp32 bytes, reader vs naive full-array read.
+"""Activation-store benchmarks: extraction vs bare forward, bf16 vs fp32 bytes, reader vs naive full-array read.
 
 Run: .venv/bin/python benchmarks/bench_store.py   (or `make bench`)
 """

@@ -1,4 +1,4 @@
-"""Issue 12 benchmark: online `raptor fit` (teacher on the fly, images streamed through DataLoader workers) against
+"""Streaming benchmark: online `raptor fit` (teacher on the fly, images streamed through DataLoader workers) against
 the store-backed fit at the same batch, same model, same steps, in the same process.
 
 Data: 200 JPEG files written from the bundled real photos (random 300-480 px crops, quality 90), so streaming

@@ -1,4 +1,4 @@
-"""Issue 4 benchmarks: one Raptor-2 autoregressive training step at ViT-S dims (16 sequences x 261 tokens x 12
+"""Training-step benchmarks: one Raptor-2 autoregressive training step at ViT-S dims (16 sequences x 261 tokens x 12
 steps, AdamW, grad clip 1.0), ours (fp32 and bf16 autocast) vs a reference written the way the official code is
 (nn.MultiheadAttention, nn.Sequential MLP, per-step loop; raptor.surrogate.reference), in the same run; achieved
 FLOP/s against the measured matmul peak; bf16 vs fp32 R^2 after the same short run; online-teacher vs store
@@ -96,10 +96,12 @@ def main(repeats: int = 3) -> dict:
     for k, ts in times.items():
         t = min(ts)
         peak = peak16 if "bf16" in k else peak32
-        out[k] = {"seconds": round(t, 3), "sequences_per_s": round(B / t, 2), "speedup_vs_reference": round(ref_t / t, 3),
+        out[k] = {"seconds": round(t, 3), "sequences_per_s": round(B / t, 2),
+                  "speedup_vs_reference": round(ref_t / t, 3),
                   "gflops": round(flops / t / 1e9, 1), "fraction_of_matmul_peak": round(flops / t / peak, 3)}
         print(f"{k:20s} {t:6.2f} s/step  {B / t:5.2f} seq/s  x{ref_t / t:4.2f} vs reference  "
-              f"{flops / t / 1e9:6.1f} GFLOP/s ({100 * flops / t / peak:.0f} % of {('bf16' if 'bf16' in k else 'fp32')} peak)")
+              f"{flops / t / 1e9:6.1f} GFLOP/s ({100 * flops / t / peak:.0f} % of "
+              f"{('bf16' if 'bf16' in k else 'fp32')} peak)")
 
     # bf16 vs fp32 fidelity after the same short real run
     from raptor.surrogate.fit import run_fit

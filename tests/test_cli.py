@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from clirun import one_error_line, raptor
 
 

@@ -1,4 +1,4 @@
-"""Dynamics metrics on constructed trajectories with known answers (issue 10, part 1)."""
+"""Dynamics metrics on constructed trajectories with known answers."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Fault suite (issue 8): every defect found by trying the toolkit as a user would, reproduced as a real fault, with
+"""Fault suite: every defect found by trying the toolkit as a user would, reproduced as a real fault, with
 the assertion that nothing earlier is lost. docs/reliability.md maps each guarantee to its test here."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from clirun import ENV, faulty, one_error_line, raptor
 from faultfs import remount, try_mount_tmpfs, umount
-
 from raptor.cli import run
 from raptor.data import load_images, open_source
 from raptor.errors import RaptorError
@@ -65,7 +65,7 @@ def test_refused_fits_leave_a_finished_run_byte_identical(tmp_path, store40, cap
     assert rc == 0, err
     before = snapshot(out)
     assert {"metrics.json", "config.yaml", "model.safetensors"} <= set(before)
-    for extra, needle in (([], "--resume"), (["--resume", "--lr", "1e-3"], "lr 0.0003 -> 0.001"),
+    for extra, needle in (([], "--resume"), (["--resume", "--lr", "1e-3"], "lr 0.003 -> 0.001"),
                           (["--resume", "--probe-data", "bundled:nope"], "unknown bundled data set"),
                           (["--resume", "--batch-size", "0"], "--batch-size must be >= 1")):
         rc, err = cli(capsys, "fit", *TINY, "--store", store40, "--out", out, *FIT_FAST, *extra)
@@ -156,13 +156,14 @@ def _bad_weights(tmp_path: Path) -> dict[str, Path]:
 def test_bad_inputs_are_one_line_and_create_nothing(tmp_path, store40, capsys):
     X = tmp_path / "X"
     corrupt_zarr = tmp_path / "corrupt_zarr"
-    corrupt_manifest = tmp_path / "corrupt_manifest"
-    for d in (corrupt_zarr, corrupt_manifest):
+    corrupt_valid, corrupt_ids = tmp_path / "corrupt_valid", tmp_path / "corrupt_ids"
+    for d in (corrupt_zarr, corrupt_valid, corrupt_ids):
         import shutil
 
         shutil.copytree(store40, d)
     (corrupt_zarr / "zarr.json").write_text((corrupt_zarr / "zarr.json").read_text()[:90])
-    (corrupt_manifest / "manifest.json").write_text("{not json")
+    for d, name in ((corrupt_valid, "valid"), (corrupt_ids, "ids")):  # the arrays that record progress and ids
+        (d / name / "zarr.json").write_text((d / name / "zarr.json").read_text()[:90])
     w = _bad_weights(tmp_path)
     ext = ["extract", *TINY, "--data", "bundled:lfw", "--out", X]
     fit_online = ["fit", *TINY, "--data", "bundled:lfw", "--limit", "40", "--out", X, *FIT_FAST]
@@ -188,7 +189,8 @@ def test_bad_inputs_are_one_line_and_create_nothing(tmp_path, store40, capsys):
         (["analyze", *TINY, "--data", "bundled:lfw", "--out", X, "--batch-size", "0"], "--batch-size must be >= 1"),
         (["analyze", *TINY, "--data", "bundled:lfw", "--out", X, "--k-max", "0"], "--k-max must be >= 1"),
         (["info", corrupt_zarr], "zarr.json is damaged"),
-        (["info", corrupt_manifest], "manifest.json is not valid json"),
+        (["info", corrupt_valid], "metadata of its valid array (valid/zarr.json) cannot be read"),
+        (["info", corrupt_ids], "metadata of its ids array (ids/zarr.json) cannot be read"),
         (["extract", "--teacher", f"dinov2-pth:{w['text']}", "--data", "bundled:lfw", "--out", X], "is a text file"),
         (["extract", "--teacher", f"dinov2-pth:{w['empty']}", "--data", "bundled:lfw", "--out", X], "empty file"),
         (["extract", "--teacher", f"dinov2-pth:{w['pickle']}", "--data", "bundled:lfw", "--out", X],
@@ -259,9 +261,10 @@ def test_outputs_get_umask_modes_not_0600(tmp_path, store40):
     assert r.returncode == 0, r.stderr
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     names = {p.name for p in files}
-    assert {"metrics.json", "model.safetensors", "config.yaml", "surrogate.json", "ids.json", "manifest.json",
+    assert {"metrics.json", "model.safetensors", "config.yaml", "surrogate.json", "zarr.json",
             "analysis.json", "report.md", "optim.safetensors", "state.json"} & names >= {
-        "metrics.json", "model.safetensors", "config.yaml", "ids.json", "manifest.json", "analysis.json", "report.md"}
+        "metrics.json", "model.safetensors", "config.yaml", "zarr.json", "analysis.json", "report.md"}
+    assert (tmp_path / "st" / "valid" / "c" / "0") in files and (tmp_path / "st" / "ids" / "zarr.json") in files
     modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
     assert set(modes.values()) == {"0o644"}, modes
 
@@ -508,9 +511,11 @@ def _kill_when(cmd: list, ready, timeout: float = 120) -> None:
 
 
 def _chunks_done(out: Path) -> int:
+    """Finished chunks of a store being written: one ``valid`` status chunk file each (written atomically, after
+    the chunk's trajectories)."""
     try:
-        return len(json.loads((out / "manifest.json").read_text())["done"])
-    except (OSError, ValueError):
+        return sum(p.name.isdigit() for p in (out / "valid" / "c").iterdir())
+    except OSError:
         return 0
 
 

@@ -6,8 +6,16 @@ import numpy as np
 import pytest
 
 from raptor.errors import RaptorError
-from raptor.phases import (brute_force_contiguous, choose_k, contiguous_segmentation, cut_weight, is_contiguous,
-                           max_cut_bruteforce, phase_metrics, recursive_max_cut)
+from raptor.phases import (
+    brute_force_contiguous,
+    choose_k,
+    contiguous_segmentation,
+    cut_weight,
+    is_contiguous,
+    max_cut_bruteforce,
+    phase_metrics,
+    recursive_max_cut,
+)
 
 
 def planted(sizes, noise=0.02, within=0.1, between=0.8, seed=0):
@@ -86,7 +94,7 @@ def test_max_cut_equals_exhaustive_search(n, min_size):
 
 
 # ---- parity with the official notebook (raptor/max_cut_dinov2_base.ipynb) -------------------------------------
-# An independent reference written from the notebook's *definition* (PAPER.md 1.3), not from its code:
+# An independent reference written from the notebook's *definition* (docs/method.md §3), not from its code:
 #  * bipartitions: vertex 0 on side 0, the others' sides read as a binary number with vertex 1 the most significant
 #    digit, visited from 0 upwards; the first strictly larger cut value wins;
 #  * bisection: eps = frac * (sum of D)/2; pick the first cluster (list order) with the largest gain; stop when it is

@@ -286,9 +286,9 @@ def test_feature_pass_resumes_after_an_interruption(imagenet_root, tmp_path):
 
 def test_backbones_layer_pixels_and_runs(tmp_path):
     from raptor.probes.backbones import Backbone, parse_backbone
+    from raptor.surrogate.block import BlockConfig
     from raptor.surrogate.checkpoint import save_tensors
     from raptor.surrogate.model import RaptorModel, SurrogateConfig
-    from raptor.surrogate.block import BlockConfig
 
     x = torch.randn(2, 3, 28, 28)
     full = Backbone.load(parse_backbone(TINY))
@@ -424,8 +424,8 @@ def test_bad_input_is_one_error_line(case, tmp_path, ade_root, imagenet_root):
 def test_init_head_from_an_official_linear_head_file(tmp_path):
     """``--init-head FILE``: every head of the grid starts from the file's map, so the epoch-0 validation score is
     that map's accuracy on the cached features."""
-    from raptor.probes.features import cache_dir, split_key, transform_for
     from raptor.probes.backbones import Backbone, parse_backbone
+    from raptor.probes.features import cache_dir, split_key, transform_for
 
     bb = Backbone.load(parse_backbone(TINY))
     g = torch.Generator().manual_seed(1)

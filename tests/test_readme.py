@@ -7,6 +7,7 @@ import re
 import shlex
 from pathlib import Path
 
+import numpy as np
 import typer
 
 from raptor.cli import app
@@ -40,11 +41,19 @@ def test_readme_python_snippets_run(tmp_path, monkeypatch):
     code = blocks("python")
     assert code, "the README has a Python example"
     monkeypatch.chdir(tmp_path)
+    # the store layout section's read-without-raptor snippet reads the store the Python API example makes
+    code.sort(key=lambda s: "zarr.open_group" in s)
+    assert "zarr.open_group" in code[-1], "the README shows how to read a store with plain zarr"
     for snippet in code:
-        exec(compile(snippet, "README.md", "exec"), {"__name__": "__readme__"})
+        ns = {"__name__": "__readme__"}
+        exec(compile(snippet, "README.md", "exec"), ns)
     from raptor.store import TrajectoryStore
 
-    assert TrajectoryStore(tmp_path / "runs" / "photos8.zarr").complete
+    st = TrajectoryStore(tmp_path / "runs" / "photos8.zarr")
+    assert st.complete
+    assert np.array_equal(ns["rows"], st.read(slice(0, 4), layers=(6, 7)).numpy())  # the plain-zarr snippet's rows
+    assert ns["ids"] == st.ids and np.array_equal(ns["labels"], st.labels)
+    assert np.array_equal(np.flatnonzero(ns["stored"]), st.valid_indices)
 
 
 def test_readme_command_lines_parse():

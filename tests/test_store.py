@@ -30,6 +30,15 @@ def lfw40():
     return open_source("bundled:lfw").subset(40)
 
 
+def chunks_on_disk(store) -> int:
+    """Finished chunks of a store being written: its ``valid`` status chunk files (one per finished chunk, each
+    written atomically once the chunk's trajectories are), counted without opening the store."""
+    try:
+        return sum(p.name.isdigit() for p in (store / "valid" / "c").iterdir())
+    except OSError:
+        return 0
+
+
 def _expected(teacher, source, size=28):
     tf = EvalTransform.for_size(size, teacher.image_mean, teacher.image_std)
     x = torch.stack([tf(it.load()) for it in source.items])
@@ -43,7 +52,7 @@ def test_float32_store_equals_teacher_trajectory(tmp_path, tiny, lfw40):
     ref = _expected(tiny, lfw40)
     assert st.array.shape == (40, tiny.depth + 1, st.layout.n_tokens, tiny.dim)
     assert torch.allclose(st.read(slice(None)), ref, atol=1e-6)
-    assert st.ids[0] == "lfw/000" and st.labels.tolist() == lfw40.labels.tolist()
+    assert st.ids == [it.id for it in lfw40.items] and st.labels.tolist() == lfw40.labels.tolist()
     assert st.meta["settings"]["teacher"] == "tiny:dinov2_with_registers" and st.complete
     assert st.layout.n_registers == 2 and "torch" in st.meta["packages"]
 
@@ -96,6 +105,15 @@ def test_other_settings_are_refused_with_one_clear_line(tmp_path, tiny, lfw40):
         extract(tiny, lfw40, tmp_path / "junk", progress=False)
 
 
+def test_resuming_a_store_with_a_damaged_status_array_is_one_line(tmp_path, tiny, lfw40):
+    extract(tiny, lfw40, tmp_path / "s", chunk_images=16, progress=False, stop_after_chunks=1)
+    meta = tmp_path / "s" / "valid" / "zarr.json"
+    meta.write_text(meta.read_text()[:90])
+    with pytest.raises(RaptorError, match="is damaged") as e:
+        extract(tiny, lfw40, tmp_path / "s", chunk_images=16, progress=False)
+    assert "\n" not in str(e.value) and not (tmp_path / "s" / ".raptor.lock").exists()
+
+
 def test_corrupt_images_are_skipped_counted_and_masked(tmp_path, tiny):
     root = tmp_path / "imgs"
     root.mkdir()
@@ -110,6 +128,8 @@ def test_corrupt_images_are_skipped_counted_and_masked(tmp_path, tiny):
     assert s.skipped == ["2b.png"] and s.n_extracted == 5 and s.complete
     st = TrajectoryStore(tmp_path / "s")
     assert st.valid_indices.tolist() == [0, 1, 2, 4, 5] and st.summary()["skipped"] == 1
+    assert st.manifest == {"done": [0, 1], "skipped": ["2b.png"]} and st.meta["skipped"] == ["2b.png"]
+    assert np.asarray(st.group["valid"][:]).tolist() == [1, 1, 1, 2, 1, 1]  # 2 = skipped
     seen = np.concatenate([i for _, i in st.batches(2, shuffle=True)])
     assert sorted(seen.tolist()) == [0, 1, 2, 4, 5]
 
@@ -141,17 +161,12 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     killed = tmp_path / "killed"
     proc = subprocess.Popen(base + ["--out", str(killed)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    manifest = killed / "manifest.json"
     deadline = time.time() + 120
     done_at_kill = 0
     while time.time() < deadline:
-        if manifest.exists():
-            try:
-                done_at_kill = len(json.loads(manifest.read_text())["done"])
-            except (ValueError, OSError):
-                done_at_kill = 0
-            if done_at_kill >= 2:
-                break
+        done_at_kill = chunks_on_disk(killed)
+        if done_at_kill >= 2:
+            break
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -167,3 +182,81 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     a, b = TrajectoryStore(killed), TrajectoryStore(ref)
     assert np.array_equal(np.asarray(a.array[:]), np.asarray(b.array[:]))
     assert np.array_equal(a.valid_indices, b.valid_indices)
+
+
+STORE_MEMBERS = {"trajectories", "valid", "labels", "ids"}
+
+
+def _read_with_plain_zarr(path) -> dict:
+    """Every array of the store, read by plain zarr with every warning an error."""
+    import zarr
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g = zarr.open_group(str(path), mode="r")
+        members = dict(g.members(max_depth=None))
+        return {name: np.asarray(a[:]) for name, a in members.items()}
+
+
+def test_plain_zarr_reads_finished_and_interrupted_stores_without_warnings(tmp_path, tiny, lfw40):
+    extract(tiny, lfw40, tmp_path / "full", chunk_images=16, progress=False)
+    extract(tiny, lfw40, tmp_path / "part", chunk_images=16, progress=False, stop_after_chunks=1)
+    for name, done in (("full", [0, 1, 2]), ("part", [0])):
+        path = tmp_path / name
+        assert {p.name for p in path.iterdir()} == STORE_MEMBERS | {"zarr.json"}  # no side files, no lock left
+        arrays = _read_with_plain_zarr(path)
+        st = TrajectoryStore(path)
+        assert set(arrays) == STORE_MEMBERS
+        assert arrays["ids"].tolist() == st.ids == [it.id for it in lfw40.items]
+        assert np.array_equal(arrays["labels"], st.labels)
+        assert st.manifest == {"done": done, "skipped": []}
+        assert np.array_equal(np.flatnonzero(arrays["valid"] == 1), st.valid_indices)
+        assert (arrays["valid"] == 0).sum() == 40 - min(40, 16 * len(done))  # 0 = not extracted yet
+        assert st.summary()["chunks_done"] == f"{len(done)}/3"
+
+
+def test_bf16_rows_read_with_ml_dtypes_equal_the_store_reader(tmp_path, tiny, lfw40):
+    import ml_dtypes
+
+    extract(tiny, lfw40, tmp_path / "b", dtype="bfloat16", chunk_images=16, progress=False)
+    raw = _read_with_plain_zarr(tmp_path / "b")["trajectories"]
+    assert raw.dtype == np.uint16  # the raw bfloat16 bit patterns
+    rows = raw.view(ml_dtypes.bfloat16).astype(np.float32)
+    assert np.array_equal(rows, TrajectoryStore(tmp_path / "b").read(slice(None)).numpy())
+
+
+def _as_format_1(src, dst):
+    """A copy of store ``src`` in the layout raptor wrote before format 2: ids.json + manifest.json beside the
+    arrays, valid 1 = extracted / 0 = anything else, no ids array, version 1."""
+    import shutil
+
+    import zarr
+
+    shutil.copytree(src, dst)
+    st = TrajectoryStore(dst)
+    (dst / "ids.json").write_text(json.dumps(st.ids))
+    (dst / "manifest.json").write_text(json.dumps(st.manifest))
+    v = zarr.open_array(str(dst / "valid"), mode="r+")
+    v[:] = (np.asarray(v[:]) == 1).astype(np.uint8)
+    shutil.rmtree(dst / "ids")
+    g = zarr.open_group(str(dst), mode="r+")
+    meta = {k: x for k, x in dict(g.attrs["raptor"]).items() if k != "created"}
+    g.attrs["raptor"] = {**meta, "version": 1}
+    return dst
+
+
+def test_a_format_1_store_is_read_but_not_resumed(tmp_path, tiny, lfw40):
+    from raptor.store import precheck_store
+
+    extract(tiny, lfw40, tmp_path / "new", chunk_images=16, progress=False, stop_after_chunks=2)
+    new = TrajectoryStore(tmp_path / "new")
+    old = TrajectoryStore(_as_format_1(tmp_path / "new", tmp_path / "old"))
+    assert old.ids == new.ids and old.manifest == new.manifest == {"done": [0, 1], "skipped": []}
+    assert np.array_equal(old.valid_indices, new.valid_indices) and old.summary()["chunks_done"] == "2/3"
+    assert torch.equal(old.read(slice(0, 32)), new.read(slice(0, 32)))
+    for attempt in (lambda: extract(tiny, lfw40, tmp_path / "old", chunk_images=16, progress=False),
+                    lambda: precheck_store(tmp_path / "old", teacher=tiny.spec)):
+        with pytest.raises(RaptorError, match="made by an older raptor .* re-extract") as e:
+            attempt()
+        assert "\n" not in str(e.value)
+    assert (tmp_path / "old" / "manifest.json").exists() and not (tmp_path / "old" / "ids").exists()  # untouched

@@ -129,8 +129,8 @@ def test_micro_sweep_resumes_without_retraining(tmp_path):
 
 def test_layer_swap_with_itself_changes_nothing(digits8):
     from raptor.study.swap import layer_swap_test, swapped_accuracy
-    from raptor.teachers.hf import HFTeacher
     from raptor.teachers.base import ClassifierHead
+    from raptor.teachers.hf import HFTeacher
 
     x_tr, y_tr, x_te, y_te, *_ = digits8
     m = build_model(TINY_VIT, 10, 0.0, seed=0).eval()

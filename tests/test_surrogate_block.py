@@ -1,4 +1,4 @@
-"""Our Raptor block vs a reference written from PAPER.md 2.3 (nn.MultiheadAttention, official key names)."""
+"""Our Raptor block vs a reference written from docs/method.md §4 (nn.MultiheadAttention, official key names)."""
 
 import pytest
 import torch

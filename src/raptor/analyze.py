@@ -16,10 +16,17 @@ import numpy as np
 import torch
 
 from raptor.config import atomic_write_text, save_config, to_dict
+from raptor.data.sampling import SAMPLE_ORDERS, sample_record, sample_rows
 from raptor.errors import RaptorError, check_positive
 from raptor.outputs import claim_output, staged
-from raptor.phases import (MAXCUT_VARIANTS, choose_k, contiguous_segmentation, is_contiguous, phase_metrics,
-                           recursive_max_cut)
+from raptor.phases import (
+    MAXCUT_VARIANTS,
+    choose_k,
+    contiguous_segmentation,
+    is_contiguous,
+    phase_metrics,
+    recursive_max_cut,
+)
 from raptor.similarity import SimilarityAccumulator, SimilarityResult
 
 SCHEMA_VERSION = 1
@@ -33,6 +40,8 @@ class AnalyzeConfig:
     out: str = "runs/analyze"
     store: str | None = None
     limit: int | None = None
+    sample: str = "random"  # --limit: a seeded random sample (stratified by class) | sorted: the first N
+    sample_seed: int = 1
     batch_size: int = 16
     image_size: int | None = None
     layers: list[int] | None = None  # default: 1..L (block outputs; the paper's convention)
@@ -63,6 +72,8 @@ class AnalyzeConfig:
             raise RaptorError(f"--k-frac must lie in [0, 1), got {self.k_frac}")
         if self.maxcut_variant not in MAXCUT_VARIANTS:
             raise RaptorError(f"unknown --maxcut-variant {self.maxcut_variant!r} (use {', '.join(MAXCUT_VARIANTS)})")
+        if self.sample not in SAMPLE_ORDERS:
+            raise RaptorError(f"unknown --sample {self.sample!r} (use {', '.join(SAMPLE_ORDERS)})")
         if self.cka_dtype not in ("float64", "float32"):
             raise RaptorError("cka dtype must be float64 or float32")
         bad = [g for g in self.cka_groups if g != "auto" and g not in CKA_GROUPS]
@@ -102,7 +113,8 @@ def _accumulate_live(cfg: AnalyzeConfig, src, teacher, layers, progress: bool):
             skipped += bad
             if traj is not None:
                 acc.update(traj)
-    info = {"source": "live", "n_images": acc.n, "skipped": skipped, "layout": layout.to_dict(),
+    info = {"source": "live", "n_images": acc.n, "skipped": skipped, "sample": src.sample_info(),
+            "layout": layout.to_dict(),
             "transform": tf.describe(), "teacher": teacher.describe()}
     return acc, info
 
@@ -113,7 +125,7 @@ def _accumulate_store(cfg: AnalyzeConfig, st, layers, progress: bool):
     missing = [layer for layer in layers if layer not in st.layers]
     if missing:
         raise RaptorError(f"store {cfg.store} lacks layers {missing} (it holds {st.layers})")
-    rows = st.valid_indices[: cfg.limit] if cfg.limit else st.valid_indices
+    rows = sample_rows(st.valid_indices, cfg.limit, st.labels, cfg.sample_seed, cfg.sample)
     acc = SimilarityAccumulator(st.layout, layers, cka_groups=resolve_cka_groups(cfg.cka_groups, st.layout),
                                 cka_dtype=getattr(torch, cfg.cka_dtype))
     lo, hi = min(layers), max(layers)
@@ -122,9 +134,44 @@ def _accumulate_store(cfg: AnalyzeConfig, st, layers, progress: bool):
         for x, _ in st.batches(cfg.batch_size, layers=(lo, hi), shuffle=False, rows=rows):
             acc.update(x[:, sub])
             bar.advance(len(x))
+    n = len(st.valid_indices)
+    ids = st.ids if cfg.limit and cfg.limit < n else None
+    sample = sample_record([ids[r] for r in rows] if ids is not None else None, cfg.limit, cfg.sample_seed,
+                           cfg.sample, n)
     info = {"source": "store", "store": str(cfg.store), "n_images": acc.n, "skipped": st.manifest.get("skipped", []),
+            "sample": sample,
             "layout": st.layout.to_dict(), "transform": st.meta["settings"]["transform"], "teacher": st.meta["teacher"]}
     return acc, info
+
+
+class PhaseFinder:
+    """The phases ``raptor analyze`` reports for a given k (the contiguous DP segmentation of its primary metric
+    over layers 1..L), accumulated batch by batch from full trajectories (layers 0..L): what ``raptor fit --k K``
+    uses when it is given no phases."""
+
+    def __init__(self, layout, depth: int):
+        self.depth = depth
+        self.acc = SimilarityAccumulator(layout, list(range(1, depth + 1)), cka_groups=())
+
+    def update(self, traj: torch.Tensor) -> None:
+        self.acc.update(traj[:, 1:self.depth + 1])
+
+    def choose(self, k: int, record: Path | None = None) -> dict:
+        """{"phases", "how", ...} for ``k``; written to ``record`` (a phases.json) when given."""
+        if not 1 <= k <= self.depth:
+            raise RaptorError(f"--k must lie in 1..{self.depth} (the teacher's depth), got {k}")
+        res = self.acc.result()
+        D = res.distance(PRIMARY)
+        dp = contiguous_segmentation(D, k_max=k)
+        phases = [[res.layers[i] for i in p] for p in dp.phases(k)]
+        info = {"phases": phases, "method": "dp", "metric": PRIMARY, "k": k, "n_images": int(res.n_images),
+                "images": "training images (the held-out validation images excluded), evenly spaced",
+                "how": f"DP segmentation of {PRIMARY} over {res.n_images} training images, as raptor analyze",
+                "metrics": phase_metrics(D, dp.phases(k)), "within_cost": float(dp.costs[k - 1]),
+                "matrix": res.matrices[PRIMARY].tolist()}
+        if record is not None:
+            atomic_write_text(record, json.dumps(info, indent=1))
+        return info
 
 
 def maxcut_by_k(D: np.ndarray, ks, min_size: int, variant: str = "official") -> dict[int, dict]:
@@ -156,7 +203,7 @@ def run_analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalysisOutputs:
     else:
         from raptor.data import open_source
 
-        src = open_source(cfg.data).subset(cfg.limit)
+        src = open_source(cfg.data).subset(cfg.limit, cfg.sample_seed, cfg.sample)
     with claim_output(out), staged(out, "analysis.json") as stage:
         return _run_analyze(cfg, st, src, stage, progress)
 
@@ -243,7 +290,8 @@ def _run_analyze(cfg: AnalyzeConfig, st, src, stage: Path, progress: bool) -> An
         "config": to_dict(cfg),
         "teacher": info["teacher"],
         "data": {"spec": cfg.data if not cfg.store else None, "source": info["source"], "store": info.get("store"),
-                 "n_images": info["n_images"], "skipped": info["skipped"], "transform": info["transform"]},
+                 "n_images": info["n_images"], "skipped": info["skipped"], "transform": info["transform"],
+                 "sample": info["sample"]},
         "layout": info["layout"],
         "layers": layers,
         "layer_convention": "layer 0 = embedding output; layer l = output of block l (before the final norm)",
@@ -287,7 +335,8 @@ def render_report(a: dict) -> str:
         f"Chosen k = **{a['chosen']['k']}** by the `{p['chosen_k']['rule']}` rule (frac {p['chosen_k']['frac']}; "
         f"the elbow rule gives k = {p['chosen_k']['elbow_k']}): **{_fmt_phases(a['chosen']['phases'])}**",
         "",
-        "| k | contiguous DP phases | contrast | block energy | cut fraction | max-cut (recursive) | max-cut frac | contiguous |",
+        "| k | contiguous DP phases | contrast | block energy | cut fraction | max-cut (recursive) | max-cut frac "
+        "| contiguous |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for k, d in p["dp"].items():
@@ -300,7 +349,8 @@ def render_report(a: dict) -> str:
         lines += ["", "Recursive max-cut at the paper's settings (frac → clusters): "
                   + "; ".join(f"{f} → {_fmt_phases(v)}" for f, v in p["maxcut_paper_fracs"].items())]
     lines += ["", "## Other metrics (DP phases at each metric's own chosen k)", "",
-              "| metric | kind | chosen k | phases | adjacent-layer mean | first vs last |", "|---|---|---|---|---|---|"]
+              "| metric | kind | chosen k | phases | adjacent-layer mean | first vs last |",
+              "|---|---|---|---|---|---|"]
     for name, m in a["metrics"].items():
         M = np.array(m["matrix"])
         s = a["segmentations"][name]

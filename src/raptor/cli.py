@@ -103,6 +103,13 @@ def _ints(text: str, name: str) -> tuple[int, ...]:
         raise RaptorError(f"bad {name} {text!r}: a comma-separated list of integers") from None
 
 
+def _check_sample(order: str) -> None:
+    from raptor.data.sampling import SAMPLE_ORDERS
+
+    if order not in SAMPLE_ORDERS:
+        raise RaptorError(f"unknown --sample {order!r} (use {', '.join(SAMPLE_ORDERS)})")
+
+
 def _echo_json(d: dict) -> None:
     typer.echo(json.dumps(d, indent=2, default=str))
 
@@ -113,7 +120,9 @@ def extract(
     data: str = typer.Option(..., "--data", "-d", help=DATA_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="Store directory (zarr v3); re-run the same command to resume"),
     dtype: str = typer.Option("bfloat16", help="Stored dtype: bfloat16 | float16 | float32"),
-    limit: Optional[int] = typer.Option(None, help="Only the first N images"),
+    limit: Optional[int] = typer.Option(None, help="Only N images: a seeded sample, stratified by class"),
+    sample: str = typer.Option("random", help="--limit: random (seeded, stratified by class) | sorted (the first N)"),
+    sample_seed: int = typer.Option(1, help="Seed of the --limit sample"),
     batch_size: int = typer.Option(16, help="Forward batch size"),
     chunk_images: int = typer.Option(32, help="Images per store chunk (also the resume granularity)"),
     layers: Optional[str] = typer.Option(None, help="Layers to store, e.g. 0-12 or 0,6,12 (default all)"),
@@ -128,19 +137,21 @@ def extract(
     """Store every image's trajectory (layers 0..L, all tokens) in a resumable zarr v3 store. Runs under
     torchrun --nproc-per-node N: the ranks extract disjoint chunks into the one store."""
     from raptor.data import open_source
-    from raptor.store import TrajectoryStore, check_extract_args, precheck_store
-    from raptor.store import extract as run_extract
-    from raptor.teachers import load_teacher
 
     # cheap checks first: arguments, data, an existing --out; only then the teacher (seconds to load)
     from raptor.distributed import setup
+    from raptor.store import TrajectoryStore, check_extract_args, precheck_store, store_sample
+    from raptor.store import extract as run_extract
+    from raptor.teachers import load_teacher
 
     check_extract_args(dtype=dtype, compression=compression, batch_size=batch_size, chunk_images=chunk_images,
                        image_size=image_size, autocast=autocast, limit=limit, workers=workers)
     layer_list = parse_layers(layers)
-    source = open_source(data).subset(limit)
+    _check_sample(sample)
+    source = open_source(data).subset(limit, sample_seed, sample)
     precheck_store(out, teacher=teacher, data=source.spec, n_images=len(source), dtype=dtype,
-                   chunk_images=chunk_images, compression=compression, autocast=autocast)
+                   chunk_images=chunk_images, compression=compression, autocast=autocast,
+                   sample=store_sample(source.sample))
     dist, dev = setup(device)
     t = load_teacher(teacher, head=head)
     s = run_extract(t, source, out, dtype=dtype, layers=layer_list, batch_size=batch_size, chunk_images=chunk_images,
@@ -161,7 +172,10 @@ def analyze(
     data: str = typer.Option("bundled:photos", "--data", "-d", help=DATA_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory"),
     store: Optional[Path] = typer.Option(None, help="Read trajectories from this store instead of running the teacher"),
-    limit: Optional[int] = typer.Option(None, help="Only the first N images"),
+    limit: Optional[int] = typer.Option(None, help="Only N images (or store rows): a seeded sample, stratified by "
+                                        "class"),
+    sample: str = typer.Option("random", help="--limit: random (seeded, stratified by class) | sorted (the first N)"),
+    sample_seed: int = typer.Option(1, help="Seed of the --limit sample"),
     batch_size: int = typer.Option(16, help="Batch size"),
     image_size: Optional[int] = typer.Option(None, help="Crop size (default: the teacher's)"),
     layers: Optional[str] = typer.Option(None, help="Layers, e.g. 1-12 (default: block outputs 1..L, as the paper)"),
@@ -181,6 +195,7 @@ def analyze(
 
     groups = tuple(g.strip() for g in cka_groups.split(",") if g.strip())
     cfg = AnalyzeConfig(teacher=teacher, data=data, out=str(out), store=str(store) if store else None, limit=limit,
+                        sample=sample, sample_seed=sample_seed,
                         batch_size=batch_size, image_size=image_size, layers=parse_layers(layers),
                         cka_groups=groups, k_max=k_max, k_rule=k_rule, k_frac=k_frac, autocast=autocast, head=head,
                         maxcut_variant=maxcut_variant)
@@ -195,37 +210,45 @@ def fit(
     teacher: str = typer.Option("bundled:dinov2-s", "--teacher", "-t", help=TEACHER_HELP),
     data: Optional[str] = typer.Option(None, "--data", "-d", help=DATA_HELP + " (online teacher, no storage)"),
     store: Optional[Path] = typer.Option(None, help="Train from a trajectory store instead of an online teacher"),
-    phases: Optional[str] = typer.Option(None, help="analysis.json from raptor analyze (its chosen phases), or "
-                                         "explicit phases of output layers, e.g. 1-7/8-11/12"),
-    k: Optional[int] = typer.Option(None, help="Number of blocks (with --phases: that DP segmentation; "
-                                    "alone: equal phases)"),
+    phases: Optional[str] = typer.Option(None, help="analysis.json from raptor analyze (its chosen phases), a phases "
+                                         "file (a JSON array of layer lists), explicit phases of output layers, "
+                                         "e.g. 1-7/8-11/12, or 'equal' (with --k: equal phases)"),
+    k: Optional[int] = typer.Option(None, help="Number of blocks (alone: the DP phases of the training images' layer "
+                                    "similarity, as raptor analyze finds them; with an analysis.json: its DP "
+                                    "segmentation for k; with --phases equal: equal phases)"),
     out: Path = typer.Option(..., "--out", "-o", help="Run directory"),
+    recipe: str = typer.Option("short", help="Hyper-parameter recipe: short (validated at CPU budgets of hundreds "
+                               "of steps, docs/surrogate.md) | paper (the official code's, for 312,500 steps of "
+                               "batch 64); the flags below override it"),
     stage: str = typer.Option("both", help="1 | 2 | both"),
-    steps1: int = typer.Option(100, help="Stage-1 steps per block"),
-    steps2: int = typer.Option(100, help="Stage-2 steps"),
-    batch_size: int = typer.Option(8),
-    lr: float = typer.Option(3e-4, help="Peak learning rate (the paper's 3e-4 suits 312,500 steps; short CPU "
-                             "budgets learn far faster at 1e-3..3e-3, see docs/surrogate.md)"),
-    lr2: Optional[float] = typer.Option(None, help="Stage-2 peak learning rate (default: --lr)"),
-    weight_decay: float = typer.Option(1e-4),
-    clip: float = typer.Option(1.0, help="Gradient-norm clip"),
-    loss: str = typer.Option("mse", help="mse | cosine | mse+cosine"),
-    loss_norm: str = typer.Option("layer", help="layer: divide each target layer's (group's) squared error by its "
-                                  "training-set variance (default) | none: the paper's plain MSE"),
-    stage1_weights: str = typer.Option("0.34,0.33,0.33", help="cls,registers,patches loss weights on the last "
-                                       "stage-1 segment (the paper's), or 'none'"),
-    stage2_weights: str = typer.Option("0.45,0.10,0.45", help="cls,registers,patches loss weights in stage 2 "
-                                       "(the paper's), or 'none'; absent groups get 0, the rest are used as given"),
-    sigma: float = typer.Option(0.0, help="Gaussian input noise"),
+    steps1: Optional[int] = typer.Option(None, help="Stage-1 steps per block [recipe: short 450, paper 312500]"),
+    steps2: Optional[int] = typer.Option(None, help="Stage-2 steps [recipe: short 200, paper 312500]"),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size [recipe: short 16, paper 64]"),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate [recipe: short 3e-3, paper 3e-4]"),
+    lr2: Optional[float] = typer.Option(None, help="Stage-2 peak learning rate [recipe: short 3e-4, paper: --lr]"),
+    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay [recipe: 1e-4]"),
+    clip: Optional[float] = typer.Option(None, help="Gradient-norm clip [recipe: 1.0]"),
+    loss: Optional[str] = typer.Option(None, help="mse | cosine | mse+cosine [recipe: mse]"),
+    loss_norm: Optional[str] = typer.Option(None, help="layer: divide each target layer's (group's) squared error by "
+                                            "its training-set variance | none: the paper's plain MSE "
+                                            "[recipe: short layer, paper none]"),
+    stage1_weights: Optional[str] = typer.Option(None, help="cls,registers,patches loss weights on the last stage-1 "
+                                                 "segment, or 'none' [recipe: 0.34,0.33,0.33, the paper's]"),
+    stage2_weights: Optional[str] = typer.Option(None, help="cls,registers,patches loss weights in stage 2, or 'none' "
+                                                 "(absent groups get 0) [recipe: short none, paper 0.45,0.10,0.45]"),
+    sigma: Optional[float] = typer.Option(None, help="Gaussian input noise [recipe: 0]"),
     mlp: str = typer.Option("swiglu", help="swiglu | gelu"),
     init_from_teacher: bool = typer.Option(False, help="Start each block from its phase's middle teacher block (gelu)"),
     init_from: Optional[Path] = typer.Option(None, help="Start from the weights of a finished fit run with the same "
                                              "phases and blocks (e.g. --stage 2 from a --stage 1 run)"),
     autocast: Optional[str] = typer.Option(None, help="bfloat16 autocast for training"),
     image_size: Optional[int] = typer.Option(None, help="Crop size for online data (default: the teacher's)"),
-    limit: Optional[int] = typer.Option(None, help="Only the first N images/rows"),
+    limit: Optional[int] = typer.Option(None, help="Only N images/rows: a seeded sample, stratified by class"),
+    sample: str = typer.Option("random", help="--limit: random (seeded, stratified by class) | sorted (the first N)"),
+    sample_seed: int = typer.Option(1, help="Seed of the --limit sample"),
     val_images: int = typer.Option(128, help="Whole images held out for validation"),
-    stats_images: int = typer.Option(256, help="Training images for the loss scale and the baselines"),
+    stats_images: int = typer.Option(256, help="Training images for the loss scale, the baselines and (--k alone) "
+                                     "the phases"),
     probe_data: Optional[str] = typer.Option("bundled:digits", help="Labelled data for the probes when the "
                                              "training data has no labels; 'none' to skip"),
     probe_limit: int = typer.Option(1000, help="Labelled training images for the fresh probes"),
@@ -247,25 +270,34 @@ def fit(
     from raptor.surrogate.fit import run_fit
     from raptor.surrogate.train import FitConfig
 
-    explicit = parse_phases(phases)
-    cfg = FitConfig(teacher=teacher, data=data, store=str(store) if store else None, out=str(out),
-                    phases_file=str(phases) if phases and explicit is None else None, k=k, phases=explicit,
-                    stage=stage, steps1=steps1, steps2=steps2,
-                    batch_size=batch_size, lr=lr, lr2=lr2, weight_decay=weight_decay, clip=clip, loss=loss, sigma=sigma,
-                    loss_norm=loss_norm, stage1_last_weights=parse_weights(stage1_weights, "--stage1-weights"),
-                    stage2_weights=parse_weights(stage2_weights, "--stage2-weights"), val_images=val_images,
-                    stats_images=stats_images, probe_limit=probe_limit,
-                    mlp=mlp, init_from_teacher=init_from_teacher,
-                    init_from=str(init_from) if init_from else None, autocast=autocast, image_size=image_size,
-                    limit=limit, probe_data=None if probe_data in (None, "none") else probe_data, seed=seed,
-                    ckpt_every=ckpt_every, val_every=val_every, workers=workers, device=device, compile=compile,
-                    parallel_blocks=parallel_blocks, store_cache_gb=store_cache_gb)
+    equal = phases is not None and phases.strip().lower() == "equal"
+    explicit = None if equal else parse_phases(phases)
+    given = {"steps1": steps1, "steps2": steps2, "batch_size": batch_size, "lr": lr, "lr2": lr2,
+             "weight_decay": weight_decay, "clip": clip, "loss": loss, "loss_norm": loss_norm, "sigma": sigma}
+    given = {name: v for name, v in given.items() if v is not None}
+    if stage1_weights is not None:
+        given["stage1_last_weights"] = parse_weights(stage1_weights, "--stage1-weights")
+    if stage2_weights is not None:
+        given["stage2_weights"] = parse_weights(stage2_weights, "--stage2-weights")
+    cfg = FitConfig.from_recipe(
+        recipe, **given, teacher=teacher, data=data, store=str(store) if store else None, out=str(out),
+        phases_file=str(phases) if phases and explicit is None and not equal else None, k=k, phases=explicit,
+        phase_method="equal" if equal else "dp", stage=stage, val_images=val_images, stats_images=stats_images,
+        probe_limit=probe_limit, mlp=mlp, init_from_teacher=init_from_teacher,
+        init_from=str(init_from) if init_from else None, autocast=autocast, image_size=image_size, limit=limit,
+        sample=sample, sample_seed=sample_seed, probe_data=None if probe_data in (None, "none") else probe_data,
+        seed=seed, ckpt_every=ckpt_every, val_every=val_every, workers=workers, device=device, compile=compile,
+        parallel_blocks=parallel_blocks, store_cache_gb=store_cache_gb)
     m = run_fit(cfg, resume=resume, progress=progress)
     if not m:  # a torchrun rank other than 0: rank 0 reports
         return
     v = m["validation"]
     ar = v["autoregressive"]
-    typer.echo(f"phases: {m['surrogate']['phases']}  ({v['n_images']} held-out images)")
+    typer.echo(f"phases: {m['surrogate']['phases']}  ({m['phases_chosen']['how']}; {v['n_images']} held-out images)")
+    rec = m["recipe"]
+    typer.echo(f"recipe: {rec['name']}" + (" (overridden: " + ", ".join(f"{n} {o['used']}" for n, o in
+                                                                       rec["overridden"].items()) + ")"
+                                          if rec["overridden"] else ""))
     typer.echo("held-out R2 per layer, Raptor AR:  " + " ".join(f"{x:.3f}" for x in ar["r2"]) +
                f"  mean {ar['r2_mean']:.3f}")
     for key in ("identity", "ridge_teacher_forced"):
@@ -312,7 +344,10 @@ def probe(
     weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay"),
     init_head: Optional[str] = typer.Option(None, help="cls: start from 'teacher' (its head) or a *_linear_head.pth"),
     cache: Optional[Path] = typer.Option(None, help="Feature cache directory (default OUT/features)"),
-    limit: Optional[int] = typer.Option(None, help="At most N images per split (smoke runs)"),
+    limit: Optional[int] = typer.Option(None, help="At most N images per split (a seeded sample, stratified by "
+                                        "class; smoke runs)"),
+    sample: str = typer.Option("random", help="--limit: random (seeded, stratified by class) | sorted (the first N)"),
+    sample_seed: int = typer.Option(1, help="Seed of the --limit sample"),
     standardize: bool = typer.Option(True, help="z-score features with training-split mean/std (an affine map the "
                                      "head absorbs; --no-standardize: the paper's raw features)"),
     device: str = typer.Option("auto", help=DEVICE_HELP + "; for the feature passes (heads train on the CPU)"),
@@ -328,7 +363,7 @@ def probe(
     cfg = ProbeConfig(task=task, backbone=backbone, data=data, out=str(out), seeds=parse_seeds(seeds), layer=layer,
                       splice=splice, image_size=image_size, lrs=parse_lrs(lrs), epochs=epochs, batch_size=batch_size,
                       weight_decay=weight_decay, init_head=init_head, cache=str(cache) if cache else None,
-                      limit=limit, standardize=standardize, device=device)
+                      limit=limit, sample=sample, sample_seed=sample_seed, standardize=standardize, device=device)
     recs = run_probe(cfg, progress=progress)
     if not recs:  # a torchrun rank other than 0 (it shared the feature passes); rank 0 reports
         return
@@ -352,7 +387,10 @@ def dynamics(
     out: Path = typer.Option(..., "--out", "-o", help="Output directory"),
     phases: Optional[str] = typer.Option(None, help="analysis.json from raptor analyze, or e.g. 1-7/8-11/12 "
                                          "(default: the teacher's DP phases, computed in the same pass)"),
-    limit: Optional[int] = typer.Option(None, help="Only the first N images"),
+    limit: Optional[int] = typer.Option(None, help="Only N images (or store rows): a seeded sample, stratified by "
+                                        "class"),
+    sample: str = typer.Option("random", help="--limit: random (seeded, stratified by class) | sorted (the first N)"),
+    sample_seed: int = typer.Option(1, help="Seed of the --limit sample"),
     batch_size: int = typer.Option(16, help="Batch size"),
     image_size: Optional[int] = typer.Option(None, help="Crop size for live data (default: the teacher's)"),
     eps: str = typer.Option("0.05,0.2", help="Relative noise sizes for perturbation recovery (each > 0)"),
@@ -367,7 +405,7 @@ def dynamics(
     autocast: Optional[str] = typer.Option(None, help="bfloat16 autocast for the live teacher forward"),
     progress: bool = typer.Option(True, help="Show progress bars"),
 ):
-    """Dynamical interpretability (the paper's §6): convergence, speed, coherence, update ranks, class basins and
+    """Dynamical interpretability (docs/method.md §9): convergence, speed, coherence, update ranks, class basins and
     perturbation recovery, with the paper's three findings stated as holds / does not hold."""
     from raptor.dynamics.run import DynamicsConfig, run_dynamics
 
@@ -376,6 +414,7 @@ def dynamics(
     cfg = DynamicsConfig(teacher=teacher, surrogate=str(surrogate) if surrogate else None, data=data,
                          store=str(store) if store else None, out=str(out), phases=explicit,
                          phases_file=phases if phases and explicit is None else None, limit=limit,
+                         sample=sample, sample_seed=sample_seed,
                          batch_size=batch_size, image_size=image_size, eps=eps_list, inject=parse_layers(inject),
                          perturb_images=perturb_images, rank_images=rank_images, knn_k=knn_k, seed=seed,
                          space=space, autocast=autocast)
@@ -397,7 +436,9 @@ def study(
     ks: str = typer.Option("2,3", help="Raptor block counts k"),
     random: int = typer.Option(10, help="Random contiguous partitions per k (the Figure-3 baseline)"),
     swap_samples: int = typer.Option(10, help="Random draws per layer-swap setting (0: no swap test)"),
-    limit: Optional[int] = typer.Option(None, help="Only the first N images"),
+    limit: Optional[int] = typer.Option(None, help="Only N images: a seeded sample, stratified by class"),
+    sample: str = typer.Option("random", help="--limit: random (seeded, stratified by class) | sorted (the first N)"),
+    sample_seed: int = typer.Option(1, help="Seed of the --limit sample"),
     image_size: int = typer.Option(16, help="ViT input size"),
     patch_size: int = typer.Option(4, help="ViT patch size"),
     dim: int = typer.Option(64, help="ViT width"),
@@ -412,13 +453,14 @@ def study(
     steps2: int = typer.Option(40, help="Raptor stage-2 steps"),
     progress: bool = typer.Option(True, help="Show progress"),
 ):
-    """The small-scale study (the paper's §5): does stochastic depth make ViTs block-recurrent? Trains one ViT per
+    """The small-scale study (docs/method.md §8): does stochastic depth make ViTs block-recurrent? Trains one ViT per
     (p, seed), then phases, Raptor fits vs random partitions, layer swaps and correlations (Figures 3 and 4)."""
     from raptor.study.run import FitBudget, StudyConfig, run_study
     from raptor.study.vit import TrainConfig, ViTConfig
 
     cfg = StudyConfig(data=data, out=str(out), sd=_floats(sd, "--sd"), seeds=_ints(seeds, "--seeds"),
                       ks=_ints(ks, "--ks"), random_partitions=random, swap_samples=swap_samples, limit=limit,
+                      sample=sample, sample_seed=sample_seed,
                       vit=ViTConfig(image_size=image_size, patch_size=patch_size, dim=dim, depth=depth, heads=heads),
                       train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, shift=shift, flip=flip),
                       fit=FitBudget(steps1=steps1, steps2=steps2))

@@ -8,8 +8,9 @@ torchrun) is a world of one and never touches ``torch.distributed``.
 Division of work (every rank runs the same cheap checks first, so a bad argument ends every rank the same way):
 
 - ``extract``: store chunk ``c`` belongs to rank ``c % world``; rank 0 creates (and locks) the store, every rank
-  writes its own disjoint chunks and records them in ``manifest.rank<r>.json``; at the end rank 0 merges them into
-  the one ``manifest.json``. A resumed run (any world size) skips every chunk any manifest records.
+  writes its own disjoint chunks, each finished by writing the chunk's own ``valid`` status chunk (so no two ranks
+  ever write the same file and there is nothing to merge). A resumed run (any world size) skips every chunk whose
+  status is written.
 - ``fit``: data-parallel. Every step's global batch is drawn from (seed, work item, step) exactly as in a
   1-process run, rank ``r`` takes its ``batch / world`` share, and ``DistributedDataParallel`` averages the
   gradients, so the update equals the 1-process update on the whole batch (to float rounding). Rank 0 alone writes

@@ -2,18 +2,19 @@
 
 Two methods:
 
-- :func:`recursive_max_cut` -- the official notebook's algorithm (PAPER.md 1.3, ``raptor/max_cut_dinov2_base.ipynb``
-  functions ``max_cut_bruteforce`` / ``recursive_max_cut``), reproduced exactly by default: complete graph on the
-  layers with edge weights D; exact max-cut by brute force (vertex 0 pinned, all 2^(n-1) bipartitions in the
-  notebook's enumeration order, first maximum wins); recursive bisection taking the cluster with the largest
-  recorded gain first; stop when that gain <= eps, eps = frac * total weight (total = D.sum()/2); clusters smaller
-  than 2*min_size are never split, but a cut may put a single layer on one side; a cut whose value is <= eps marks
-  the cluster unsplittable; children inherit the parent's cut value as gain; output in the notebook's order. It
-  does **not** force contiguity. A ``balanced`` variant (both sides >= min_size) is kept as an option.
+- :func:`recursive_max_cut` -- the official notebook's algorithm (docs/method.md §3; the notebook
+  ``raptor/max_cut_dinov2_base.ipynb``, functions ``max_cut_bruteforce`` / ``recursive_max_cut``), reproduced exactly
+  by default: complete graph on the layers with edge weights D; exact max-cut by brute force (vertex 0 pinned, all
+  2^(n-1) bipartitions in the notebook's enumeration order, first maximum wins); recursive bisection taking the
+  cluster with the largest recorded gain first; stop when that gain <= eps, eps = frac * total weight (total =
+  D.sum()/2); clusters smaller than 2*min_size are never split, but a cut may put a single layer on one side; a cut
+  whose value is <= eps marks the cluster unsplittable; children inherit the parent's cut value as gain; output in the
+  notebook's order. It does **not** force contiguity. A ``balanced`` variant (both sides >= min_size) is kept as an
+  option.
 - :func:`contiguous_segmentation` -- exact contiguous segmentation into k phases by dynamic programming
-  (reconstructed: the paper describes a "max-cut solved by DP into contiguous segments" but no formulation is
-  public). Objective: **minimise the total within-phase distance** sum_{phases} sum_{i<j in phase} D_ij, which is
-  the same as maximising the cut weight between phases (the contiguous max-k-cut). O(k L^2) time.
+  (reconstructed: the paper describes a "max-cut solved by DP into contiguous segments" but no formulation is public).
+  Objective: **minimise the total within-phase distance** sum_{phases} sum_{i<j in phase} D_ij, which is the same as
+  maximising the cut weight between phases (the contiguous max-k-cut). O(k L^2) time.
 
 Choice of k (:func:`choose_k`): ``gain`` (default) -- the DP analogue of the max-cut stopping rule: keep adding a
 phase while the cut weight it adds is > frac * total weight; ``elbow`` -- the k whose point on the normalised DP
@@ -117,7 +118,7 @@ def cut_weight(W: np.ndarray, side: np.ndarray) -> float:
 
 def recursive_max_cut(D: np.ndarray, frac: float = 0.2, min_size: int = 2, variant: str = "official",
                       cache: dict | None = None) -> list[list[int]]:
-    """Recursive max-cut bisection (PAPER.md 1.3). Returns clusters (sorted members) in the algorithm's order.
+    """Recursive max-cut bisection (docs/method.md §3). Returns clusters (sorted members) in the algorithm's order.
 
     ``variant="official"`` (default) reproduces the notebook exactly: eps = frac * D.sum()/2; repeatedly take the
     cluster with the largest recorded gain (ties: the earliest cluster in the list); stop when that gain <= eps;
@@ -206,10 +207,9 @@ def contiguous_segmentation(D: np.ndarray, k_max: int, min_size: int = 1) -> DPR
         raise RaptorError("k must be >= 1")
     k_max = min(k_max, L // max(1, min_size))
     C = segment_costs(D)
-    if min_size > 1:
-        a = np.arange(L + 1)[:, None]
-        b = np.arange(L + 1)[None, :]
-        C = np.where(b - a >= min_size, C, np.inf)
+    a = np.arange(L + 1)[:, None]
+    b = np.arange(L + 1)[None, :]
+    C = np.where(b - a >= max(1, min_size), C, np.inf)  # no empty phase, even where distances tie at 0
     dp = np.full((k_max + 1, L + 1), np.inf)
     arg = np.zeros((k_max + 1, L + 1), dtype=np.int64)
     dp[1] = C[0]

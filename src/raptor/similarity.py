@@ -3,7 +3,7 @@
 All metrics are accumulated from sufficient statistics, so the result over a dataset is exact (not an average of
 minibatch scores) and does not depend on batch size or order. Metrics, named precisely:
 
-- ``paper_cosine_distance`` -- PAPER.md 1.2: per image, the 2-token summary [cls, mean of patch tokens] (registers
+- ``paper_cosine_distance`` -- docs/method.md §2: per image, the 2-token summary [cls, mean of patch tokens] (registers
   excluded); entry (i, j) = mean over images and the 2 summary tokens of 1 - clamp(cos(s_i, s_j), -1, 1). A
   *distance* (zero diagonal). For teachers without a cls token (SigLIP) the summary is the mean patch alone.
 - ``paper_mse`` -- its MSE twin: per image, mean over summary tokens and features of (s_i - s_j)^2, summed over
@@ -251,10 +251,11 @@ class SimilarityAccumulator:
         r.matrices["paper_cosine_distance"] = cos
         r.kinds["paper_cosine_distance"] = "distance"
         r.descriptions["paper_cosine_distance"] = ("mean over images and the [cls, mean patch] summary tokens of "
-                                                   "1 - clamp(cos(s_i, s_j), -1, 1) (PAPER.md 1.2)")
+                                                   "1 - clamp(cos(s_i, s_j), -1, 1) (docs/method.md §2)")
         r.matrices["paper_mse"] = (self.mse_sum / self.n).numpy()
         r.kinds["paper_mse"] = "distance"
-        r.descriptions["paper_mse"] = "per image mean over summary tokens and features of (s_i - s_j)^2, averaged over images"
+        r.descriptions["paper_mse"] = ("per image mean over summary tokens and features of (s_i - s_j)^2, averaged "
+                                       "over images")
         for g in self.token_groups:
             if g == "all":
                 num = sum(self.tok_sum[b] for b in BASE_GROUPS)

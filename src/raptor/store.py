@@ -5,15 +5,21 @@ Layout of a store directory::
     STORE/zarr.json            group; attrs["raptor"] = metadata (teacher, layout, transform, dtype, versions, ...)
     STORE/trajectories/        (N, n_layers, T, D), chunks (chunk_images, 1, T, D): a layer range of a batch of
                                images is a handful of whole-chunk reads
-    STORE/valid/               (N,) uint8: 1 = extracted, 0 = image unreadable (skipped, named in manifest)
+    STORE/valid/               (N,) uint8 status, chunks (chunk_images,): 0 = not extracted yet, 1 = stored,
+                               2 = image unreadable (skipped)
     STORE/labels/              (N,) int64 (-1 = no label)
-    STORE/ids.json             image ids in row order
-    STORE/manifest.json        completed chunk indices + skipped images (written atomically after each chunk)
+    STORE/ids/                 (N,) variable-length UTF-8 strings: image ids in row order
 
-``bfloat16`` is stored as its raw 16-bit pattern (uint16; zarr has no bfloat16) with the logical dtype in the
-metadata; readers return float32. Extraction is resumable: a chunk counts as done only once all its data and
-then the manifest are written, so a SIGKILL at any moment followed by the same command gives arrays equal to an
-uninterrupted run. ``complete`` in the metadata turns true only at the very end.
+Nothing else lives in the directory (plain zarr lists the hierarchy without warnings; the run's lock file is removed
+when the run ends). ``bfloat16`` is stored as its raw 16-bit pattern (uint16; zarr has no bfloat16) with the logical
+dtype in the metadata (and in the ``trajectories`` attribute ``logical_dtype``); readers return float32.
+
+Extraction is resumable: a store chunk counts as done once its ``valid`` chunk is written (every status non-zero),
+which happens only after all its trajectory chunks are; zarr writes each chunk file atomically (temp file + rename),
+so a SIGKILL at any moment followed by the same command gives arrays equal to an uninterrupted run. Creation is
+finished once the metadata carries ``created``; ``complete`` turns true only at the very end. Under torchrun each rank
+writes only its own chunks of ``trajectories`` and ``valid`` (rank 0 creates the store), so no file is shared.
+Format 1 stores (``ids.json`` and ``manifest.json`` beside the arrays) are still read, but not resumed or extended.
 """
 
 from __future__ import annotations
@@ -33,12 +39,12 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from raptor.config import atomic_write_text
 from raptor.errors import RaptorError, check_positive
 from raptor.outputs import LOCK_NAME, only_lock_inside
 from raptor.teachers.base import TokenLayout
 
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: ids and chunk progress are zarr arrays (1: ids.json + manifest.json side files)
+PENDING, STORED, SKIPPED = 0, 1, 2  # per-image status in the ``valid`` array
 DTYPES = ("bfloat16", "float16", "float32")
 COMPRESSIONS = ("lz4", "zstd", "none")
 _STORAGE = {"bfloat16": "uint16", "float16": "float16", "float32": "float32"}
@@ -97,10 +103,18 @@ class StoreSettings:
     chunk_images: int
     compression: str
     autocast: str | None = None
+    sample: dict | None = None  # --limit: {"limit", "order", "seed"} of the sample (the chosen ids are the store's)
 
     def fingerprint(self) -> str:
         blob = json.dumps(self.__dict__, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def store_sample(record: dict | None) -> dict | None:
+    """The part of a source's --limit record that a store's settings hold (None: every image)."""
+    if not record or record.get("ids") is None:
+        return None
+    return {k: record[k] for k in ("limit", "order", "seed")}
 
 
 @dataclass
@@ -139,13 +153,32 @@ def _read_json(store: Path, name: str):
         raise RaptorError(f"store {store} is damaged: {name} is not valid JSON ({e})") from None
 
 
-def read_manifest(store: Path) -> dict:
-    """The store's manifest (finished chunks, skipped images), refused with one line when damaged."""
+def _read_legacy_manifest(store: Path) -> dict:
+    """A format-1 store's manifest.json (finished chunks, skipped images), refused with one line when damaged."""
     m = _read_json(store, "manifest.json")
     if not isinstance(m, dict) or not isinstance(m.get("done", []), list) or \
             not isinstance(m.get("skipped", []), list):
         raise RaptorError(f"store {store} is damaged: manifest.json is not a Raptor manifest")
     return m
+
+
+def chunks_done(status: np.ndarray, chunk_images: int) -> list[int]:
+    """The store chunks every image of which has a status (stored or skipped): the finished ones."""
+    n_chunks = -(-len(status) // chunk_images)
+    full = np.ones(n_chunks * chunk_images, dtype=bool)
+    full[:len(status)] = np.asarray(status) != PENDING
+    return np.flatnonzero(full.reshape(n_chunks, chunk_images).all(axis=1)).tolist()
+
+
+def _refuse_other_version(path: Path, version, action: str = "read") -> None:
+    """One line for a store of a format this raptor cannot ``action`` (read: newer ones; resume: any other)."""
+    if not isinstance(version, int) or version > STORE_VERSION:
+        raise RaptorError(f"store {path} has format version {version!r}; this raptor reads up to "
+                          f"{STORE_VERSION}: upgrade raptor-brh to read it")
+    if action != "read" and version != STORE_VERSION:
+        raise RaptorError(f"store {path} was made by an older raptor (store format {version}, this raptor writes "
+                          f"{STORE_VERSION}): it can still be read, but not resumed or extended; re-extract into "
+                          f"another --out (or delete it)")
 
 
 def _dir_bytes(path: Path) -> int:
@@ -199,6 +232,9 @@ class TrajectoryStore:
     def __init__(self, path: str | Path):
         import zarr
 
+        from raptor.versions import require
+
+        require("zarr")
         self.path = Path(path)
         if not (self.path / "zarr.json").is_file():
             raise RaptorError(f"not a trajectory store (no zarr.json): {self.path}")
@@ -212,17 +248,31 @@ class TrajectoryStore:
             raise RaptorError(f"{self.path} is a zarr group but not a Raptor trajectory store")
         self.meta: dict = dict(meta)
         version = self.meta.get("version")
-        if not isinstance(version, int) or version > STORE_VERSION:
-            raise RaptorError(f"store {self.path} has format version {version!r}; this raptor reads up to "
-                              f"{STORE_VERSION}: upgrade raptor-brh to read it")
+        _refuse_other_version(self.path, version)
+        self._legacy = version < 2  # format 1: ids.json + manifest.json; valid is 1 = extracted, 0 = anything else
+        self._ids: list[str] | None = None
+        arrays = {}
+        for name in ("trajectories", "valid", "labels") + (() if self._legacy else ("ids",)):
+            try:
+                arrays[name] = self.group[name]
+            except KeyError:
+                raise RaptorError(f"store {self.path} is damaged or incomplete: its {name} array is missing") \
+                    from None
+            except Exception as e:  # noqa: BLE001 - zarr raises several kinds on a damaged array zarr.json
+                raise RaptorError(f"store {self.path} is damaged: the metadata of its {name} array ({name}/zarr.json) "
+                                  f"cannot be read ({type(e).__name__}: {str(e)[:120]})") from None
+        self.array = arrays["trajectories"]
+        self._status_array = arrays["valid"]
+        self._ids_array = arrays.get("ids")
         try:
             s = self.meta["settings"]
             self.dtype: str = s["dtype"]
             self.layers: list[int] = [int(x) for x in s["layers"]]
             self.layout = TokenLayout.from_dict(self.meta["layout"])
-            self.array = self.group["trajectories"]
-            self._valid = np.asarray(self.group["valid"][:]).astype(bool)
-            self.labels = np.asarray(self.group["labels"][:])
+            self._valid = self._read_status() == STORED
+            self.labels = np.asarray(arrays["labels"][:])
+        except RaptorError:
+            raise
         except (KeyError, TypeError, ValueError) as e:
             raise RaptorError(f"store {self.path} is damaged or incomplete (missing {e})") from None
         except Exception as e:  # noqa: BLE001 - a damaged array's zarr.json
@@ -234,9 +284,19 @@ class TrajectoryStore:
                               f"{self.dtype} (stored as {_STORAGE[self.dtype]}); the store is damaged")
         shape = tuple(self.array.shape)
         if len(shape) != 4 or shape[1] != len(self.layers) or shape[2] != self.layout.n_tokens or \
-                len(self._valid) != shape[0] or len(self.labels) != shape[0]:
+                len(self._valid) != shape[0] or len(self.labels) != shape[0] or \
+                (self._ids_array is not None and tuple(self._ids_array.shape) != shape[:1]):
             raise RaptorError(f"store {self.path}: array shape {list(shape)} does not match its metadata "
                               f"({len(self.layers)} layers, {self.layout.n_tokens} tokens); the store is damaged")
+
+    def _read_status(self) -> np.ndarray:
+        """The per-image status (PENDING / STORED / SKIPPED) as it is on disk now."""
+        try:
+            v = np.asarray(self._status_array[:]).astype(np.uint8)
+        except Exception as e:  # noqa: BLE001 - a damaged chunk
+            raise RaptorError(f"store {self.path} is damaged: its valid array cannot be read ({type(e).__name__}: "
+                              f"{str(e)[:120]})") from None
+        return np.where(v != 0, STORED, PENDING).astype(np.uint8) if self._legacy else v
 
     def require_complete(self, why: str = "") -> None:
         """Refuse a store whose extraction has not finished."""
@@ -287,11 +347,27 @@ class TrajectoryStore:
 
     @property
     def ids(self) -> list[str]:
-        return _read_json(self.path, "ids.json")
+        """Image ids in row order (written once, at creation)."""
+        if self._ids is None:
+            if self._legacy:
+                self._ids = _read_json(self.path, "ids.json")
+            else:
+                try:
+                    self._ids = [str(x) for x in np.asarray(self._ids_array[:]).tolist()]
+                except Exception as e:  # noqa: BLE001 - a damaged chunk
+                    raise RaptorError(f"store {self.path} is damaged: its ids array cannot be read "
+                                      f"({type(e).__name__}: {str(e)[:120]})") from None
+        return list(self._ids)
 
     @property
     def manifest(self) -> dict:
-        return read_manifest(self.path)
+        """{"done": finished chunk indices, "skipped": ids of the unreadable images}, as on disk now."""
+        if self._legacy:
+            return _read_legacy_manifest(self.path)
+        status = self._read_status()
+        skipped = np.flatnonzero(status == SKIPPED)
+        ids = self.ids if len(skipped) else []
+        return {"done": chunks_done(status, self.chunk_images), "skipped": [ids[i] for i in skipped]}
 
     @property
     def chunk_images(self) -> int:
@@ -398,46 +474,50 @@ class TrajectoryStore:
 
 def _open_or_create(path: Path, settings: StoreSettings, meta: dict, ids: list[str], labels: np.ndarray,
                     shape: tuple[int, ...]):
-    """Open the store at ``path`` to resume it, or create it. Creation writes ``manifest.json`` last: a store
-    without one was interrupted while being created (nothing extracted yet) and is created again. Never uses
-    zarr's overwrite mode, which would empty the directory, lock file included."""
+    """Open the store at ``path`` to resume it, or create it. Creation marks the metadata ``created`` last: a store
+    without the mark was interrupted while being created (nothing extracted yet) and is created again. Never uses
+    zarr's overwrite mode on the group, which would empty the directory, lock file included."""
     import zarr
 
     fp = settings.fingerprint()
-    if (path / "zarr.json").is_file() and (path / "manifest.json").is_file():
-        g = zarr.open_group(str(path), mode="r+")
-        old = g.attrs.get("raptor")
-        if not old:
-            raise RaptorError(f"{path} exists and is not a Raptor store; choose another --out")
-        if old.get("fingerprint") != fp:
-            _refuse_other_settings(path, old.get("settings", {}), settings.__dict__, always=True)
-        return g
-    if (path / "zarr.json").is_file():  # an interrupted creation: ours only if it carries our attributes
+    if (path / "zarr.json").is_file():
         try:
-            ours = json.loads((path / "zarr.json").read_text()).get("attributes", {}).get("raptor") is not None
-        except ValueError:
-            ours = False
+            old = json.loads((path / "zarr.json").read_text()).get("attributes", {}).get("raptor")
+        except (OSError, ValueError, AttributeError):
+            old = None
+        ours = isinstance(old, dict)
+        if ours and (old.get("created") or old.get("version") != STORE_VERSION):  # a store to resume
+            _refuse_other_version(path, old.get("version"), "resume")
+            if old.get("fingerprint") != fp:
+                _refuse_other_settings(path, old.get("settings", {}), settings.__dict__, always=True)
+            return zarr.open_group(str(path), mode="r+")
+        # an interrupted creation: ours only if it carries our attributes
         if not ours and not {p.name for p in path.iterdir()} <= {"zarr.json", "trajectories", "valid", "labels",
-                                                                  "ids.json", LOCK_NAME}:
+                                                                  "ids", LOCK_NAME}:
             raise RaptorError(f"{path} exists and is not a Raptor store; choose another --out")
         for p in path.iterdir():
             if p.name != LOCK_NAME:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
     elif path.exists() and not only_lock_inside(path):
         raise RaptorError(f"{path} exists, is not empty and is not a Raptor store; choose another --out")
-    g = zarr.open_group(str(path), mode="a", attributes={"raptor": {**meta, "fingerprint": fp, "complete": False}})
+    attrs = {**meta, "fingerprint": fp, "complete": False}
+    g = zarr.open_group(str(path), mode="a", attributes={"raptor": attrs})
     storage = _STORAGE[settings.dtype]
     g.create_array("trajectories", shape=shape, dtype=storage,
                    chunks=(settings.chunk_images, 1, shape[2], shape[3]),
                    compressors=_compressors(settings.compression, np.dtype(storage).itemsize), fill_value=0,
-                   dimension_names=["image", "layer", "token", "dim"], overwrite=True)
-    g.create_array("valid", shape=(shape[0],), dtype="uint8", chunks=(settings.chunk_images,), fill_value=0,
+                   dimension_names=["image", "layer", "token", "dim"], attributes={"logical_dtype": settings.dtype},
                    overwrite=True)
+    # chunked like the trajectories: a store chunk's status is one chunk file, written after its trajectory chunks
+    g.create_array("valid", shape=(shape[0],), dtype="uint8", chunks=(settings.chunk_images,), fill_value=PENDING,
+                   dimension_names=["image"], overwrite=True)
     lab = g.create_array("labels", shape=(shape[0],), dtype="int64", chunks=(max(1, shape[0]),), fill_value=-1,
-                         overwrite=True)
+                         dimension_names=["image"], overwrite=True)
     lab[:] = labels
-    atomic_write_text(path / "ids.json", json.dumps(ids))
-    atomic_write_text(path / "manifest.json", json.dumps({"done": [], "skipped": []}))  # last: creation finished
+    id_arr = g.create_array("ids", shape=(shape[0],), dtype=str, chunks=(max(1, shape[0]),),
+                            dimension_names=["image"], overwrite=True)
+    id_arr[:] = np.array(ids, dtype=object)
+    g.attrs["raptor"] = {**attrs, "created": True}  # last: creation finished
     return g
 
 
@@ -446,6 +526,9 @@ def check_extract_args(*, dtype: str, compression: str, batch_size: int, chunk_i
                        workers: int = 0) -> None:
     """Every cheap check of extract's arguments, done before any teacher, data or output is touched."""
     from raptor.teachers.base import check_autocast
+    from raptor.versions import require
+
+    require("zarr")
 
     if dtype not in DTYPES:
         raise RaptorError(f"unknown --dtype {dtype!r} (use {', '.join(DTYPES)})")
@@ -470,10 +553,12 @@ def precheck_store(out: str | Path, **settings) -> None:
             raise RaptorError(f"{out} exists, is not empty and is not a Raptor store; choose another --out")
         return
     try:
-        prev = json.loads((out / "zarr.json").read_text())["attributes"]["raptor"]["settings"]
+        raptor = json.loads((out / "zarr.json").read_text())["attributes"]["raptor"]
+        prev = raptor["settings"]
     except (OSError, ValueError, KeyError, TypeError):
         raise RaptorError(f"{out} exists and is not a readable Raptor store; choose another --out or delete it") \
             from None
+    _refuse_other_version(out, raptor.get("version"), "resume")
     _refuse_other_settings(out, prev, settings)
 
 
@@ -491,7 +576,7 @@ def _has_rows(path: Path) -> bool:
     """Durable progress of a store: at least one image extracted (kept when a failed run is cleaned up)."""
     import zarr
 
-    return bool(np.asarray(zarr.open_array(str(path / "valid"), mode="r")[:]).any())
+    return bool((np.asarray(zarr.open_array(str(path / "valid"), mode="r")[:]) == STORED).any())
 
 
 def extract(teacher, source, out: str | Path, *, dtype: str = "bfloat16", layers: Sequence[int] | None = None,
@@ -522,7 +607,7 @@ def extract(teacher, source, out: str | Path, *, dtype: str = "bfloat16", layers
         raise RaptorError("no images to extract")
     settings = StoreSettings(teacher=teacher.spec, data=source.spec, n_images=n, layers=layer_list, dtype=dtype,
                              transform=transform.describe(), chunk_images=chunk_images, compression=compression,
-                             autocast=autocast)
+                             autocast=autocast, sample=store_sample(source.sample))
     meta = {"version": STORE_VERSION, "settings": settings.__dict__, "teacher": teacher.describe(),
             "layout": layout.to_dict(), "class_names": source.class_names, "packages": package_versions(),
             "layer_convention": "layer 0 = embedding output; layer l = output of block l (before final norm)"}
@@ -531,15 +616,12 @@ def extract(teacher, source, out: str | Path, *, dtype: str = "bfloat16", layers
     with contextlib.ExitStack() as stack:
         def create():
             _open_or_create(out, settings, meta, [it.id for it in source.items], source.labels, shape)
-            _merge_rank_manifests(out)  # a run interrupted under torchrun left per-rank records
 
         claim_on_main(stack, dist, out, _has_rows, create)
         import zarr
 
         g = zarr.open_group(str(out), mode="r+")
-        manifest = read_manifest(out)
-        done = set(manifest.get("done", []))
-        skipped: list[str] = list(manifest.get("skipped", []))
+        done, skipped = _progress(g, out, chunk_images)
         n_before = len(done)
         n_chunks = -(-n // chunk_images)
         todo = [c for c in range(n_chunks) if c not in done and c % dist.world == dist.rank]
@@ -548,20 +630,12 @@ def extract(teacher, source, out: str | Path, *, dtype: str = "bfloat16", layers
         from raptor.runtime import tune_malloc
 
         tune_malloc()
-        record = out / ("manifest.json" if not dist.active else f"manifest.rank{dist.rank}.json")
-        mine: set = set() if dist.active else done
-        mine_skipped: list = [] if dist.active else skipped
         with _quiet_io_threads():
-            seconds, n_run = _run_pipeline(teacher.to(device), source, record, g, settings, layer_list, shape, mine,
-                                           mine_skipped, todo, transform, autocast, batch_size, progress, workers)
-        if dist.active:  # every rank's chunks are written (or a rank failed, and this never returns)
-            if not dist.all_ok(True):
-                raise RaptorError("another rank failed (its error line says why)")
-            if dist.main:
-                _merge_rank_manifests(out)
-            dist.barrier()
-            manifest = read_manifest(out)
-            done, skipped = set(manifest["done"]), list(manifest["skipped"])
+            seconds, n_run = _run_pipeline(teacher.to(device), source, g, settings, layer_list, shape, todo,
+                                           transform, autocast, batch_size, progress, workers)
+        if dist.active and not dist.all_ok(True):  # every rank's chunks are written (or a rank failed)
+            raise RaptorError("another rank failed (its error line says why)")
+        done, skipped = _progress(g, out, chunk_images)
         complete = len(done) == n_chunks and len(skipped) < n  # a store of only unreadable images is never complete
         if complete and dist.main:
             g.attrs["raptor"] = {**dict(g.attrs["raptor"]), "complete": True, "skipped": skipped}
@@ -575,20 +649,16 @@ def extract(teacher, source, out: str | Path, *, dtype: str = "bfloat16", layers
         return summary
 
 
-def _merge_rank_manifests(out: Path) -> None:
-    """Fold every ``manifest.rank<r>.json`` into ``manifest.json`` (written first), then remove them."""
-    parts = sorted(out.glob("manifest.rank*.json"))
-    if not parts:
-        return
-    m = read_manifest(out)
-    done, skipped = set(m.get("done", [])), list(m.get("skipped", []))
-    for p in parts:
-        r = json.loads(p.read_text())
-        done.update(r.get("done", []))
-        skipped.extend(x for x in r.get("skipped", []) if x not in skipped)
-    atomic_write_text(out / "manifest.json", json.dumps({"done": sorted(done), "skipped": skipped}))
-    for p in parts:
-        p.unlink()
+def _progress(g, out: Path, chunk_images: int) -> tuple[set[int], list[str]]:
+    """(finished chunks, ids of the skipped images in row order) of an open store, as on disk now."""
+    try:
+        status = np.asarray(g["valid"][:])
+        bad = np.flatnonzero(status == SKIPPED)
+        ids = np.asarray(g["ids"][:]).tolist() if len(bad) else []
+    except Exception as e:  # noqa: BLE001 - a damaged array
+        raise RaptorError(f"store {out} is damaged ({type(e).__name__}: {str(e)[:120]}); use another --out or "
+                          f"delete it") from None
+    return set(chunks_done(status, chunk_images)), [str(ids[i]) for i in bad]
 
 
 @contextlib.contextmanager
@@ -606,11 +676,10 @@ def _quiet_io_threads():
         blosc.set_nthreads(old)
 
 
-def _run_pipeline(teacher, source, record: Path, g, settings: StoreSettings, layer_list, shape, done: set,
-                  skipped: list, todo: list[int], transform, autocast, batch_size: int, progress: bool,
-                  workers: int = 0) -> tuple[float, int]:
+def _run_pipeline(teacher, source, g, settings: StoreSettings, layer_list, shape, todo: list[int], transform,
+                  autocast, batch_size: int, progress: bool, workers: int = 0) -> tuple[float, int]:
     """loader thread (pulls decoded chunks from ``workers`` DataLoader processes, or decodes them itself) -> main
-    thread (forward) -> writer thread (write + record the chunk in ``done``/``skipped`` and the ``record`` file).
+    thread (forward) -> writer thread (write the trajectory chunks, then the chunk's status, which marks it done).
     Returns (seconds, images this run went through)."""
     from raptor.data.stream import ChunkDataset, loader
     from raptor.progress import progress_bar
@@ -644,13 +713,10 @@ def _run_pipeline(teacher, source, record: Path, g, settings: StoreSettings, lay
     def write(item):
         c, lo, hi, block, kept, bad = item
         arr[lo:hi] = block
-        v = np.zeros(hi - lo, dtype=np.uint8)
-        v[kept] = 1
+        v = np.full(hi - lo, SKIPPED, dtype=np.uint8)
+        v[kept] = STORED
+        # one chunk file, replaced atomically: only now does the chunk count as done (a kill before redoes it)
         valid[lo:hi] = v
-        # only now does the chunk count as done: a kill before this line redoes it on resume
-        done.add(c)
-        skipped.extend(bad)
-        atomic_write_text(record, json.dumps({"done": sorted(done), "skipped": skipped}))
 
     def writer():
         _lower_thread_priority()

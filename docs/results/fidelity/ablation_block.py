@@ -13,8 +13,16 @@ import torch
 from raptor.store import TrajectoryStore
 from raptor.surrogate.metrics import LayerFitAccumulator
 from raptor.surrogate.stats import ridge_predict
-from raptor.surrogate.train import (FitConfig, StoreBatches, build_model, compute_stats, holdout_split, item_loss,
-                                    lr_at, plan)
+from raptor.surrogate.train import (
+    FitConfig,
+    StoreBatches,
+    build_model,
+    compute_stats,
+    holdout_split,
+    item_loss,
+    lr_at,
+    plan,
+)
 
 torch.set_num_threads(1)
 store, start, end, init, lr, norm = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), \

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from raptor.data.sampling import DEFAULT_SAMPLE_SEED, sample_positions, sample_record
 from raptor.errors import RaptorError
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -38,16 +39,26 @@ class ImageSource:
     spec: str
     items: list[ImageItem]
     class_names: list[str] = field(default_factory=list)
+    sample: dict | None = None  # how a --limit chose these items from the full set (see raptor.data.sampling)
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def subset(self, limit: int | None) -> "ImageSource":
+    def subset(self, limit: int | None, seed: int = DEFAULT_SAMPLE_SEED, order: str = "random") -> "ImageSource":
+        """``limit`` of the items: a seeded random sample, stratified by class where there are labels (``order``
+        "random"), or the first ``limit`` ("sorted"); kept in the set's order, recorded in ``.sample``."""
         if limit is None:
             return self
         if limit <= 0:
             raise RaptorError(f"--limit must be positive, got {limit}")
-        return ImageSource(self.spec, self.items[:limit], self.class_names)
+        pos = sample_positions(len(self.items), limit, self.labels, seed, order)
+        items = [self.items[i] for i in pos]
+        return ImageSource(self.spec, items, self.class_names,
+                           sample_record([it.id for it in items], limit, seed, order, len(self.items)))
+
+    def sample_info(self) -> dict:
+        """The --limit record of this source (every item when there was no --limit)."""
+        return self.sample or sample_record(None, None, DEFAULT_SAMPLE_SEED, "random", len(self.items))
 
     @property
     def labels(self) -> np.ndarray:

@@ -1,1 +1,1 @@
-"""Dynamical interpretability (issue 10): depth as discrete time, token directions on the unit sphere."""
+"""Dynamical interpretability (docs/method.md §9): depth as discrete time, token directions on the unit sphere."""

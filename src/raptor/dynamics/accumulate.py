@@ -14,8 +14,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from raptor.dynamics.metrics import (coherence_of_units, gamma_of_units, singular_values, speed_of_units,
-                                     spectrum_ranks, unit)
+from raptor.dynamics.metrics import (
+    coherence_of_units,
+    gamma_of_units,
+    singular_values,
+    spectrum_ranks,
+    speed_of_units,
+    unit,
+)
 from raptor.errors import RaptorError
 
 GROUPS = ("cls", "registers", "patches", "all")

@@ -1,4 +1,4 @@
-"""Dynamics metrics over trajectories (batch, layers, tokens, dim), each with its formula (PAPER.md §6; where the
+"""Dynamics metrics over trajectories (batch, layers, tokens, dim), each with its formula (docs/method.md §9; where the
 paper gives none, the definition below is ours and says so).
 
 Directions: x̂ = x / ‖x‖ per token (token norms grow with depth, so Euclidean distances are not comparable across

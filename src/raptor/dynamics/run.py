@@ -1,4 +1,4 @@
-"""``raptor dynamics``: the paper's dynamical reading of a ViT (PAPER.md §6) for a teacher and, side by side, a
+"""``raptor dynamics``: the paper's dynamical reading of a ViT (docs/method.md §9) for a teacher and, side by side, a
 Raptor surrogate rolled out from the teacher's layer 0.
 
 One pass over the images (live through the teacher, or from a trajectory store holding every layer 0..L) gives the
@@ -39,6 +39,8 @@ class DynamicsConfig:
     phases: list[list[int]] | None = None      # explicit phases (output layers 1..L)
     phases_file: str | None = None             # or an analysis.json (its chosen phases)
     limit: int | None = None
+    sample: str = "random"                     # --limit: seeded random sample (stratified by class) | sorted
+    sample_seed: int = 1
     batch_size: int = 16
     image_size: int | None = None
     eps: tuple[float, ...] = (0.05, 0.2)       # relative noise sizes for perturbation recovery
@@ -66,6 +68,10 @@ class DynamicsConfig:
             raise RaptorError(f"unknown --space {self.space!r} (use {' or '.join(SPACES)})")
         if self.phases is not None and self.phases_file is not None:
             raise RaptorError("give --phases as layers or as an analysis.json, not both")
+        from raptor.data.sampling import SAMPLE_ORDERS
+
+        if self.sample not in SAMPLE_ORDERS:
+            raise RaptorError(f"unknown --sample {self.sample!r} (use {', '.join(SAMPLE_ORDERS)})")
         check_autocast(self.autocast)
 
 
@@ -101,9 +107,13 @@ def _open_inputs(cfg: DynamicsConfig):
     else:
         from raptor.data import open_source
 
-        src = open_source(cfg.data).subset(cfg.limit)
-    if cfg.phases_file is not None and not Path(cfg.phases_file).is_file():
-        raise RaptorError(f"--phases {cfg.phases_file}: no such file")
+        src = open_source(cfg.data).subset(cfg.limit, cfg.sample_seed, cfg.sample)
+    if cfg.phases_file is not None:
+        from raptor.surrogate.model import phases_from_analysis
+
+        if not Path(cfg.phases_file).is_file():
+            raise RaptorError(f"--phases {cfg.phases_file}: no such file")
+        phases_from_analysis(cfg.phases_file)  # a bad file is one error line before the teacher loads
     return sur, st, src
 
 
@@ -115,10 +125,29 @@ def run_dynamics(cfg: DynamicsConfig, progress: bool = True) -> dict:
         return _run(cfg, sur, st, src, stage, progress)
 
 
+def _store_rows(cfg, st) -> np.ndarray:
+    from raptor.data.sampling import sample_rows
+
+    return sample_rows(st.valid_indices, cfg.limit, st.labels, cfg.sample_seed, cfg.sample)
+
+
+def _sample(cfg, st, src) -> dict:
+    """The --limit record: which images (ids), drawn how."""
+    from raptor.data.sampling import sample_record
+
+    if st is None:
+        return src.sample_info()
+    n = len(st.valid_indices)
+    used = cfg.limit is not None and cfg.limit < n
+    ids = st.ids if used else None
+    return sample_record([ids[r] for r in _store_rows(cfg, st)] if used else None, cfg.limit, cfg.sample_seed,
+                         cfg.sample, n)
+
+
 def _batches(cfg, teacher, st, src, bar):
     """Yield (trajectory (B, 0..L, T, D), labels) batches, from the store or through the teacher."""
     if st is not None:
-        rows = st.valid_indices[: cfg.limit]
+        rows = _store_rows(cfg, st)
         for x, idx in st.batches(cfg.batch_size, layers=(0, teacher.depth), shuffle=False, rows=rows):
             yield x, st.labels[np.asarray(idx)]
             bar.advance(len(x))
@@ -137,7 +166,7 @@ def _given_phases(cfg, depth: int) -> tuple[list[list[int]], str] | None:
     if cfg.phases is not None:
         return validate_phases(cfg.phases, depth), "given (--phases)"
     if cfg.phases_file is not None:
-        phases = phases_from_analysis(cfg.phases_file)
+        phases = phases_from_analysis(cfg.phases_file, depth=depth)
         if phases[-1][-1] != depth:
             raise RaptorError(f"--phases {cfg.phases_file} covers layers 1..{phases[-1][-1]}, the teacher has "
                               f"{depth}")
@@ -218,7 +247,7 @@ def _run(cfg: DynamicsConfig, sur, st, src, stage: Path, progress: bool) -> dict
         if given is None else None
     x0_keep: list[torch.Tensor] = []
     n_keep = 0
-    total = len(st.valid_indices[: cfg.limit]) if st is not None else len(src)
+    total = len(_store_rows(cfg, st)) if st is not None else len(src)
     t_pass = time.perf_counter()
     with progress_bar(total, "dynamics" + (" (store)" if st is not None else ""), "img", enabled=progress) as bar:
         for traj, labels in _batches(cfg, teacher, st, src, bar):
@@ -267,7 +296,8 @@ def _run(cfg: DynamicsConfig, sur, st, src, stage: Path, progress: bool) -> dict
         "teacher": teacher.describe(),
         "surrogate": {"run": sur.run, "phases": [list(p) for p in sur.phases]} if sur is not None else None,
         "data": {"spec": None if st is not None else cfg.data, "store": cfg.store, "n_images": results["teacher"]
-                 ["n_images"], "source": "store" if st is not None else "live"},
+                 ["n_images"], "source": "store" if st is not None else "live",
+                 "sample": _sample(cfg, st, src)},
         "layout": layout.to_dict(),
         "layers": list(range(L + 1)),
         "layer_convention": "layer 0 = embedding output; layer l = output of block l (before the final norm); "

@@ -1,5 +1,5 @@
 """Linear probe heads trained as a **grid**: one head per learning rate, all fed the same batches in one pass
-(DINOv2's own linear eval does this), plus the losses and metrics of the paper's three protocols (PAPER.md 4.3).
+(DINOv2's own linear eval does this), plus the losses and metrics of the paper's three protocols (docs/method.md §7).
 
 - ``cls``: [cls || mean patch] -> Linear -> classes; cross-entropy; top-1 accuracy.
 - ``seg``: patch tokens -> Linear -> classes on the patch grid, bilinear upsampling to the input resolution,

@@ -42,6 +42,8 @@ class ProbeConfig:
     init_head: str | None = None                # cls only: "teacher" (its own head) or an official *_linear_head.pth
     cache: str | None = None                    # default: OUT/features
     limit: int | None = None                    # at most N images per split (smoke runs)
+    sample: str = "random"                      # --limit: seeded random sample (stratified by class) | sorted
+    sample_seed: int = 1
     feature_batch: int = 32
     device: str = "auto"                        # the feature passes' device (the heads train on the CPU)
     standardize: bool = True                    # z-score features with training-split statistics (train.py)
@@ -58,6 +60,10 @@ class ProbeConfig:
             raise RaptorError(f"--seeds repeats a seed: {list(self.seeds)}")
         check_positive(image_size=self.image_size, epochs=self.epochs, batch_size=self.batch_size, limit=self.limit,
                        feature_batch=self.feature_batch)
+        from raptor.data.sampling import SAMPLE_ORDERS
+
+        if self.sample not in SAMPLE_ORDERS:
+            raise RaptorError(f"unknown --sample {self.sample!r} (use {', '.join(SAMPLE_ORDERS)})")
         if self.weight_decay is not None and not self.weight_decay >= 0:
             raise RaptorError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if self.init_head is not None:
@@ -140,8 +146,13 @@ def run_probe(cfg: ProbeConfig, progress: bool = True, backbone=None) -> list[di
     spec = parse_backbone(cfg.backbone, cfg.layer, cfg.splice)
     data = open_probe_data(cfg.data, cfg.task)
     if cfg.limit:
+        from raptor.data.sampling import sample_positions
+
         for s in data.splits:
-            data.splits[s] = data.splits[s][: cfg.limit]
+            items = data.splits[s]
+            labels = np.array([it.target() for it in items]) if cfg.task == "cls" else None
+            data.splits[s] = [items[i] for i in sample_positions(len(items), cfg.limit, labels, cfg.sample_seed,
+                                                                  cfg.sample)]
     if cfg.init_head not in (None, "teacher"):  # a bad head file is refused before any feature pass
         from raptor.teachers.dinov2_pth import load_state_file
 
@@ -179,6 +190,8 @@ def _run(cfg: ProbeConfig, spec, data, recipe: Recipe, out: Path, progress: bool
     ident = bb.identity()
     settings = {"task": cfg.task, "data": data.spec, "backbone_id": ident["id"], "recipe": to_dict(recipe),
                 "transform": transform.describe(), "init_head": cfg.init_head, "limit": cfg.limit}
+    if cfg.limit:  # which images a --limit chose (runs without one keep their settings, and their results, as before)
+        settings["sample"] = {"order": cfg.sample, "seed": cfg.sample_seed}
     done = {r["seed"]: r for r in read_results(out / RESULTS) if r.get("settings") == json.loads(json.dumps(settings))}
     todo = [s for s in cfg.seeds if s not in done]
     slug = _slug(ident["id"], cfg.task, data.spec)

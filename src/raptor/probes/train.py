@@ -17,15 +17,27 @@ import torch
 import torch.nn.functional as F
 
 from raptor.errors import RaptorError
-from raptor.probes.heads import (GridHead, accuracy, as_float, bin_centres, confusion, depth_logits, depth_loss,
-                                 eval_mask, miou, rmse, seg_logits, to_target)
+from raptor.probes.heads import (
+    GridHead,
+    accuracy,
+    as_float,
+    bin_centres,
+    confusion,
+    depth_logits,
+    depth_loss,
+    eval_mask,
+    miou,
+    rmse,
+    seg_logits,
+    to_target,
+)
 
 METRICS = {"cls": ("top1", True), "seg": ("miou", True), "depth": ("rmse", False)}
 
 
 @dataclass
 class Recipe:
-    """Optimiser and schedule of one task's probes (defaults: the official recipes, PAPER.md 4.3)."""
+    """Optimiser and schedule of one task's probes (defaults: the official recipes, docs/method.md §7)."""
 
     lrs: tuple[float, ...]
     epochs: int

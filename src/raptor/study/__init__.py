@@ -1,1 +1,1 @@
-"""The small-scale study (PAPER.md §5): does training with stochastic depth make ViTs block-recurrent?"""
+"""The small-scale study (docs/method.md §8): does training with stochastic depth make ViTs block-recurrent?"""

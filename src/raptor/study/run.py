@@ -1,6 +1,6 @@
 """``raptor study``: train one small ViT per (stochastic-depth p, seed), then for each: accuracy, layer similarity,
 phases, phase-structure metrics, Raptor fits (the DP phases and random contiguous partitions of the same k) and the
-layer-swap test; finally correlations across the sweep and the paper's Figures 3 and 4 (PAPER.md §5).
+layer-swap test; finally correlations across the sweep and the paper's Figures 3 and 4 (docs/method.md §8).
 
 Everything a run produces is cached under ``OUT/runs/p<p>_s<seed>/`` and marked complete by ``result.json``
 (written last); the ViT trains with per-epoch checkpoints and each fit resumes from its own checkpoint, so an
@@ -48,6 +48,8 @@ class StudyConfig:
     random_partitions: int = 10
     swap_samples: int = 10
     limit: int | None = None
+    sample: str = "random"  # --limit: a seeded random sample (stratified by class) | sorted: the first N
+    sample_seed: int = 1
     vit: ViTConfig = field(default_factory=ViTConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fit: FitBudget = field(default_factory=FitBudget)
@@ -70,6 +72,10 @@ class StudyConfig:
                               f"got {bad_k[0]}")
         if self.random_partitions < 0 or self.swap_samples < 0:
             raise RaptorError("--random and --swap-samples must be >= 0")
+        from raptor.data.sampling import SAMPLE_ORDERS
+
+        if self.sample not in SAMPLE_ORDERS:
+            raise RaptorError(f"unknown --sample {self.sample!r} (use {', '.join(SAMPLE_ORDERS)})")
         check_positive(limit=self.limit, **{k: v for k, v in asdict(self.fit).items() if k in
                                             ("steps1", "steps2", "batch_size", "val_images", "stats_images")})
 
@@ -150,6 +156,7 @@ def _fit(cfg: StudyConfig, teacher_spec: str, store: Path, phases, out: Path, se
     fc = FitConfig(teacher=teacher_spec, data=None, store=str(store), out=str(out), phases=phases,
                    steps1=b.steps1, steps2=b.steps2, batch_size=b.batch_size, lr=b.lr, lr2=b.lr2,
                    val_images=b.val_images, stats_images=b.stats_images, probe_data=None, seed=seed,
+                   stage2_weights=(0.45, 0.10, 0.45),  # the study's published runs used the paper's stage-2 weights
                    ckpt_every=max(b.steps1, b.steps2))
     if (out / "metrics.json").is_file():
         m = json.loads((out / "metrics.json").read_text())
@@ -281,13 +288,16 @@ def run_study(cfg: StudyConfig, progress: bool = True, after_run=None) -> dict:
 
     cfg.check()
     out = Path(cfg.out)
-    data = load_split(cfg.data, cfg.vit.image_size, limit=cfg.limit)
+    data = load_split(cfg.data, cfg.vit.image_size, limit=cfg.limit, sample_seed=cfg.sample_seed, sample=cfg.sample)
     prev = out / "config.json"
     if prev.is_file():  # a resumed sweep must be the same sweep (new p or seeds may be added)
         old = json.loads(prev.read_text())
         mine = to_dict(cfg)
+        was = {"sample": "sorted", "sample_seed": 1}  # studies before --sample took the first --limit images
         diff = [k for k in ("data", "vit", "train", "fit", "ks", "random_partitions", "swap_samples", "limit")
                 if old.get(k) != mine.get(k)]
+        if cfg.limit is not None:
+            diff += [k for k in was if old.get(k, was[k]) != mine[k]]
         if diff:
             raise RaptorError(f"{out} holds a study with other settings ({', '.join(diff)}): use another --out")
 

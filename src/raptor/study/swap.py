@@ -1,4 +1,4 @@
-"""The layer-swap test (PAPER.md §1.5, the camera-ready's Figure 15): replace n layers of a trained ViT by other
+"""The layer-swap test (docs/method.md §8; the camera-ready's Figure 15): replace n layers of a trained ViT by other
 layers of the same network, taken from the same phase (intra) or from another phase (inter), and measure accuracy.
 
 A replacement of layer i by layer j runs block j where block i was (the weights of j, at i's position in depth).

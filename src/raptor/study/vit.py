@@ -2,7 +2,7 @@
 
 The model is an HF ``Dinov2ForImageClassification`` (pre-norm blocks, LayerScale, [cls ‖ mean patch] linear head)
 whose ``drop_path_rate`` is the **uniform** stochastic-depth probability p: HF's Dinov2 applies the same rate in every
-block, as the paper's study does (PAPER.md §5). Saved with ``save_pretrained`` (safetensors) plus a
+block, as the paper's study does (docs/method.md §8). Saved with ``save_pretrained`` (safetensors) plus a
 ``preprocessor_config.json`` holding its mean/std, the trained model is a teacher through the existing contract
 (``hf:<dir>``) with no new teacher code.
 
@@ -71,6 +71,10 @@ class TrainConfig:
 
 def build_model(cfg: ViTConfig, n_classes: int, drop_path: float, seed: int):
     import transformers as T
+
+    from raptor.versions import require
+
+    require("transformers")
 
     hf_cfg = T.Dinov2Config(hidden_size=cfg.dim, num_hidden_layers=cfg.depth, num_attention_heads=cfg.heads,
                             mlp_ratio=cfg.mlp_ratio, image_size=cfg.image_size, patch_size=cfg.patch_size,
@@ -200,13 +204,14 @@ class Split(NamedTuple):
     transform: object
 
 
-def load_split(spec: str, size: int, test_frac: float = 0.2, limit: int | None = None) -> Split:
+def load_split(spec: str, size: int, test_frac: float = 0.2, limit: int | None = None, sample_seed: int = 1,
+               sample: str = "random") -> Split:
     """A labelled image source as normalised tensors at ``size`` px (the eval transform with ImageNet statistics),
     with a fixed stratified train/test split (independent of the training seed)."""
     from raptor.data import EvalTransform, load_images, open_source
     from raptor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-    src = open_source(spec).subset(limit)
+    src = open_source(spec).subset(limit, sample_seed, sample)
     y = src.labels
     if (y < 0).any():
         raise RaptorError(f"--data {spec} has unlabelled images: the study trains classifiers (use class folders, "

@@ -1,4 +1,4 @@
-"""The Raptor block (PAPER.md 2.3): pre-norm attention + MLP (SwiGLU or GELU), LayerScale, depth conditioning.
+"""The Raptor block (docs/method.md §4): pre-norm attention + MLP (SwiGLU or GELU), LayerScale, depth conditioning.
 
 Depth conditioning ("t_scale"): a small MLP of the raw output-layer index t (1..L, as a float) gives three gates
 (attention branch, MLP branch, block output), shifted by +1 and initialised near 1 (last layer weights and bias

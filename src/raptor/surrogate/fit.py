@@ -22,8 +22,18 @@ from raptor.errors import RaptorError
 from raptor.outputs import staged
 from raptor.surrogate.evaluate import head_agreement, probe_evaluation, validate
 from raptor.surrogate.losses import effective_group_weights
-from raptor.surrogate.train import (FitConfig, OnlineBatches, StoreBatches, block_checkpoints, build_model,
-                                    check_existing_run, compute_stats, evenly_spaced, holdout_split, train)
+from raptor.surrogate.train import (
+    FitConfig,
+    OnlineBatches,
+    StoreBatches,
+    block_checkpoints,
+    build_model,
+    check_existing_run,
+    compute_stats,
+    evenly_spaced,
+    holdout_split,
+    train,
+)
 
 
 def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step=None, teacher=None) -> dict:
@@ -46,16 +56,16 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
         st.require_complete("fit never trains on part of a store")
         st.require_teacher_spec(cfg.teacher)
         depth = st.require_every_layer("fit")
-        _enough_images(len(st.valid_indices[: cfg.limit]), cfg.val_images)
+        _enough_images(len(_store_rows(st, cfg)), cfg.val_images)
         if cfg.phases:
             validate_phases(cfg.phases, depth)
         elif cfg.phases_file is None and cfg.k is not None and cfg.k > depth:
             raise RaptorError(f"--k must lie in 1..{depth} (the teacher's depth), got {cfg.k}")
     else:
-        src = open_source(cfg.data).subset(cfg.limit)
+        src = open_source(cfg.data).subset(cfg.limit, cfg.sample_seed, cfg.sample)
         _enough_images(len(src), cfg.val_images)
     if cfg.phases_file:
-        phases_from_analysis(cfg.phases_file, cfg.k)
+        phases_from_analysis(cfg.phases_file, cfg.k, depth if st is not None else None)
     if cfg.probe_data:
         open_source(cfg.probe_data)
     if cfg.init_from is not None:
@@ -87,16 +97,19 @@ def _run_fit(cfg: FitConfig, st, src, out: Path, resume: bool, progress: bool, o
         teacher = load_teacher(cfg.teacher)
     elif teacher.spec != cfg.teacher:
         raise RaptorError(f"the teacher passed in is {teacher.spec}, the config names {cfg.teacher}")
-    model = build_model(cfg, teacher.describe(), teacher)  # checks the phases before any data is read
-    if cfg.compile:
-        for blk in model.blocks:
-            blk.compile()
+    # phases given (or equal ones): the model is built, and its phases checked, before any data is read; with --k
+    # alone the phases come from the training images' similarity, found in the statistics pass below
+    data_phases = cfg.phases is None and cfg.phases_file is None and cfg.phase_method == "dp"
+    model = None if data_phases else build_model(cfg, teacher.describe(), teacher)
+    if data_phases and not 1 <= cfg.k <= teacher.depth:
+        raise RaptorError(f"--k must lie in 1..{teacher.depth} (the teacher's depth), got {cfg.k}")
     # labelled training data, if any: (a callable giving layer-0 tokens + labels of the probe's training images, the
     # labels of the held-out images, whose layer-0 tokens are val_traj[:, 0], data name)
     probe_inputs = None
     if st is not None:
         st.check_teacher(teacher)
-        rows = st.valid_indices[: cfg.limit] if cfg.limit else st.valid_indices
+        rows = _store_rows(st, cfg)
+        sample = _store_sample(st, rows, cfg)
         tr_pos, val_pos = holdout_split(len(rows), cfg.val_images)
         tr_rows, val_rows = rows[tr_pos], rows[val_pos]
         data = StoreBatches(st, tr_rows, cfg.seed, cache_bytes=cfg.store_cache_gb * 1e9, progress=progress,
@@ -111,6 +124,7 @@ def _run_fit(cfg: FitConfig, st, src, out: Path, resume: bool, progress: bool, o
             probe_inputs = (lambda: (data.read(ptr, 0, 0)[:, 0].cpu(), labels[ptr]), labels[np.sort(val_rows)],
                             st.meta["settings"]["data"])
     else:
+        sample = src.sample_info()
         tr_pos, val_pos = holdout_split(len(src.items), cfg.val_images)
         tr_items, val_items = [src.items[i] for i in tr_pos], [src.items[i] for i in val_pos]
         size = teacher.image_size(cfg.image_size)
@@ -134,7 +148,27 @@ def _run_fit(cfg: FitConfig, st, src, out: Path, resume: bool, progress: bool, o
             probe_inputs = (probe_train, src.labels[val_pos[vkept]], cfg.data)
     if dist.main:
         save_config(cfg, out / "config.yaml")
-    stats = compute_stats(data, layout, cfg.stats_images, progress=progress)
+    phase_pass = None
+    if data_phases:
+        from raptor.analyze import PhaseFinder
+
+        phase_pass = PhaseFinder(layout, int(teacher.describe()["depth"]))
+    stats = compute_stats(data, layout, cfg.stats_images, progress=progress,
+                          on_batch=phase_pass.update if phase_pass else None)
+    if phase_pass is not None:
+        recorded = out / "phases.json"
+        if resume and recorded.is_file():  # the phases this run was started with (a re-run finds the same ones)
+            phases_info = _recorded_phases(recorded, phase_pass.choose(cfg.k))
+        else:
+            phases_info = phase_pass.choose(cfg.k, recorded if dist.main else None)
+        if dist.main:
+            print(f"phases (k={cfg.k}): {phases_info['phases']}  ({phases_info['how']})", flush=True)
+        model = build_model(cfg, teacher.describe(), teacher, phases=phases_info["phases"])
+    else:
+        phases_info = {"phases": model.cfg.phases, "how": _phases_how(cfg)}
+    if cfg.compile:
+        for blk in model.blocks:
+            blk.compile()
 
     def quick_val(m) -> float:  # mean held-out R^2 of the full autoregressive rollout, on the CPU
         m.cpu(), teacher.cpu()
@@ -151,11 +185,11 @@ def _run_fit(cfg: FitConfig, st, src, out: Path, resume: bool, progress: bool, o
         return {}
     with staged(out, "metrics.json") as stage:
         return _finish(cfg, model, teacher, layout, size, probe_inputs, val_traj, state, stats, n_train, train_s,
-                       stage, progress)
+                       stage, progress, {"phases_chosen": phases_info, "data_sample": sample})
 
 
 def _finish(cfg: FitConfig, model, teacher, layout, size: int, probe_inputs, val_traj, state, stats, n_train: int,
-            train_s: float, out: Path, progress: bool) -> dict:
+            train_s: float, out: Path, progress: bool, record: dict) -> dict:
     """Final weights, validation with baselines, probes and plots, all written into ``out`` (a staging dir)."""
     from raptor import plots
     from raptor.surrogate.checkpoint import save_tensors
@@ -169,7 +203,8 @@ def _finish(cfg: FitConfig, model, teacher, layout, size: int, probe_inputs, val
         val["teacher_head"] = head_agreement(model, teacher, val_traj[:, 0], layout)
     params = sum(p.numel() for p in model.parameters())
     metrics = {
-        "config": to_dict(cfg), "surrogate": model.cfg.to_dict(), "teacher": teacher.describe(),
+        "config": to_dict(cfg), "recipe": cfg.recipe_report(), **record, "surrogate": model.cfg.to_dict(),
+        "teacher": teacher.describe(),
         "n_train_images": n_train, "n_val_images": len(val_traj), "parameters": params,
         "training_stats": stats.summary(),
         "group_weights": {"stage1_last": effective_group_weights(layout, cfg.stage1_last_weights),
@@ -178,7 +213,7 @@ def _finish(cfg: FitConfig, model, teacher, layout, size: int, probe_inputs, val
         "validation": val, "loss_history": state.history, "train_seconds": round(train_s, 1),
         "metric_definitions": {
             "r2": "1 - SSE / sum over features of the target's variance (per-feature mean over validation tokens)",
-            "r2_official": "1 - mean((pred-y)^2) / (var(pred) + 1e-6), global scalar mean (PAPER.md 3.5)",
+            "r2_official": "1 - mean((pred-y)^2) / (var(pred) + 1e-6), global scalar mean (docs/method.md §6)",
             "autoregressive": "full surrogate rolled out from teacher layer 0",
             "per_block_from_teacher": "each block rolled out over its own segment from the teacher's start layer",
             "splice": "top-1 agreement with the teacher under the classifier (teacher head or a probe)"},
@@ -214,6 +249,45 @@ def _finish(cfg: FitConfig, model, teacher, layout, size: int, probe_inputs, val
         plt.close(fig)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     return metrics
+
+
+def _store_rows(st, cfg: FitConfig) -> np.ndarray:
+    """The store rows this fit uses: every extracted row, or a --limit sample of them (stratified by label)."""
+    from raptor.data.sampling import sample_rows
+
+    return sample_rows(st.valid_indices, cfg.limit, st.labels, cfg.sample_seed, cfg.sample)
+
+
+def _store_sample(st, rows: np.ndarray, cfg: FitConfig) -> dict:
+    from raptor.data.sampling import sample_record
+
+    n = len(st.valid_indices)
+    ids = st.ids
+    return sample_record([ids[r] for r in rows] if cfg.limit and cfg.limit < n else None, cfg.limit,
+                         cfg.sample_seed, cfg.sample, n)
+
+
+def _recorded_phases(path: Path, found: dict) -> dict:
+    """A resumed run keeps the phases it started with; say so if the data now gives others."""
+    import warnings
+
+    try:
+        rec = json.loads(path.read_text())
+        phases = [[int(x) for x in p] for p in rec["phases"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RaptorError(f"cannot read {path} (the phases this run started with): {e}") from None
+    if phases != found["phases"]:
+        warnings.warn(f"the training images now give phases {found['phases']}; the run keeps {phases}, recorded in "
+                      f"{path} when it started", UserWarning, stacklevel=2)
+    return {**rec, "phases": phases}
+
+
+def _phases_how(cfg: FitConfig) -> str:
+    if cfg.phases is not None:
+        return "given (--phases)"
+    if cfg.phases_file is not None:
+        return f"from {cfg.phases_file}" + (f" (its DP segmentation for k={cfg.k})" if cfg.k else "")
+    return f"equal phases for k={cfg.k} (--phases equal)"
 
 
 def _enough_images(n: int, val_images: int) -> None:

@@ -2,7 +2,7 @@
 
 - ``r2`` (standard): 1 - sum (y - y_hat)^2 / sum (y - mean_f(y))^2, with the per-feature mean of the *target* over
   all validation tokens (sklearn's ``r2_score`` with variance weighting, over (images*tokens, features)).
-- ``r2_official`` (PAPER.md 3.5, overcomplete's ``r2_score(pred, target)``): 1 - mean((pred - y)^2) /
+- ``r2_official`` (docs/method.md §6, overcomplete's ``r2_score(pred, target)``): 1 - mean((pred - y)^2) /
   (mean((pred - mean(pred))^2) + 1e-6) with a global scalar mean and the variance of the *prediction*.
 - ``cosine[group]``: mean cosine between predicted and teacher tokens, per token group.
 - ``r2_groups[group]``: the standard R^2 restricted to one token group (cls, registers, patches).

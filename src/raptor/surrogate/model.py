@@ -37,12 +37,31 @@ def validate_phases(phases: list[list[int]], depth: int) -> list[list[int]]:
     return [list(p) for p in phases]
 
 
-def phases_from_analysis(path: str | Path, k: int | None = None) -> list[list[int]]:
-    """Phases from ``raptor analyze``'s analysis.json: its chosen DP segmentation, or the DP one for ``k``."""
+def _layer_lists(phases) -> bool:
+    """True for a non-empty list of non-empty lists of layer numbers (ints, not bools)."""
+    return (isinstance(phases, list) and bool(phases) and all(
+        isinstance(p, list) and p and all(isinstance(x, int) and not isinstance(x, bool) for x in p) for p in phases))
+
+
+def phases_from_analysis(path: str | Path, k: int | None = None, depth: int | None = None) -> list[list[int]]:
+    """Phases from a file: ``raptor analyze``'s analysis.json (its chosen DP segmentation, or the DP one for
+    ``k``) or a phases file holding a JSON array of layer lists, e.g. ``[[1,2,3],[4,5,6]]``. ``depth``: the
+    teacher's depth, when known (an analysis.json carries its own). Anything else is one clear error."""
     try:
         a = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
-        raise RaptorError(f"cannot read analysis file {path}: {e}") from None
+        raise RaptorError(f"cannot read phases file {path}: {e}") from None
+    if isinstance(a, list):  # a phases file
+        if not _layer_lists(a):
+            raise RaptorError(f"phases file {path} must hold a non-empty JSON array of non-empty lists of layer "
+                              f"numbers, e.g. [[1,2,3],[4,5,6]]; got {json.dumps(a)[:80]}")
+        if k is not None and k != len(a):
+            raise RaptorError(f"--k {k} contradicts the {len(a)} phases in {path}")
+        if depth is None:
+            depth = max(x for p in a for x in p)
+        return validate_phases(a, depth)
+    if not isinstance(a, dict):
+        raise RaptorError(f"{path} is neither an analysis.json from raptor analyze nor a JSON array of phases")
     try:
         if k is None:
             phases = a["chosen"]["phases"]
@@ -51,12 +70,16 @@ def phases_from_analysis(path: str | Path, k: int | None = None) -> list[list[in
             if str(k) not in dp:
                 raise RaptorError(f"{path} has no k={k} segmentation (available: {sorted(dp, key=int)})")
             phases = dp[str(k)]["phases"]
-        depth = int(a["teacher"]["depth"])
-    except KeyError as e:
-        raise RaptorError(f"{path} is not an analysis.json from raptor analyze (missing {e})") from None
+        file_depth = int(a["teacher"]["depth"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise RaptorError(f"{path} is not an analysis.json from raptor analyze (missing or bad {e})") from None
+    if not _layer_lists(phases):
+        raise RaptorError(f"{path} is not an analysis.json from raptor analyze (its phases are {phases!r})")
+    if depth is not None and depth != file_depth:
+        raise RaptorError(f"{path} describes a teacher of depth {file_depth}, this teacher has {depth} blocks")
     if phases[0][0] != 1:  # analysis over a layer subset: extend to cover 1..depth
         phases = [list(range(1, phases[0][0])) + phases[0]] + phases[1:]
-    return validate_phases(phases, depth)
+    return validate_phases(phases, file_depth)
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """A re-creation of the official Raptor block and training step, written the way the paper's code is
-(PAPER.md 2.3 / 3.2): ``nn.MultiheadAttention``, an ``nn.Sequential`` MLP, a per-step Python loop.
+(docs/method.md §4 / §5): ``nn.MultiheadAttention``, an ``nn.Sequential`` MLP, a per-step Python loop.
 
 It exists to test our block against (parity) and to benchmark our training step against, side by side. It is not
 used for training.

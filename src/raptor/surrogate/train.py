@@ -1,4 +1,4 @@
-"""Two-stage Raptor training (PAPER.md 3.2-3.4), from a trajectory store or an online teacher.
+"""Two-stage Raptor training (docs/method.md §5), from a trajectory store or an online teacher.
 
 Stage 1 trains each phase block alone on its teacher segment (start -> end) with the teacher-forcing ->
 autoregressive anneal: loss = r * L_TF + (1 - r) * L_AR, r = max(0, 1 - step / (anneal_frac * steps)). L_TF feeds
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from raptor.config import to_dict
+from raptor.data.sampling import SAMPLE_ORDERS
 from raptor.errors import RaptorError, check_positive
 from raptor.surrogate.block import BlockConfig
 from raptor.surrogate.checkpoint import latest_checkpoint, load_optimizer, read_checkpoint, save_checkpoint
@@ -34,9 +35,32 @@ from raptor.surrogate.losses import KINDS, NORMS, token_loss
 from raptor.surrogate.model import RaptorModel, SurrogateConfig, equal_phases, phases_from_analysis, validate_phases
 from raptor.teachers.base import autocast_context
 
+# Named training recipes: every hyper-parameter of the optimisation, resolved before a run starts and recorded in its
+# metrics.json. Explicit settings (CLI flags, FitConfig keywords) override the recipe's.
+RECIPE_FIELDS = ("steps1", "steps2", "batch_size", "lr", "lr2", "min_lr", "warmup_frac", "weight_decay", "clip", "loss",
+                 "loss_norm", "stage1_last_weights", "stage2_weights", "sigma", "tf_anneal_frac")
+RECIPES: dict[str, dict] = {
+    # validated at short budgets (hundreds of steps on a CPU): docs/surrogate.md's fidelity protocol, 3 seeds
+    "short": dict(steps1=450, steps2=200, batch_size=16, lr=3e-3, lr2=3e-4, min_lr=1e-6, warmup_frac=0.05,
+                  weight_decay=1e-4, clip=1.0, loss="mse", loss_norm="layer", stage1_last_weights=(0.34, 0.33, 0.33),
+                  stage2_weights=None, sigma=0.0, tf_anneal_frac=0.25),
+    # the official code's hyper-parameters, meant for 312,500 steps of batch 64 per stage (docs/method.md):
+    # plain MSE, lr 3e-4 in both stages, 10,000 warm-up steps, stage-2 group weights 0.45 / 0.10 / 0.45
+    "paper": dict(steps1=312_500, steps2=312_500, batch_size=64, lr=3e-4, lr2=None, min_lr=1e-6,
+                  warmup_frac=10_000 / 312_500, weight_decay=1e-4, clip=1.0, loss="mse", loss_norm="none",
+                  stage1_last_weights=(0.34, 0.33, 0.33), stage2_weights=(0.45, 0.10, 0.45), sigma=0.0,
+                  tf_anneal_frac=0.25),
+}
+DEFAULT_RECIPE = "short"
+PHASE_METHODS = ("dp", "equal")  # with --k alone: the DP segmentation of the training images' similarity | equal
+
 
 @dataclass
 class FitConfig:
+    """One fit's settings. The optimisation's hyper-parameters default to the ``short`` recipe's values
+    (``RECIPES``); :meth:`from_recipe` starts from another recipe. With ``k`` alone (no ``phases`` and no
+    ``phases_file``) the phases are the contiguous DP segmentation, for ``k``, of the training images' layer
+    similarity (as ``raptor analyze`` computes it), or equal phases with ``phase_method="equal"``."""
     teacher: str = "bundled:dinov2-s"
     data: str | None = "bundled:photos"
     store: str | None = None
@@ -44,12 +68,14 @@ class FitConfig:
     phases_file: str | None = None
     k: int | None = None
     phases: list[list[int]] | None = None
+    phase_method: str = "dp"
+    recipe: str = DEFAULT_RECIPE  # the recipe the hyper-parameters below came from (a label: see recipe_report)
     stage: str = "both"
-    steps1: int = 100
-    steps2: int = 100
-    batch_size: int = 8
-    lr: float = 3e-4
-    lr2: float | None = None  # stage-2 learning rate (default: lr)
+    steps1: int = 450
+    steps2: int = 200
+    batch_size: int = 16
+    lr: float = 3e-3
+    lr2: float | None = 3e-4  # stage-2 learning rate (None: lr)
     min_lr: float = 1e-6
     warmup_frac: float = 0.05
     weight_decay: float = 1e-4
@@ -57,7 +83,7 @@ class FitConfig:
     loss: str = "mse"
     loss_norm: str = "layer"  # layer: each target layer/group's error / its training variance | none: the paper's
     stage1_last_weights: tuple[float, float, float] | None = (0.34, 0.33, 0.33)
-    stage2_weights: tuple[float, float, float] | None = (0.45, 0.10, 0.45)
+    stage2_weights: tuple[float, float, float] | None = None
     sigma: float = 0.0
     tf_anneal_frac: float = 0.25
     mlp: str = "swiglu"
@@ -68,7 +94,7 @@ class FitConfig:
     autocast: str | None = None
     image_size: int | None = None
     val_images: int = 128  # whole images held out for validation (fewer, with a warning, for small data sets)
-    stats_images: int = 256  # training images for the loss scale and the baselines (per-position mean, ridge)
+    stats_images: int = 256  # training images for the loss scale, the baselines and (k alone) the phases
     crops: bool = True  # online data: random-resized crops + flips of the training images
     probe_data: str | None = "bundled:digits"
     probe_limit: int = 1000  # labelled training images for the fresh probes
@@ -76,11 +102,28 @@ class FitConfig:
     ckpt_every: int = 25
     val_every: int = 0  # validate on the held-out set every N steps of each work item (0: only at the end)
     limit: int | None = None
+    sample: str = "random"  # --limit: a seeded random sample (stratified by class) | sorted: the first N
+    sample_seed: int = 1
     workers: int = 2  # online data: image-decoding worker processes (0: in the main process)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     compile: bool = False  # torch.compile the surrogate's blocks
     parallel_blocks: bool = False  # torchrun: train the stage-1 blocks at the same time, one rank group per block
     store_cache_gb: float = 6.0  # a store's training rows are cached in RAM (GPU memory on a GPU) up to this size
+
+    @classmethod
+    def from_recipe(cls, recipe: str = DEFAULT_RECIPE, **settings) -> "FitConfig":
+        """The recipe's hyper-parameters, overridden by any of ``settings`` (the other fields as given)."""
+        if recipe not in RECIPES:
+            raise RaptorError(f"unknown --recipe {recipe!r} (use {', '.join(RECIPES)})")
+        return cls(**{**RECIPES[recipe], **settings, "recipe": recipe})
+
+    def recipe_report(self) -> dict:
+        """The recipe's name, every resolved hyper-parameter, and those that differ from the recipe's values."""
+        ref = RECIPES.get(self.recipe, {})
+        used = {f: _plain(getattr(self, f)) for f in RECIPE_FIELDS}
+        return {"name": self.recipe, "hyperparameters": used,
+                "overridden": {f: {"recipe": _plain(ref.get(f)), "used": v} for f, v in used.items()
+                               if _plain(ref.get(f)) != v}}
 
     def check(self) -> None:
         """Cheap checks of the settings themselves, done before any teacher, data or output is touched. Zero is
@@ -100,7 +143,15 @@ class FitConfig:
         if self.data is None and self.store is None:
             raise RaptorError("give --data (online teacher) or --store")
         if self.phases is None and self.phases_file is None and self.k is None:
-            raise RaptorError("give --phases analysis.json or --k K")
+            raise RaptorError("give --phases (an analysis.json, a phases file or e.g. 1-7/8-12) or --k K")
+        if self.recipe not in RECIPES:
+            raise RaptorError(f"unknown --recipe {self.recipe!r} (use {', '.join(RECIPES)})")
+        if self.phase_method not in PHASE_METHODS:
+            raise RaptorError(f"unknown phase method {self.phase_method!r} (use {', '.join(PHASE_METHODS)})")
+        if self.phase_method == "equal" and (self.k is None or self.phases is not None or self.phases_file):
+            raise RaptorError("--phases equal needs --k K (and no other phases)")
+        if self.sample not in SAMPLE_ORDERS:
+            raise RaptorError(f"unknown --sample {self.sample!r} (use {', '.join(SAMPLE_ORDERS)})")
         check_positive(batch_size=self.batch_size, val_images=self.val_images, stats_images=self.stats_images,
                        probe_limit=self.probe_limit, limit=self.limit, image_size=self.image_size, k=self.k,
                        ckpt_every=self.ckpt_every)
@@ -126,11 +177,20 @@ class FitConfig:
         """Everything that changes the training trajectory (not the output dir, checkpointing or evaluation-only
         settings: a finished run can be re-evaluated with ``--resume`` and other probe settings)."""
         d = {k: v for k, v in to_dict(self).items() if k not in EVAL_ONLY}
+        for name, default in NEW_DEFAULTS.items():  # settings added later: runs started before them resume
+            if d.get(name) == default:
+                del d[name]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 EVAL_ONLY = ("out", "probe_data", "probe_limit", "val_every", "ckpt_every",
-             "workers", "device", "compile", "store_cache_gb")  # none of these changes the training trajectory
+             "workers", "device", "compile", "store_cache_gb",  # none of these changes the training trajectory
+             "recipe")  # a label: the hyper-parameters it resolved to are fingerprinted themselves
+NEW_DEFAULTS = {"phase_method": "dp", "sample": "random", "sample_seed": 1}
+
+
+def _plain(v):
+    return list(v) if isinstance(v, tuple) else v
 
 
 def evenly_spaced(n: int, k: int) -> np.ndarray:
@@ -328,9 +388,9 @@ def plan(cfg: FitConfig, model: RaptorModel) -> list[WorkItem]:
     return items
 
 
-def compute_stats(data, layout, n_images: int, progress: bool = True):
+def compute_stats(data, layout, n_images: int, progress: bool = True, on_batch=None):
     """Training-set statistics (loss scale, baselines) from ``data.sample``: deterministic, so a resumed run
-    recomputes exactly the same values."""
+    recomputes exactly the same values. ``on_batch(traj)``: also called with every batch (one pass, two uses)."""
     from raptor.progress import progress_bar
     from raptor.surrogate.stats import TrajectoryStats
 
@@ -340,6 +400,8 @@ def compute_stats(data, layout, n_images: int, progress: bool = True):
             if acc is None:
                 acc = TrajectoryStats(traj.shape[1], traj.shape[2], traj.shape[3], layout)
             acc.update(traj.cpu())
+            if on_batch is not None:
+                on_batch(traj.cpu())
             bar.advance(len(traj))
     return acc.result()
 
@@ -381,16 +443,20 @@ def item_loss(model: RaptorModel, item: WorkItem, traj: torch.Tensor, step: int,
     return loss
 
 
-def build_model(cfg: FitConfig, teacher_desc: dict, teacher=None) -> RaptorModel:
+def build_model(cfg: FitConfig, teacher_desc: dict, teacher=None, phases: list[list[int]] | None = None
+                ) -> RaptorModel:
+    """The surrogate of ``cfg``; ``phases``: found from the data (``k`` alone), else taken from ``cfg``."""
     depth = int(teacher_desc["depth"])
-    if cfg.phases:
+    if phases is not None:
+        phases = validate_phases(phases, depth)
+    elif cfg.phases:
         phases = validate_phases(cfg.phases, depth)
     elif cfg.phases_file:
-        phases = phases_from_analysis(cfg.phases_file, cfg.k)
-    elif cfg.k is not None:
+        phases = phases_from_analysis(cfg.phases_file, cfg.k, depth)
+    elif cfg.k is not None and cfg.phase_method == "equal":
         phases = equal_phases(depth, cfg.k)
     else:
-        raise RaptorError("give --phases analysis.json or --k K")
+        raise RaptorError("give --phases (an analysis.json, a phases file or e.g. 1-7/8-12) or --k K")
     if cfg.mlp not in ("swiglu", "gelu"):
         raise RaptorError(f"--mlp must be swiglu or gelu, got {cfg.mlp!r}")
     dim = int(teacher_desc["dim"])

@@ -22,9 +22,12 @@ __all__ = ["ClassifierHead", "Teacher", "TokenLayout", "autocast_context", "load
 
 def load_teacher(spec: str, head: str | None = None) -> Teacher:
     """Build the teacher named by ``spec`` (frozen, eval mode, float32 on CPU)."""
+    from raptor.versions import require
+
     kind, sep, target = spec.partition(":")
     if not sep or not target:
         raise RaptorError(f"bad teacher spec {spec!r}: expected {SPEC_HELP}")
+    require("transformers")  # every teacher family is built on transformers' modules
     if head and kind not in ("dinov2-pth", "hf"):
         raise RaptorError("--head is only for dinov2-pth:/hf: DINOv2 teachers")
     if kind == "bundled":

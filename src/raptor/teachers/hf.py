@@ -130,7 +130,8 @@ def load_hf_teacher(target: str, spec: str) -> HFTeacher:
         cfg = transformers.AutoConfig.from_pretrained(str(path) if local else target,
                                                       local_files_only=local or offline)
     except Exception as e:  # noqa: BLE001 - turned into one clear line
-        where = f"local dir {path}" if local else f"hub id {target!r}" + (" (HF_HUB_OFFLINE=1: pass a local dir)" if offline else "")
+        where = f"local dir {path}" if local else f"hub id {target!r}" + (
+            " (HF_HUB_OFFLINE=1: pass a local dir)" if offline else "")
         raise RaptorError(f"cannot load HF config from {where}: {str(e).splitlines()[0][:200]}") from None
     mtype = cfg.model_type
     if mtype not in FAMILIES:

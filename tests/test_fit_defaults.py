@@ -1,0 +1,103 @@
+"""What `raptor fit` does when given only --k: the phases `raptor analyze` finds on the training images (not equal
+phases), a named recipe whose every resolved hyper-parameter is recorded, and explicit flags that override it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from raptor.cli import run
+from raptor.surrogate.train import RECIPE_FIELDS, RECIPES, FitConfig
+
+FAST = ["--steps1", "1", "--steps2", "1", "--val-images", "8", "--stats-images", "64", "--probe-data", "none",
+        "--no-progress", "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def digits_store(tmp_path_factory):
+    """72 real digits through the real bundled DINOv2-S at 56 px (4 x 4 patches): real phase structure."""
+    out = tmp_path_factory.mktemp("store") / "digits56"
+    assert run(["extract", "--teacher", "bundled:dinov2-s", "--data", "bundled:digits", "--limit", "72",
+                "--image-size", "56", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_fit_config_defaults_are_the_short_recipe():
+    cfg = FitConfig()
+    assert cfg.recipe == "short"
+    for f in RECIPE_FIELDS:
+        assert getattr(cfg, f) == RECIPES["short"][f], f
+    paper = FitConfig.from_recipe("paper", lr=1e-3)
+    assert paper.loss_norm == "none" and paper.stage2_weights == (0.45, 0.10, 0.45) and paper.lr == 1e-3
+    rep = paper.recipe_report()
+    assert rep["name"] == "paper" and set(rep["overridden"]) == {"lr"}
+    assert rep["overridden"]["lr"] == {"recipe": 3e-4, "used": 1e-3}
+
+
+def test_k_alone_uses_the_phases_analyze_finds(digits_store, tmp_path):
+    """--k 3 alone: the DP segmentation raptor analyze reports for k = 3 on these images (here not the equal
+    1-4/5-8/9-12 that fit used to take silently), printed, recorded with how it was chosen; --phases equal still
+    gives equal phases."""
+    an = tmp_path / "analyze"
+    assert run(["analyze", "--store", str(digits_store), "--out", str(an), "--no-progress"]) == 0
+    a = json.loads((an / "analysis.json").read_text())
+    expected = a["segmentations"][a["primary_metric"]]["dp"]["3"]["phases"]
+    equal = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]
+    assert expected != equal  # else this test could not tell the two apart
+    out = tmp_path / "fit"
+    assert run(["fit", "--store", str(digits_store), "--k", "3", "--out", str(out), *FAST]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["surrogate"]["phases"] == expected
+    chosen = m["phases_chosen"]
+    assert chosen["method"] == "dp" and chosen["metric"] == a["primary_metric"] and chosen["k"] == 3
+    assert chosen["n_images"] == 64  # the training images only: the 8 held out are not used to choose
+    assert json.loads((out / "phases.json").read_text())["phases"] == expected
+    eq = tmp_path / "equal"
+    assert run(["fit", "--store", str(digits_store), "--k", "3", "--phases", "equal", "--out", str(eq), *FAST]) == 0
+    m = json.loads((eq / "metrics.json").read_text())
+    assert m["surrogate"]["phases"] == equal and "equal" in m["phases_chosen"]["how"]
+    # a resumed run keeps the phases it started with
+    assert run(["fit", "--store", str(digits_store), "--k", "3", "--out", str(out), "--resume", *FAST]) == 0
+    assert json.loads((out / "metrics.json").read_text())["surrogate"]["phases"] == expected
+
+
+def test_recipe_is_recorded_and_flags_override_it(digits_store, tmp_path):
+    out = tmp_path / "paper"
+    assert run(["fit", "--store", str(digits_store), "--phases", "1-7/8-12", "--recipe", "paper", "--lr", "1e-3",
+                "--out", str(out), *FAST]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    rec = m["recipe"]
+    assert rec["name"] == "paper"
+    hp = rec["hyperparameters"]
+    assert hp["lr"] == 1e-3 and hp["loss_norm"] == "none" and hp["stage2_weights"] == [0.45, 0.10, 0.45]
+    assert hp["batch_size"] == 64 and hp["lr2"] is None
+    assert set(rec["overridden"]) == {"lr", "steps1", "steps2"}
+    assert set(hp) == set(RECIPE_FIELDS)
+    assert m["config"]["recipe"] == "paper" and m["config"]["lr"] == 1e-3
+    short = tmp_path / "short"
+    assert run(["fit", "--store", str(digits_store), "--phases", "1-7/8-12", "--out", str(short), *FAST]) == 0
+    hp = json.loads((short / "metrics.json").read_text())["recipe"]["hyperparameters"]
+    assert {k: hp[k] for k in ("lr", "lr2", "loss_norm", "stage2_weights", "batch_size")} == {
+        "lr": 3e-3, "lr2": 3e-4, "loss_norm": "layer", "stage2_weights": None, "batch_size": 16}
+
+
+def test_bad_recipe_and_equal_without_k_are_one_error_line(tmp_path, capsys):
+    for argv, needle in ((["--recipe", "fast", "--k", "2"], "unknown --recipe"),
+                         (["--phases", "equal"], "--phases equal needs --k")):
+        capsys.readouterr()
+        assert run(["fit", "--teacher", "tiny:dinov2", "--data", "bundled:lfw", "--out", str(tmp_path / "x"),
+                    *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and needle in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "x").exists()
+
+
+def test_resolved_config_round_trips(tmp_path):
+    from raptor.config import load_config, save_config
+
+    cfg = FitConfig.from_recipe("paper", k=2, steps1=5)
+    save_config(cfg, tmp_path / "c.yaml")
+    back = load_config(FitConfig, tmp_path / "c.yaml")
+    assert dataclasses.asdict(back) == dataclasses.asdict(cfg)
