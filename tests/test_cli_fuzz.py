@@ -226,7 +226,7 @@ def test_phase_files_are_one_error_line(capsys, tmp_path):
             argv = [*cmd, "--teacher", "tiny:dinov2", "--phases", str(PHASE_FILES[name]), "--no-progress",
                     "--out", str(tmp_path / f"{cmd[0]}-{name}")]
             assert _check(argv, capsys) == 2, argv
-    for text in ("[]", "[[1,2,3]]", "equal"):  # on the command line: [[1,2,3]] is the wrong depth; equal needs --k
+    for text in ("[]", "[[1,2],[3,4]]", "equal"):  # on the command line: the wrong depth; equal needs --k
         argv = ["fit", "--teacher", "tiny:dinov2", "--data", "bundled:lfw", "--limit", "30", "--phases", text,
                 "--no-progress", "--out", str(tmp_path / "fit-cli")]
         assert _check(argv, capsys) == 2, argv

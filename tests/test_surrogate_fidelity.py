@@ -124,7 +124,7 @@ def test_holdout_split_is_whole_images_spread_and_warns_when_small():
 def test_fit_reports_baselines_groups_image_level_and_fresh_probes(tmp_path):
     cfg = FitConfig(teacher="tiny:dinov2_with_registers", data="bundled:digits", limit=120, k=2, steps1=3,
                     steps2=3, batch_size=4, val_images=24, stats_images=32, probe_limit=40, probe_data=None,
-                    out=str(tmp_path / "r"))
+                    stage2_weights=(0.45, 0.10, 0.45), out=str(tmp_path / "r"))
     m = run_fit(cfg, progress=False)
     v = m["validation"]
     assert set(v["baselines"]) == {"identity", "copy_layer0", "position_mean", "ridge_teacher_forced",
@@ -168,8 +168,8 @@ def test_a_refused_fit_touches_no_output(tmp_path):
     before = {f: (tmp_path / "run" / f).read_bytes() for f in ("metrics.json", "config.yaml")}
     bad = [(dict(stats_images=0), False, "--stats-images"), (dict(lr2=0.0), False, "--lr2"),
            (dict(loss_norm="magic"), False, "--loss-norm"), ({}, False, "--resume"),
-           (dict(lr=1e-3), True, r"other settings: lr 0.0003 -> 0.001"),
-           (dict(k=None, phases_file=str(tmp_path / "missing.json")), False, "cannot read analysis file")]
+           (dict(lr=1e-3), True, r"other settings: lr 0.003 -> 0.001"),
+           (dict(k=None, phases_file=str(tmp_path / "missing.json")), False, "cannot read phases file")]
     for change, resume, msg in bad:
         with pytest.raises(RaptorError, match=msg):
             run_fit(FitConfig(**{**base, **change}), resume=resume, progress=False)

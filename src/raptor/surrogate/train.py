@@ -142,14 +142,14 @@ class FitConfig:
             raise RaptorError("--init-from and --init-from-teacher both choose the starting weights: give one")
         if self.data is None and self.store is None:
             raise RaptorError("give --data (online teacher) or --store")
+        if self.phase_method == "equal" and (self.k is None or self.phases is not None or self.phases_file):
+            raise RaptorError("--phases equal needs --k K (and no other phases)")
         if self.phases is None and self.phases_file is None and self.k is None:
             raise RaptorError("give --phases (an analysis.json, a phases file or e.g. 1-7/8-12) or --k K")
         if self.recipe not in RECIPES:
             raise RaptorError(f"unknown --recipe {self.recipe!r} (use {', '.join(RECIPES)})")
         if self.phase_method not in PHASE_METHODS:
             raise RaptorError(f"unknown phase method {self.phase_method!r} (use {', '.join(PHASE_METHODS)})")
-        if self.phase_method == "equal" and (self.k is None or self.phases is not None or self.phases_file):
-            raise RaptorError("--phases equal needs --k K (and no other phases)")
         if self.sample not in SAMPLE_ORDERS:
             raise RaptorError(f"unknown --sample {self.sample!r} (use {', '.join(SAMPLE_ORDERS)})")
         check_positive(batch_size=self.batch_size, val_images=self.val_images, stats_images=self.stats_images,
