@@ -159,7 +159,8 @@ def test_cli_fit_errors_are_one_line(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     r = subprocess.run([sys.executable, "-m", "raptor.cli", "fit", "--teacher", "tiny:dinov2", "--data",
                         "bundled:digits", "--out", str(tmp_path / "o")], env=env, capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.strip() == "error: give --phases (an analysis.json, a phases file or e.g. 1-7/8-12) or --k K"
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: give --phases (an analysis.json, a phases file or e.g. 1-7/8-12) or --k K"
 
 
 def test_init_from_teacher_reproduces_teacher_blocks():

@@ -61,7 +61,7 @@ def test_old_transformers_and_zarr_are_refused():
     with pytest.raises(RaptorError, match=r"zarr 3\.0\.8 is not supported"):
         versions.require("zarr", "3.0.8")
     versions.require("transformers", "5.0.0")
-    versions.require("zarr", "3.1.0")
+    versions.require("zarr", "3.1.1")
     versions.require("transformers")  # the installed ones pass
 
 

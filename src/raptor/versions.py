@@ -3,7 +3,8 @@
 ``pyproject.toml`` declares these floors and CI installs exactly them (``constraints-floor.txt``, ``make
 test-floor``). A few packages changed in ways that would give wrong results rather than an error (transformers 4.x
 names its attention weights and returns per-layer tuples differently from 5.x; zarr 3.0 writes chunks in place,
-not atomically), so the code that uses them checks the installed version first.
+not atomically, and 3.1.0 warns on every read of the store's string ids), so the code that uses them checks the
+installed version first.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import importlib.metadata as md
 from raptor.errors import RaptorError
 
 # the floors checked at run time (pyproject.toml declares these and the others)
-MIN_VERSIONS = {"transformers": "5.0.0", "zarr": "3.1.0"}
+MIN_VERSIONS = {"transformers": "5.0.0", "zarr": "3.1.1"}
 
 
 def _release(version: str) -> tuple[int, ...]:

@@ -199,7 +199,9 @@ def init_from_teacher(model: RaptorModel, teacher) -> list[int]:
     for b, phase in enumerate(model.cfg.phases):
         tb = teacher.blocks[phase[len(phase) // 2] - 1]
         blk = model.blocks[b]
-        names = dict(tb.named_parameters())
+        from raptor.teachers.names import current_names
+
+        names = current_names(dict(tb.named_parameters()))
         if "attention.q_proj.weight" not in names or "mlp.fc1.weight" not in names:
             raise RaptorError("--init-from-teacher supports DINOv2-family teachers only")
         if names["mlp.fc1.weight"].shape != blk.fc1.weight.shape:

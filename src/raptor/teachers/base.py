@@ -17,6 +17,23 @@ from torch import nn
 from raptor.errors import RaptorError
 
 
+def _takes_mask(block) -> bool:
+    """Whether ``block``'s forward takes a second positional argument (an attention mask: CLIP / SigLIP layers
+    require one, later transformers 5.x DINOv2 layers accept one, 5.0's take the hidden states alone)."""
+    import inspect
+
+    kind = type(block)
+    if kind not in _MASK_ARG:
+        params = list(inspect.signature(block.forward).parameters.values())[1:]
+        _MASK_ARG[kind] = bool(params) and params[0].kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                              inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                              inspect.Parameter.VAR_POSITIONAL)
+    return _MASK_ARG[kind]
+
+
+_MASK_ARG: dict[type, bool] = {}
+
+
 @dataclass(frozen=True)
 class TokenLayout:
     """Where each token group lives in a sequence: [cls..., registers..., patches...]."""
@@ -216,7 +233,9 @@ class Teacher(nn.Module):
 
     def run_block(self, index: int, tokens: torch.Tensor) -> torch.Tensor:
         """Apply block ``index`` (0-based; its output is layer ``index + 1``)."""
-        return self.blocks[index](tokens, None)
+        blk = self.blocks[index]
+        out = blk(tokens, None) if _takes_mask(blk) else blk(tokens)  # DINOv2 layers of transformers 5.0: no mask
+        return out[0] if isinstance(out, tuple) else out
 
     def run_blocks(self, tokens: torch.Tensor, start_layer: int, end_layer: int | None = None) -> torch.Tensor:
         """Advance tokens that are at layer ``start_layer`` to layer ``end_layer`` (default: last)."""

@@ -93,7 +93,9 @@ def load_bundled_teacher(spec: str = "bundled:dinov2-s") -> HFTeacher:
                        patch_size=patch, image_size=side * patch, layer_norm_eps=1e-6)
     model = Dinov2Model(cfg)
     sd["embeddings.mask_token"] = model.embeddings.mask_token.detach().clone()  # unused at inference
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    from raptor.teachers.names import to_model_names
+
+    missing, unexpected = model.load_state_dict(to_model_names(sd, model), strict=False)
     if missing or unexpected:
         raise RaptorError(f"bundled ONNX -> Dinov2Model mapping failed: missing={missing} unexpected={unexpected}")
     return HFTeacher(model.eval(), "dinov2", spec=spec, name=BUNDLED_NAME)

@@ -196,7 +196,9 @@ def load_dinov2_pth_teacher(path: str, spec: str, head: str | None = None) -> HF
     model = build_hf_dinov2(arch)
     if "embeddings.mask_token" not in sd:
         sd["embeddings.mask_token"] = model.embeddings.mask_token.detach().clone()
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    from raptor.teachers.names import to_model_names
+
+    missing, unexpected = model.load_state_dict(to_model_names(sd, model), strict=False)
     if missing or unexpected:
         raise RaptorError(f"DINOv2 checkpoint {path} does not fit the inferred architecture {arch}: "
                           f"missing={missing[:5]} unexpected={unexpected[:5]}")
