@@ -124,7 +124,9 @@ def extract(
     sample: str = typer.Option("random", help="--limit: random (seeded, stratified by class) | sorted (the first N)"),
     sample_seed: int = typer.Option(1, help="Seed of the --limit sample"),
     batch_size: int = typer.Option(16, help="Forward batch size"),
-    chunk_images: int = typer.Option(32, help="Images per store chunk (also the resume granularity)"),
+    chunk_images: Optional[int] = typer.Option(None, help="Images per store chunk (also the resume granularity; "
+                                               "one forward covers at most one chunk) [default: the larger of 32 "
+                                               "and --batch-size]"),
     layers: Optional[str] = typer.Option(None, help="Layers to store, e.g. 0-12 or 0,6,12 (default all)"),
     image_size: Optional[int] = typer.Option(None, help="Crop size (default: the teacher's, 224 for DINOv2)"),
     compression: str = typer.Option("lz4", help="lz4 (bit-shuffled, default) | zstd | none"),
@@ -144,6 +146,8 @@ def extract(
     from raptor.store import extract as run_extract
     from raptor.teachers import load_teacher
 
+    if chunk_images is None and batch_size is not None and batch_size > 0:
+        chunk_images = max(32, batch_size)
     check_extract_args(dtype=dtype, compression=compression, batch_size=batch_size, chunk_images=chunk_images,
                        image_size=image_size, autocast=autocast, limit=limit, workers=workers)
     layer_list = parse_layers(layers)

@@ -112,6 +112,10 @@ def resolve_device(device: str | None, dist: Dist | None = None) -> torch.device
     if text == "cpu":
         return torch.device("cpu")
     if text == "cuda" or text.startswith("cuda:"):
+        if text != "cuda" and dist.world > 1:
+            raise RaptorError(f"--device {device} under torchrun would put all {dist.world} ranks on one GPU (NCCL "
+                              f"refuses duplicate GPUs): use --device cuda, which gives each rank its local GPU "
+                              f"(choose GPUs with CUDA_VISIBLE_DEVICES)")
         if not torch.cuda.is_available():
             raise RaptorError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU (install the "
                               f"CUDA build of torch, see README 'GPU')")

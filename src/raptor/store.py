@@ -535,6 +535,10 @@ def check_extract_args(*, dtype: str, compression: str, batch_size: int, chunk_i
     if compression not in COMPRESSIONS:
         raise RaptorError(f"unknown --compression {compression!r} (use {', '.join(COMPRESSIONS)})")
     check_positive(batch_size=batch_size, chunk_images=chunk_images, image_size=image_size, limit=limit)
+    if batch_size > chunk_images:
+        raise RaptorError(f"--batch-size {batch_size} exceeds --chunk-images {chunk_images}: one forward pass covers "
+                          f"at most one store chunk, so the batch would silently shrink to {chunk_images}; raise "
+                          f"--chunk-images (left unset it follows --batch-size)")
     if not workers >= 0:
         raise RaptorError(f"--workers must be >= 0, got {workers}")
     check_autocast(autocast)

@@ -251,7 +251,7 @@ def _init_head(cfg: ProbeConfig, teacher):
 
         lin = load_linear_head(cfg.init_head, teacher.dim).linear
     b = lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.weight.shape[0])
-    return lin.weight.detach().clone(), b.detach().clone()
+    return lin.weight.detach().cpu().clone(), b.detach().cpu().clone()  # the heads train on the CPU
 
 
 def _curves(path: Path, res, recipe: Recipe, title: str) -> None:

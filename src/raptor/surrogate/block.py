@@ -14,6 +14,7 @@ layout ([q; k; v] rows), so an official block's state dict converts by renaming 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -72,8 +73,13 @@ class RaptorBlock(nn.Module):
         if not self.cfg.t_scale:
             return None
         w = self.t_proj[0].weight
-        tt = torch.as_tensor(t, dtype=w.dtype, device=w.device).reshape(1, 1)
-        with torch.autocast(device_type=w.device.type, enabled=False):
+        if isinstance(t, torch.Tensor):  # the model passes t as a tensor: no host copy, no recompile per t
+            tt = t.to(dtype=w.dtype, device=w.device).reshape(1, 1)
+        else:  # a Python number: a fill kernel on the device, not a copy from pageable host memory (a sync)
+            tt = torch.full((1, 1), float(t), dtype=w.dtype, device=w.device)
+        plain = torch.autocast(device_type=w.device.type, enabled=False) if w.device.type in ("cpu", "cuda") \
+            else contextlib.nullcontext()  # (the meta device of the device-path tests has no autocast)
+        with plain:
             g = self.t_proj(tt).float().reshape(3, -1) + 1.0
         return g[0], g[1], g[2]
 

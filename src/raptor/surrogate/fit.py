@@ -74,6 +74,7 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
         read_run_config(cfg.init_from)
     check_existing_run(cfg, resume)  # refuse early; checked again under the lock
     dist, device = setup(cfg.device)
+    check_device_autocast(cfg.autocast, device)
     rows_per_rank(cfg.batch_size, dist.world)  # refused before the teacher loads
 
     def has_checkpoint(path: Path) -> bool:
@@ -249,6 +250,16 @@ def _finish(cfg: FitConfig, model, teacher, layout, size: int, probe_inputs, val
         plt.close(fig)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     return metrics
+
+
+def check_device_autocast(autocast: str | None, device: torch.device, bf16_supported=None) -> None:
+    """bf16 autocast on a GPU without bf16 support (before Ampere) is refused up front, not emulated or failed
+    mid-run. ``bf16_supported``: the device's answer (default: ask torch)."""
+    if autocast in ("bfloat16", "bf16") and device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported() if bf16_supported is None else bf16_supported
+        if not ok:
+            raise RaptorError(f"--autocast bfloat16: {device} has no bf16 support (needs compute capability >= 8.0); "
+                              f"train in float32 (no --autocast)")
 
 
 def _store_rows(st, cfg: FitConfig) -> np.ndarray:

@@ -111,6 +111,13 @@ class RaptorModel(nn.Module):
         self.cfg = cfg
         self.blocks = nn.ModuleList([RaptorBlock(cfg.block) for _ in cfg.phases])
         self.block_of = {t: b for b, p in enumerate(cfg.phases) for t in p}
+        # the depth index t of each layer as a tensor on the model's device: blocks get t without a host-to-device
+        # copy (a sync per block call on a GPU) and a compiled block does not recompile for every t
+        self.register_buffer("depth_index", torch.arange(cfg.depth + 1, dtype=torch.float32), persistent=False)
+
+    def t(self, layer: int) -> torch.Tensor:
+        """Layer index ``layer`` as a one-element tensor on the model's device (a view, no copy)."""
+        return self.depth_index[layer:layer + 1]
 
     @property
     def depth(self) -> int:
@@ -118,7 +125,7 @@ class RaptorModel(nn.Module):
 
     def step(self, x: torch.Tensor, t: int) -> torch.Tensor:
         """Produce layer t from layer t-1."""
-        return self.blocks[self.block_of[t]](x, t)
+        return self.blocks[self.block_of[t]](x, self.t(t))
 
     def forward(self, x: torch.Tensor, start: int = 0, end: int | None = None, noise: float = 0.0,
                 generator: torch.Generator | None = None, share: tuple[int, int] = (0, 1)) -> list[torch.Tensor]:

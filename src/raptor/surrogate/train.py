@@ -172,6 +172,10 @@ class FitConfig:
         if self.phases is not None and self.k is not None and self.k != len(self.phases):
             raise RaptorError(f"--k {self.k} contradicts the {len(self.phases)} explicit --phases")
         check_autocast(self.autocast)
+        if self.autocast in ("float16", "fp16"):
+            raise RaptorError("fit --autocast float16 is refused: without loss scaling the fp16 gradients of the "
+                              "blocks' branch weights flush to zero (LayerScale starts at 1e-5), so only LayerScale "
+                              "and the depth gates would train; use --autocast bfloat16")
 
     def training_fingerprint(self) -> str:
         """Everything that changes the training trajectory (not the output dir, checkpointing or evaluation-only
@@ -430,14 +434,14 @@ def item_loss(model: RaptorModel, item: WorkItem, traj: torch.Tensor, step: int,
             x = traj[:, i]
             if cfg.sigma > 0:
                 x = x + cfg.sigma * share_noise(x, gen, share, torch.float32)
-            tf = tf + tl(blk(x, item.start + i + 1), i + 1)
+            tf = tf + tl(blk(x, model.t(item.start + i + 1)), i + 1)
         loss = loss + r * tf / n
     if r < 1:  # autoregressive rollout on the block's own predictions
         x, ar = traj[:, 0], 0
         for i in range(n):
             if cfg.sigma > 0:
                 x = x + cfg.sigma * share_noise(x, gen, share, torch.float32)
-            x = blk(x, item.start + i + 1)
+            x = blk(x, model.t(item.start + i + 1))
             ar = ar + tl(x, i + 1)
         loss = loss + (1 - r) * ar / n
     return loss
