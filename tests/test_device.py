@@ -133,3 +133,26 @@ def test_extract_batch_above_the_chunk_is_refused_or_followed(tmp_path, capsys):
     from raptor.store import TrajectoryStore
 
     assert TrajectoryStore(tmp_path / "s").chunk_images == 40  # unset, the chunk follows the batch
+
+
+@pytest.mark.parametrize("world,k", [(1, 3), (2, 2), (3, 2), (8, 3), (8, 2), (5, 7)])
+def test_block_groups_cover_every_rank_once(world, k):
+    from raptor.distributed import block_groups
+
+    groups = block_groups(k, world)
+    assert len(groups) == min(k, world)
+    assert sorted(r for g in groups for r in g) == list(range(world))
+    assert max(map(len, groups)) - min(map(len, groups)) <= 1
+
+
+def test_parallel_blocks_batch_is_checked_against_every_group():
+    """3 processes, k = 2: groups of 2 and 1 ranks. Batch 3 used to fail on group 0 only, after the statistics
+    pass, while group 1 trained and wrote checkpoints; now every rank refuses it up front."""
+    from raptor.distributed import check_block_groups
+
+    with pytest.raises(RaptorError, match="groups of 2 and 1 ranks; --batch-size 3 .* multiple of 2"):
+        check_block_groups(3, 2, 3)
+    check_block_groups(4, 2, 3)
+    with pytest.raises(RaptorError, match="groups of 3 and 2 ranks.*multiple of 6"):
+        check_block_groups(64, 3, 8)
+    check_block_groups(48, 3, 8)

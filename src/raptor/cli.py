@@ -123,7 +123,8 @@ def extract(
     limit: Optional[int] = typer.Option(None, help="Only N images: a seeded sample, stratified by class"),
     sample: str = typer.Option("random", help="--limit: random (seeded, stratified by class) | sorted (the first N)"),
     sample_seed: int = typer.Option(1, help="Seed of the --limit sample"),
-    batch_size: int = typer.Option(16, help="Forward batch size"),
+    batch_size: Optional[int] = typer.Option(None, help="Forward batch size [default: the smaller of 16 and "
+                                             "--chunk-images]"),
     chunk_images: Optional[int] = typer.Option(None, help="Images per store chunk (also the resume granularity; "
                                                "one forward covers at most one chunk) [default: the larger of 32 "
                                                "and --batch-size]"),
@@ -142,12 +143,11 @@ def extract(
 
     # cheap checks first: arguments, data, an existing --out; only then the teacher (seconds to load)
     from raptor.distributed import setup
-    from raptor.store import TrajectoryStore, check_extract_args, precheck_store, store_sample
+    from raptor.store import TrajectoryStore, batch_and_chunk, check_extract_args, precheck_store, store_sample
     from raptor.store import extract as run_extract
     from raptor.teachers import load_teacher
 
-    if chunk_images is None and batch_size is not None and batch_size > 0:
-        chunk_images = max(32, batch_size)
+    batch_size, chunk_images = batch_and_chunk(batch_size, chunk_images)
     check_extract_args(dtype=dtype, compression=compression, batch_size=batch_size, chunk_images=chunk_images,
                        image_size=image_size, autocast=autocast, limit=limit, workers=workers)
     layer_list = parse_layers(layers)

@@ -76,6 +76,26 @@ def rows_per_rank(batch: int, world: int) -> int:
     return batch // world
 
 
+def block_groups(n_blocks: int, world: int) -> list[list[int]]:
+    """``--parallel-blocks``: the ranks of each stage-1 group (``min(n_blocks, world)`` groups, rank r in group
+    r % groups; group g trains blocks g, g + groups, ...)."""
+    n = max(1, min(n_blocks, world))
+    return [[r for r in range(world) if r % n == g] for g in range(n)]
+
+
+def check_block_groups(batch: int, n_blocks: int, world: int) -> None:
+    """Refuse, before anything is loaded or written, a batch that some ``--parallel-blocks`` group cannot share
+    equally (every rank runs this, so every rank stops with the same one line)."""
+    import math
+
+    sizes = sorted({len(m) for m in block_groups(n_blocks, world)}, reverse=True)
+    need = math.lcm(*sizes)
+    if batch % need:
+        raise RaptorError(f"--parallel-blocks: {world} processes for {n_blocks} blocks make rank groups of "
+                          f"{' and '.join(map(str, sizes))} ranks; --batch-size {batch} must be a multiple of every "
+                          f"group's size: use a multiple of {need}")
+
+
 def _env_int(name: str, default: int) -> int:
     try:
         return int(os.environ.get(name, default))

@@ -529,7 +529,6 @@ def check_extract_args(*, dtype: str, compression: str, batch_size: int, chunk_i
     from raptor.versions import require
 
     require("zarr")
-
     if dtype not in DTYPES:
         raise RaptorError(f"unknown --dtype {dtype!r} (use {', '.join(DTYPES)})")
     if compression not in COMPRESSIONS:
@@ -542,6 +541,16 @@ def check_extract_args(*, dtype: str, compression: str, batch_size: int, chunk_i
     if not workers >= 0:
         raise RaptorError(f"--workers must be >= 0, got {workers}")
     check_autocast(autocast)
+
+
+def batch_and_chunk(batch_size: int | None, chunk_images: int | None) -> tuple[int, int]:
+    """The forward batch and the store chunk, each defaulting to the other: an unset chunk is the larger of 32 and
+    the batch, an unset batch the smaller of 16 and the chunk (one forward covers at most one chunk)."""
+    if chunk_images is None:
+        chunk_images = max(32, batch_size) if batch_size is not None and batch_size > 0 else 32
+    if batch_size is None:
+        batch_size = min(16, chunk_images) if chunk_images > 0 else 16
+    return batch_size, chunk_images
 
 
 def precheck_store(out: str | Path, **settings) -> None:
@@ -584,7 +593,7 @@ def _has_rows(path: Path) -> bool:
 
 
 def extract(teacher, source, out: str | Path, *, dtype: str = "bfloat16", layers: Sequence[int] | None = None,
-            batch_size: int = 16, chunk_images: int = 32, image_size: int | None = None,
+            batch_size: int | None = None, chunk_images: int | None = None, image_size: int | None = None,
             compression: str = "lz4", autocast: str | None = None, progress: bool = True,
             stop_after_chunks: int | None = None, workers: int = 0, device: torch.device | None = None,
             dist=None) -> ExtractSummary:
@@ -599,6 +608,7 @@ def extract(teacher, source, out: str | Path, *, dtype: str = "bfloat16", layers
 
     dist = dist or current()
     device = device or torch.device("cpu")
+    batch_size, chunk_images = batch_and_chunk(batch_size, chunk_images)
     check_extract_args(dtype=dtype, compression=compression, batch_size=batch_size, chunk_images=chunk_images,
                        image_size=image_size, autocast=autocast, workers=workers)
     out = Path(out)

@@ -64,8 +64,9 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
     else:
         src = open_source(cfg.data).subset(cfg.limit, cfg.sample_seed, cfg.sample)
         _enough_images(len(src), cfg.val_images)
+    n_blocks = len(cfg.phases) if cfg.phases else cfg.k
     if cfg.phases_file:
-        phases_from_analysis(cfg.phases_file, cfg.k, depth if st is not None else None)
+        n_blocks = len(phases_from_analysis(cfg.phases_file, cfg.k, depth if st is not None else None))
     if cfg.probe_data:
         open_source(cfg.probe_data)
     if cfg.init_from is not None:
@@ -76,6 +77,10 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
     dist, device = setup(cfg.device)
     check_device_autocast(cfg.autocast, device)
     rows_per_rank(cfg.batch_size, dist.world)  # refused before the teacher loads
+    if cfg.parallel_blocks and cfg.stage in ("1", "both") and n_blocks and n_blocks > 1:
+        from raptor.distributed import check_block_groups
+
+        check_block_groups(cfg.batch_size, n_blocks, dist.world)  # every rank, before any data or output
 
     def has_checkpoint(path: Path) -> bool:
         return (path / "checkpoints" / "latest.json").is_file() or bool(block_checkpoints(path))

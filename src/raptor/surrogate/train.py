@@ -695,8 +695,10 @@ def _parallel_stage1(cfg: FitConfig, model: RaptorModel, items: list[WorkItem], 
     group's first rank checkpoints its block under ``checkpoints/block<b>/``; a resumed run (any world size) skips
     finished blocks and continues unfinished ones. At the end every rank receives every block, rank 0 writes the
     ordinary checkpoint at the start of stage 2, and the block checkpoints are removed with it."""
-    n_groups = min(len(items), dist.world)
-    members = [[r for r in range(dist.world) if r % n_groups == g] for g in range(n_groups)]
+    from raptor.distributed import block_groups
+
+    members = block_groups(len(items), dist.world)
+    n_groups = len(members)
     # every rank creates every group, in the same order
     handles = [torch.distributed.new_group(m) for m in members] if dist.active else [None]
     g = dist.rank % n_groups
