@@ -11,7 +11,7 @@ FLOOR   := .venv-floor
 FLOOR_TESTS := tests/test_versions.py tests/test_teachers.py tests/test_store.py tests/test_phases.py \
                tests/test_surrogate_block.py tests/test_cli.py
 
-.PHONY: install demo test test-floor lint bench clean
+.PHONY: install demo test test-floor lint bench gpu-check clean
 
 install: $(STAMP)
 
@@ -42,6 +42,10 @@ test-floor: $(FLOOR)/.installed
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# on a CUDA machine: every --device cuda path once, with CPU parity (benchmarks/gpu_check.py; --dry-run on a CPU)
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py --out runs/gpu_check
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py

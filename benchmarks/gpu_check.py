@@ -1,0 +1,236 @@
+"""The GPU acceptance check: every ``--device cuda`` path once, with CPU parity and the numbers that matter.
+
+    .venv/bin/python benchmarks/gpu_check.py --out runs/gpu_check          # on a CUDA machine (make gpu-check)
+    .venv/bin/python benchmarks/gpu_check.py --dry-run --out runs/gpu_dry  # the same checks on the CPU, tiny sizes
+
+Each check runs the real command (in-process, through the CLI) and records pass / fail / skipped (with the reason),
+its seconds and its figures; a failed check prints one ``FAIL <check>: <reason>`` line and the script exits 1.
+Writes ``OUT/gpu_check.json`` and ``OUT/gpu_check.md`` (a summary for docs/benchmarks.md).
+
+Checks:
+- ``extract``: the teacher on the device under bf16 autocast; img/s; an fp32 device store equals the CPU store
+  (tolerance 1e-3 relative on a real GPU: TF32 and kernel choice; exact on the CPU);
+- ``fit_store`` / ``fit_online``: training on the device from a store and with the online teacher; steps/s; the
+  device run's losses against the CPU run's (relative 5e-2 on a GPU, 1e-5 on the CPU);
+- ``compile``: ``--compile`` on the device, and the number of graphs dynamo compiled (one per block is the goal);
+- ``probe_init_head``: ``probe --init-head teacher`` with an official-layout DINOv2 checkpoint and linear head;
+- ``host_syncs``: a stage-2 forward and backward under ``torch.cuda.set_sync_debug_mode("warn")`` (GPU only);
+- ``peak_memory``: the largest GPU allocation of the run (GPU only).
+torchrun with NCCL is not run here yet (see docs/scale.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def _cli(argv: list[str]) -> None:
+    from raptor.cli import run
+
+    rc = run([str(a) for a in argv])
+    if rc != 0:
+        raise RuntimeError(f"raptor {' '.join(map(str, argv[:1]))} exited {rc}")
+
+
+def _official_checkpoint(tmp: Path, dim: int = 64, depth: int = 2, classes: int = 2) -> tuple[Path, Path]:
+    """A random DINOv2 checkpoint and linear head in the official layouts (what torch.hub downloads)."""
+    g = torch.Generator().manual_seed(0)
+
+    def r(*s):
+        return torch.randn(*s, generator=g) * 0.1
+
+    sd = {"cls_token": r(1, 1, dim), "pos_embed": r(1, 5, dim), "mask_token": r(1, dim),
+          "patch_embed.proj.weight": r(dim, 3, 14, 14), "patch_embed.proj.bias": r(dim),
+          "norm.weight": 1 + r(dim), "norm.bias": r(dim)}
+    for i in range(depth):
+        p = f"blocks.{i}."
+        sd.update({p + "norm1.weight": 1 + r(dim), p + "norm1.bias": r(dim), p + "attn.qkv.weight": r(3 * dim, dim),
+                   p + "attn.qkv.bias": r(3 * dim), p + "attn.proj.weight": r(dim, dim), p + "attn.proj.bias": r(dim),
+                   p + "ls1.gamma": r(dim) + 0.5, p + "norm2.weight": 1 + r(dim), p + "norm2.bias": r(dim),
+                   p + "ls2.gamma": r(dim) + 0.5, p + "mlp.fc1.weight": r(4 * dim, dim),
+                   p + "mlp.fc1.bias": r(4 * dim), p + "mlp.fc2.weight": r(dim, 4 * dim), p + "mlp.fc2.bias": r(dim)})
+    bb, head = tmp / "dinov2_tiny_pretrain.pth", tmp / "dinov2_tiny_linear_head.pth"
+    torch.save(sd, bb)
+    torch.save({"weight": r(classes, 2 * dim), "bias": r(classes)}, head)
+    return bb, head
+
+
+class Checker:
+    def __init__(self, device: str, dry: bool, tmp: Path):
+        self.device, self.dry, self.tmp = device, dry, tmp
+        self.results: dict[str, dict] = {}
+        # sizes: tiny on the CPU dry run; the bundled DINOv2-S at 224 px on a GPU
+        self.teacher = "tiny:dinov2" if dry else "bundled:dinov2-s"
+        self.size = "28" if dry else "224"
+        self.n = "24" if dry else "512"
+        self.steps = "3" if dry else "50"
+
+    def run(self, name: str, fn, gpu_only: bool = False) -> None:
+        if gpu_only and self.device == "cpu":
+            self.results[name] = {"status": "skipped", "reason": "needs a CUDA GPU (dry run)"}
+            return
+        t0 = time.perf_counter()
+        try:
+            figures = fn() or {}
+            self.results[name] = {"status": "pass", "seconds": round(time.perf_counter() - t0, 2), **figures}
+        except Exception as e:  # noqa: BLE001 - every failure is a result line, the other checks still run
+            self.results[name] = {"status": "fail", "seconds": round(time.perf_counter() - t0, 2),
+                                  "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}",
+                                  "traceback": traceback.format_exc()[-2000:]}
+            print(f"FAIL {name}: {self.results[name]['reason']}", flush=True)
+
+    # ---- checks ----------------------------------------------------------------------------------------------
+    def extract(self) -> dict:
+        from raptor.store import TrajectoryStore
+
+        common = ["extract", "--teacher", self.teacher, "--data", "bundled:digits", "--limit", self.n,
+                  "--image-size", self.size, "--no-progress", "--workers", "0"]
+        t0 = time.perf_counter()
+        _cli([*common, "--device", self.device, "--autocast", "bfloat16", "--out", self.tmp / "bf16.zarr"])
+        ips = int(self.n) / (time.perf_counter() - t0)
+        _cli([*common, "--device", self.device, "--dtype", "float32", "--out", self.tmp / "dev.zarr"])
+        _cli([*common, "--device", "cpu", "--dtype", "float32", "--out", self.tmp / "cpu.zarr"])
+        a = TrajectoryStore(self.tmp / "dev.zarr").read(slice(None))
+        b = TrajectoryStore(self.tmp / "cpu.zarr").read(slice(None))
+        rel = float((a - b).norm() / b.norm())
+        tol = 1e-6 if self.device == "cpu" else 1e-3
+        if not rel <= tol:
+            raise AssertionError(f"device store differs from the CPU store: relative {rel:.2e} > {tol:g}")
+        return {"images_per_s_bf16_incl_startup": round(ips, 1), "store_relative_diff_vs_cpu": rel}
+
+    def _fit(self, out: str, device: str, *extra) -> dict:
+        _cli(["fit", "--teacher", self.teacher, "--store", self.tmp / "cpu.zarr", "--phases", "1/2-3" if self.dry
+              else "1-7/8-12", "--steps1", self.steps, "--steps2", self.steps, "--batch-size", "8", "--val-images",
+              "4" if self.dry else "32", "--stats-images", "8", "--probe-data", "none", "--no-progress",
+              "--device", device, "--out", self.tmp / out, *extra])
+        return json.loads((self.tmp / out / "metrics.json").read_text())
+
+    def fit_store(self) -> dict:
+        t0 = time.perf_counter()
+        dev = self._fit("fit_dev", self.device)
+        secs = time.perf_counter() - t0
+        cpu = self._fit("fit_cpu", "cpu") if self.device != "cpu" else dev
+        a = np.array([h[1] for h in dev["loss_history"]["stage2"]])
+        b = np.array([h[1] for h in cpu["loss_history"]["stage2"]])
+        rel = float(np.abs(a - b).max() / np.abs(b).max())
+        tol = 1e-5 if self.device == "cpu" else 5e-2
+        if not rel <= tol:
+            raise AssertionError(f"device stage-2 losses differ from the CPU run's: relative {rel:.2e} > {tol:g}")
+        return {"seconds_incl_eval": round(secs, 1), "stage2_loss_relative_diff_vs_cpu": rel,
+                "mean_ar_r2": dev["validation"]["autoregressive"]["r2_mean"]}
+
+    def fit_online(self) -> dict:
+        _cli(["fit", "--teacher", self.teacher, "--data", "bundled:digits", "--limit", self.n, "--image-size",
+              self.size, "--k", "2", "--steps1", self.steps, "--steps2", self.steps, "--batch-size", "8",
+              "--val-images", "4" if self.dry else "32", "--stats-images", "8", "--probe-data", "none", "--workers",
+              "0", "--autocast", "bfloat16", "--no-progress", "--device", self.device, "--out", self.tmp / "online"])
+        m = json.loads((self.tmp / "online" / "metrics.json").read_text())
+        return {"mean_ar_r2": m["validation"]["autoregressive"]["r2_mean"], "train_seconds": m["train_seconds"]}
+
+    def compile(self) -> dict:
+        import torch._dynamo
+
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        self._fit("fit_compile", self.device, "--compile")
+        graphs = int(torch._dynamo.utils.counters["stats"].get("unique_graphs", 0))
+        limit_hits = sum(v for k, v in torch._dynamo.utils.counters["recompiles"].items()) \
+            if "recompiles" in torch._dynamo.utils.counters else 0
+        if graphs > 4 * 2:  # 2 blocks; a few graphs each (train / eval, grad / no-grad) is fine
+            raise AssertionError(f"{graphs} graphs compiled for 2 blocks: a block recompiles per layer index")
+        return {"unique_graphs": graphs, "recompiles": int(limit_hits)}
+
+    def probe_init_head(self) -> dict:
+        bb, head = _official_checkpoint(self.tmp)
+        out = self.tmp / "probe"
+        _cli(["probe", "--task", "cls", "--backbone", f"dinov2-pth:{bb}", "--data", "bundled:lfw", "--limit", "8",
+              "--seeds", "0", "--epochs", "1", "--image-size", "28", "--init-head", head, "--device", self.device,
+              "--no-progress", "--out", out])
+        rec = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+        return {"top1": rec[-1]["value"]}
+
+    def host_syncs(self) -> dict:
+        from raptor.surrogate.block import BlockConfig
+        from raptor.surrogate.model import RaptorModel, SurrogateConfig
+
+        dev = torch.device(self.device)
+        model = RaptorModel(SurrogateConfig([list(range(1, 8)), list(range(8, 13))],
+                                            BlockConfig(dim=384, num_heads=6))).to(dev)
+        x = torch.randn(8, 257, 384, device=dev)
+        model(x, 0, 12)[-1].float().pow(2).mean().backward()  # warm-up
+        torch.cuda.synchronize()
+        import warnings
+
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    out = model(x, 0, 12)
+                out[-1].float().pow(2).mean().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        syncs = sum("synchroniz" in str(w.message) for w in caught)
+        if syncs:
+            raise AssertionError(f"{syncs} host syncs in one stage-2 forward + backward")
+        return {"host_syncs_per_step": syncs}
+
+    def peak_memory(self) -> dict:
+        return {"max_allocated_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--dry-run", action="store_true", help="the same checks on the CPU at tiny sizes")
+    a = p.parse_args(argv)
+    device = "cpu" if a.dry_run else "cuda"
+    if not a.dry_run and not torch.cuda.is_available():
+        print("error: no CUDA GPU visible to this torch; run with --dry-run on a CPU", file=sys.stderr)
+        return 2
+    torch.set_num_threads(min(4, os.cpu_count() or 1))
+    a.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="raptor-gpu-check-") as tmp:
+        c = Checker(device, a.dry_run, Path(tmp))
+        c.run("extract", c.extract)
+        c.run("fit_store", c.fit_store)
+        c.run("fit_online", c.fit_online)
+        c.run("compile", c.compile)
+        c.run("probe_init_head", c.probe_init_head)
+        c.run("host_syncs", c.host_syncs, gpu_only=True)
+        c.run("peak_memory", c.peak_memory, gpu_only=True)
+    report = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu (dry run)",
+              "torch": torch.__version__, "dry_run": a.dry_run, "seconds": round(time.perf_counter() - t0, 1),
+              "checks": c.results, "not_covered": ["torchrun with NCCL", "DINOv2-B-shaped extraction img/s",
+                                                   "training steps/s against the official-style step"]}
+    (a.out / "gpu_check.json").write_text(json.dumps(report, indent=1))
+    lines = [f"# GPU check: {report['device']} (torch {report['torch']}, {report['seconds']} s)", "",
+             "| check | status | seconds | figures |", "|---|---|---|---|"]
+    for name, r in c.results.items():
+        figs = ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("status", "seconds", "traceback"))
+        lines.append(f"| {name} | {r['status']} | {r.get('seconds', '')} | {figs} |")
+    lines += ["", "Not covered yet: " + "; ".join(report["not_covered"]) + "."]
+    (a.out / "gpu_check.md").write_text("\n".join(lines) + "\n")
+    failed = [n for n, r in c.results.items() if r["status"] == "fail"]
+    print(f"gpu check: {len(c.results) - len(failed)} of {len(c.results)} checks pass or are skipped; wrote "
+          f"{a.out / 'gpu_check.json'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

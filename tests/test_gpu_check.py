@@ -1,0 +1,33 @@
+"""The GPU acceptance check's dry run: every check of benchmarks/gpu_check.py on the CPU at tiny sizes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from clirun import ENV
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_dry_run_passes_and_writes_its_report(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--out", str(tmp_path)],
+                       env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    rep = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert rep["dry_run"] is True
+    checks = rep["checks"]
+    assert {"extract", "fit_store", "fit_online", "compile", "probe_init_head", "host_syncs"} <= set(checks)
+    assert all(c["status"] == "pass" for n, c in checks.items() if n not in ("host_syncs", "peak_memory")), checks
+    assert checks["host_syncs"]["status"] == "skipped" and "GPU" in checks["host_syncs"]["reason"]
+    assert checks["extract"]["store_relative_diff_vs_cpu"] == 0.0  # the CPU against itself: exact
+    assert checks["compile"]["unique_graphs"] <= 8
+    assert (tmp_path / "gpu_check.md").read_text().startswith("# GPU check")
+
+
+def test_gpu_check_without_a_gpu_says_so():
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--out", "/nonexistent/x"],
+                       env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: no CUDA GPU"), r.stderr
