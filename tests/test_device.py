@@ -156,3 +156,11 @@ def test_parallel_blocks_batch_is_checked_against_every_group():
     with pytest.raises(RaptorError, match="groups of 3 and 2 ranks.*multiple of 6"):
         check_block_groups(64, 3, 8)
     check_block_groups(48, 3, 8)
+
+
+def test_local_rank_beyond_the_visible_gpus_is_one_line(monkeypatch):
+    """torchrun with more processes per node than visible GPUs: the rank's --device cuda names the missing GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(RaptorError, match="GPU 3 does not exist \\(2 visible\\)"):
+        resolve_device("cuda", Dist(rank=3, world=4, local_rank=3, local_world=4))
