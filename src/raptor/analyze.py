@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from raptor.config import atomic_write_text, save_config, to_dict
-from raptor.data.sampling import SAMPLE_ORDERS, sample_record, sample_rows
+from raptor.data.sampling import check_sample_order, sample_rows, store_sample_record
 from raptor.errors import RaptorError, check_positive
 from raptor.outputs import claim_output, staged
 from raptor.phases import (
@@ -72,8 +72,7 @@ class AnalyzeConfig:
             raise RaptorError(f"--k-frac must lie in [0, 1), got {self.k_frac}")
         if self.maxcut_variant not in MAXCUT_VARIANTS:
             raise RaptorError(f"unknown --maxcut-variant {self.maxcut_variant!r} (use {', '.join(MAXCUT_VARIANTS)})")
-        if self.sample not in SAMPLE_ORDERS:
-            raise RaptorError(f"unknown --sample {self.sample!r} (use {', '.join(SAMPLE_ORDERS)})")
+        check_sample_order(self.sample)
         if self.cka_dtype not in ("float64", "float32"):
             raise RaptorError("cka dtype must be float64 or float32")
         bad = [g for g in self.cka_groups if g != "auto" and g not in CKA_GROUPS]
@@ -134,10 +133,7 @@ def _accumulate_store(cfg: AnalyzeConfig, st, layers, progress: bool):
         for x, _ in st.batches(cfg.batch_size, layers=(lo, hi), shuffle=False, rows=rows):
             acc.update(x[:, sub])
             bar.advance(len(x))
-    n = len(st.valid_indices)
-    ids = st.ids if cfg.limit and cfg.limit < n else None
-    sample = sample_record([ids[r] for r in rows] if ids is not None else None, cfg.limit, cfg.sample_seed,
-                           cfg.sample, n)
+    sample = store_sample_record(st, rows, cfg.limit, cfg.sample_seed, cfg.sample)
     info = {"source": "store", "store": str(cfg.store), "n_images": acc.n, "skipped": st.manifest.get("skipped", []),
             "sample": sample,
             "layout": st.layout.to_dict(), "transform": st.meta["settings"]["transform"], "teacher": st.meta["teacher"]}

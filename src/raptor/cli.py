@@ -103,13 +103,6 @@ def _ints(text: str, name: str) -> tuple[int, ...]:
         raise RaptorError(f"bad {name} {text!r}: a comma-separated list of integers") from None
 
 
-def _check_sample(order: str) -> None:
-    from raptor.data.sampling import SAMPLE_ORDERS
-
-    if order not in SAMPLE_ORDERS:
-        raise RaptorError(f"unknown --sample {order!r} (use {', '.join(SAMPLE_ORDERS)})")
-
-
 def _echo_json(d: dict) -> None:
     typer.echo(json.dumps(d, indent=2, default=str))
 
@@ -151,7 +144,9 @@ def extract(
     check_extract_args(dtype=dtype, compression=compression, batch_size=batch_size, chunk_images=chunk_images,
                        image_size=image_size, autocast=autocast, limit=limit, workers=workers)
     layer_list = parse_layers(layers)
-    _check_sample(sample)
+    from raptor.data.sampling import check_sample_order
+
+    check_sample_order(sample)
     source = open_source(data).subset(limit, sample_seed, sample)
     precheck_store(out, teacher=teacher, data=source.spec, n_images=len(source), dtype=dtype,
                    chunk_images=chunk_images, compression=compression, autocast=autocast,

@@ -22,8 +22,7 @@ def sample_positions(n: int, limit: int | None, labels: np.ndarray | None = None
     drawn with ``seed``; where ``labels`` are given (>= 0; -1 = unlabelled) it is stratified: each class gets
     ``limit * class share`` items (largest remainders; every class at least one while ``limit`` allows), the
     unlabelled items form one more stratum. ``sorted``: positions 0..limit-1."""
-    if order not in SAMPLE_ORDERS:
-        raise RaptorError(f"unknown --sample {order!r} (use {', '.join(SAMPLE_ORDERS)})")
+    check_sample_order(order)
     if limit is None or limit >= n:
         return np.arange(n)
     if limit <= 0:
@@ -60,6 +59,12 @@ def _allocate(sizes: np.ndarray, limit: int) -> np.ndarray:
     return quota
 
 
+def check_sample_order(order: str) -> None:
+    """Refuse an unknown ``--sample`` value (every command checks it before touching anything)."""
+    if order not in SAMPLE_ORDERS:
+        raise RaptorError(f"unknown --sample {order!r} (use {', '.join(SAMPLE_ORDERS)})")
+
+
 def sample_rows(rows: np.ndarray, limit: int | None, labels: np.ndarray | None = None,
                 seed: int = DEFAULT_SAMPLE_SEED, order: str = "random") -> np.ndarray:
     """``limit`` of a store's ``rows`` (ascending), as :func:`sample_positions`; ``labels``: the store's labels of
@@ -67,6 +72,15 @@ def sample_rows(rows: np.ndarray, limit: int | None, labels: np.ndarray | None =
     rows = np.asarray(rows)
     lab = None if labels is None else np.asarray(labels)[rows]
     return rows[sample_positions(len(rows), limit, lab, seed, order)]
+
+
+def store_sample_record(store, rows: np.ndarray, limit: int | None, seed: int, order: str) -> dict:
+    """The --limit record of ``rows`` drawn from a store's extracted rows (their ids when a sample was drawn)."""
+    n = len(store.valid_indices)
+    if limit is None or limit >= n:
+        return sample_record(None, limit, seed, order, n)
+    ids = store.ids
+    return sample_record([ids[r] for r in rows], limit, seed, order, n)
 
 
 def sample_record(ids: list[str] | None, limit: int | None, seed: int, order: str, n_total: int) -> dict:

@@ -68,10 +68,9 @@ class DynamicsConfig:
             raise RaptorError(f"unknown --space {self.space!r} (use {' or '.join(SPACES)})")
         if self.phases is not None and self.phases_file is not None:
             raise RaptorError("give --phases as layers or as an analysis.json, not both")
-        from raptor.data.sampling import SAMPLE_ORDERS
+        from raptor.data.sampling import check_sample_order
 
-        if self.sample not in SAMPLE_ORDERS:
-            raise RaptorError(f"unknown --sample {self.sample!r} (use {', '.join(SAMPLE_ORDERS)})")
+        check_sample_order(self.sample)
         check_autocast(self.autocast)
 
 
@@ -133,15 +132,11 @@ def _store_rows(cfg, st) -> np.ndarray:
 
 def _sample(cfg, st, src) -> dict:
     """The --limit record: which images (ids), drawn how."""
-    from raptor.data.sampling import sample_record
+    from raptor.data.sampling import store_sample_record
 
     if st is None:
         return src.sample_info()
-    n = len(st.valid_indices)
-    used = cfg.limit is not None and cfg.limit < n
-    ids = st.ids if used else None
-    return sample_record([ids[r] for r in _store_rows(cfg, st)] if used else None, cfg.limit, cfg.sample_seed,
-                         cfg.sample, n)
+    return store_sample_record(st, _store_rows(cfg, st), cfg.limit, cfg.sample_seed, cfg.sample)
 
 
 def _batches(cfg, teacher, st, src, bar):

@@ -60,10 +60,9 @@ class ProbeConfig:
             raise RaptorError(f"--seeds repeats a seed: {list(self.seeds)}")
         check_positive(image_size=self.image_size, epochs=self.epochs, batch_size=self.batch_size, limit=self.limit,
                        feature_batch=self.feature_batch)
-        from raptor.data.sampling import SAMPLE_ORDERS
+        from raptor.data.sampling import check_sample_order
 
-        if self.sample not in SAMPLE_ORDERS:
-            raise RaptorError(f"unknown --sample {self.sample!r} (use {', '.join(SAMPLE_ORDERS)})")
+        check_sample_order(self.sample)
         if self.weight_decay is not None and not self.weight_decay >= 0:
             raise RaptorError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if self.init_head is not None:

@@ -72,10 +72,9 @@ class StudyConfig:
                               f"got {bad_k[0]}")
         if self.random_partitions < 0 or self.swap_samples < 0:
             raise RaptorError("--random and --swap-samples must be >= 0")
-        from raptor.data.sampling import SAMPLE_ORDERS
+        from raptor.data.sampling import check_sample_order
 
-        if self.sample not in SAMPLE_ORDERS:
-            raise RaptorError(f"unknown --sample {self.sample!r} (use {', '.join(SAMPLE_ORDERS)})")
+        check_sample_order(self.sample)
         check_positive(limit=self.limit, **{k: v for k, v in asdict(self.fit).items() if k in
                                             ("steps1", "steps2", "batch_size", "val_images", "stats_images")})
 

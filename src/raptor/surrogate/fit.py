@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from raptor.config import atomic_write_text, save_config, to_dict
+from raptor.data.sampling import store_sample_record
 from raptor.distributed import claim_on_main, rows_per_rank, setup
 from raptor.errors import RaptorError
 from raptor.outputs import staged
@@ -115,7 +116,7 @@ def _run_fit(cfg: FitConfig, st, src, out: Path, resume: bool, progress: bool, o
     if st is not None:
         st.check_teacher(teacher)
         rows = _store_rows(st, cfg)
-        sample = _store_sample(st, rows, cfg)
+        sample = store_sample_record(st, rows, cfg.limit, cfg.sample_seed, cfg.sample)
         tr_pos, val_pos = holdout_split(len(rows), cfg.val_images)
         tr_rows, val_rows = rows[tr_pos], rows[val_pos]
         data = StoreBatches(st, tr_rows, cfg.seed, cache_bytes=cfg.store_cache_gb * 1e9, progress=progress,
@@ -272,15 +273,6 @@ def _store_rows(st, cfg: FitConfig) -> np.ndarray:
     from raptor.data.sampling import sample_rows
 
     return sample_rows(st.valid_indices, cfg.limit, st.labels, cfg.sample_seed, cfg.sample)
-
-
-def _store_sample(st, rows: np.ndarray, cfg: FitConfig) -> dict:
-    from raptor.data.sampling import sample_record
-
-    n = len(st.valid_indices)
-    ids = st.ids
-    return sample_record([ids[r] for r in rows] if cfg.limit and cfg.limit < n else None, cfg.limit,
-                         cfg.sample_seed, cfg.sample, n)
 
 
 def _recorded_phases(path: Path, found: dict) -> dict:

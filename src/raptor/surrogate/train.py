@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from raptor.config import to_dict
-from raptor.data.sampling import SAMPLE_ORDERS
+from raptor.data.sampling import check_sample_order
 from raptor.errors import RaptorError, check_positive
 from raptor.surrogate.block import BlockConfig
 from raptor.surrogate.checkpoint import latest_checkpoint, load_optimizer, read_checkpoint, save_checkpoint
@@ -150,8 +150,7 @@ class FitConfig:
             raise RaptorError(f"unknown --recipe {self.recipe!r} (use {', '.join(RECIPES)})")
         if self.phase_method not in PHASE_METHODS:
             raise RaptorError(f"unknown phase method {self.phase_method!r} (use {', '.join(PHASE_METHODS)})")
-        if self.sample not in SAMPLE_ORDERS:
-            raise RaptorError(f"unknown --sample {self.sample!r} (use {', '.join(SAMPLE_ORDERS)})")
+        check_sample_order(self.sample)
         check_positive(batch_size=self.batch_size, val_images=self.val_images, stats_images=self.stats_images,
                        probe_limit=self.probe_limit, limit=self.limit, image_size=self.image_size, k=self.k,
                        ckpt_every=self.ckpt_every)
