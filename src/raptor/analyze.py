@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from raptor.config import atomic_write_text, save_config, to_dict
-from raptor.data.sampling import check_sample_order, sample_rows, store_sample_record
+from raptor.data.sampling import check_sample_order, store_sample_record
 from raptor.errors import RaptorError, check_positive
 from raptor.outputs import claim_output, staged
 from raptor.phases import (
@@ -124,7 +124,7 @@ def _accumulate_store(cfg: AnalyzeConfig, st, layers, progress: bool):
     missing = [layer for layer in layers if layer not in st.layers]
     if missing:
         raise RaptorError(f"store {cfg.store} lacks layers {missing} (it holds {st.layers})")
-    rows = sample_rows(st.valid_indices, cfg.limit, st.labels, cfg.sample_seed, cfg.sample)
+    rows = st.sample(cfg.limit, cfg.sample_seed, cfg.sample)
     acc = SimilarityAccumulator(st.layout, layers, cka_groups=resolve_cka_groups(cfg.cka_groups, st.layout),
                                 cka_dtype=getattr(torch, cfg.cka_dtype))
     lo, hi = min(layers), max(layers)

@@ -345,6 +345,13 @@ class TrajectoryStore:
     def valid_indices(self) -> np.ndarray:
         return np.flatnonzero(self._valid)
 
+    def sample(self, limit: int | None, seed: int = 1, order: str = "random") -> np.ndarray:
+        """``--limit`` of the extracted rows (ascending): a seeded sample stratified by label, or the first N
+        (``order="sorted"``), as :meth:`raptor.data.ImageSource.subset` chooses images."""
+        from raptor.data.sampling import sample_rows
+
+        return sample_rows(self.valid_indices, limit, self.labels, seed, order)
+
     @property
     def ids(self) -> list[str]:
         """Image ids in row order (written once, at creation)."""

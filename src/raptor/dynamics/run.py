@@ -124,25 +124,20 @@ def run_dynamics(cfg: DynamicsConfig, progress: bool = True) -> dict:
         return _run(cfg, sur, st, src, stage, progress)
 
 
-def _store_rows(cfg, st) -> np.ndarray:
-    from raptor.data.sampling import sample_rows
-
-    return sample_rows(st.valid_indices, cfg.limit, st.labels, cfg.sample_seed, cfg.sample)
-
-
 def _sample(cfg, st, src) -> dict:
     """The --limit record: which images (ids), drawn how."""
     from raptor.data.sampling import store_sample_record
 
     if st is None:
         return src.sample_info()
-    return store_sample_record(st, _store_rows(cfg, st), cfg.limit, cfg.sample_seed, cfg.sample)
+    return store_sample_record(st, st.sample(cfg.limit, cfg.sample_seed, cfg.sample), cfg.limit, cfg.sample_seed,
+                               cfg.sample)
 
 
 def _batches(cfg, teacher, st, src, bar):
     """Yield (trajectory (B, 0..L, T, D), labels) batches, from the store or through the teacher."""
     if st is not None:
-        rows = _store_rows(cfg, st)
+        rows = st.sample(cfg.limit, cfg.sample_seed, cfg.sample)
         for x, idx in st.batches(cfg.batch_size, layers=(0, teacher.depth), shuffle=False, rows=rows):
             yield x, st.labels[np.asarray(idx)]
             bar.advance(len(x))
@@ -242,7 +237,7 @@ def _run(cfg: DynamicsConfig, sur, st, src, stage: Path, progress: bool) -> dict
         if given is None else None
     x0_keep: list[torch.Tensor] = []
     n_keep = 0
-    total = len(_store_rows(cfg, st)) if st is not None else len(src)
+    total = len(st.sample(cfg.limit, cfg.sample_seed, cfg.sample)) if st is not None else len(src)
     t_pass = time.perf_counter()
     with progress_bar(total, "dynamics" + (" (store)" if st is not None else ""), "img", enabled=progress) as bar:
         for traj, labels in _batches(cfg, teacher, st, src, bar):

@@ -57,7 +57,7 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
         st.require_complete("fit never trains on part of a store")
         st.require_teacher_spec(cfg.teacher)
         depth = st.require_every_layer("fit")
-        _enough_images(len(_store_rows(st, cfg)), cfg.val_images)
+        _enough_images(len(st.sample(cfg.limit, cfg.sample_seed, cfg.sample)), cfg.val_images)
         if cfg.phases:
             validate_phases(cfg.phases, depth)
         elif cfg.phases_file is None and cfg.k is not None and cfg.k > depth:
@@ -115,7 +115,7 @@ def _run_fit(cfg: FitConfig, st, src, out: Path, resume: bool, progress: bool, o
     probe_inputs = None
     if st is not None:
         st.check_teacher(teacher)
-        rows = _store_rows(st, cfg)
+        rows = st.sample(cfg.limit, cfg.sample_seed, cfg.sample)
         sample = store_sample_record(st, rows, cfg.limit, cfg.sample_seed, cfg.sample)
         tr_pos, val_pos = holdout_split(len(rows), cfg.val_images)
         tr_rows, val_rows = rows[tr_pos], rows[val_pos]
@@ -266,13 +266,6 @@ def check_device_autocast(autocast: str | None, device: torch.device, bf16_suppo
         if not ok:
             raise RaptorError(f"--autocast bfloat16: {device} has no bf16 support (needs compute capability >= 8.0); "
                               f"train in float32 (no --autocast)")
-
-
-def _store_rows(st, cfg: FitConfig) -> np.ndarray:
-    """The store rows this fit uses: every extracted row, or a --limit sample of them (stratified by label)."""
-    from raptor.data.sampling import sample_rows
-
-    return sample_rows(st.valid_indices, cfg.limit, st.labels, cfg.sample_seed, cfg.sample)
 
 
 def _recorded_phases(path: Path, found: dict) -> dict:

@@ -24,9 +24,6 @@ _LINEAR = re.compile(r"^/backbone/encoder/layer\.(\d+)/(attention/attention/quer
 _HF_NAME = {"attention/attention/query": "attention.q_proj", "attention/attention/key": "attention.k_proj",
             "attention/attention/value": "attention.v_proj", "attention/output/dense": "attention.o_proj",
             "mlp/fc1": "mlp.fc1", "mlp/fc2": "mlp.fc2"}
-# HF 4.x names of the same parameters, as found in the ONNX initializer names (biases)
-_V4_TO_V5 = {"attention.attention.query": "attention.q_proj", "attention.attention.key": "attention.k_proj",
-             "attention.attention.value": "attention.v_proj", "attention.output.dense": "attention.o_proj"}
 
 
 def bundled_onnx_path() -> Path:
@@ -40,14 +37,6 @@ def bundled_onnx_path() -> Path:
     return path
 
 
-def rename_v4_keys(key: str) -> str:
-    """Map HF 4.x Dinov2/ViT attention parameter names to 5.x names (identity for other keys)."""
-    for old, new in _V4_TO_V5.items():
-        if f".{old}." in key:
-            return key.replace(f".{old}.", f".{new}.")
-    return key
-
-
 def onnx_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read the backbone weights from the ONNX graph as an HF 5.x ``Dinov2Model`` state dict."""
     import onnx
@@ -56,10 +45,11 @@ def onnx_state_dict(path: Path) -> dict[str, torch.Tensor]:
     model = onnx.load(str(path))
     g = model.graph
     inits = {i.name: i for i in g.initializer}
-    sd: dict[str, torch.Tensor] = {}
-    for name, init in inits.items():
-        if name.startswith("backbone."):
-            sd[rename_v4_keys(name[len("backbone."):])] = torch.from_numpy(numpy_helper.to_array(init).copy())
+    from raptor.teachers.names import current_names
+
+    # the named initializers (biases, norms, embeddings) carry the older HF names: renamed to the later-5.x ones
+    sd = current_names({name[len("backbone."):]: torch.from_numpy(numpy_helper.to_array(init).copy())
+                        for name, init in inits.items() if name.startswith("backbone.")})
     cls_pos = patch_pos = None
     for node in g.node:
         m = _LINEAR.match(node.name)
