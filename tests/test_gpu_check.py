@@ -19,11 +19,15 @@ def test_gpu_check_dry_run_passes_and_writes_its_report(tmp_path):
     rep = json.loads((tmp_path / "gpu_check.json").read_text())
     assert rep["dry_run"] is True
     checks = rep["checks"]
-    assert {"extract", "fit_store", "fit_online", "compile", "probe_init_head", "host_syncs"} <= set(checks)
+    assert {"extract", "fit_store", "fit_online", "compile", "probe_init_head", "host_syncs", "extract_vit_b",
+            "train_step", "torchrun"} <= set(checks)
     assert all(c["status"] == "pass" for n, c in checks.items() if n not in ("host_syncs", "peak_memory")), checks
     assert checks["host_syncs"]["status"] == "skipped" and "GPU" in checks["host_syncs"]["reason"]
     assert checks["extract"]["store_relative_diff_vs_cpu"] == 0.0  # the CPU against itself: exact
     assert checks["compile"]["unique_graphs"] <= 8
+    assert checks["extract_vit_b"]["images_per_s_bf16"] > 0 and checks["train_step"]["reference_steps_per_s"] > 0
+    assert checks["torchrun"]["tensor_devices"] == ["cpu"]  # 2 gloo ranks in the dry run
+    assert checks["torchrun"]["stage2_loss_relative_diff_vs_1_rank"] <= 1e-4
     assert (tmp_path / "gpu_check.md").read_text().startswith("# GPU check")
 
 

@@ -126,7 +126,8 @@ def extract(
     compression: str = typer.Option("lz4", help="lz4 (bit-shuffled, default) | zstd | none"),
     autocast: Optional[str] = typer.Option(None, help="bfloat16 autocast for the forward pass (faster on CPU)"),
     head: Optional[str] = typer.Option(None, help="Official DINOv2 linear head .pth (for dinov2-pth teachers)"),
-    workers: int = typer.Option(1, help="Image-decoding worker processes (0: a thread of this process)"),
+    workers: Optional[int] = typer.Option(None, help="Image-decoding worker processes (0: a thread of this process) "
+                                          "[default: 1 on the CPU; on a GPU half the rank's cores, up to 8]"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     progress: bool = typer.Option(True, help="Show a progress bar"),
 ):
@@ -142,7 +143,8 @@ def extract(
 
     batch_size, chunk_images = batch_and_chunk(batch_size, chunk_images)
     check_extract_args(dtype=dtype, compression=compression, batch_size=batch_size, chunk_images=chunk_images,
-                       image_size=image_size, autocast=autocast, limit=limit, workers=workers)
+                       image_size=image_size, autocast=autocast, limit=limit,
+                       workers=1 if workers is None else workers)
     layer_list = parse_layers(layers)
     from raptor.data.sampling import check_sample_order
 
@@ -297,14 +299,27 @@ def fit(
     typer.echo(f"recipe: {rec['name']}" + (" (overridden: " + ", ".join(f"{n} {o['used']}" for n, o in
                                                                        rec["overridden"].items()) + ")"
                                           if rec["overridden"] else ""))
-    typer.echo("held-out R2 per layer, Raptor AR:  " + " ".join(f"{x:.3f}" for x in ar["r2"]) +
-               f"  mean {ar['r2_mean']:.3f}")
-    for key in ("identity", "ridge_teacher_forced"):
-        if key in v.get("baselines", {}):
-            b = v["baselines"][key]
-            typer.echo(f"  baseline {key:<21}" + " ".join(f"{x:.3f}" for x in b["r2"]) + f"  mean {b['r2_mean']:.3f}")
+    bl = v.get("baselines", {})
+    if "r2_image_specific" in ar:  # first: what a model blind to the image cannot score (the position mean: 0)
+        lo, hi = ar["r2_image_specific_ci95"]
+        typer.echo("held-out image-specific R2 per layer, Raptor AR:  " + " ".join(f"{x:.3f}" for x in
+                                                                              ar["r2_image_specific"]) +
+                   f"  mean {ar['r2_image_specific_mean']:.3f} [95% CI {lo:.3f}, {hi:.3f}]")
+        for key in ("identity", "ridge_autoregressive"):
+            if key in bl:
+                typer.echo(f"  baseline {key:<21}" + " ".join(f"{x:.3f}" for x in bl[key]["r2_image_specific"]) +
+                           f"  mean {bl[key]['r2_image_specific_mean']:.3f}")
     il = v["image_level"]["autoregressive"]
     typer.echo(f"image-level R2 of pooled features: {il['r2']:.3f} (variance kept {il['variance_kept']:.2f})")
+    typer.echo("held-out R2 per layer, Raptor AR:  " + " ".join(f"{x:.3f}" for x in ar["r2"]) +
+               f"  mean {ar['r2_mean']:.3f}")
+    for key in ("identity", "ridge_teacher_forced", "position_mean"):
+        if key in bl:
+            b = bl[key]
+            typer.echo(f"  baseline {key:<21}" + " ".join(f"{x:.3f}" for x in b["r2"]) + f"  mean {b['r2_mean']:.3f}")
+    if "position_mean" in bl:
+        typer.echo(f"paper's R2 (all layers pooled): Raptor {ar['r2_official_all_layers']:.3f}; the image-blind "
+                   f"position mean scores {bl['position_mean']['r2_official_all_layers']:.3f} under it")
     if v.get("probes"):
         for name, b in v["probes"]["backbones"].items():
             typer.echo(f"fresh probe {name:<14} {b['fresh_probe_accuracy']:.3f} ({b['pct_of_teacher']:.1f} % of "

@@ -22,9 +22,11 @@ Multi-node needs a shared filesystem for ``--out`` / ``--store`` (every rank rea
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 
@@ -50,6 +52,13 @@ class Dist:
         if self.active:
             torch.distributed.barrier()
 
+    def wait_all(self) -> None:
+        """A barrier that may wait for hours (ranks that finished unequal work, e.g. ``--parallel-blocks`` stage 1
+        or rank 0's validation): it runs on the CPU side group, whose timeout is :func:`wait_timeout`, so the
+        device backend's watchdog (30 minutes) never sees it."""
+        if self.active:
+            torch.distributed.barrier(group=cpu_group())
+
     def all_ok(self, ok: bool) -> bool:
         """True on every rank iff ``ok`` is True on every rank (a failure on one rank stops them all cleanly)."""
         if not self.active:
@@ -64,8 +73,48 @@ class Dist:
         if not self.active:
             return obj
         box = [obj if self.rank == src else None]
-        torch.distributed.broadcast_object_list(box, src=src)
+        torch.distributed.broadcast_object_list(box, src=src, group=cpu_group())  # pickles travel by the CPU
         return box[0]
+
+    def gather_to_main(self, obj) -> list | None:
+        """Every rank's ``obj`` (picklable values of our own code) on rank 0, in rank order (None elsewhere); it
+        travels through the CPU side group, never through a GPU."""
+        if not self.active:
+            return [obj]
+        parts = [None] * self.world if self.main else None
+        torch.distributed.gather_object(obj, parts, dst=0, group=cpu_group())
+        return parts
+
+
+_cpu_group = None
+
+
+def wait_timeout() -> timedelta:
+    """How long :meth:`Dist.wait_all` waits for the slowest rank: ``RAPTOR_WAIT_TIMEOUT_S`` seconds, default
+    48 hours (a stage-1 block of the paper's recipe runs for hours)."""
+    return timedelta(seconds=_env_int("RAPTOR_WAIT_TIMEOUT_S", 48 * 3600))
+
+
+def process_timeout() -> timedelta:
+    """The process group's timeout for ordinary collectives: ``RAPTOR_DIST_TIMEOUT_S`` seconds, default 30 minutes
+    (PyTorch's)."""
+    return timedelta(seconds=_env_int("RAPTOR_DIST_TIMEOUT_S", 30 * 60))
+
+
+def cpu_group():
+    """The gloo side group over every rank (the default group itself when that is gloo): long waits and pickled
+    objects go through it, so neither holds a GPU buffer nor trips the NCCL watchdog."""
+    if _cpu_group is None:
+        raise RuntimeError("raptor.distributed.setup() has not joined a process group")
+    return _cpu_group
+
+
+def teardown() -> None:
+    """Leave the process group (registered at exit by :func:`setup`): ranks that finish early exit cleanly."""
+    global _cpu_group
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    _cpu_group = None
 
 
 def rows_per_rank(batch: int, world: int) -> int:
@@ -150,20 +199,64 @@ def resolve_device(device: str | None, dist: Dist | None = None) -> torch.device
     raise RaptorError(f"bad --device {device!r} (use auto, cpu, cuda or cuda:N)")
 
 
+TRACED = ("all_reduce", "broadcast", "barrier", "all_gather", "all_gather_object", "gather_object",
+          "broadcast_object_list", "reduce_scatter", "new_group")
+
+
+def trace_collectives(path: Path) -> None:
+    """Append one JSON line per collective this process calls (op, the ranks of its group, the tensor's dtype,
+    device and shape) to ``path``: ``RAPTOR_TRACE_COLLECTIVES=DIR`` writes ``DIR/rank<r>.jsonl`` per rank, to find
+    which rank took another road when a job hangs (every rank must issue the same sequence). DDP's gradient
+    all-reduces run inside its C++ reducer and are not listed."""
+    import functools
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log = path.open("a", buffering=1)
+    td = torch.distributed
+
+    def ranks(group):
+        if group is None or group is td.GroupMember.WORLD:
+            return "world"
+        return td.get_process_group_ranks(group)
+
+    for name in TRACED:
+        fn = getattr(td, name)
+        if getattr(fn, "_raptor_traced", False):
+            continue
+
+        def wrapper(*args, _fn=fn, _name=name, **kwargs):
+            t = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("tensor")
+            rec = {"op": _name, "group": ranks(kwargs.get("group")) if _name != "new_group" else
+                   list(args[0] if args else kwargs.get("ranks") or [])}
+            if t is not None:
+                rec.update(dtype=str(t.dtype), device=t.device.type, shape=list(t.shape))
+            log.write(json.dumps(rec) + "\n")
+            return _fn(*args, **kwargs)
+
+        wrapper._raptor_traced = True
+        setattr(td, name, functools.wraps(fn)(wrapper))
+
+
 def setup(device: str | None = "auto") -> tuple[Dist, torch.device]:
     """Join the torchrun process group (if any) and pick this rank's device. Idempotent."""
-    global _current
+    global _current, _cpu_group
     dist = from_env()
     if dist.world < 1 or not 0 <= dist.rank < dist.world:
         raise RaptorError(f"bad torchrun environment: RANK={dist.rank}, WORLD_SIZE={dist.world}")
     dev = resolve_device(device, dist)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)  # also for one process on cuda:N: kernels and allocations default to it
     if dist.active and not torch.distributed.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-        torch.distributed.init_process_group(backend, timeout=timedelta(minutes=30))
-        if dev.type == "cpu":  # the node's cores are shared by its ranks
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, dist.local_world)))
+            torch.distributed.init_process_group("nccl", timeout=process_timeout(), device_id=dev)
+        else:
+            torch.distributed.init_process_group("gloo", timeout=process_timeout())
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, dist.local_world)))  # shared cores
+        _cpu_group = torch.distributed.new_group(backend="gloo", timeout=wait_timeout())  # same order on every rank
+        atexit.register(teardown)
+        if os.environ.get("RAPTOR_TRACE_COLLECTIVES"):
+            trace_collectives(Path(os.environ["RAPTOR_TRACE_COLLECTIVES"]) / f"rank{dist.rank}.jsonl")
     _current = dist
     return dist, dev
 

@@ -145,7 +145,8 @@ def boundary_jump_ratio(speed: np.ndarray, phases: list[list[int]]) -> float:
 
 def perturb_tokens(x: torch.Tensor, eps: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """x + ε‖x‖ ξ/‖ξ‖ per token (ξ ~ N(0, I)): noise of relative size ε; the angle it opens is about atan(ε)."""
-    xi = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    xi = torch.randn(x.shape, generator=generator, dtype=x.dtype,  # on the generator's device, then moved
+                     device=generator.device if generator is not None else x.device).to(x.device)
     return x + eps * x.norm(dim=-1, keepdim=True) * unit(xi)
 
 

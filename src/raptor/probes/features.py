@@ -221,12 +221,11 @@ def split_features(backbone, data: ProbeData, task: str, split: str, transform, 
     dist = current()
     if dist.active:  # torchrun: each rank computes every world-th batch, rank 0 writes them all in order
         mine = {s: one(s) for s in list(range(aset.done(), len(samples), batch))[dist.rank::dist.world]}
-        parts = [None] * dist.world if dist.main else None
-        torch.distributed.gather_object(mine, parts, dst=0)  # between our own ranks, never from a file
+        parts = dist.gather_to_main(mine)  # between our own ranks (never from a file), through the CPU
         if dist.main:
             merged = {s: v for p in parts for s, v in p.items()}
             aset.fill(len(samples), lambda start: ((s, merged[s]) for s in sorted(merged) if s >= start))
-        dist.barrier()
+        dist.wait_all()
         return aset.open()
 
     with progress_bar(len(samples), f"features {backbone.label} · {split}", "img", enabled=progress) as bar:

@@ -232,8 +232,11 @@ def init_from_teacher(model: RaptorModel, teacher) -> list[int]:
 def share_noise(x: torch.Tensor, generator: torch.Generator | None, share: tuple[int, int] = (0, 1),
                 dtype: torch.dtype | None = None) -> torch.Tensor:
     """Standard normal noise shaped like ``x``, the rows ``share`` = (rank, world) would get of the noise of the
-    whole batch (drawn on the CPU generator, then moved to ``x``'s device: the same on every device)."""
+    whole batch, drawn on the generator's device (the training loop's generator lives on the training device, so
+    on a GPU the draw is a kernel, not a CPU loop and a copy): a function of the generator's seed alone, whatever
+    the number of ranks, on a given kind of device."""
     rank, world = share
     n = x.shape[0]
-    z = torch.randn((n * world,) + tuple(x.shape[1:]), generator=generator, dtype=dtype or x.dtype)
+    where = generator.device if generator is not None else x.device
+    z = torch.randn((n * world,) + tuple(x.shape[1:]), generator=generator, dtype=dtype or x.dtype, device=where)
     return z[rank * n:(rank + 1) * n].to(x.device)

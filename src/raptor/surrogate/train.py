@@ -282,6 +282,76 @@ class OnlineBatches:
             yield self.teacher.trajectory(self._to_device(x), range(lo, hi + 1), autocast=self.autocast)
 
 
+def step_generator(seed: int, device: torch.device) -> torch.Generator:
+    """The generator of one training step's input noise: on the GPU when training runs there (the noise is then
+    drawn by a kernel), else on the CPU (also for the ``meta`` device of the tests)."""
+    return torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(seed)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` (on the CPU) on ``device`` without a host sync: a pageable tensor is pinned first, since a copy from
+    pageable memory to a GPU waits for the GPU (``cudaStreamSynchronize``)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def training_bytes(rows: int, depth: int, n_tokens: int, dim: int, blocks: int, autocast: str | None) -> int:
+    """An upper estimate of one rank's GPU memory for training: the teacher layers of a batch share (fp32), the
+    activations stage 2 keeps for the backward pass (``depth`` block applications of ``rows`` images: LayerNorm,
+    qkv, attention output, the 4x MLP and the attention weights of ``dim // 64`` heads, in the autocast dtype, the
+    residual stream in fp32) and ``blocks`` blocks' weights, gradients and AdamW moments, plus a quarter for
+    allocator slack."""
+    act = 2 if autocast in ("bfloat16", "float16") else 4
+    heads = max(1, dim // 64)
+    per_block = n_tokens * (10 * dim + 8 * dim) * act + heads * n_tokens ** 2 * act + 2 * n_tokens * dim * 4
+    targets = (depth + 1) * n_tokens * dim * 4
+    params = blocks * 13 * dim * dim * 4 * 4
+    return int(1.25 * (rows * (depth * per_block + targets) + params))
+
+
+def cache_placement(need: int, free: int, working: int, headroom: float = 0.9) -> str:
+    """Where a store cache of ``need`` bytes goes on a GPU with ``free`` bytes free (after ``empty_cache``) and
+    training that needs ``working`` bytes (:func:`training_bytes`): ``"device"`` (batches are gathered on the GPU)
+    when both fit in ``headroom`` of the free memory, else ``"host"`` (RAM, copied per batch through a pinned
+    buffer)."""
+    return "device" if need + working <= headroom * free else "host"
+
+
+class PinnedStaging:
+    """Two reusable page-locked buffers for host-to-GPU batch copies: a batch is gathered straight into one
+    (``index_select(out=...)``), copied with ``non_blocking=True`` (asynchronous because the source is pinned),
+    and that buffer is reused two batches later, after the CUDA event recorded behind its copy. Pinning only these
+    buffers (not the whole cache) also avoids the pinned allocator's rounding of a large cache up to a power of
+    two. ``pin=False`` (CPU tests): the same gathers into ordinary buffers, no events."""
+
+    def __init__(self, pin: bool = True, n: int = 2):
+        self.pin, self.n, self.turn = pin, n, 0
+        self.buffers: list[torch.Tensor | None] = [None] * n
+        self.events: list = [None] * n
+
+    def copy(self, src: torch.Tensor, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``src[idx]`` (rows of a CPU tensor, ``idx`` a CPU index tensor) on ``device``."""
+        k = self.turn
+        self.turn = (k + 1) % self.n
+        numel = len(idx) * math.prod(src.shape[1:])
+        if self.events[k] is not None:
+            self.events[k].synchronize()  # the copy that last read this buffer has finished
+        buf = self.buffers[k]
+        if buf is None or buf.numel() < numel or buf.dtype != src.dtype:
+            buf = torch.empty(numel, dtype=src.dtype, pin_memory=self.pin)
+            self.buffers[k] = buf
+        out = buf[:numel].view((len(idx),) + tuple(src.shape[1:]))
+        torch.index_select(src, 0, idx, out=out)
+        moved = out.to(device, non_blocking=True)
+        if moved.data_ptr() == out.data_ptr():  # same device: never hand out the reused buffer itself
+            moved = moved.clone()
+        if self.pin and device.type == "cuda":
+            self.events[k] = torch.cuda.Event()
+            self.events[k].record()  # behind the copy on the current stream
+        return moved
+
+
 class StoreBatches:
     """Training batches from a trajectory store. Random rows are scattered over many chunks (a batch of 32 touches
     ~32 chunks per layer), so when the training rows fit in ``cache_bytes`` they are read once, in order, and kept
@@ -291,13 +361,14 @@ class StoreBatches:
     step's rows."""
 
     def __init__(self, store, rows: np.ndarray, seed: int, cache_bytes: float = 6e9, progress: bool = False,
-                 device: torch.device | None = None, dist=None):
+                 device: torch.device | None = None, dist=None, working_bytes: int = 0):
         from raptor.distributed import Dist
 
         self.store, self.rows, self.seed = store, np.asarray(rows), seed
         self.device = device or torch.device("cpu")
         self.dist = dist or Dist()
         self.cache = None
+        self._staging: PinnedStaging | None = None
         T, D = store.layout.n_tokens, store.array.shape[-1]
         keep = torch.bfloat16 if store.dtype == "bfloat16" else torch.float16 if store.dtype == "float16" \
             else torch.float32
@@ -314,18 +385,26 @@ class StoreBatches:
                     self.cache[torch.from_numpy(pos)] = store.read(self.rows[pos]).to(keep)
                     bar.advance(len(pos))
             self._pos = {int(r): i for i, r in enumerate(self.rows)}
-            if self.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(self.device)
-                self.cache = self.cache.to(self.device) if need <= free / 2 else self.cache.pin_memory()
+            if self.device.type != "cpu":
+                place = "host"
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()  # PyTorch's cached free blocks count as free here
+                    place = cache_placement(need, torch.cuda.mem_get_info(self.device)[0], working_bytes)
+                if place == "device":
+                    self.cache = self.cache.to(self.device)
+                else:  # pageable in RAM; each batch is gathered into a small pinned buffer, copied asynchronously
+                    self._staging = PinnedStaging(pin=self.device.type == "cuda")
 
     def read(self, rows: np.ndarray, lo: int, hi: int) -> torch.Tensor:
         """float32 (rows, hi-lo+1, T, D) of training rows (from the in-memory cache when there is one), on the
         training device."""
         if self.cache is None:
-            return self.store.read(rows, layers=(lo, hi)).to(self.device, non_blocking=True)
+            return to_device(self.store.read(rows, layers=(lo, hi)), self.device)
         p0, p1 = self.store.layer_positions((lo, hi))
-        idx = torch.tensor([self._pos[int(r)] for r in rows], device=self.cache.device)
-        return self.cache[idx, p0:p1].to(self.device, non_blocking=True).float()
+        idx = torch.tensor([self._pos[int(r)] for r in rows])
+        if self.cache.device == self.device:  # the cache on the training device (CPU, or the GPU-side reader)
+            return self.cache[to_device(idx, self.device), p0:p1].float()
+        return self._staging.copy(self.cache[:, p0:p1], idx, self.device).float()
 
     def sample(self, n: int, batch: int = 32):
         pick = self.rows[evenly_spaced(len(self.rows), n)]
@@ -345,7 +424,7 @@ class StoreBatches:
         pick = np.array([self.rows[rng.randrange(len(self.rows))] for _ in range(batch)])
         pick = pick[rank * n:(rank + 1) * n]  # in draw order: the input noise follows the rows
         uniq, inv = np.unique(pick, return_inverse=True)
-        return self.read(uniq, lo, hi)[torch.from_numpy(inv).to(self.device)]
+        return self.read(uniq, lo, hi)[to_device(torch.from_numpy(inv), self.device)]
 
     def stream(self, keys: list[tuple[str, int, int, int]], batch: int, share: tuple[int, int] | None = None):
         """The batches of ``keys`` in order; from disk (no cache) they are read two steps ahead in a thread, so
@@ -606,10 +685,12 @@ def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, pro
                                state.history, seconds)
 
         def val(done, item=items[it_idx]):
-            if validate_fn is not None and cfg.val_every and done % cfg.val_every == 0 and dist.main:
-                model.eval()
-                state.history.setdefault(f"val/{item.name}", []).append([done, validate_fn(model)])
-                model.train()
+            if validate_fn is not None and cfg.val_every and done % cfg.val_every == 0:
+                if dist.main:
+                    model.eval()
+                    state.history.setdefault(f"val/{item.name}", []).append([done, validate_fn(model)])
+                    model.train()
+                dist.wait_all()  # the other ranks wait on the CPU side group, not in the next step's all_reduce
 
         run(items[it_idx], it_idx, start, batches, state.history.setdefault(items[it_idx].name, []),
             (None, dist.rank, dist.world), resume_opt, checkpoint, val)
@@ -629,9 +710,11 @@ class _ItemRunner:
     None for all ranks, this rank's index in it, its size)), the whole batch's loss logged, NaN stop, gradient
     clipping, AdamW; ``checkpoint(done, opt)`` and ``val(done)`` after each step."""
 
-    def __init__(self, cfg, model, layout, stats, device, progress, on_step):
+    def __init__(self, cfg, model, layout, stats, device, progress, on_step, read_every: int | None = None):
         self.cfg, self.model, self.layout, self.stats = cfg, model, layout, stats
         self.device, self.progress, self.on_step = device, progress, on_step
+        # losses are read back every step on the CPU (free there), every 32 steps on a GPU (a host sync each)
+        self.read_every = read_every or (1 if device.type == "cpu" else 32)
 
     def __call__(self, item: WorkItem, it_idx: int, start: int, batches, hist: list, group, resume_opt,
                  checkpoint, val) -> None:
@@ -653,12 +736,13 @@ class _ItemRunner:
         with progress_bar(item.steps, item.name, "step", enabled=self.progress,
                           extra="loss {task.fields[loss]}") as bar:
             bar.advance(start, loss="-")
+            pending: list = []  # (step, loss on the device, lr) not yet read back
             for step in range(start, item.steps):
                 lr = lr_at(step, item.steps, cfg, item.stage)
                 for g in opt.param_groups:
                     g["lr"] = lr
                 traj = next(batches)
-                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it_idx * 10_007 + step)
+                gen = step_generator(cfg.seed * 1_000_003 + it_idx * 10_007 + step, device)
                 with autocast_context(cfg.autocast, device):
                     loss = objective(traj, step, cfg, self.layout, gen, self.stats, (rank, world))
                 if self.on_step is not None:
@@ -668,22 +752,33 @@ class _ItemRunner:
                     value = value.clone()
                     torch.distributed.all_reduce(value, group=pg)
                     value /= world
-                value = value.item()
-                if not math.isfinite(value):
-                    last = latest_checkpoint(Path(cfg.out) / "checkpoints")
-                    raise RaptorError(f"loss became {value} at {item.name} step {step}; stopped. Last good "
-                                      f"checkpoint: {last or 'none'} (lower --lr or use --autocast none)")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip)
                 opt.step()
-                hist.append([step, value, lr])
-                bar.advance(1, loss=f"{value:.4g}")
+                pending.append((step, value, lr))
                 done = step + 1
+                due_val = cfg.val_every and done % cfg.val_every == 0
+                due_ckpt = done % cfg.ckpt_every == 0 or done == item.steps
+                if len(pending) >= self.read_every or due_val or due_ckpt:
+                    self._read_losses(pending, hist, bar, item, cfg)  # checks them before anything is saved
                 val(done)
-                if done % cfg.ckpt_every == 0 or done == item.steps:
+                if due_ckpt:
                     checkpoint(done, opt)
         model.eval()
+
+    def _read_losses(self, pending: list, hist: list, bar, item: WorkItem, cfg) -> None:
+        """The losses of the steps since the last read, in one device-to-host copy (a host sync per
+        ``read_every`` steps, not per step); a non-finite one stops the run before its weights are saved."""
+        values = torch.stack([v for _, v, _ in pending]).tolist()
+        for (step, _, lr), value in zip(pending, values):
+            if not math.isfinite(value):
+                last = latest_checkpoint(Path(cfg.out) / "checkpoints")
+                raise RaptorError(f"loss became {value} at {item.name} step {step}; stopped. Last good "
+                                  f"checkpoint: {last or 'none'} (lower --lr or use --autocast none)")
+            hist.append([step, value, lr])
+        bar.advance(len(pending), loss=f"{values[-1]:.4g}")
+        pending.clear()
 
 
 def _parallel_stage1(cfg: FitConfig, model: RaptorModel, items: list[WorkItem], data, layout, stats, dist, device,
@@ -727,7 +822,7 @@ def _parallel_stage1(cfg: FitConfig, model: RaptorModel, items: list[WorkItem], 
             run(item, it_idx, start, data.stream(keys, cfg.batch_size, group[1:]), hist, group, resume_opt,
                 checkpoint, lambda done: None)
         state.history[item.name] = hist
-    dist.barrier()
+    dist.wait_all()  # groups of unequal work finish hours apart: a wait beyond the NCCL watchdog's 30 minutes
     for it_idx, item in enumerate(items):  # every block from its group's first rank to every rank
         src = members[it_idx % n_groups][0]
         if dist.active:
