@@ -41,6 +41,28 @@ def test_analysis_json_validates_and_files_exist(live, schema):
         assert len(d["phases"]) == int(k) and sum(len(p) for p in d["phases"]) == 12
     assert seg["maxcut"] and all(len(v["phases"]) == int(k) for k, v in seg["maxcut"].items())
     assert set(seg["maxcut_paper_fracs"]) == {"0.2", "0.1", "0.09"}
+    assert set(a["null_tests"]) == set(a["boundary_stability"]) == {"2", "3", "4", "5", "6"}
+    assert "## Is there more than smooth drift?" in (live.out / "report.md").read_text()
+
+
+def test_a_planted_block_recurrent_teacher_passes_the_null_test(tmp_path, schema):
+    """A teacher whose 8 layers are 2 tied blocks (1-4, 5-8): analyze finds those phases at k = 2 in every bootstrap
+    resample, and the change-point statistic rejects the lag-only null (p < 0.01); both statistics are reported,
+    with the phases chosen on half the images and scored on the other half."""
+    cfg = AnalyzeConfig(teacher="planted:2,depth=8,base=tiny:dinov2", data="bundled:lfw", out=str(tmp_path / "p"),
+                        limit=64, k_max=3, null_resamples=200)
+    a = run_analyze(cfg, progress=False).analysis
+    jsonschema.validate(a, schema)
+    t = a["null_tests"]["2"]
+    assert t["phases"] == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert a["boundary_stability"]["2"] == {"boundaries": [5], "frequency": [1.0],
+                                             "all": {str(i): float(i == 5) for i in range(2, 9)}}
+    jump = t["alternatives"]["boundary_jump"]
+    assert jump["p_value"] < 0.01 and jump["ci95"][0] > jump["null_ci95"][1]
+    assert t["split_half"]["boundary_jump"]["value"] > 0 and t["split_half"]["phases"] == t["phases"]
+    assert 0 < t["p_value"] <= 1 and t["n_resamples"] == 200
+    assert "phase structure at k=2" in (tmp_path / "p" / "report.md").read_text()
+    assert "phase_evidence" in a["figures"] and (tmp_path / "p" / "phase_evidence.png").stat().st_size > 5000
 
 
 def test_schema_rejects_a_broken_file(live, schema):

@@ -348,6 +348,32 @@ def test_table_aggregates_seeds_and_percent_of_teacher(tmp_path):
     assert "| T | 92.0 ± 2.0 | 100.0 % |" in md and "training-set prior" in md
 
 
+def test_table_gives_the_share_of_the_teachers_gain_over_raw_pixels(tmp_path):
+    """Raw pixels at 0.88 and a teacher at 0.92: a surrogate at 0.90 is 97.8 % of the teacher but only 50 % of the
+    teacher's gain over pixels (RMSE: the gain is measured downwards); the strongest pixel baseline is the
+    reference."""
+    from raptor.probes.run import append_line
+    from raptor.probes.table import write_table
+
+    top1 = {"T": 0.92, "R": 0.90, "P14": 0.88, "P28": 0.80}
+    rmse = {"T": 0.50, "R": 0.60, "P14": 0.70, "P28": 0.90}
+    for who in top1:
+        kind = {"T": "teacher", "R": "raptor"}.get(who, "pixels")
+        spec = {"id": who, "kind": kind, "layer": None}
+        base = {"backbone": who, "backbone_spec": spec, "teacher": "t" if kind != "pixels" else who, "seed": 0}
+        append_line(tmp_path / "results.jsonl", {**base, "task": "cls", "data": "d", "metric": "top1",
+                                                 "value": top1[who]})
+        append_line(tmp_path / "results.jsonl", {**base, "task": "depth", "data": "n", "metric": "rmse",
+                                                 "value": rmse[who]})
+    md, _, csv_path = write_table([tmp_path])
+    rows = {(r["backbone"], r["metric"]): r for r in csv.DictReader(open(csv_path))}
+    assert float(rows["R", "top1"]["pct_of_teacher"]) == pytest.approx(100 * 0.90 / 0.92, rel=1e-3)
+    assert float(rows["R", "top1"]["gain_over_pixels_pct"]) == pytest.approx(50.0)
+    assert float(rows["T", "top1"]["gain_over_pixels_pct"]) == pytest.approx(100.0)
+    assert float(rows["R", "rmse"]["gain_over_pixels_pct"]) == pytest.approx(50.0)
+    assert "share of the teacher's gain over pixels" in md
+
+
 # ---- bundled data and the real teacher --------------------------------------------------------------------------
 
 def test_bundled_probe_data_are_real_and_split_disjointly():

@@ -48,6 +48,7 @@ def test_planted_recurrence_is_recovered_by_raptor_fit(tmp_path):
     assert ar["r2_mean"] > v["baselines"]["identity"]["r2_mean"] + 0.1
     assert ar["r2_mean"] > v["baselines"]["copy_layer0"]["r2_mean"] + 0.5
     assert v["image_level"]["autoregressive"]["r2"] > 0.8
+    assert ar["r2_image_specific_mean"] >= 0.9 and ar["r2_image_specific_ci95"][0] >= 0.85
     probes = v["probes"]["backbones"]
     assert probes["full (0-6)"]["teacher_probe_agreement"] >= 0.8
 
@@ -132,6 +133,14 @@ def test_fit_reports_baselines_groups_image_level_and_fresh_probes(tmp_path):
     assert set(v["autoregressive"]["r2_groups"]) == {"cls", "registers", "patches"}
     assert v["n_images"] == 24 and m["n_train_images"] == 96
     assert np.allclose(v["baselines"]["copy_layer0"]["r2"][0], v["baselines"]["identity"]["r2"][0])
+    # image-specific R^2: the image-blind position mean scores exactly 0, per layer and token group
+    pm = v["baselines"]["position_mean"]
+    assert pm["r2_image_specific"] == [0.0] * 3 and pm["r2_image_specific_mean"] == 0.0
+    assert all(x == [0.0] * 3 for x in pm["r2_image_specific_groups"].values())
+    ar = v["autoregressive"]
+    assert len(ar["r2_image_specific"]) == 3 and ar["r2_image_specific_ci95"][0] <= ar["r2_image_specific_mean"] \
+        <= ar["r2_image_specific_ci95"][1]
+    assert set(ar["r2_image_specific_groups"]) == {"cls", "registers", "patches"}
     p = v["probes"]
     assert p["n_test"] == 24 and p["n_train"] == 40 and "bundled:digits" in p["data"]
     t = p["backbones"]["teacher"]
@@ -141,6 +150,7 @@ def test_fit_reports_baselines_groups_image_level_and_fresh_probes(tmp_path):
 
     text = report([load_run(tmp_path / "r")])
     assert "| `r` | tiny:dinov2_with_registers | 2 |" in text and "ridge chained" in text
+    assert text.startswith("Discriminating measures") and "paper's R² of the position mean" in text
     with pytest.raises(RaptorError, match="cannot read a finished run"):
         load_run(tmp_path / "missing")
 
@@ -215,3 +225,22 @@ def test_stage2_from_a_stage1_run_equals_one_run_of_both_stages(tmp_path):
         with pytest.raises(RaptorError, match=msg):
             run_fit(cfg, progress=False)
     assert not (tmp_path / "refused").exists()
+
+
+def test_image_specific_r2_is_relative_to_the_image_blind_reference():
+    """1 - SSE / SSE of the reference: the reference itself scores 0, the target 1, and a prediction halfway from the
+    reference to the target 0.75 (its error is half the reference's: a quarter of the squared error)."""
+    from raptor.surrogate.metrics import LayerFitAccumulator
+    from raptor.teachers.base import TokenLayout
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(6, 2, 5, 8, generator=g)
+    ref = torch.randn(1, 2, 5, 8, generator=g)
+    for pred, want in ((ref.expand_as(y), 0.0), (y, 1.0), ((y + ref) / 2, 0.75)):
+        acc = LayerFitAccumulator(2, 8, TokenLayout(1, 0, (2, 2)))
+        acc.update(pred[:3], y[:3], ref)
+        acc.update(pred[3:], y[3:], ref)
+        r = acc.result()
+        assert r["r2_image_specific"] == pytest.approx([want, want], abs=1e-6)
+        lo, hi = r["r2_image_specific_ci95"]
+        assert lo <= want + 1e-6 and hi >= want - 1e-6

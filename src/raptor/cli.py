@@ -189,6 +189,8 @@ def analyze(
                                        "balanced (both sides of every cut >= 2 layers)"),
     autocast: Optional[str] = typer.Option(None, help="bfloat16 autocast for the forward pass"),
     head: Optional[str] = typer.Option(None, help="Official DINOv2 linear head .pth"),
+    null_resamples: int = typer.Option(200, help="Bootstrap / null resamples of the phase test against the "
+                                       "lag-only null (0: no test)"),
     progress: bool = typer.Option(True, help="Show a progress bar"),
 ):
     """Layer x layer similarity (paper metric, MSE, CKA, token cosine) and phases of depth (DP + max-cut)."""
@@ -199,10 +201,14 @@ def analyze(
                         sample=sample, sample_seed=sample_seed,
                         batch_size=batch_size, image_size=image_size, layers=parse_layers(layers),
                         cka_groups=groups, k_max=k_max, k_rule=k_rule, k_frac=k_frac, autocast=autocast, head=head,
-                        maxcut_variant=maxcut_variant)
+                        maxcut_variant=maxcut_variant, null_resamples=null_resamples)
     res = run_analyze(cfg, progress=progress)
     a = res.analysis
     typer.echo(f"phases ({a['primary_metric']}, k={a['chosen']['k']}): {a['chosen']['phases']}")
+    from raptor.analyze import null_verdict
+
+    for t in a["null_tests"].values():
+        typer.echo(null_verdict(t).replace("**", ""))
     typer.echo(f"wrote {out / 'analysis.json'}, {out / 'report.md'} and {len(a['figures'])} figures")
 
 

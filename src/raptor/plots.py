@@ -50,6 +50,41 @@ def heatmap(path: Path, M: np.ndarray, layers: Sequence[int], title: str, *, kin
     return path
 
 
+def phase_evidence(path: Path, M: np.ndarray, layers: Sequence[int], tests: dict, title: str) -> Path:
+    """Left: the distance matrix with the chosen k's DP phases; right: for each k, how often a phase boundary falls
+    before each layer in bootstrap re-segmentations, with each statistic's p against the lag-only null in the
+    legend."""
+    n = len(layers)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.6), gridspec_kw={"width_ratios": [1, 1.25]})
+    im = ax.imshow(M, cmap="magma_r", origin="upper", interpolation="nearest")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="distance")
+    step = max(1, n // 13)
+    ax.set_xticks(range(0, n, step), [str(layers[i]) for i in range(0, n, step)])
+    ax.set_yticks(range(0, n, step), [str(layers[i]) for i in range(0, n, step)])
+    ax.set_xlabel("layer")
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=10)
+    width = 0.8 / max(1, len(tests))
+    for j, (k, t) in enumerate(tests.items()):
+        freq = np.asarray(t["boundary_stability"]["all"])
+        xs = np.arange(n) + (j - (len(tests) - 1) / 2) * width
+        ps = ", ".join(f"{r['statistic'].replace('_', ' ')} p={r['p_value']:.3f}"
+                       for r in [t, *t.get("alternatives", {}).values()])
+        bx.bar(xs[1:], freq[1:], width=width, label=f"k={k}: {ps}")
+        if j == 0:  # the smallest k's boundaries on the matrix
+            for b in t["boundary_stability"]["boundaries"]:
+                ax.axhline(b - 0.5, color="C0", lw=1.2)
+                ax.axvline(b - 0.5, color="C0", lw=1.2)
+    bx.set_xticks(range(1, n), [f"{layers[i - 1]}|{layers[i]}" for i in range(1, n)], rotation=60, fontsize=7)
+    bx.set_ylim(0, 1.05)
+    bx.set_xlabel("boundary between layers")
+    bx.set_ylabel("bootstrap frequency")
+    bx.set_title("boundary stability (images resampled, re-segmented)", fontsize=10)
+    bx.legend(fontsize=7)
+    save_figure(fig, path)
+    return path
+
+
 def cost_curve(path: Path, costs: np.ndarray, chosen: int, total: float, title: str) -> Path:
     ks = np.arange(1, len(costs) + 1)
     fig, ax = plt.subplots(figsize=(5, 3.4))

@@ -154,6 +154,8 @@ class SimilarityResult:
     matrices: dict[str, np.ndarray] = field(default_factory=dict)  # flat names, e.g. "cka_biased/cls"
     kinds: dict[str, str] = field(default_factory=dict)  # name -> "distance" | "score"
     descriptions: dict[str, str] = field(default_factory=dict)
+    # per-image matrices of the metrics that are means over images (their mean is the matrix): bootstrap and nulls
+    per_image: dict[str, np.ndarray] = field(default_factory=dict)
 
     def distance(self, name: str) -> np.ndarray:
         """A distance version of a metric (1 - score for scores), zero diagonal, symmetric."""
@@ -184,6 +186,7 @@ class SimilarityAccumulator:
         L = len(self.layers)
         self.n = 0
         self.cos_sum = torch.zeros(L, L, dtype=torch.float64)
+        self.cos_images: list[torch.Tensor] = []
         self.mse_sum = torch.zeros(L, L, dtype=torch.float64)
         self.n_summary = 0
         self.tok_sum = {g: torch.zeros(L, L, dtype=torch.float64) for g in BASE_GROUPS}
@@ -213,6 +216,7 @@ class SimilarityAccumulator:
         sn = s / s.norm(dim=-1, keepdim=True).clamp_min(1e-8)
         cos = torch.einsum("bisd,bjsd->bsij", sn, sn).clamp(-1, 1)
         self.cos_sum += (1 - cos).sum((0, 1))
+        self.cos_images.append((1 - cos).mean(1).to(torch.float32))  # (B, L, L): 4 L^2 bytes per image
         sq = s.pow(2).sum(-1)  # (B, L, S)
         dots = torch.einsum("bisd,bjsd->bsij", s, s)
         mse = (sq.permute(0, 2, 1).unsqueeze(-1) + sq.permute(0, 2, 1).unsqueeze(-2) - 2 * dots) / D
@@ -252,6 +256,10 @@ class SimilarityAccumulator:
         r.kinds["paper_cosine_distance"] = "distance"
         r.descriptions["paper_cosine_distance"] = ("mean over images and the [cls, mean patch] summary tokens of "
                                                    "1 - clamp(cos(s_i, s_j), -1, 1) (docs/method.md §2)")
+        per = torch.cat(self.cos_images).numpy()
+        for m in per:
+            np.fill_diagonal(m, 0.0)
+        r.per_image["paper_cosine_distance"] = per
         r.matrices["paper_mse"] = (self.mse_sum / self.n).numpy()
         r.kinds["paper_mse"] = "distance"
         r.descriptions["paper_mse"] = ("per image mean over summary tokens and features of (s_i - s_j)^2, averaged "

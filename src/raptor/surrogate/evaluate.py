@@ -57,31 +57,34 @@ def _validate(model, teacher, val_traj, layout, stats, baselines: bool, batch: i
                 names += ["ridge_teacher_forced", "ridge_autoregressive"]
         base = {n: LayerFitAccumulator(L, D, layout) for n in names}
     pooled = {"teacher": [], "autoregressive": [], "identity": [], "ridge_autoregressive": []}
+    # the image-blind reference of the image-specific R^2: each token's training-set mean at its layer and position
+    blind = stats.position_mean[1:].unsqueeze(0) if stats is not None else None
     for s in range(0, len(val_traj), batch):
         tr = val_traj[s:s + batch]
         target = tr[:, 1:]
         pred = torch.stack(model(tr[:, 0], 0, L), dim=1)
-        accs["autoregressive"].update(pred, target)
+        accs["autoregressive"].update(pred, target, blind)
         seg = torch.cat([torch.stack(model(tr[:, a], a, b), dim=1) for a, b in model.cfg.segments], dim=1)
-        accs["per_block_from_teacher"].update(seg, target)
+        accs["per_block_from_teacher"].update(seg, target, blind)
         pooled["teacher"].append(_pool(teacher, tr[:, L], layout))
         pooled["autoregressive"].append(_pool(teacher, pred[:, -1], layout))
         if not baselines:
             bar.advance(len(tr))
             continue
-        base["identity"].update(tr[:, :-1], target)
-        base["copy_layer0"].update(tr[:, :1].expand_as(target), target)
+        base["identity"].update(tr[:, :-1], target, blind)
+        base["copy_layer0"].update(tr[:, :1].expand_as(target), target, blind)
         pooled["identity"].append(_pool(teacher, tr[:, L - 1], layout))
         if stats is not None:
-            base["position_mean"].update(stats.position_mean[1:].unsqueeze(0).expand_as(target), target)
+            base["position_mean"].update(blind.expand_as(target), target, blind)
             if stats.ridge is not None:
                 base["ridge_teacher_forced"].update(
-                    torch.stack([ridge_predict(stats.ridge, tr[:, i - 1], i) for i in range(1, L + 1)], 1), target)
+                    torch.stack([ridge_predict(stats.ridge, tr[:, i - 1], i) for i in range(1, L + 1)], 1), target,
+                    blind)
                 x, outs = tr[:, 0], []
                 for i in range(1, L + 1):
                     x = ridge_predict(stats.ridge, x, i)
                     outs.append(x)
-                base["ridge_autoregressive"].update(torch.stack(outs, 1), target)
+                base["ridge_autoregressive"].update(torch.stack(outs, 1), target, blind)
                 pooled["ridge_autoregressive"].append(_pool(teacher, outs[-1], layout))
         bar.advance(len(tr))
     out = {"layers": list(range(1, L + 1)), "n_images": len(val_traj)}
