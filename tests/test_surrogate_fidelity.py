@@ -244,3 +244,16 @@ def test_image_specific_r2_is_relative_to_the_image_blind_reference():
         assert r["r2_image_specific"] == pytest.approx([want, want], abs=1e-6)
         lo, hi = r["r2_image_specific_ci95"]
         assert lo <= want + 1e-6 and hi >= want - 1e-6
+
+
+def test_image_level_loss_is_one_for_a_collapse_and_zero_when_exact():
+    from raptor.surrogate.losses import image_level_loss
+    from raptor.teachers.base import TokenLayout
+
+    layout = TokenLayout(1, 0, (2, 2))
+    g = torch.Generator().manual_seed(1)
+    t = torch.randn(8, 5, 16, generator=g)
+    collapse = t.mean(0, keepdim=True).expand_as(t)  # every image the batch's mean tokens
+    assert float(image_level_loss(collapse, t, layout)) == pytest.approx(1.0, abs=1e-6)
+    assert float(image_level_loss(t, t, layout)) == 0.0
+    assert float(image_level_loss(t + 5.0, t, layout)) > 1  # a shifted copy is worse than the collapse

@@ -244,6 +244,8 @@ def fit(
     stage2_weights: Optional[str] = typer.Option(None, help="cls,registers,patches loss weights in stage 2, or 'none' "
                                                  "(absent groups get 0) [recipe: short none, paper 0.45,0.10,0.45]"),
     sigma: Optional[float] = typer.Option(None, help="Gaussian input noise [recipe: 0]"),
+    image_loss: float = typer.Option(0.0, help="Weight of an image-level loss term (1 - batch R2 of the pooled "
+                                     "[cls || mean patch] summaries) added to every layer's loss"),
     mlp: str = typer.Option("swiglu", help="swiglu | gelu"),
     init_from_teacher: bool = typer.Option(False, help="Start each block from its phase's middle teacher block (gelu)"),
     init_from: Optional[Path] = typer.Option(None, help="Start from the weights of a finished fit run with the same "
@@ -254,6 +256,11 @@ def fit(
     sample: str = typer.Option("random", help="--limit: random (seeded, stratified by class) | sorted (the first N)"),
     sample_seed: int = typer.Option(1, help="Seed of the --limit sample"),
     val_images: int = typer.Option(128, help="Whole images held out for validation"),
+    val_data: Optional[str] = typer.Option(None, help="Online data: hold out these whole photos (a data spec, e.g. "
+                                           "bundled:imagenet20) instead of --val-images; no crop of them is "
+                                           "trained on"),
+    val_crops: int = typer.Option(0, help="--val-data: N seeded random-resized crops per held-out photo (0: one "
+                                  "centre view each)"),
     stats_images: int = typer.Option(256, help="Training images for the loss scale, the baselines and (--k alone) "
                                      "the phases"),
     probe_data: Optional[str] = typer.Option("bundled:digits", help="Labelled data for the probes when the "
@@ -289,12 +296,13 @@ def fit(
     cfg = FitConfig.from_recipe(
         recipe, **given, teacher=teacher, data=data, store=str(store) if store else None, out=str(out),
         phases_file=str(phases) if phases and explicit is None and not equal else None, k=k, phases=explicit,
-        phase_method="equal" if equal else "dp", stage=stage, val_images=val_images, stats_images=stats_images,
+        phase_method="equal" if equal else "dp", stage=stage, val_images=val_images, val_data=val_data,
+        val_crops=val_crops, stats_images=stats_images,
         probe_limit=probe_limit, mlp=mlp, init_from_teacher=init_from_teacher,
         init_from=str(init_from) if init_from else None, autocast=autocast, image_size=image_size, limit=limit,
         sample=sample, sample_seed=sample_seed, probe_data=None if probe_data in (None, "none") else probe_data,
         seed=seed, ckpt_every=ckpt_every, val_every=val_every, workers=workers, device=device, compile=compile,
-        parallel_blocks=parallel_blocks, store_cache_gb=store_cache_gb)
+        parallel_blocks=parallel_blocks, store_cache_gb=store_cache_gb, image_loss=image_loss)
     m = run_fit(cfg, resume=resume, progress=progress)
     if not m:  # a torchrun rank other than 0: rank 0 reports
         return

@@ -41,10 +41,10 @@ def run_demo(out: Path, limit: int | None = None) -> dict:
     console.print(f"\n[bold]Brief Raptor fit[/bold]: k=3 blocks on 512 bundled digits at 112 px -> {out / 'fit_k3'}")
     extract(teacher, open_source("bundled:digits").subset(640), digits_store, dtype="bfloat16", image_size=112)
     fit_dir = out / "fit_k3"
-    # phases 1-7 / 8-11 / 12: the official max-cut's split of this teacher on digits (layer 12 is an outlier that
-    # needs its own block, docs/phases.md); the fidelity protocol's recipe (docs/surrogate.md): lr 3e-3 (a short
-    # budget needs a larger step than the paper's), then a gentle stage 2 (lr 3e-4) with the loss spread evenly
-    # over the tokens
+    # phases 1-7 / 8-11 / 12: the official max-cut's 4 clusters of this teacher on digits (1-3/4-7/8-11/12 at the
+    # paper's frac 0.1; layer 12 is an outlier that needs its own block, docs/phases.md) with the first two
+    # merged; the fidelity protocol's recipe (docs/surrogate.md): lr 3e-3 (a short budget needs a larger step
+    # than the paper's), then a gentle stage 2 (lr 3e-4) with the loss spread evenly over the tokens
     fit_cfg = FitConfig(teacher=DEFAULT_TEACHER, data=None, store=str(digits_store), out=str(fit_dir),
                         phases=[list(range(1, 8)), list(range(8, 12)), [12]], steps1=40, steps2=20, batch_size=16,
                         lr=3e-3, lr2=3e-4, stage2_weights=None, val_images=128, stats_images=128, probe_limit=300,

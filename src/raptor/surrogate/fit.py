@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,10 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
             raise RaptorError(f"--k must lie in 1..{depth} (the teacher's depth), got {cfg.k}")
     else:
         src = open_source(cfg.data).subset(cfg.limit, cfg.sample_seed, cfg.sample)
-        _enough_images(len(src), cfg.val_images)
+        if cfg.val_data:
+            held_out_photos(src, open_source(cfg.val_data))  # refused here if nothing is left to train on
+        else:
+            _enough_images(len(src), cfg.val_images)
     n_blocks = len(cfg.phases) if cfg.phases else cfg.k
     if cfg.phases_file:
         n_blocks = len(phases_from_analysis(cfg.phases_file, cfg.k, depth if st is not None else None))
@@ -96,7 +100,7 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
 
 def _run_fit(cfg: FitConfig, st, src, out: Path, resume: bool, progress: bool, on_step, teacher=None,
              dist=None, device=None) -> dict:
-    from raptor.data import load_images
+    from raptor.data import load_images, open_source
     from raptor.distributed import Dist
     from raptor.teachers import load_teacher
 
@@ -136,15 +140,24 @@ def _run_fit(cfg: FitConfig, st, src, out: Path, resume: bool, progress: bool, o
                             st.meta["settings"]["data"])
     else:
         sample = src.sample_info()
-        tr_pos, val_pos = holdout_split(len(src.items), cfg.val_images)
-        tr_items, val_items = [src.items[i] for i in tr_pos], [src.items[i] for i in val_pos]
+        if cfg.val_data:  # whole photos held out: no crop of a held-out photo is ever trained on
+            tr_items, val_items, holdout = held_out_photos(src, open_source(cfg.val_data))
+            tr_pos = np.array([i for i, it in enumerate(src.items) if it.id in {x.id for x in tr_items}])
+            val_pos = np.zeros(0, np.int64)
+            sample = {**sample, "holdout": holdout}
+        else:
+            tr_pos, val_pos = holdout_split(len(src.items), cfg.val_images)
+            tr_items, val_items = [src.items[i] for i in tr_pos], [src.items[i] for i in val_pos]
         size = teacher.image_size(cfg.image_size)
         data = OnlineBatches(teacher.to(device), tr_items, size, cfg.seed, cfg.crops, cfg.workers, device, dist,
                              cfg.autocast)
         layout = teacher.layout(size)
         vt, vkept = [], []
         if dist.main:
-            vt, vkept, _ = load_images(val_items, teacher.eval_transform(size))
+            if cfg.val_crops:
+                vt, vkept = val_crop_views(val_items, cfg.val_crops, size, teacher, cfg.seed)
+            else:
+                vt, vkept, _ = load_images(val_items, teacher.eval_transform(size))
             if not vt:
                 raise RaptorError("none of the held-out validation images could be read")
             # in batches, under the training targets' autocast: the held-out targets are the same teacher's
@@ -152,7 +165,7 @@ def _run_fit(cfg: FitConfig, st, src, out: Path, resume: bool, progress: bool, o
                                                      autocast=cfg.autocast).float().cpu()
                                   for s in range(0, len(vt), 64)])
         n_train = len(tr_items)
-        if (src.labels >= 0).all():
+        if (src.labels >= 0).all() and not cfg.val_data:
             ptr = tr_pos[evenly_spaced(len(tr_pos), cfg.probe_limit)]
 
             def probe_train():  # decoded only once training is over
@@ -277,6 +290,50 @@ def _finish(cfg: FitConfig, model, teacher, layout, size: int, probe_inputs, val
         plt.close(fig)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     return metrics
+
+
+def held_out_photos(src, val_src) -> tuple[list, list, dict]:
+    """(training items, held-out items, record) when ``val_src``'s photos are held out of ``src``: every photo of
+    ``val_src`` is removed from training by id (whatever crops training draws come from the rest), and the
+    record names the held-out ids and both sides' sources."""
+    from collections import Counter
+
+    from raptor.data.sources import image_source_of
+
+    val_ids = {it.id for it in val_src.items}
+    train = [it for it in src.items if it.id not in val_ids]
+    if len(train) < 2:
+        raise RaptorError(f"--val-data {val_src.spec} leaves {len(train)} of the {len(src)} images of {src.spec} to "
+                          f"train on")
+    record = {"by": "photo", "val_data": val_src.spec, "n_val_photos": len(val_src.items),
+              "val_ids": sorted(val_ids), "n_train_photos": len(train), "train_ids": [it.id for it in train],
+              "val_sources": dict(Counter(image_source_of(i) for i in val_ids)),
+              "train_sources": dict(Counter(image_source_of(it.id) for it in train))}
+    return train, list(val_src.items), record
+
+
+def val_crop_views(items, n: int, size: int, teacher, seed: int) -> tuple[list, list[int]]:
+    """``n`` random-resized crops (scale 0.25-1, no flip) of every held-out photo, each a function of (seed, photo
+    id, crop number) alone; returns (tensors, the item position of each tensor). An unreadable photo is skipped
+    with a warning."""
+    import random
+
+    from raptor.data import TrainTransform
+    from raptor.data.sources import ImageLoadWarning
+
+    tf = TrainTransform(size=size, scale=(0.25, 1.0), flip=False, mean=teacher.image_mean, std=teacher.image_std)
+    views, pos = [], []
+    for p, it in enumerate(items):
+        try:
+            img = it.load()
+        except Exception as e:  # noqa: BLE001 - any decode failure means "skip and say so"
+            warnings.warn(f"skipping unreadable image {it.id}: {type(e).__name__}: {str(e)[:120]}",
+                          ImageLoadWarning, stacklevel=2)
+            continue
+        for c in range(n):
+            views.append(tf(img, random.Random(f"val-crop/{seed}/{it.id}/{c}")))
+            pos.append(p)
+    return views, pos
 
 
 def check_device_autocast(autocast: str | None, device: torch.device, bf16_supported=None) -> None:

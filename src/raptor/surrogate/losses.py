@@ -40,6 +40,24 @@ def base_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, scale: torch.
     raise RaptorError(f"unknown loss {kind!r} (use {', '.join(KINDS)})")
 
 
+def image_level_loss(pred: torch.Tensor, target: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """1 - (image-level R^2 of the batch), differentiable: the squared error of each image's pooled summary
+    [cls || mean patch] (mean patch alone without a cls token), divided by the batch's between-image variance of
+    the target's summary (per-feature mean removed). The token loss can be low while every image's summary
+    collapses to one point (a token R^2 near the per-position mean's); this term is 1 for that collapse and 0 for
+    exact image-level features. ``pred``/``target``: (B, T, D), B >= 2."""
+    parts_p, parts_t = [], []
+    if layout.n_cls:
+        parts_p.append(pred[:, 0])
+        parts_t.append(target[:, 0])
+    if layout.n_patches:
+        parts_p.append(pred[:, layout.patches].mean(1))
+        parts_t.append(target[:, layout.patches].mean(1))
+    p, t = torch.cat(parts_p, -1).float(), torch.cat(parts_t, -1).float()
+    between = (t - t.mean(0, keepdim=True)).pow(2).sum()
+    return (p - t).pow(2).sum() / between.clamp_min(1e-12)
+
+
 def effective_group_weights(layout: TokenLayout, weights: tuple[float, float, float] | None) -> dict | None:
     """The weights each present group actually gets (absent groups: 0, others as given)."""
     if weights is None:

@@ -31,7 +31,7 @@ from raptor.data.sampling import check_sample_order
 from raptor.errors import RaptorError, check_positive
 from raptor.surrogate.block import BlockConfig
 from raptor.surrogate.checkpoint import latest_checkpoint, load_optimizer, read_checkpoint, save_checkpoint
-from raptor.surrogate.losses import KINDS, NORMS, token_loss
+from raptor.surrogate.losses import KINDS, NORMS, image_level_loss, token_loss
 from raptor.surrogate.model import RaptorModel, SurrogateConfig, equal_phases, phases_from_analysis, validate_phases
 from raptor.teachers.base import autocast_context
 
@@ -86,6 +86,7 @@ class FitConfig:
     stage2_weights: tuple[float, float, float] | None = None
     sigma: float = 0.0
     tf_anneal_frac: float = 0.25
+    image_loss: float = 0.0  # weight of an image-level term (1 - batch R^2 of the pooled summaries) in every loss
     mlp: str = "swiglu"
     mlp_ratio: float = 4.0
     t_scale: bool = True
@@ -94,6 +95,8 @@ class FitConfig:
     autocast: str | None = None
     image_size: int | None = None
     val_images: int = 128  # whole images held out for validation (fewer, with a warning, for small data sets)
+    val_data: str | None = None  # online data: hold out these whole photos (a data spec) instead of val_images
+    val_crops: int = 0  # --val-data: N seeded random-resized crops per held-out photo (0: its eval view)
     stats_images: int = 256  # training images for the loss scale, the baselines and (k alone) the phases
     crops: bool = True  # online data: random-resized crops + flips of the training images
     probe_data: str | None = "bundled:digits"
@@ -162,10 +165,17 @@ class FitConfig:
             v = getattr(self, name)
             if v is not None and not v > 0:
                 raise RaptorError(f"--{name.replace('_', '-')} must be > 0, got {v}")
-        for name in ("weight_decay", "sigma", "min_lr", "val_every", "warmup_frac", "workers", "store_cache_gb"):
+        for name in ("weight_decay", "sigma", "min_lr", "val_every", "warmup_frac", "workers", "store_cache_gb",
+                     "image_loss"):
             v = getattr(self, name)
             if not v >= 0:
                 raise RaptorError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
+        if not 0 <= self.val_crops <= 1000:
+            raise RaptorError(f"--val-crops must lie in 0..1000, got {self.val_crops}")
+        if self.val_crops and not self.val_data:
+            raise RaptorError("--val-crops needs --val-data (crops of whole held-out photos)")
+        if self.val_data and self.store:
+            raise RaptorError("--val-data holds out photos of online data: use it with --data, not --store")
         if self.phases is not None and (not self.phases or any(not p for p in self.phases)):
             raise RaptorError(f"--phases must be non-empty lists of layers, got {self.phases}")
         if self.phases is not None and self.k is not None and self.k != len(self.phases):
@@ -189,7 +199,8 @@ class FitConfig:
 EVAL_ONLY = ("out", "probe_data", "probe_limit", "val_every", "ckpt_every",
              "workers", "device", "compile", "store_cache_gb",  # none of these changes the training trajectory
              "recipe")  # a label: the hyper-parameters it resolved to are fingerprinted themselves
-NEW_DEFAULTS = {"phase_method": "dp", "sample": "random", "sample_seed": 1}
+NEW_DEFAULTS = {"phase_method": "dp", "sample": "random", "sample_seed": 1, "val_data": None, "val_crops": 0,
+                "image_loss": 0.0}
 
 
 def _plain(v):
@@ -498,7 +509,10 @@ def item_loss(model: RaptorModel, item: WorkItem, traj: torch.Tensor, step: int,
 
     def tl(pred, i):  # loss against teacher layer item.start + i
         scale = stats.scale(item.start + i) if (stats is not None and cfg.loss_norm == "layer") else None
-        return token_loss(pred, traj[:, i], cfg.loss, layout, item.weights, scale)
+        loss = token_loss(pred, traj[:, i], cfg.loss, layout, item.weights, scale)
+        if cfg.image_loss > 0 and len(pred) > 1:
+            loss = loss + cfg.image_loss * image_level_loss(pred, traj[:, i], layout)
+        return loss
 
     if item.stage == 2:
         outs = model(traj[:, 0], item.start, item.end, noise=cfg.sigma, generator=gen, share=share)
