@@ -91,7 +91,10 @@ def main(argv=None) -> int:
             stale.append(str(page.relative_to(ROOT)))
             if not a.check:
                 page.write_text(new)
-    print(("out of date: " if a.check else "rewrote: ") + (", ".join(stale) or "nothing (up to date)"))
+    if stale:
+        print(("out of date (run make results): " if a.check else "rewrote: ") + ", ".join(stale))
+    else:
+        print("every result table is up to date")
     return 1 if (a.check and stale) else 0
 
 

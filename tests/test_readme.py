@@ -67,3 +67,15 @@ def test_readme_command_lines_parse():
         with group.make_context("raptor", list(argv), resilient_parsing=False) as ctx:
             name, sub, rest = group.resolve_command(ctx, list(argv))
             sub.make_context(name, rest, parent=ctx)  # raises on an unknown option or a bad value
+
+
+def test_published_result_tables_are_regenerated_from_the_committed_runs():
+    """`make results` (scripts/results_tables.py) rewrites the result blocks of docs/phases.md and docs/surrogate.md
+    from the runs under docs/results; the committed pages must equal what it writes."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "results_tables.py"
+    spec = importlib.util.spec_from_file_location("results_tables", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--check"]) == 0
