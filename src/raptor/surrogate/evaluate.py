@@ -37,25 +37,26 @@ def _pool(teacher, tokens: torch.Tensor, layout) -> torch.Tensor:
 
 @torch.no_grad()
 def validate(model, teacher, val_traj: torch.Tensor, layout, stats=None, baselines: bool = True,
-             batch: int = 8, progress: bool = False) -> dict:
-    """Per-layer fit on held-out trajectories ``val_traj`` (images, 0..L, T, D); see the module doc."""
+             batch: int = 8, progress: bool = False, groups=None) -> dict:
+    """Per-layer fit on held-out trajectories ``val_traj`` (images, 0..L, T, D); see the module doc. ``groups``:
+    the photo of each row when the rows are several views of fewer photos (CIs resample photos)."""
     from raptor.progress import progress_bar
 
     with progress_bar(len(val_traj), "validation (held-out R²)", "img", enabled=progress) as bar:
-        return _validate(model, teacher, val_traj, layout, stats, baselines, batch, bar)
+        return _validate(model, teacher, val_traj, layout, stats, baselines, batch, bar, groups)
 
 
-def _validate(model, teacher, val_traj, layout, stats, baselines: bool, batch: int, bar) -> dict:
+def _validate(model, teacher, val_traj, layout, stats, baselines: bool, batch: int, bar, groups=None) -> dict:
     L, D = model.depth, val_traj.shape[-1]
-    accs = {"autoregressive": LayerFitAccumulator(L, D, layout),
-            "per_block_from_teacher": LayerFitAccumulator(L, D, layout)}
+    accs = {"autoregressive": LayerFitAccumulator(L, D, layout, groups),
+            "per_block_from_teacher": LayerFitAccumulator(L, D, layout, groups)}
     if baselines:
         names = ["identity", "copy_layer0"]
         if stats is not None:
             names.append("position_mean")
             if stats.ridge is not None:
                 names += ["ridge_teacher_forced", "ridge_autoregressive"]
-        base = {n: LayerFitAccumulator(L, D, layout) for n in names}
+        base = {n: LayerFitAccumulator(L, D, layout, groups) for n in names}
     pooled = {"teacher": [], "autoregressive": [], "identity": [], "ridge_autoregressive": []}
     # the image-blind reference of the image-specific R^2: each token's training-set mean at its layer and position
     blind = stats.position_mean[1:].unsqueeze(0) if stats is not None else None

@@ -84,6 +84,9 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
     dist, device = setup(cfg.device)
     check_device_autocast(cfg.autocast, device)
     rows_per_rank(cfg.batch_size, dist.world)  # refused before the teacher loads
+    if cfg.image_loss > 0 and cfg.batch_size // dist.world < 2:
+        raise RaptorError(f"--image-loss needs >= 2 images per process to compare (--batch-size {cfg.batch_size} "
+                          f"over {dist.world} processes)")
     if cfg.parallel_blocks and cfg.stage in ("1", "both") and n_blocks and n_blocks > 1:
         from raptor.distributed import check_block_groups
 
@@ -119,6 +122,7 @@ def _run_fit(cfg: FitConfig, st, src, out: Path, resume: bool, progress: bool, o
     # labelled training data, if any: (a callable giving layer-0 tokens + labels of the probe's training images, the
     # labels of the held-out images, whose layer-0 tokens are val_traj[:, 0], data name)
     probe_inputs = None
+    val_groups = None
     if st is not None:
         st.check_teacher(teacher)
         rows = st.sample(cfg.limit, cfg.sample_seed, cfg.sample)
@@ -142,7 +146,8 @@ def _run_fit(cfg: FitConfig, st, src, out: Path, resume: bool, progress: bool, o
         sample = src.sample_info()
         if cfg.val_data:  # whole photos held out: no crop of a held-out photo is ever trained on
             tr_items, val_items, holdout = held_out_photos(src, open_source(cfg.val_data))
-            tr_pos = np.array([i for i, it in enumerate(src.items) if it.id in {x.id for x in tr_items}])
+            train_ids = {x.id for x in tr_items}
+            tr_pos = np.array([i for i, it in enumerate(src.items) if it.id in train_ids])
             val_pos = np.zeros(0, np.int64)
             sample = {**sample, "holdout": holdout}
         else:
@@ -156,6 +161,7 @@ def _run_fit(cfg: FitConfig, st, src, out: Path, resume: bool, progress: bool, o
         if dist.main:
             if cfg.val_crops:
                 vt, vkept = val_crop_views(val_items, cfg.val_crops, size, teacher, cfg.seed)
+                val_groups = vkept  # the CI resamples photos, not the correlated crops of one photo
             else:
                 vt, vkept, _ = load_images(val_items, teacher.eval_transform(size))
             if not vt:
@@ -212,11 +218,11 @@ def _run_fit(cfg: FitConfig, st, src, out: Path, resume: bool, progress: bool, o
         return {}
     with staged(out, "metrics.json") as stage:
         return _finish(cfg, model, teacher, layout, size, probe_inputs, val_traj, state, stats, n_train, train_s,
-                       stage, progress, {"phases_chosen": phases_info, "data_sample": sample})
+                       stage, progress, {"phases_chosen": phases_info, "data_sample": sample}, val_groups)
 
 
 def _finish(cfg: FitConfig, model, teacher, layout, size: int, probe_inputs, val_traj, state, stats, n_train: int,
-            train_s: float, out: Path, progress: bool, record: dict) -> dict:
+            train_s: float, out: Path, progress: bool, record: dict, val_groups=None) -> dict:
     """Final weights, validation with baselines, probes and plots, all written into ``out`` (a staging dir)."""
     from raptor import plots
     from raptor.surrogate.checkpoint import save_tensors
@@ -224,7 +230,7 @@ def _finish(cfg: FitConfig, model, teacher, layout, size: int, probe_inputs, val
     save_tensors(model.state_dict(), out / "model.safetensors")
     atomic_write_text(out / "surrogate.json", json.dumps({"surrogate": model.cfg.to_dict(), "teacher": teacher.spec},
                                                          indent=1))
-    val = validate(model, teacher, val_traj, layout, stats, progress=progress)
+    val = validate(model, teacher, val_traj, layout, stats, progress=progress, groups=val_groups)
     val["probes"] = _probes(cfg, model, teacher, layout, size, probe_inputs, val_traj[:, 0], progress)
     if teacher.head is not None:
         val["teacher_head"] = head_agreement(model, teacher, val_traj[:, 0], layout)
@@ -294,18 +300,21 @@ def _finish(cfg: FitConfig, model, teacher, layout, size: int, probe_inputs, val
 
 def held_out_photos(src, val_src) -> tuple[list, list, dict]:
     """(training items, held-out items, record) when ``val_src``'s photos are held out of ``src``: every photo of
-    ``val_src`` is removed from training by id (whatever crops training draws come from the rest), and the
-    record names the held-out ids and both sides' sources."""
+    ``val_src`` is removed from training, matched by id and by resolved file path (a folder's ids are relative to
+    its root, so ``folder:/p`` and ``folder:/p/val`` name one file differently), and the record names the held-out
+    ids and both sides' sources."""
     from collections import Counter
 
     from raptor.data.sources import image_source_of
 
     val_ids = {it.id for it in val_src.items}
-    train = [it for it in src.items if it.id not in val_ids]
+    val_paths = {it.path for it in val_src.items if it.path}
+    train = [it for it in src.items if it.id not in val_ids and not (it.path and it.path in val_paths)]
     if len(train) < 2:
         raise RaptorError(f"--val-data {val_src.spec} leaves {len(train)} of the {len(src)} images of {src.spec} to "
                           f"train on")
     record = {"by": "photo", "val_data": val_src.spec, "n_val_photos": len(val_src.items),
+              "n_removed_from_training": len(src.items) - len(train),
               "val_ids": sorted(val_ids), "n_train_photos": len(train), "train_ids": [it.id for it in train],
               "val_sources": dict(Counter(image_source_of(i) for i in val_ids)),
               "train_sources": dict(Counter(image_source_of(it.id) for it in train))}

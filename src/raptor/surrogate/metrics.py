@@ -10,8 +10,8 @@
   image-blind per-position mean (each token's training-set mean at its layer and position) as the reference: the
   share of the *image-dependent* variance a prediction explains. The position-mean baseline scores exactly 0 and
   anything worse than knowing only the positions scores below 0; the plain ``r2`` gives that blind baseline
-  ~0.4-0.8 and ``r2_official_all_layers`` ~0.83. ``r2_image_specific_ci95``: a bootstrap CI over images of the
-  mean over layers.
+  ~0.4-0.8 and ``r2_official_all_layers`` ~0.83. ``r2_image_specific_ci95``: a bootstrap CI of the mean over
+  layers, over images (or over photos when the validation views are crops of fewer photos).
 - :func:`image_r2`: R^2 of per-image pooled features (e.g. [cls || mean patch] after the final norm) across images
   -- how much of the *between-image* variance a prediction keeps (token R^2 can hide a collapse to one class).
 """
@@ -24,8 +24,10 @@ from raptor.teachers.base import TokenLayout
 
 
 class LayerFitAccumulator:
-    def __init__(self, n_layers: int, dim: int, layout: TokenLayout):
-        self.layout = layout
+    def __init__(self, n_layers: int, dim: int, layout: TokenLayout, groups=None):
+        """``groups``: one id per validation image in update order (the photo a crop came from), so the CI of the
+        image-specific R^2 resamples photos, not correlated views of one photo."""
+        self.layout, self.groups = layout, groups
         L = n_layers
         z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
         self.sse, self.n, self.y_sum, self.y_sq = z(L), 0, z(L, dim), z(L, dim)
@@ -103,18 +105,30 @@ class LayerFitAccumulator:
             spec = 1 - sse.sum(0) / ref.sum(0).clamp_min(1e-12)
             out["r2_image_specific"] = spec.tolist()
             out["r2_image_specific_mean"] = float(spec.mean())
-            out["r2_image_specific_ci95"] = bootstrap_ratio_ci(sse, ref)
+            groups = None if self.groups is None else torch.as_tensor(self.groups)[:len(sse)]
+            out["r2_image_specific_ci95"] = bootstrap_ratio_ci(sse, ref, groups=groups)
+            out["r2_image_specific_ci_unit"] = "images" if groups is None else "groups (photos)"
             out["r2_image_specific_groups"] = {
                 g: (1 - self.g_sse[g] / self.g_ref[g].clamp_min(1e-12)).tolist() for g in self.g_ref if self.g_n[g]}
         return out
 
 
-def bootstrap_ratio_ci(sse: torch.Tensor, ref: torch.Tensor, n: int = 1000, seed: int = 0) -> list[float]:
-    """95 % percentile CI over images of mean_layers(1 - sum_images sse / sum_images ref), from ``n`` bootstrap
-    resamples of the images (rows of the (images, layers) arrays)."""
+def bootstrap_ratio_ci(sse: torch.Tensor, ref: torch.Tensor, n: int = 1000, seed: int = 0,
+                       groups: torch.Tensor | None = None, chunk: int = 50) -> list[float]:
+    """95 % percentile CI of mean_layers(1 - sum sse / sum ref) from ``n`` bootstrap resamples of the rows of the
+    (rows, layers) arrays. ``groups`` (rows,): resample whole groups instead (several views of one photo are not
+    independent: their rows are summed per photo first). Resamples are drawn ``chunk`` at a time, so memory stays
+    ``chunk`` x rows x layers."""
+    if groups is not None:
+        uniq, inv = torch.unique(torch.as_tensor(groups), return_inverse=True)
+        sse = torch.zeros(len(uniq), sse.shape[1], dtype=sse.dtype).index_add_(0, inv, sse)
+        ref = torch.zeros(len(uniq), ref.shape[1], dtype=ref.dtype).index_add_(0, inv, ref)
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, len(sse), (n, len(sse)), generator=g)
-    stats = (1 - sse[idx].sum(1) / ref[idx].sum(1).clamp_min(1e-12)).mean(1)
+    stats = []
+    for s in range(0, n, chunk):
+        idx = torch.randint(0, len(sse), (min(chunk, n - s), len(sse)), generator=g)
+        stats.append((1 - sse[idx].sum(1) / ref[idx].sum(1).clamp_min(1e-12)).mean(1))
+    stats = torch.cat(stats)
     lo, hi = torch.quantile(stats, torch.tensor([0.025, 0.975], dtype=stats.dtype)).tolist()
     return [lo, hi]
 

@@ -86,7 +86,8 @@ class FitConfig:
     stage2_weights: tuple[float, float, float] | None = None
     sigma: float = 0.0
     tf_anneal_frac: float = 0.25
-    image_loss: float = 0.0  # weight of an image-level term (1 - batch R^2 of the pooled summaries) in every loss
+    image_loss: float = 0.0  # weight of an image-level term (1 - batch R^2 of the pooled summaries) in every loss;
+    # under torchrun each rank normalises by its own share's between-image variance (not the 1-process update)
     mlp: str = "swiglu"
     mlp_ratio: float = 4.0
     t_scale: bool = True
@@ -198,6 +199,7 @@ class FitConfig:
 
 EVAL_ONLY = ("out", "probe_data", "probe_limit", "val_every", "ckpt_every",
              "workers", "device", "compile", "store_cache_gb",  # none of these changes the training trajectory
+             # (the device's kind does with --sigma > 0: checked on resume by check_noise_device)
              "recipe")  # a label: the hyper-parameters it resolved to are fingerprinted themselves
 NEW_DEFAULTS = {"phase_method": "dp", "sample": "random", "sample_seed": 1, "val_data": None, "val_crops": 0,
                 "image_loss": 0.0}
@@ -377,6 +379,8 @@ class StoreBatches:
 
         self.store, self.rows, self.seed = store, np.asarray(rows), seed
         self.device = device or torch.device("cpu")
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda" and "cuda:0" must compare equal
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.dist = dist or Dist()
         self.cache = None
         self._staging: PinnedStaging | None = None
@@ -676,6 +680,7 @@ def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, pro
                               "the run or restore it") from None
         # a resume of a finished run (a re-evaluation) trains nothing and keeps exactly the recorded time
         opt_meta = st["optimizer"]
+        check_noise_device(cfg, st, device, state.item < len(items))
     model.to(device)
     n1 = sum(1 for it in items if it.stage == 1)
     if cfg.parallel_blocks and n1 > 1 and state.item < n1:
@@ -696,7 +701,7 @@ def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, pro
             if dist.main:
                 nxt = (it_idx, done) if done < item.steps else (it_idx + 1, 0)
                 _save_progress(cfg, model, opt if done < item.steps else None, f"item{it_idx}-step{done:07d}", *nxt,
-                               state.history, seconds)
+                               state.history, seconds, device)
 
         def val(done, item=items[it_idx]):
             if validate_fn is not None and cfg.val_every and done % cfg.val_every == 0:
@@ -846,14 +851,33 @@ def _parallel_stage1(cfg: FitConfig, model: RaptorModel, items: list[WorkItem], 
     state.item, state.step = len(items), 0
     seconds = clock()
     if dist.main:
-        _save_progress(cfg, model, None, f"item{len(items)}-step0000000", state.item, 0, state.history, seconds)
+        _save_progress(cfg, model, None, f"item{len(items)}-step0000000", state.item, 0, state.history, seconds,
+                       device)
     dist.barrier()
 
 
+def noise_device_type(device: torch.device) -> str:
+    """The kind of device whose generator draws a step's input noise (:func:`step_generator`)."""
+    return step_generator(0, device).device.type
+
+
+def check_noise_device(cfg: FitConfig, state: dict, device: torch.device, training_left: bool) -> None:
+    """With ``--sigma > 0`` the input noise is drawn on the training device's generator, and a CUDA generator's
+    numbers differ from the CPU's: a run resumed on the other kind of device would continue on a different noise
+    stream, so it is refused (checkpoints from before the noise moved to the device drew it on the CPU)."""
+    if cfg.sigma > 0 and training_left:
+        was, now = state.get("noise_device", "cpu"), noise_device_type(device)
+        if was != now:
+            raise RaptorError(f"this run's input noise (--sigma {cfg.sigma}) was drawn on the {was} and this "
+                              f"process would draw it on the {now}: resume it with --device {was} (or start a new "
+                              f"run)")
+
+
 def _save_progress(cfg: FitConfig, model: RaptorModel, opt, name: str, item: int, step: int, history: dict,
-                   train_seconds: float) -> None:
+                   train_seconds: float, device: torch.device | None = None) -> None:
     """The run's checkpoint ``name``: training resumes at work item ``item``, step ``step``."""
     save_checkpoint(Path(cfg.out) / "checkpoints", name, model, opt,
                     {"item": item, "step": step, "history": history, "fingerprint": cfg.training_fingerprint(),
                      "train_seconds": train_seconds,
+                     "noise_device": noise_device_type(device or torch.device("cpu")),
                      "surrogate": model.cfg.to_dict()})
