@@ -128,6 +128,20 @@ def discriminating_table(runs: list[dict]) -> list[str]:
                    f"{_spec(b.get('ridge_autoregressive'))} | {_f(il['autoregressive']['r2'])} | "
                    f"{_f(il.get('ridge_autoregressive', {}).get('r2'))} | {_f(ar.get('r2_official_all_layers'))} | "
                    f"{_f(b.get('position_mean', {}).get('r2_official_all_layers'))} |")
+    spec = [m for m in runs if "r2_image_specific" in m["validation"]["autoregressive"]]
+    if spec:
+        L = len(spec[0]["validation"]["layers"])
+        out += ["", "| held-out image-specific R² per layer | " + " | ".join(str(i) for i in range(1, L + 1))
+                + " | mean |", "|" + "---|" * (L + 2)]
+        for m in spec:
+            ar = m["validation"]["autoregressive"]
+            if len(ar["r2_image_specific"]) != L:
+                continue
+            rows = [(f"`{m['_name']}` AR", ar["r2_image_specific"])]
+            rows += [(f"`{m['_name']}` AR, {g} tokens", ar["r2_image_specific_groups"][g]) for g in ("cls", "patches")
+                     if g in ar.get("r2_image_specific_groups", {})]
+            for name, r in rows:
+                out.append(f"| {name} | " + " | ".join(_f(x, 2) for x in r) + f" | {_f(sum(r) / len(r))} |")
     return out + [""]
 
 
