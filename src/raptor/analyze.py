@@ -352,6 +352,10 @@ def null_verdict(t: dict, alpha: float = 0.05) -> str:
     parts, sigs = [], []
     for r in [t, *t.get("alternatives", {}).values()]:
         v, lo, hi = r["value"], *r["ci95"]
+        if v is None:  # e.g. the lag contrast when every phase is one layer: no lag has pairs inside a phase
+            sigs.append(False)
+            parts.append(f"{r['statistic']} undefined for these phases (no pair of layers to compare)")
+            continue
         sigs.append(r["p_value"] < alpha)
         half = (t.get("split_half") or {}).get(r["statistic"])
         held = (f"; held out (phases chosen on other images) {half['value']:.4f}" if half and half["value"] is not None

@@ -338,7 +338,8 @@ def fit(
         for name, b in v["probes"]["backbones"].items():
             typer.echo(f"fresh probe {name:<14} {b['fresh_probe_accuracy']:.3f} ({b['pct_of_teacher']:.1f} % of "
                        f"teacher); teacher-probe agreement {b['teacher_probe_agreement']:.3f}")
-    typer.echo(f"wrote {out / 'metrics.json'}, {out / 'r2_per_layer.png'}, {out / 'model.safetensors'}")
+    typer.echo(f"wrote {out / 'metrics.json'}, {out / 'r2_image_specific_per_layer.png'}, "
+               f"{out / 'r2_per_layer.png'}, {out / 'model.safetensors'} and the run's config, plots and checkpoints")
 
 
 @app.command("fit-report")
