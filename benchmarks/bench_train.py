@@ -54,9 +54,12 @@ def _t(fn) -> float:
 
 
 def ours_step(model, opt, traj, autocast, layout):
-    with autocast_context(autocast):
-        outs = model(traj[:, 0], 0, L)
-        loss = sum(token_loss(o, traj[:, i + 1], "mse", layout) for i, o in enumerate(outs)) / L
+    """One stage-2 step of ours (MSE over the rollout, AdamW, grad clip 1.0), on ``traj``'s device; returns the
+    loss (a host read)."""
+    depth = traj.shape[1] - 1
+    with autocast_context(autocast, traj.device):
+        outs = model(traj[:, 0], 0, depth)
+        loss = sum(token_loss(o, traj[:, i + 1], "mse", layout) for i, o in enumerate(outs)) / depth
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

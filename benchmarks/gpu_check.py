@@ -40,6 +40,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_train's step
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -74,6 +75,13 @@ def _official_checkpoint(tmp: Path, dim: int = 64, depth: int = 2, classes: int 
     torch.save(sd, bb)
     torch.save({"weight": r(classes, 2 * dim), "bias": r(classes)}, head)
     return bb, head
+
+
+def _stage2_gap(run: dict, ref: dict) -> float:
+    """Largest stage-2 loss difference of two fits' metrics, relative to the reference's largest loss."""
+    a = np.array([h[1] for h in run["loss_history"]["stage2"]])
+    b = np.array([h[1] for h in ref["loss_history"]["stage2"]])
+    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 class _Skip(Exception):
@@ -137,9 +145,7 @@ class Checker:
         dev = self._fit("fit_dev", self.device)
         secs = time.perf_counter() - t0
         cpu = self._fit("fit_cpu", "cpu") if self.device != "cpu" else dev
-        a = np.array([h[1] for h in dev["loss_history"]["stage2"]])
-        b = np.array([h[1] for h in cpu["loss_history"]["stage2"]])
-        rel = float(np.abs(a - b).max() / np.abs(b).max())
+        rel = _stage2_gap(dev, cpu)
         tol = 1e-5 if self.device == "cpu" else 5e-2
         if not rel <= tol:
             raise AssertionError(f"device stage-2 losses differ from the CPU run's: relative {rel:.2e} > {tol:g}")
@@ -189,11 +195,11 @@ class Checker:
                 "official_anchor_images_per_s": 71, "goal_images_per_s": 1000}
 
     def train_step(self) -> dict:
+        from bench_train import ours_step  # the benchmark's own step, on the device here
         from raptor.surrogate.block import BlockConfig, to_official_state_dict
-        from raptor.surrogate.losses import token_loss
         from raptor.surrogate.model import RaptorModel, SurrogateConfig
         from raptor.surrogate.reference import OfficialBlock, OfficialRaptor, official_autoreg_step
-        from raptor.teachers.base import TokenLayout, autocast_context
+        from raptor.teachers.base import TokenLayout
 
         D, H, B, L, grid = (64, 2, 4, 4, (2, 2)) if self.dry else (768, 12, 64, 12, (16, 16))
         T = 1 + grid[0] * grid[1]
@@ -211,13 +217,7 @@ class Checker:
         o_ref = torch.optim.AdamW(ref.parameters(), lr=3e-4)
 
         def step(autocast):
-            with autocast_context(autocast, dev):
-                outs = ours(traj[:, 0], 0, L)
-                loss = sum(token_loss(o, traj[:, i + 1], "mse", layout) for i, o in enumerate(outs)) / L
-            o_ours.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(ours.parameters(), 1.0)
-            o_ours.step()
+            ours_step(ours, o_ours, traj, autocast, layout)
 
         def timed(fn, n=2 if self.dry else 10):
             fn()
@@ -262,9 +262,7 @@ class Checker:
         two = json.loads((self.tmp / "fit_2ranks" / "metrics.json").read_text())
         one = self._fit("fit_1rank", self.device) if not (self.tmp / "fit_dev").exists() else \
             json.loads((self.tmp / "fit_dev" / "metrics.json").read_text())
-        a = np.array([h[1] for h in two["loss_history"]["stage2"]])
-        b = np.array([h[1] for h in one["loss_history"]["stage2"]])
-        rel = float(np.abs(a - b).max() / np.abs(b).max())
+        rel = _stage2_gap(two, one)
         tol = 1e-4 if self.device == "cpu" else 5e-2
         if not rel <= tol:
             raise AssertionError(f"2-rank stage-2 losses differ from 1 rank's: relative {rel:.2e} > {tol:g}")
