@@ -90,7 +90,7 @@ def folder_source(root: str | Path, spec: str, with_classes: bool | None = None)
     """Flat folder (recursive, no labels) or, if it has subfolders of images, class-per-subfolder."""
     root = Path(root).expanduser()
     if root.exists() and not root.is_dir():
-        raise RaptorError(f"--data {root} is a file, not an image folder (or a data spec: {DATA_SPEC_HELP})")
+        raise RaptorError(f"{root} is a file, not an image folder (or a data spec: {DATA_SPEC_HELP})")
     if not root.is_dir():
         raise RaptorError(f"image folder not found: {root}")
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))

@@ -52,7 +52,7 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
     tune_malloc()
     out = Path(cfg.out)
     cfg.check()
-    st = src = None
+    st = src = photo_split = None
     if cfg.store:
         from raptor.store import TrajectoryStore
 
@@ -68,7 +68,11 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
     else:
         src = open_source(cfg.data).subset(cfg.limit, cfg.sample_seed, cfg.sample)
         if cfg.val_data:
-            held_out_photos(src, open_source(cfg.val_data))  # refused here if nothing is left to train on
+            try:
+                val_src = open_source(cfg.val_data)
+            except RaptorError as e:
+                raise RaptorError(f"--val-data: {e}") from None
+            photo_split = held_out_photos(src, val_src)  # refused here if nothing is left to train on
         else:
             _enough_images(len(src), cfg.val_images)
     n_blocks = len(cfg.phases) if cfg.phases else cfg.k
@@ -98,12 +102,14 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
     # rank 0 holds the lock and writes every file; the other ranks (torchrun) train their shares
     with contextlib.ExitStack() as stack:
         claim_on_main(stack, dist, out, has_checkpoint, lambda: check_existing_run(cfg, resume))
-        return _run_fit(cfg, st, src, out, resume, progress and dist.main, on_step, teacher, dist, device)
+        return _run_fit(cfg, st, src, out, resume, progress and dist.main, on_step, teacher, dist, device,
+                        photo_split)
 
 
 def _run_fit(cfg: FitConfig, st, src, out: Path, resume: bool, progress: bool, on_step, teacher=None,
-             dist=None, device=None) -> dict:
-    from raptor.data import load_images, open_source
+             dist=None, device=None, photo_split=None) -> dict:
+    """``photo_split``: :func:`held_out_photos`' result when ``--val-data`` holds out whole photos."""
+    from raptor.data import load_images
     from raptor.distributed import Dist
     from raptor.teachers import load_teacher
 
@@ -144,8 +150,8 @@ def _run_fit(cfg: FitConfig, st, src, out: Path, resume: bool, progress: bool, o
                             st.meta["settings"]["data"])
     else:
         sample = src.sample_info()
-        if cfg.val_data:  # whole photos held out: no crop of a held-out photo is ever trained on
-            tr_items, val_items, holdout = held_out_photos(src, open_source(cfg.val_data))
+        if photo_split is not None:  # whole photos held out: no crop of a held-out photo is ever trained on
+            tr_items, val_items, holdout = photo_split
             train_ids = {x.id for x in tr_items}
             tr_pos = np.array([i for i, it in enumerate(src.items) if it.id in train_ids])
             val_pos = np.zeros(0, np.int64)
