@@ -16,13 +16,29 @@ declare -A RUN=(
   [k3dp_s0]="--k 3 --seed 0"
   [k4dp_s0]="--k 4 --seed 0"
   [ctrl_k2_1-11_12_s0]="--phases 1-11/12 --seed 0"
-  [ctrl_k2_random_s0]="--phases 1-4/5-12 --seed 0"
+  [ctrl_k2_bal3_s0]="--phases 1-3/4-12 --seed 0"
+  [ctrl_k2_bal4_s0]="--phases 1-4/5-12 --seed 0"
+  [ctrl_k2_bal6_s0]="--phases 1-6/7-12 --seed 0"
+  [planted_k2_s0]="--teacher planted:2,base=bundled:dinov2-s --phases 1-6/7-12 --seed 0"
+  [k2_budget025_s0]="--phases 1-7/8-12 --seed 0 --steps1 112 --steps2 50"
+  [k2_budget05_s0]="--phases 1-7/8-12 --seed 0 --steps1 225 --steps2 100"
+  [planted_k2_budget025_s0]="--teacher planted:2,base=bundled:dinov2-s --phases 1-6/7-12 --seed 0 --steps1 112 --steps2 50"
+  [planted_k2_budget05_s0]="--teacher planted:2,base=bundled:dinov2-s --phases 1-6/7-12 --seed 0 --steps1 225 --steps2 100"
+  [k4dp_s1]="--k 4 --seed 1"
+  [k2_s2]="--phases 1-7/8-12 --seed 2"
+  [k3dp_s2]="--k 3 --seed 2"
+  [k4dp_s2]="--k 4 --seed 2"
   [ctrl_untied_k12_s0]="--phases 1/2/3/4/5/6/7/8/9/10/11/12 --seed 0"
   [k2_s1]="--phases 1-7/8-12 --seed 1"
   [k3dp_s1]="--k 3 --seed 1"
   [k2_imgloss_s0]="--phases 1-7/8-12 --seed 0 --image-loss 1"
 )
-ORDER=(k2_s0 k3dp_s0 ctrl_untied_k12_s0 k2_imgloss_s0 ctrl_k2_1-11_12_s0 ctrl_k2_random_s0 k4dp_s0 k2_s1 k3dp_s1)
+# balanced random k=2 partitions (every phase >= 3 layers): the cuts after layers 3, 4 and 6, drawn from
+# {3, 4, 5, 6, 8, 9} (analyze's cut, 7, excluded) -- 4 by hand first, then random.Random(23).sample([3,5,6,8,9], 2).
+# The budget curve: 1/4, 1/2 and 1 x the short recipe's 450 / 200 steps, for k=2 and for the planted control.
+ORDER=(k2_s0 k3dp_s0 ctrl_untied_k12_s0 k2_imgloss_s0 ctrl_k2_1-11_12_s0 k4dp_s0 planted_k2_s0 ctrl_k2_bal4_s0
+       ctrl_k2_bal3_s0 ctrl_k2_bal6_s0 k2_budget025_s0 k2_budget05_s0 k2_s1 k3dp_s1 planted_k2_budget025_s0
+       planted_k2_budget05_s0 k4dp_s1 k2_s2 k3dp_s2 k4dp_s2)
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=("${ORDER[@]}")
 for n in "${names[@]}"; do

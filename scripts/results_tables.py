@@ -65,13 +65,119 @@ def phases_v2() -> str:
     return "\n".join(rows)
 
 
-def natural_v1() -> str:
+# natural_v1: which runs answer which question (scripts/natural_protocol.sh defines and runs them)
+CANDIDATE_K2 = "k2_s0"  # analyze's k=2 phases on bundled:natural (cut after layer 7; docs/phases.md), seed 0
+BALANCED_K2 = ("ctrl_k2_bal3_s0", "ctrl_k2_bal4_s0", "ctrl_k2_bal6_s0")  # every phase >= 3 layers, same budget
+BUDGETS = {"k=2, 1–7 / 8–12 (DINOv2-S)": ("k2_budget025_s0", "k2_budget05_s0", "k2_s0"),
+           "planted control: k=2 teacher, 1–6 / 7–12": ("planted_k2_budget025_s0", "planted_k2_budget05_s0",
+                                                          "planted_k2_s0")}
+GOALS = ((3, "image-specific R²", 0.90), (2, "image-specific R²", 0.80), (3, "image-level R²", 0.80),
+         (2, "image-level R²", 0.60))
+
+
+def _spec_of(m) -> tuple[float, list]:
+    ar = m["validation"]["autoregressive"]
+    return ar["r2_image_specific_mean"], ar["r2_image_specific_ci95"]
+
+
+def _cmd(name: str) -> str:
+    return f"`scripts/natural_protocol.sh {name}`"
+
+
+def _natural_runs() -> dict:
     root = RESULTS / "natural_v1"
-    runs = [load_run(d) for d in sorted(root.iterdir()) if (d / "metrics.json").is_file()] if root.is_dir() else []
-    return report(runs) if runs else "(no runs yet)"
+    return {d.name: load_run(d) for d in sorted(root.iterdir()) if (d / "metrics.json").is_file()} \
+        if root.is_dir() else {}
 
 
-TABLES = {"phases_v2": (ROOT / "docs" / "phases.md", phases_v2),
+def natural_v1_verdicts(runs: dict, plot_dir: Path | None = None) -> str:
+    """The protocol's three questions, each against its control: the goals; analyze's phases against balanced
+    random partitions at equal compute; and the budget curve, with the planted control beside it."""
+    import statistics
+
+    out = ["**Goals** (held-out photos; the main configurations: k=2 `1–7 / 8–12` = analyze's k=2 phases, k=3 = "
+           "`--k 3`, phases chosen by fit on the training photos; mean ± sd over the seeds run so far):", "",
+           "| k | measure | goal | measured | runs | met? |", "|---|---|---|---|---|---|"]
+    for k, what, goal in GOALS:
+        names = [n for n in runs if re.fullmatch(rf"k{k}(dp)?_s\d", n)]
+        if not names:
+            out.append(f"| {k} | {what} | ≥ {goal:.2f} | – | not run | – |")
+            continue
+        vals = [_spec_of(runs[n])[0] if what.startswith("image-specific")
+                else runs[n]["validation"]["image_level"]["autoregressive"]["r2"] for n in names]
+        mean = statistics.fmean(vals)
+        sd = f" ± {statistics.stdev(vals):.3f}" if len(vals) > 1 else " (1 seed)"
+        out.append(f"| {k} | {what} | ≥ {goal:.2f} | {mean:.3f}{sd} | {', '.join(f'`{n}`' for n in names)} | "
+                   f"{'**met**' if mean >= goal else 'missed'} |")
+    # analyze's phases vs balanced random partitions, one seed each, equal budget
+    out += ["", "**Analyze's phases against balanced random partitions** (k=2, every phase ≥ 3 layers, the same "
+            "budget and seed; image-specific R² on the held-out photos):", "",
+            "| run | phases | image-specific R² [95 % CI] | image-level R² | command |", "|---|---|---|---|---|"]
+    present = [n for n in BALANCED_K2 if n in runs]
+    for n in (CANDIDATE_K2, *BALANCED_K2, "ctrl_k2_1-11_12_s0"):
+        if n in runs:
+            v, ci = _spec_of(runs[n])
+            out.append(f"| `{n}` | {_phases(runs[n]['surrogate']['phases'])} | {v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | "
+                       f"{runs[n]['validation']['image_level']['autoregressive']['r2']:.3f} | {_cmd(n)} |")
+        else:
+            out.append(f"| `{n}` | – | not run yet | – | {_cmd(n)} |")
+    if CANDIDATE_K2 in runs and len(present) >= 2:
+        vals = [_spec_of(runs[n])[0] for n in present]
+        mu, sd = statistics.fmean(vals), statistics.stdev(vals)
+        x = _spec_of(runs[CANDIDATE_K2])[0]
+        z = (x - mu) / sd if sd > 0 else float("inf")
+        out += ["", f"Analyze's phases: {x:.3f}; balanced random partitions: {mu:.3f} ± {sd:.3f} (n = {len(vals)}); "
+                f"difference {x - mu:+.3f} = {z:+.2f} σ of the random partitions: the goal (> 1 σ) is "
+                f"**{'met' if z > 1 else 'missed'}**" + (" (with so few partitions σ itself is uncertain)."
+                                                        if len(vals) < 5 else ".")]
+    else:
+        out += ["", f"Not decided yet: {len(present)} of {len(BALANCED_K2)} balanced partitions run."]
+    # the budget curve
+    out += ["", "**Budget curve** (¼, ½ and 1 × the short recipe's 450 / 200 steps × 16; image-specific R² on the "
+            "held-out photos; the least-squares line y = a + b ln(steps) through the points, extrapolated — a naive "
+            "model with 3 points and no saturation term, to be read as an order of magnitude):", "",
+            "| curve | steps (stage 1 + 2) → image-specific R² [95 % CI] | slope per doubling | steps to 0.80 "
+            "(extrapolated) |", "|---|---|---|---|"]
+    curves = {}
+    for label, names in BUDGETS.items():
+        have = [n for n in names if n in runs]
+        pts = []
+        for n in have:
+            c = runs[n]["config"]
+            v, ci = _spec_of(runs[n])
+            pts.append((c["steps1"] + c["steps2"], v, ci, n))
+        cells = "; ".join(f"{s}: {v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" for s, v, ci, _ in pts) or "–"
+        missing = [n for n in names if n not in runs]
+        if missing:
+            cells += " (not run yet: " + ", ".join(_cmd(n) for n in missing) + ")"
+        slope = reach = "–"
+        if len(pts) >= 2:
+            import numpy as np
+
+            b, a = np.polyfit(np.log([p[0] for p in pts]), [p[1] for p in pts], 1)
+            slope = f"{b * np.log(2):+.3f}"
+            reach = f"{np.exp((0.80 - a) / b):,.0f}" if b > 0 else "never (flat or falling)"
+            curves[label] = ([p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts])
+        out.append(f"| {label} | {cells} | {slope} | {reach} |")
+    if curves and plot_dir is not None:
+        from raptor.plots import budget_curve
+
+        budget_curve(plot_dir / "budget_curve.png", curves, xlabel="optimizer steps (stage 1 + 2, batch 16)",
+                     ylabel="held-out image-specific R²", title="natural_v1: image-specific R² against budget",
+                     goal=0.80, extend_to=6500)
+    if curves:
+        out += ["", "![budget curve](results/natural_v1/budget_curve.png)"]
+    return "\n".join(out) + "\n"
+
+
+def natural_v1(plot_dir: Path | None = None) -> str:
+    runs = _natural_runs()
+    if not runs:
+        return "(no runs yet)"
+    return natural_v1_verdicts(runs, plot_dir) + "\n" + report(list(runs.values()))
+
+
+TABLES = {"phases_v2": (ROOT / "docs" / "phases.md", lambda _plot_dir: phases_v2()),
           "natural_v1": (ROOT / "docs" / "surrogate.md", natural_v1)}
 
 
@@ -86,7 +192,8 @@ def main(argv=None) -> int:
         if not pat.search(text):
             print(f"error: {page.relative_to(ROOT)} has no <!-- results:{name} --> block", file=sys.stderr)
             return 2
-        new = pat.sub(lambda m: m.group(1) + fn() + "\n" + m.group(3), text)
+        body = fn(None) if a.check or name != "natural_v1" else fn(RESULTS / "natural_v1")  # --check: no files
+        new = pat.sub(lambda m: m.group(1) + body + "\n" + m.group(3), text)
         if new != text:
             stale.append(str(page.relative_to(ROOT)))
             if not a.check:

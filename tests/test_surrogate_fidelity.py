@@ -214,8 +214,11 @@ def test_stage2_from_a_stage1_run_equals_one_run_of_both_stages(tmp_path):
 
     text = report([load_run(tmp_path / "both"), load_run(tmp_path / "s2")])  # the same training twice
     assert "| `s2` (stage 1: `s1`) | tiny:dinov2 | 2 |" in text and "| 3 / 3 × 4 |" in text
-    r2 = both["validation"]["autoregressive"]["r2_mean"]
-    assert f"| 0, 0 | `both`, `s2` | **{r2:.3f} ± 0.000** |" in text
+    r2, spec = (both["validation"]["autoregressive"][k] for k in ("r2_mean", "r2_image_specific_mean"))
+    assert f"| 0, 0 | `both`, `s2` | **{spec:.3f} ± 0.000** |" in text and f"| {r2:.3f} ± 0.000 |" in text
+    other = load_run(tmp_path / "both")  # another recipe (an image-level loss) is never one of its seeds
+    other["config"] = {**other["config"], "image_loss": 1.0}
+    assert "Over seeds" not in report([other, load_run(tmp_path / "s2")])
     for change, msg in ((dict(k=3), "phases"), (dict(init_from_teacher=True), "give one"),
                         (dict(init_from=str(tmp_path / "nowhere")), "not found"),
                         (dict(init_from=str(tmp_path / "s1" / "surrogate.json")), "is a file, not a raptor fit run"),

@@ -117,3 +117,29 @@ def line_plot(path: Path, x, series: dict[str, Sequence[float]], *, xlabel: str,
         ax.legend(fontsize=8)
     save_figure(fig, path)
     return path
+
+
+def budget_curve(path: Path, curves: dict[str, tuple[Sequence[float], Sequence[float], Sequence[tuple]]], *,
+                 xlabel: str, ylabel: str, title: str, goal: float | None = None,
+                 extend_to: float | None = None) -> Path:
+    """Measured points with CI bars on a log x axis, one line per curve, and (dashed, to ``extend_to``) the least-
+    squares fit y = a + b ln x through them: a naive extrapolation, drawn as such."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for name, (x, y, ci) in curves.items():
+        x, y = np.asarray(x, float), np.asarray(y, float)
+        err = np.array([[yi - c[0] for yi, c in zip(y, ci)], [c[1] - yi for yi, c in zip(y, ci)]])
+        line = ax.errorbar(x, y, yerr=np.clip(err, 0, None), fmt="o-", ms=4, capsize=3, label=name)
+        if extend_to and len(x) >= 2:
+            b, a = np.polyfit(np.log(x), y, 1)
+            xs = np.geomspace(x.min(), extend_to, 50)
+            ax.plot(xs, a + b * np.log(xs), ls="--", lw=1, color=line[0].get_color(), alpha=0.7)
+    if goal is not None:
+        ax.axhline(goal, color="grey", ls=":", lw=1)
+        ax.text(ax.get_xlim()[0], goal, f" goal {goal:g}", va="bottom", fontsize=8, color="grey")
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+    return path

@@ -48,14 +48,19 @@ def _label(m) -> str:
     return f"`{m['_name']}`" + (f" (stage 1: `{m['_stage1']['name']}`)" if m.get("_stage1") else "")
 
 
-def recipe_key(m) -> tuple:
-    """What a run trained, but not its seed: runs with equal keys are seeds of one configuration."""
-    c = m["config"]
+# config fields that do not change what a run trains (where it writes, how often it checkpoints or validates, and
+# the split of one training into two stage runs, whose stage-1 settings are read back from the stage-1 run)
+_NOT_TRAINING = ("seed", "out", "init_from", "stage", "ckpt_every", "val_every", "progress")
+
+
+def recipe_key(m) -> str:
+    """What a run trained, but not its seed: runs with equal keys are seeds of one configuration. Every config field
+    counts except those in ``_NOT_TRAINING`` (so ``--image-loss 1`` or another recipe is never a 'seed')."""
+    c = {k: v for k, v in m["config"].items() if k not in _NOT_TRAINING}
     s1 = m.get("_stage1") or {}
-    return (m["teacher"]["spec"], json.dumps(m["surrogate"]["phases"]), c.get("loss_norm"), _steps1(m),
-            c["steps2"], c["batch_size"], s1.get("lr", c["lr"]), c.get("lr2"),
-            json.dumps(s1.get("stage1_last_weights", c.get("stage1_last_weights"))),
-            json.dumps(c.get("stage2_weights")), c.get("mlp"), c.get("sigma"), c.get("val_images"))
+    c.update(steps1=_steps1(m), lr=s1.get("lr", c.get("lr")),
+             stage1_last_weights=s1.get("stage1_last_weights", c.get("stage1_last_weights")))
+    return json.dumps([m["teacher"]["spec"], c], sort_keys=True, default=str)
 
 
 def _mean_std(xs: list[float], nd: int = 3) -> str:
@@ -75,18 +80,23 @@ def seed_summary(runs: list[dict]) -> list[str]:
     if not multi:
         return []
     out = ["", "Over seeds (runs that differ only in their seed; mean ± sample standard deviation):", "",
-           "| configuration | seeds | runs | mean AR R² | image-level R² | fresh probe, % of teacher | "
-           "teacher-probe agreement | train s |", "|" + "---|" * 8]
+           "| configuration | seeds | runs | image-specific R², AR | image-level R² | mean AR R² | "
+           "fresh probe, % of teacher | teacher-probe agreement | train s |", "|" + "---|" * 9]
     for g in multi:
         m0 = g[0]
         fulls = [_full(m["validation"]["probes"]) if m["validation"].get("probes") else {} for m in g]
         pct = [f["pct_of_teacher"] for f in fulls if "pct_of_teacher" in f]
         agr = [f["teacher_probe_agreement"] for f in fulls if "teacher_probe_agreement" in f]
-        out.append(f"| {m0['teacher']['spec']}, k = {len(m0['surrogate']['phases'])}, {_phases(m0)} | "
+        spec = [m["validation"]["autoregressive"]["r2_image_specific_mean"] for m in g
+                if "r2_image_specific_mean" in m["validation"]["autoregressive"]]
+        phases = {_phases(m) for m in g}
+        out.append(f"| {m0['teacher']['spec']}, k = {len(m0['surrogate']['phases'])}, "
+                   f"{_phases(m0) if len(phases) == 1 else 'phases per seed: ' + '; '.join(sorted(phases))} | "
                    f"{', '.join(str(m['config']['seed']) for m in g)} | "
                    f"{', '.join('`' + m['_name'] + '`' for m in g)} | "
-                   f"**{_mean_std([m['validation']['autoregressive']['r2_mean'] for m in g])}** | "
+                   f"**{_mean_std(spec) if len(spec) == len(g) else '–'}** | "
                    f"{_mean_std([m['validation']['image_level']['autoregressive']['r2'] for m in g])} | "
+                   f"{_mean_std([m['validation']['autoregressive']['r2_mean'] for m in g])} | "
                    f"{_mean_std(pct, 2) if len(pct) == len(g) else '–'} | "
                    f"{_mean_std(agr) if len(agr) == len(g) else '–'} | "
                    f"{_mean_std([_train_s(m) for m in g], 0)} |")
