@@ -177,8 +177,27 @@ def natural_v1(plot_dir: Path | None = None) -> str:
     return natural_v1_verdicts(runs, plot_dir) + "\n" + report(list(runs.values()))
 
 
+def _probe_table(f: Path) -> str:
+    from raptor.probes.table import aggregate, collect, markdown
+
+    return markdown(*aggregate(collect([f])))
+
+
+def probes_v2() -> str:
+    """Table 1 on bundled data with the natural_v1 surrogates (scripts/probes_v2.sh), from its results.jsonl."""
+    f = RESULTS / "probes_v2" / "results.jsonl"
+    if not f.is_file():
+        return "(not run yet: `scripts/probes_v2.sh`, about 40 CPU-minutes after the natural_v1 runs it probes)"
+    return _probe_table(f)
+
+
 TABLES = {"phases_v2": (ROOT / "docs" / "phases.md", lambda _plot_dir: phases_v2()),
-          "natural_v1": (ROOT / "docs" / "surrogate.md", natural_v1)}
+          "natural_v1": (ROOT / "docs" / "surrogate.md", natural_v1),
+          "probes_v2": (ROOT / "docs" / "probes.md", lambda _plot_dir: probes_v2()),
+          # the first-recipe digit surrogates (stale models, committed results): scripts listed in docs/probes.md
+          "probes_v1": (ROOT / "docs" / "probes.md", lambda _d: _probe_table(RESULTS / "probes" / "results.jsonl")),
+          "probes_v1_raw": (ROOT / "docs" / "probes.md",
+                            lambda _d: _probe_table(RESULTS / "probes" / "results_raw.jsonl"))}
 
 
 def main(argv=None) -> int:
