@@ -29,7 +29,9 @@ def _n(x, nd: int = 4) -> str:
 
 
 def _phases(ph) -> str:
-    return " / ".join(f"{p[0]}–{p[-1]}" if len(p) > 1 else str(p[0]) for p in ph)
+    from raptor.phases import format_phases
+
+    return format_phases(ph)
 
 
 def phases_v2() -> str:

@@ -184,7 +184,7 @@ def test_bad_inputs_are_one_line_and_create_nothing(tmp_path, store40, capsys):
         (fit_store + ["--phases", "[]"], "bad --phases"),
         (fit_store + ["--phases", ""], "empty --phases"),
         (fit_store + ["--phases", "[[1, 2], [3, \"x\"]]"], "bad --phases"),
-        (fit_store + ["--phases", "[[1], [3]]"], "phases must be contiguous"),
+        (fit_store + ["--phases", "[[1], [3]]"], "phases must cover layers"),
         (["analyze", *TINY, "--data", "bundled:lfw", "--out", X, "--limit", "0"], "--limit must be >= 1"),
         (["analyze", *TINY, "--data", "bundled:lfw", "--out", X, "--batch-size", "0"], "--batch-size must be >= 1"),
         (["analyze", *TINY, "--data", "bundled:lfw", "--out", X, "--k-max", "0"], "--k-max must be >= 1"),
@@ -239,7 +239,7 @@ def test_cheap_checks_come_before_the_teacher_loads(tmp_path, store40, capsys, m
         (["fit", "--data", "bundled:lfw", "--limit", "4", "--k", "2", "--out", tmp_path / "x"], "too few"),
         (["fit", "--store", store40, "--teacher", "bundled:dinov2-s", "--k", "2", "--out", tmp_path / "x"],
          "was made with tiny:dinov2"),
-        (["fit", *TINY, "--store", store40, "--phases", "1-2/4", "--out", tmp_path / "x"], "phases must be"),
+        (["fit", *TINY, "--store", store40, "--phases", "1-2/4", "--out", tmp_path / "x"], "phases must cover"),
         (["fit", *TINY, "--store", store40, "--k", "7", "--out", tmp_path / "x"], "--k must lie in 1..3"),
     ]
     for args, needle in cases:

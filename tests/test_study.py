@@ -11,7 +11,16 @@ import pytest
 import torch
 
 from clirun import one_error_line
-from raptor.study.run import FitBudget, StudyConfig, random_partitions, run_study, spearman_ci
+from raptor.study.run import (
+    FitBudget,
+    StudyConfig,
+    balanced_min_size,
+    null_comparison,
+    random_partitions,
+    run_study,
+    shuffled_partitions,
+    spearman_ci,
+)
 from raptor.study.vit import TrainConfig, ViTConfig, build_model, load_split, train_vit
 
 TINY_VIT = ViTConfig(image_size=8, patch_size=4, dim=16, depth=4, heads=2)
@@ -73,6 +82,54 @@ def test_random_partitions_are_distinct_contiguous_and_exclude_the_found_ones():
         assert [x for ph in p for x in ph] == list(range(1, 13)) and len(p) == 3 and all(p)
 
 
+def test_balanced_and_shuffled_partition_nulls():
+    found = [list(range(1, 8)), list(range(8, 13))]
+    m = balanced_min_size(12, 2)
+    bal = random_partitions(12, 2, 10, found, seed=0, min_size=m)
+    assert m == 3 and len(bal) == 6  # cuts after 3, 4, 5, 6, 8, 9 (7 is the found one)
+    assert all(min(len(p) for p in part) >= 3 for part in bal) and found not in bal
+    assert random_partitions(4, 2, 5, [[1, 2], [3, 4]], seed=0, min_size=3) == []  # none exists
+    sh = shuffled_partitions(12, [7, 5], 10, seed=0)
+    assert len(sh) == 10 and len({str(p) for p in sh}) == 10
+    for part in sh:
+        assert sorted(x for p in part for x in p) == list(range(1, 13))
+        assert sorted(len(p) for p in part) == [5, 7] and all(p == sorted(p) for p in part)
+        assert any(p != list(range(p[0], p[-1] + 1)) for p in part)  # not contiguous
+    assert shuffled_partitions(3, [1, 2], 10, seed=0) == [[[1, 3], [2]]]  # the only non-contiguous one
+
+
+def test_null_comparison_gap_and_rank():
+    dp = {"r2_mean": 0.8, "accuracy": 0.5}
+    null = [{"r2_mean": v, "accuracy": a} for v, a in ((0.6, 0.6), (0.7, 0.7), (0.9, 0.4))]
+    c = null_comparison(dp, null)
+    assert c["n"] == 3 and c["r2_mean"]["rank"] == 2 and c["r2_mean"]["of"] == 4
+    v = [0.6, 0.7, 0.9]
+    assert c["r2_mean"]["gap_sigma"] == pytest.approx((0.8 - np.mean(v)) / np.std(v, ddof=1))
+    assert c["accuracy"]["rank"] == 3
+    assert null_comparison(dp, [])["r2_mean"]["gap_sigma"] is None
+
+
+def test_matched_swap_effect_removes_the_depth_confound():
+    """Swap accuracies that depend on the depth distance alone (no phases): the plain intra − inter contrast
+    favours any contiguous partition, the depth-matched effect is exactly 0. Accuracies that drop across a planted
+    boundary: the matched effect is positive for the planted phases and ranks first among contiguous partitions."""
+    from raptor.study.swap import _unmatched, matched_swap_effect
+
+    L = 8
+    drift = {(i, j): 1 - 0.05 * abs(i - j) for i in range(1, L + 1) for j in range(1, L + 1) if i != j}
+    for phases in ([[1, 2, 3, 4], [5, 6, 7, 8]], [[1, 2], [3, 4, 5, 6, 7, 8]]):
+        assert _unmatched(drift, phases) > 0.05
+        assert matched_swap_effect(drift, phases)["effect"] == pytest.approx(0, abs=1e-12)
+    planted = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    side = {t: 0 if t <= 3 else 1 for t in range(1, L + 1)}
+    acc = {(i, j): drift[i, j] - (0.3 if side[i] != side[j] else 0) for (i, j) in drift}
+    eff = matched_swap_effect(acc, planted)
+    assert eff["effect"] == pytest.approx(0.3) and set(eff["by_lag"]) == {"1", "2", "3", "4"}
+    others = [matched_swap_effect(acc, [list(range(1, c + 1)), list(range(c + 1, L + 1))])["effect"]
+              for c in range(1, L) if c != 3]
+    assert all(e is None or e < eff["effect"] - 1e-9 for e in others)
+
+
 def test_spearman_with_bootstrap_ci():
     from scipy.stats import spearmanr
 
@@ -108,12 +165,21 @@ def test_micro_sweep_resumes_without_retraining(tmp_path):
     r = study["runs"][1]
     assert 0 <= r["teacher_accuracy"] <= 1 and 0 <= r["phases"]["mean_layer_similarity"] <= 1
     f = r["fits"]["2"]
-    assert len(f["random"]) == 2 and f["dp"]["phases"] not in [x["phases"] for x in f["random"]]
+    # depth 4, k = 2: balanced phases need >= 2 layers (only 2/2 exists), shuffled ones keep the DP sizes
+    assert set(f["nulls"]) == {"balanced", "shuffled"} and len(f["shuffled"]) >= 1
+    assert all(x["phases"] != f["dp"]["phases"] for fam in ("balanced", "shuffled") for x in f[fam])
+    for x in f["shuffled"]:
+        assert any(p != list(range(p[0], p[-1] + 1)) for p in x["phases"])  # fitted with non-contiguous phases
+    assert f["nulls"]["shuffled"]["r2_mean"]["of"] == len(f["shuffled"]) + 1
     assert math.isfinite(f["dp"]["r2_mean"]) and 0 <= f["dp"]["accuracy"] <= 1
     assert set(r["swap"]["by_n"]["1"]) == {"intra", "inter"}
+    m = r["swap"]["matched"]
+    assert m["null_n"] == 2 and 0 < m["p_value"] <= 1 and m["effect"] is not None  # 3 two-phase cuts of 4 layers
+    assert study["partition_nulls"]["2"]["shuffled"]["r2_mean"]["runs"] == 2
     assert study["correlations"]["rho(p, mean_layer_similarity)"]["n"] == 2
     report = (tmp_path / "s/report.md").read_text()
     assert "## Correlations across the sweep" in report and "## Layer swaps" in report
+    assert "## Found phases against partition nulls" in report and "## Depth-matched swaps" in report
     for fig in study["figures"].values():
         assert (tmp_path / "s" / fig).stat().st_size > 1000
     saved = json.loads((tmp_path / "s/study.json").read_text())

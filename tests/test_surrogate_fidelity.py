@@ -184,7 +184,7 @@ def test_a_refused_fit_touches_no_output(tmp_path):
         with pytest.raises(RaptorError, match=msg):
             run_fit(FitConfig(**{**base, **change}), resume=resume, progress=False)
     assert {f: (tmp_path / "run" / f).read_bytes() for f in before} == before
-    for change, msg in ((dict(k=None, phases=[[1, 2], [4]]), "phases must be contiguous"),
+    for change, msg in ((dict(k=None, phases=[[1, 2], [4]]), "phases must cover layers"),
                         (dict(teacher="planted:0,base=tiny:dinov2"), "k >= 1")):
         with pytest.raises(RaptorError, match=msg):
             run_fit(FitConfig(**{**base, **change, "out": str(tmp_path / "fresh")}), progress=False)

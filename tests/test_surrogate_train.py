@@ -33,8 +33,9 @@ def test_phases_and_block_assignment():
     m = RaptorModel(SurrogateConfig([[1, 2, 3, 4, 5, 6, 7], [8, 9, 10], [11, 12]], BlockConfig(32, 2)))
     assert m.cfg.segments == [(0, 7), (7, 10), (10, 12)]
     assert [m.block_of[t] for t in range(1, 13)] == [0] * 7 + [1] * 3 + [2] * 2
-    with pytest.raises(RaptorError):
-        RaptorModel(SurrogateConfig([[1, 3], [2]], BlockConfig(32, 2)))
+    assert RaptorModel(SurrogateConfig([[1, 3], [2]], BlockConfig(32, 2))).block_of == {1: 0, 2: 1, 3: 0}
+    with pytest.raises(RaptorError):  # layer 2 missing
+        RaptorModel(SurrogateConfig([[1], [3]], BlockConfig(32, 2)))
 
 
 def test_phases_from_analysis_file(tmp_path):

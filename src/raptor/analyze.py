@@ -23,6 +23,7 @@ from raptor.phases import (
     MAXCUT_VARIANTS,
     choose_k,
     contiguous_segmentation,
+    format_phases,
     is_contiguous,
     phase_metrics,
     phase_null_test,
@@ -335,17 +336,6 @@ def _run_analyze(cfg: AnalyzeConfig, st, src, stage: Path, progress: bool) -> An
     return AnalysisOutputs(Path(cfg.out), res, analysis)
 
 
-def _fmt_phase(p: list[int]) -> str:
-    if p != list(range(p[0], p[-1] + 1)):
-        return "{" + ",".join(map(str, p)) + "}"
-    return str(p[0]) if len(p) == 1 else f"{p[0]}–{p[-1]}"
-
-
-def _fmt_phases(phases) -> str:
-    """'1–7 / 8–12'; non-contiguous clusters as '{1,2,9}'."""
-    return " / ".join(_fmt_phase(p) for p in phases)
-
-
 def null_verdict(t: dict, alpha: float = 0.05) -> str:
     """One sentence a reader can act on, for one k's null test (both statistics; says when the verdict flips)."""
     k = len(t["phases"])
@@ -394,7 +384,7 @@ def null_test_lines(a: dict) -> list[str]:
         for r in (t, j):
             cells += [f"{_num(r['value'])} [{_num(r['ci95'][0])}, {_num(r['ci95'][1])}]", _num(r["null_mean"]),
                       f"{r['p_value']:.3f}"]
-        out.append(f"| {k} | {_fmt_phases(t['phases'])} | " + " | ".join(cells) +
+        out.append(f"| {k} | {format_phases(t['phases'])} | " + " | ".join(cells) +
                    f" | {bf} | {_num(t['null_phase_metrics']['contrast'])} |")
     return out
 
@@ -413,7 +403,7 @@ def render_report(a: dict) -> str:
         f"## Phases (primary metric: `{a['primary_metric']}`)",
         "",
         f"Chosen k = **{a['chosen']['k']}** by the `{p['chosen_k']['rule']}` rule (frac {p['chosen_k']['frac']}; "
-        f"the elbow rule gives k = {p['chosen_k']['elbow_k']}): **{_fmt_phases(a['chosen']['phases'])}**",
+        f"the elbow rule gives k = {p['chosen_k']['elbow_k']}): **{format_phases(a['chosen']['phases'])}**",
         "",
         "| k | contiguous DP phases | contrast | block energy | cut fraction | max-cut (recursive) | max-cut frac "
         "| contiguous |",
@@ -422,12 +412,12 @@ def render_report(a: dict) -> str:
     for k, d in p["dp"].items():
         mc = p.get("maxcut", {}).get(k)
         m = d["metrics"]
-        lines.append(f"| {k} | {_fmt_phases(d['phases'])} | {m['contrast']:.3f} | {m['block_energy']:.3f} | "
-                     f"{m['cut_fraction']:.3f} | {_fmt_phases(mc['phases']) if mc else '—'} | "
+        lines.append(f"| {k} | {format_phases(d['phases'])} | {m['contrast']:.3f} | {m['block_energy']:.3f} | "
+                     f"{m['cut_fraction']:.3f} | {format_phases(mc['phases']) if mc else '—'} | "
                      f"{mc['frac'] if mc else '—'} | {mc['contiguous'] if mc else '—'} |")
     if p.get("maxcut_paper_fracs"):
         lines += ["", "Recursive max-cut at the paper's settings (frac → clusters): "
-                  + "; ".join(f"{f} → {_fmt_phases(v)}" for f, v in p["maxcut_paper_fracs"].items())]
+                  + "; ".join(f"{f} → {format_phases(v)}" for f, v in p["maxcut_paper_fracs"].items())]
     lines += null_test_lines(a)
     lines += ["", "## Other metrics (DP phases at each metric's own chosen k)", "",
               "| metric | kind | chosen k | phases | adjacent-layer mean | first vs last |",
@@ -438,7 +428,7 @@ def render_report(a: dict) -> str:
         k = s["chosen_k"]["k"]
         ph = s["dp"].get(str(k), {}).get("phases")
         adj = float(np.mean([M[i, i + 1] for i in range(len(M) - 1)]))
-        lines.append(f"| `{name}` | {m['kind']} | {k} | {_fmt_phases(ph) if ph else '—'} | {adj:.3f} | "
+        lines.append(f"| `{name}` | {m['kind']} | {k} | {format_phases(ph) if ph else '—'} | {adj:.3f} | "
                      f"{M[0, -1]:.3f} |")
     lines += ["", "## Figures", ""]
     for name, f in a["figures"].items():

@@ -42,8 +42,8 @@ def parse_layers(text: str | None) -> list[int] | None:
 
 
 def parse_phases(text: str | None) -> list[list[int]] | None:
-    """'1-7/8-11/12' or a JSON array '[[1,...,7],[8,...,11],[12]]' -> lists of layers; None when ``text`` is unset
-    or names a file (an analysis.json)."""
+    """'1-7/8-11/12', '1,3,5/2,4,6' (non-contiguous phases) or a JSON array '[[1,...,7],[8,...,11],[12]]' -> lists
+    of layers; None when ``text`` is unset or names a file (an analysis.json)."""
     import re
 
     if text is None:
@@ -61,18 +61,22 @@ def parse_phases(text: str | None) -> list[list[int]] | None:
             raise RaptorError(f"bad --phases {text!r}: a JSON array of non-empty lists of layer numbers, "
                               f"e.g. [[1,2,3],[4,5,6]]")
         return phases
-    if Path(text).exists() or not re.fullmatch(r"[0-9/\-\s]+", text):
+    if Path(text).exists() or not re.fullmatch(r"[0-9/,\-\s]+", text):
         return None
     phases = []
-    for part in text.split("/"):
-        lo, _, hi = part.strip().partition("-")
-        try:
-            a, b = int(lo), int(hi or lo)
-        except ValueError:
-            raise RaptorError(f"bad --phases {text!r}: use e.g. 1-7/8-11/12 or an analysis.json") from None
-        if b < a:
-            raise RaptorError(f"bad --phases {text!r}: {part!r} runs backwards")
-        phases.append(list(range(a, b + 1)))
+    for part in text.split("/"):  # a phase: layers and ranges joined by commas, e.g. 1-3,7 (non-contiguous allowed)
+        layers: list[int] = []
+        for item in part.split(","):
+            lo, _, hi = item.strip().partition("-")
+            try:
+                a, b = int(lo), int(hi or lo)
+            except ValueError:
+                raise RaptorError(f"bad --phases {text!r}: use e.g. 1-7/8-11/12, 1,3,5/2,4,6 or an analysis.json") \
+                    from None
+            if b < a:
+                raise RaptorError(f"bad --phases {text!r}: {item.strip()!r} runs backwards")
+            layers += range(a, b + 1)
+        phases.append(sorted(layers))
     return phases
 
 
@@ -244,6 +248,12 @@ def fit(
     stage2_weights: Optional[str] = typer.Option(None, help="cls,registers,patches loss weights in stage 2, or 'none' "
                                                  "(absent groups get 0) [recipe: short none, paper 0.45,0.10,0.45]"),
     sigma: Optional[float] = typer.Option(None, help="Gaussian input noise [recipe: 0]"),
+    tf_anneal_frac: Optional[float] = typer.Option(None, help="Stage 1: fraction of the steps over which teacher "
+                                                   "forcing anneals to the block's own rollout [recipe: 0.25]"),
+    teacher_forcing_only: bool = typer.Option(False, "--teacher-forcing-only", help="Stage 1 without the rollout "
+                                              "(the paper's ablation, first row)"),
+    t_scale: bool = typer.Option(True, "--t-scale/--no-t-scale", help="Depth scaling: the blocks' gates depend on "
+                                 "the layer index t (off: the ablation's row before '+ depth scaling')"),
     image_loss: float = typer.Option(0.0, help="Weight of an image-level loss term (1 - batch R2 of the pooled "
                                      "[cls || mean patch] summaries) added to every layer's loss"),
     mlp: str = typer.Option("swiglu", help="swiglu | gelu"),
@@ -287,7 +297,8 @@ def fit(
     equal = phases is not None and phases.strip().lower() == "equal"
     explicit = None if equal else parse_phases(phases)
     given = {"steps1": steps1, "steps2": steps2, "batch_size": batch_size, "lr": lr, "lr2": lr2,
-             "weight_decay": weight_decay, "clip": clip, "loss": loss, "loss_norm": loss_norm, "sigma": sigma}
+             "weight_decay": weight_decay, "clip": clip, "loss": loss, "loss_norm": loss_norm, "sigma": sigma,
+             "tf_anneal_frac": tf_anneal_frac}
     given = {name: v for name, v in given.items() if v is not None}
     if stage1_weights is not None:
         given["stage1_last_weights"] = parse_weights(stage1_weights, "--stage1-weights")
@@ -302,7 +313,8 @@ def fit(
         init_from=str(init_from) if init_from else None, autocast=autocast, image_size=image_size, limit=limit,
         sample=sample, sample_seed=sample_seed, probe_data=None if probe_data in (None, "none") else probe_data,
         seed=seed, ckpt_every=ckpt_every, val_every=val_every, workers=workers, device=device, compile=compile,
-        parallel_blocks=parallel_blocks, store_cache_gb=store_cache_gb, image_loss=image_loss)
+        parallel_blocks=parallel_blocks, store_cache_gb=store_cache_gb, image_loss=image_loss,
+        teacher_forcing_only=teacher_forcing_only, t_scale=t_scale)
     m = run_fit(cfg, resume=resume, progress=progress)
     if not m:  # a torchrun rank other than 0: rank 0 reports
         return
@@ -463,7 +475,10 @@ def study(
     sd: str = typer.Option("0,0.1,0.2,0.3,0.5", "--sd", help="Uniform stochastic-depth probabilities p"),
     seeds: str = typer.Option("0,1", help="Training seeds per p"),
     ks: str = typer.Option("2,3", help="Raptor block counts k"),
-    random: int = typer.Option(10, help="Random contiguous partitions per k (the Figure-3 baseline)"),
+    random: int = typer.Option(10, help="Partitions per k of each null family (the Figure-3 baseline)"),
+    partitions: str = typer.Option("balanced,shuffled", help="Null families the found phases are fitted against: "
+                                   "balanced (contiguous, every phase >= max(2, L/2k) layers), shuffled "
+                                   "(non-contiguous, the found phase sizes), random (any contiguous partition)"),
     swap_samples: int = typer.Option(10, help="Random draws per layer-swap setting (0: no swap test)"),
     limit: Optional[int] = typer.Option(None, help="Only N images: a seeded sample, stratified by class"),
     sample: str = typer.Option("random", help="--limit: random (seeded, stratified by class) | sorted (the first N)"),
@@ -488,7 +503,9 @@ def study(
     from raptor.study.vit import TrainConfig, ViTConfig
 
     cfg = StudyConfig(data=data, out=str(out), sd=_floats(sd, "--sd"), seeds=_ints(seeds, "--seeds"),
-                      ks=_ints(ks, "--ks"), random_partitions=random, swap_samples=swap_samples, limit=limit,
+                      ks=_ints(ks, "--ks"), random_partitions=random,
+                      partitions=tuple(x.strip() for x in partitions.split(",") if x.strip()),
+                      swap_samples=swap_samples, limit=limit,
                       sample=sample, sample_seed=sample_seed,
                       vit=ViTConfig(image_size=image_size, patch_size=patch_size, dim=dim, depth=depth, heads=heads),
                       train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, shift=shift, flip=flip),
@@ -497,7 +514,72 @@ def study(
     for name, c in res["correlations"].items():
         rho = "n/a" if c["rho"] is None else f"{c['rho']:.2f} [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]"
         typer.echo(f"{name}: {rho} (n = {c['n']})")
+    for k, fams in res["partition_nulls"].items():
+        for fam, c in fams.items():
+            if c["r2_mean"]["runs"]:
+                typer.echo(f"k={k} DP phases vs {fam} partitions (R²): beat their mean in "
+                           f"{c['r2_mean']['fraction_dp_beats_mean']:.0%} of runs, by > 1σ in "
+                           f"{c['r2_mean']['fraction_gap_above_1_sigma']:.0%}; mean rank "
+                           f"{c['r2_mean']['mean_rank']:.1f} of {c['r2_mean']['of']}")
+    m = res["matched_swaps"]
+    if m["runs"]:
+        typer.echo(f"depth-matched swaps: intra − inter {m['mean_effect']:+.3f} top-1, significant in "
+                   f"{m['fraction_significant']:.0%} of {m['runs']} runs")
     typer.echo(f"wrote {out / 'report.md'}, {out / 'study.json'} and {len(res['figures'])} figures")
+
+
+@app.command()
+def ablation(
+    teacher: str = typer.Option("bundled:dinov2-s", "--teacher", "-t", help=TEACHER_HELP),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help=DATA_HELP + " (online teacher, no storage)"),
+    store: Optional[Path] = typer.Option(None, help="Train from a trajectory store instead of an online teacher"),
+    phases: Optional[str] = typer.Option(None, help="As raptor fit: an analysis.json, e.g. 1-7/8-11/12, or 'equal' "
+                                         "(with --k)"),
+    k: Optional[int] = typer.Option(None, help="Number of blocks (alone: the DP phases of the training images)"),
+    out: Path = typer.Option(..., "--out", "-o", help="Ablation directory (one raptor fit run per row; re-run the "
+                             "same command to resume)"),
+    recipe: str = typer.Option("short", help="Hyper-parameter recipe of the full model: short | paper"),
+    steps1: Optional[int] = typer.Option(None, help="Stage-1 steps per block [recipe]"),
+    steps2: Optional[int] = typer.Option(None, help="Stage-2 steps [recipe]"),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size [recipe]"),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate [recipe]"),
+    lr2: Optional[float] = typer.Option(None, help="Stage-2 peak learning rate [recipe]"),
+    autocast: Optional[str] = typer.Option(None, help="bfloat16 autocast for training"),
+    image_size: Optional[int] = typer.Option(None, help="Crop size for online data (default: the teacher's)"),
+    val_images: int = typer.Option(128, help="Whole images held out for validation"),
+    val_data: Optional[str] = typer.Option(None, help="Online data: hold out these whole photos (a data spec)"),
+    val_crops: int = typer.Option(0, help="--val-data: N seeded random-resized crops per held-out photo"),
+    limit: Optional[int] = typer.Option(None, help="Only N images/rows: a seeded sample"),
+    seed: int = typer.Option(0),
+    probe_data: Optional[str] = typer.Option(None, help="Row 6: labelled classification data for the probes"),
+    init_head: Optional[str] = typer.Option(None, help="Row 6: the teacher's linear classifier ('teacher' or an "
+                                            "official *_linear_head.pth), fine-tuned on the row-5 surrogate"),
+    progress: bool = typer.Option(True, help="Show progress"),
+):
+    """The paper's training ablation (its Table 1) as one command: teacher forcing only, + autoregressive anneal,
+    + depth scaling, + cls weighting, + stage 2 (+ a fine-tuned probe), each scored on held-out images."""
+    from raptor.surrogate.ablation import AblationConfig, run_ablation
+    from raptor.surrogate.train import FitConfig
+
+    equal = phases is not None and phases.strip().lower() == "equal"
+    explicit = None if equal else parse_phases(phases)
+    given = {n: v for n, v in {"steps1": steps1, "steps2": steps2, "batch_size": batch_size, "lr": lr,
+                               "lr2": lr2}.items() if v is not None}
+    fit_cfg = FitConfig.from_recipe(
+        recipe, **given, teacher=teacher, data=data, store=str(store) if store else None, out=str(out),
+        phases_file=str(phases) if phases and explicit is None and not equal else None, k=k, phases=explicit,
+        phase_method="equal" if equal else "dp", autocast=autocast, image_size=image_size, val_images=val_images,
+        val_data=val_data, val_crops=val_crops, limit=limit, seed=seed, probe_data=None)
+    res = run_ablation(AblationConfig(out=str(out), fit=fit_cfg, probe_data=probe_data, init_head=init_head),
+                       progress=progress)
+    for r in res["rows"]:
+        if "r2_image_specific_mean" in r:
+            typer.echo(f"{r['row']}: image-specific R2 {r['r2_image_specific_mean']:.3f}, image-level R2 "
+                       f"{r['image_level_r2']:.3f} (paper, IN-1k top-1: {r['paper_in1k_top1']})")
+        else:
+            typer.echo(f"{r['row']}: fresh probe {r['fresh_probe_top1']:.3f}, fine-tuned teacher head "
+                       f"{r['fine_tuned_head_top1']:.3f}")
+    typer.echo(f"wrote {out / 'ablation.md'}, {out / 'ablation.json'} and {out / res['figure']}")
 
 
 @app.command()

@@ -310,6 +310,18 @@ def is_contiguous(phases: list[list[int]]) -> bool:
     return all(p == list(range(p[0], p[-1] + 1)) for p in phases)
 
 
+def format_phase(p: list[int]) -> str:
+    """'1–7' (one layer: '12'); a non-contiguous phase as '{1,3,5}'."""
+    if list(p) != list(range(p[0], p[-1] + 1)):
+        return "{" + ",".join(map(str, p)) + "}"
+    return str(p[0]) if len(p) == 1 else f"{p[0]}–{p[-1]}"
+
+
+def format_phases(phases) -> str:
+    """'1–7 / 8–12'; non-contiguous phases as '{1,3,5} / {2,4,6}'."""
+    return " / ".join(format_phase(p) for p in phases)
+
+
 # ---- nulls: is there more than smooth drift? ------------------------------------------------------------------------
 
 def toeplitz_null(D: np.ndarray) -> np.ndarray:
@@ -456,5 +468,6 @@ def _ci(x: np.ndarray) -> list[float | None]:
 
 
 __all__ = ["boundaries_of", "boundary_jump", "brute_force_contiguous", "check_distance", "choose_k",
-           "contiguous_segmentation", "cut_weight", "is_contiguous", "lag_contrast", "max_cut_bruteforce",
-           "phase_metrics", "phase_null_test", "recursive_max_cut", "segment_costs", "toeplitz_null"]
+           "contiguous_segmentation", "cut_weight", "format_phase", "format_phases", "is_contiguous", "lag_contrast",
+           "max_cut_bruteforce", "phase_metrics", "phase_null_test", "recursive_max_cut", "segment_costs",
+           "toeplitz_null"]

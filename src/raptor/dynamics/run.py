@@ -151,10 +151,16 @@ def _batches(cfg, teacher, st, src, bar):
 
 def _given_phases(cfg, depth: int) -> tuple[list[list[int]], str] | None:
     """Phases from --phases (layers or an analysis.json), checked against the teacher before the pass."""
+    from raptor.phases import is_contiguous
     from raptor.surrogate.model import phases_from_analysis, validate_phases
 
     if cfg.phases is not None:
-        return validate_phases(cfg.phases, depth), "given (--phases)"
+        phases = validate_phases(cfg.phases, depth)
+        if not is_contiguous(phases) or phases != sorted(phases):
+            raise RaptorError(f"dynamics --phases must be contiguous phases in depth order (they set the phase "
+                              f"boundaries and entry layers), got {cfg.phases}; a surrogate with non-contiguous "
+                              f"phases is fine as --surrogate")
+        return phases, "given (--phases)"
     if cfg.phases_file is not None:
         phases = phases_from_analysis(cfg.phases_file, depth=depth)
         if phases[-1][-1] != depth:

@@ -71,7 +71,7 @@ def parse_backbone(text: str, layer: int | None = None, splice: str | None = Non
             raise RaptorError(f"{sj} is not a surrogate.json from raptor fit ({type(e).__name__}: {e})") from None
         if layer is not None:
             raise RaptorError("--layer reads a teacher at an inner layer; for a surrogate run use --splice i:j")
-        depth = phases[-1][-1]
+        depth = max(p[-1] for p in phases)
         if sp is not None and sp[1] > depth:
             raise RaptorError(f"--splice {splice}: the surrogate covers layers 0..{depth}")
         return BackboneSpec("raptor", teacher, str(p.resolve()), None, sp, phases)

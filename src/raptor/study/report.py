@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from raptor.phases import format_phases
 from raptor.plots import plt, save_figure
 
 DEFINITIONS = {
@@ -17,9 +18,17 @@ DEFINITIONS = {
     "raptor R2": "held-out autoregressive R² of a Raptor fit, mean over layers (and per token group), on 128 whole "
                  "training-split images held out from the fit",
     "raptor accuracy": "the teacher's own head on the surrogate's last layer, test split",
-    "gap in sigma": "(DP-phase score − mean over random contiguous partitions of the same k) / their std",
+    "partition nulls": "random: any contiguous partition of the same k; balanced: contiguous partitions whose every "
+                       "phase has ≥ max(2, ⌊L / 2k⌋) layers; shuffled: non-contiguous partitions with the DP phase "
+                       "sizes (each fitted with the same budget and seed as the DP phases)",
+    "gap in sigma": "(DP-phase score − mean over a null family's partitions) / their sample std; rank: the DP fit's "
+                    "place among the DP fit and the family's fits (1 = best)",
     "layer swap": "block j run in place of block i, j from the same DP phase (intra) or another (inter); n = 1..3 "
-                  "layers swapped; mean over random draws",
+                  "layers swapped; mean over random draws (an intra partner is closer in depth by construction)",
+    "matched swap effect": "every single swap i ← j scored; per depth distance |i − j| holding both kinds, mean "
+                           "intra − mean inter accuracy; averaged over those distances weighted by min(n_intra, "
+                           "n_inter). Phases chosen on one half of the test images, swaps scored on the other; null: "
+                           "the same effect for every other contiguous partition of the same k",
     "spearman": "Spearman ρ over all (p, seed) runs, 95 % CI from a percentile bootstrap over runs (2,000)",
 }
 
@@ -75,20 +84,24 @@ def plots(out: Path, cfg, results: list[dict]) -> dict:
                  fontsize=9)
     figs["vs_p"] = save_figure(fig, out / "fig4bce_vs_p.png")
 
-    if cfg.random_partitions:
+    families = [f for f in cfg.partitions if any(r["fits"][str(k)].get(f) for r in results for k in cfg.ks)]
+    if cfg.random_partitions and families:
         fig, axes = plt.subplots(1, len(cfg.ks), figsize=(5.5 * len(cfg.ks), 3.6), squeeze=False)
+        color = {"random": "grey", "balanced": "C0", "shuffled": "C2"}
         for ax, k in zip(axes[0], cfg.ks):
             order = sorted(results, key=lambda r: (r["p"], r["seed"]))
             for i, r in enumerate(order):
                 f = r["fits"][str(k)]
-                ax.scatter([i] * len(f["random"]), [x["accuracy"] for x in f["random"]], s=8, color="grey",
-                           label="random partitions" if i == 0 else None)
-                ax.scatter([i], [f["dp"]["accuracy"]], s=30, color="C3", marker="D",
-                           label="DP (max-cut) phases" if i == 0 else None)
+                for j, fam in enumerate(families):
+                    xs = f.get(fam, [])
+                    ax.scatter([i + 0.15 * (j - (len(families) - 1) / 2)] * len(xs), [x["r2_mean"] for x in xs],
+                               s=8, color=color[fam], label=f"{fam} partitions" if i == 0 else None)
+                ax.scatter([i], [f["dp"]["r2_mean"]], s=30, color="C3", marker="D",
+                           label="DP phases" if i == 0 else None)
             ax.set_xticks(range(len(order)), [f"p{r['p']:g}\ns{r['seed']}" for r in order], fontsize=7)
-            ax.set_ylabel(f"Raptor k={k} test top-1")
+            ax.set_ylabel(f"Raptor k={k} held-out R²")
             ax.legend(fontsize=7)
-        fig.suptitle("Figure 3 shape: phases found from similarity vs random contiguous partitions of the same k",
+        fig.suptitle("Figure 3 shape: phases found from similarity vs partition nulls of the same k (same budget)",
                      fontsize=9)
         figs["phases_vs_random"] = save_figure(fig, out / "fig3_phases_vs_random.png")
     return figs
@@ -96,6 +109,59 @@ def plots(out: Path, cfg, results: list[dict]) -> dict:
 
 def _f(v, fmt="{:.3f}") -> str:
     return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else fmt.format(v)
+
+
+def _nulls_section(cfg, study: dict, runs: list[dict]) -> list[str]:
+    """The found phases against each partition null: a summary over runs, then one row per run, k and family."""
+    nulls = study.get("partition_nulls", {})
+    if not nulls:
+        return []
+    out = ["", "## Found phases against partition nulls", "",
+           "The DP phases' Raptor fit against fits of other partitions of the same k, same budget and seed "
+           "(score: held-out R², mean over layers; and the teacher head's top-1 on the surrogate).", "",
+           "| k | null | runs | DP beats the null's mean (R² / top-1) | gap > 1σ (R² / top-1) | mean gap σ "
+           "(R² / top-1) | mean rank of the DP fit (R² / top-1) |", "|---|---|---|---|---|---|---|"]
+    for k, fams in nulls.items():
+        for fam, c in fams.items():
+            r2, acc = c["r2_mean"], c["accuracy"]
+            pct = (lambda v: "–" if v is None else f"{v:.0%}")  # noqa: E731
+            out.append(f"| {k} | {fam} | {r2['runs']} | {pct(r2['fraction_dp_beats_mean'])} / "
+                       f"{pct(acc['fraction_dp_beats_mean'])} | {pct(r2['fraction_gap_above_1_sigma'])} / "
+                       f"{pct(acc['fraction_gap_above_1_sigma'])} | {_f(r2['mean_gap_sigma'], '{:.2f}')} / "
+                       f"{_f(acc['mean_gap_sigma'], '{:.2f}')} | {_f(r2['mean_rank'], '{:.1f}')} / "
+                       f"{_f(acc['mean_rank'], '{:.1f}')} of {r2['of']} |")
+    out += ["", "| p | seed | k | null | n | DP R² | null R² mean ± sd | gap σ | rank | DP top-1 | null top-1 "
+                "mean ± sd | gap σ | rank |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        for k in cfg.ks:
+            for fam, c in r["fits"][str(k)].get("nulls", {}).items():
+                cells = [f"{r['p']:g}", str(r["seed"]), str(k), fam, str(c["n"])]
+                for key in ("r2_mean", "accuracy"):
+                    d = c[key]
+                    cells += [_f(d["dp"]), f"{_f(d['mean'])} ± {_f(d['std'])}", _f(d["gap_sigma"], "{:.2f}"),
+                              f"{d['rank']} / {d['of']}"]
+                out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def _matched_section(cfg, study: dict, runs: list[dict]) -> list[str]:
+    rows = [r for r in runs if r.get("swap", {}).get("matched")]
+    if not rows:
+        return []
+    s = study.get("matched_swaps", {})
+    out = ["", f"## Depth-matched swaps (k = {max(cfg.ks)}; phases chosen on half of the test images, every single "
+               "swap scored on the other half)", "",
+           f"Significant (p < 0.05 against every other contiguous partition) in "
+           f"{_f(s.get('fraction_significant'), '{:.0%}')} of {s.get('runs')} runs; mean effect "
+           f"{_f(s.get('mean_effect'))} top-1.", "",
+           "| p | seed | phases | no swap | effect: intra − inter at equal lag | null mean ± sd (n) | p-value | "
+           "unmatched intra − inter |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m = r["swap"]["matched"]
+        out.append(f"| {r['p']:g} | {r['seed']} | {format_phases(m['phases'])} | {_f(m['baseline_accuracy'])} | "
+                   f"{_f(m['effect'])} | {_f(m['null_mean'])} ± {_f(m['null_std'])} ({m['null_n']}) | "
+                   f"{_f(m['p_value'])} | {_f(m['unmatched_contrast'])} |")
+    return out
 
 
 def render(cfg, study: dict) -> str:
@@ -106,8 +172,8 @@ def render(cfg, study: dict) -> str:
              f"{cfg.vit.patch_size} at {cfg.vit.image_size} px; {cfg.train.epochs} epochs, AdamW lr {cfg.train.lr:g}, "
              f"batch {cfg.train.batch_size}, translation ±{cfg.train.shift} px. Uniform stochastic depth p ∈ "
              f"{list(cfg.sd)}, seeds {list(cfg.seeds)}. Raptor fits: {cfg.fit.steps1} stage-1 steps per block, "
-             f"{cfg.fit.steps2} stage-2 steps, batch {cfg.fit.batch_size}; k ∈ {list(cfg.ks)}; "
-             f"{cfg.random_partitions} random contiguous partitions per k.", "",
+             f"{cfg.fit.steps2} stage-2 steps, batch {cfg.fit.batch_size}; k ∈ {list(cfg.ks)}; up to "
+             f"{cfg.random_partitions} partitions per k of each null family: {', '.join(cfg.partitions)}.", "",
              "## Correlations across the sweep", "", "| correlation | ρ | 95 % CI | p-value | runs |",
              "|---|---|---|---|---|"]
     for name, c in study["correlations"].items():
@@ -115,28 +181,21 @@ def render(cfg, study: dict) -> str:
         lines.append(f"| {name} | {_f(c['rho'], '{:.2f}')} | {ci} | {_f(c['p_value'], '{:.3g}')} | {c['n']} |")
     lines += ["", "## Per run", "",
               f"| p | seed | teacher top-1 | mean layer sim | DP phases k={max(cfg.ks)} | "
-              + " | ".join(f"k={k} R² (cls / patches) | k={k} top-1 | random k={k} top-1 | gap σ (top-1 / R²)"
-                           for k in cfg.ks) + " | baselines R²: identity ℓ−1→ℓ (teacher forced) / ridge chained "
-                                              "from layer 0 (autoregressive) |",
-              "|---|---|---|---|---|" + "---|---|---|---|" * len(cfg.ks) + "---|"]
+              + " | ".join(f"k={k} R² (cls / patches) | k={k} top-1" for k in cfg.ks)
+              + " | baselines R²: identity ℓ−1→ℓ (teacher forced) / ridge chained from layer 0 (autoregressive) |",
+              "|---|---|---|---|---|" + "---|---|" * len(cfg.ks) + "---|"]
     for r in runs:
         cells = [f"{r['p']:g}", str(r["seed"]), _f(r["teacher_accuracy"]), _f(r["phases"]["mean_layer_similarity"]),
-                 " / ".join(f"{p[0]}–{p[-1]}" for p in r["phases"]["dp"][str(max(cfg.ks))]["phases"])]
+                 format_phases(r["phases"]["dp"][str(max(cfg.ks))]["phases"])]
         for k in cfg.ks:
             f = r["fits"][str(k)]
             g = f["dp"]["r2_groups_mean"]
             cells += [f"{_f(f['dp']['r2_mean'])} ({_f(g.get('cls'))} / {_f(g.get('patches'))})",
-                      _f(f["dp"]["accuracy"]),
-                      f"{_f(f.get('random_accuracy_mean'))} ± {_f(f.get('random_accuracy_std'))}",
-                      f"{_f(f.get('gap_sigma_accuracy'), '{:.1f}')} / {_f(f.get('gap_sigma_r2_mean'), '{:.1f}')}"]
+                      _f(f["dp"]["accuracy"])]
         b = r["fits"][str(k0)]["dp"].get("baselines_r2_mean", {})
         cells.append(f"{_f(b.get('identity'))} / {_f(b.get('ridge_autoregressive'))}")
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "DP (max-cut) phases vs random contiguous partitions: the DP fit beats the random mean in " +
-              "; ".join(f"k={k}: top-1 {study['fraction_dp_beats_random_mean'][str(k)]['accuracy']:.0%} of runs "
-                        f"(> 1σ in {study['fraction_gap_above_1_sigma'][str(k)]['accuracy']:.0%}), R² "
-                        f"{study['fraction_dp_beats_random_mean'][str(k)]['r2_mean']:.0%} (> 1σ in "
-                        f"{study['fraction_gap_above_1_sigma'][str(k)]['r2_mean']:.0%})" for k in cfg.ks) + "."]
+    lines += _nulls_section(cfg, study, runs)
     swaps = [r for r in runs if r.get("swap", {}).get("by_n")]
     if swaps:
         ns = sorted({n for r in swaps for n in r["swap"]["by_n"]})
@@ -151,6 +210,7 @@ def render(cfg, study: dict) -> str:
                 d = s["by_n"].get(n)
                 cells += [_f(d["intra"]["mean"]), _f(d["inter"]["mean"])] if d else ["–", "–"]
             lines.append("| " + " | ".join(cells) + " |")
+    lines += _matched_section(cfg, study, runs)
     lines += ["", "## Definitions", ""] + [f"- **{k}**: {v}" for k, v in study["definitions"].items()]
     lines += ["", "## Figures", ""] + [f"![{k}]({v})" for k, v in study["figures"].items()]
     return "\n".join(lines) + "\n"

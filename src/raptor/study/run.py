@@ -1,6 +1,9 @@
 """``raptor study``: train one small ViT per (stochastic-depth p, seed), then for each: accuracy, layer similarity,
-phases, phase-structure metrics, Raptor fits (the DP phases and random contiguous partitions of the same k) and the
-layer-swap test; finally correlations across the sweep and the paper's Figures 3 and 4 (docs/method.md §8).
+phases, phase-structure metrics, Raptor fits (the DP phases against partition nulls of the same k: balanced random
+contiguous partitions and shuffled non-contiguous partitions with the DP phase sizes; or, as before, any random
+contiguous partitions) and the layer-swap tests (the paper's random draws, and all single swaps compared at equal
+depth distance against contiguous partitions as the null, phases chosen and swaps scored on different images);
+finally correlations across the sweep and the paper's Figures 3 and 4 (docs/method.md §8).
 
 Everything a run produces is cached under ``OUT/runs/p<p>_s<seed>/`` and marked complete by ``result.json``
 (written last); the ViT trains with per-epoch checkpoints and each fit resumes from its own checkpoint, so an
@@ -25,6 +28,11 @@ from raptor.outputs import claim_output, safe_name
 from raptor.study.vit import TrainConfig, ViTConfig
 
 PRIMARY = "mean_layer_similarity"
+# the nulls the DP phases are compared with (``--partitions``): "random" = any contiguous partition of the same k
+# (the published study's baseline, dominated by degenerate cuts such as [1, 11]); "balanced" = contiguous partitions
+# whose every phase has at least balanced_min_size layers; "shuffled" = non-contiguous partitions with the DP phase
+# sizes (the paper's shuffled control)
+PARTITION_FAMILIES = ("random", "balanced", "shuffled")
 
 
 @dataclass
@@ -45,7 +53,8 @@ class StudyConfig:
     sd: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.5)
     seeds: tuple[int, ...] = (0, 1)
     ks: tuple[int, ...] = (2, 3)
-    random_partitions: int = 10
+    random_partitions: int = 10  # partitions per family and k
+    partitions: tuple[str, ...] = ("balanced", "shuffled")
     swap_samples: int = 10
     limit: int | None = None
     sample: str = "random"  # --limit: a seeded random sample (stratified by class) | sorted: the first N
@@ -72,6 +81,10 @@ class StudyConfig:
                               f"got {bad_k[0]}")
         if self.random_partitions < 0 or self.swap_samples < 0:
             raise RaptorError("--random and --swap-samples must be >= 0")
+        bad_f = [f for f in self.partitions if f not in PARTITION_FAMILIES]
+        if bad_f or len(set(self.partitions)) != len(self.partitions):
+            raise RaptorError(f"--partitions takes distinct names from {', '.join(PARTITION_FAMILIES)}, got "
+                              f"{','.join(self.partitions)}")
         from raptor.data.sampling import check_sample_order
 
         check_sample_order(self.sample)
@@ -83,18 +96,72 @@ def run_name(p: float, seed: int) -> str:
     return safe_name(f"p{p:g}_s{seed}")
 
 
-def random_partitions(depth: int, k: int, n: int, exclude: list[list[int]], seed: int) -> list[list[list[int]]]:
-    """``n`` distinct random contiguous partitions of layers 1..depth into k phases, none equal to ``exclude``
-    (all of them when fewer exist)."""
-    cuts_all = [c for c in itertools.combinations(range(1, depth), k - 1)]
+def random_partitions(depth: int, k: int, n: int, exclude: list[list[int]], seed: int,
+                      min_size: int = 1) -> list[list[list[int]]]:
+    """``n`` distinct random contiguous partitions of layers 1..depth into k phases of at least ``min_size`` layers,
+    none equal to ``exclude`` (all of them when fewer exist)."""
+    cuts_all = [c for c in itertools.combinations(range(1, depth), k - 1)
+                if min(np.diff((0,) + c + (depth,))) >= min_size]
     ex = tuple(p[-1] for p in exclude[:-1])
     cuts_all = [c for c in cuts_all if c != ex]
+    if not cuts_all:
+        return []
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(cuts_all), size=min(n, len(cuts_all)), replace=False)
     out = []
     for i in sorted(pick):
         edges = (0,) + cuts_all[i] + (depth,)
         out.append([list(range(edges[j] + 1, edges[j + 1] + 1)) for j in range(k)])
+    return out
+
+
+def balanced_min_size(depth: int, k: int) -> int:
+    """The smallest phase of a 'balanced' partition: half the equal share, at least 2 (12 layers: k=2 -> 3)."""
+    return max(2, depth // (2 * k))
+
+
+def shuffled_partitions(depth: int, sizes: list[int], n: int, seed: int, tries: int = 10_000) -> list[list[list[int]]]:
+    """``n`` distinct non-contiguous partitions of layers 1..depth into phases of the given sizes (each phase
+    sorted, the phases ordered by their first layer): random permutations cut into ``sizes``, keeping those where
+    some phase is not one stretch of consecutive layers (fewer when fewer exist)."""
+    from raptor.phases import is_contiguous
+
+    rng = np.random.default_rng(seed)
+    seen, out = set(), []
+    for _ in range(tries):
+        if len(out) == n:
+            break
+        perm = rng.permutation(np.arange(1, depth + 1))
+        cuts = np.cumsum([0] + list(sizes))
+        part = sorted((sorted(int(x) for x in perm[cuts[i]:cuts[i + 1]]) for i in range(len(sizes))),
+                      key=lambda p: p[0])
+        key = str(part)
+        if key in seen or is_contiguous(part):
+            continue
+        seen.add(key)
+        out.append(part)
+    return out
+
+
+def partition_null(family: str, depth: int, k: int, found: list[list[int]], n: int, seed: int):
+    """The ``n`` partitions of one null family for the found phases (see PARTITION_FAMILIES)."""
+    if family == "random":
+        return random_partitions(depth, k, n, found, seed)
+    if family == "balanced":
+        return random_partitions(depth, k, n, found, seed + 7, min_size=balanced_min_size(depth, k))
+    return shuffled_partitions(depth, [len(p) for p in found], n, seed + 13)
+
+
+def null_comparison(dp: dict, null: list[dict], keys=("r2_mean", "accuracy")) -> dict:
+    """The DP fit against one family of partition fits, per score: the family's mean and sample std, the gap in
+    σ, and the DP fit's rank among DP + family (1 = best; ties count for the DP)."""
+    out = {"n": len(null)}
+    for key in keys:
+        vals = np.array([r[key] for r in null], dtype=float)
+        sd = float(vals.std(ddof=1)) if len(vals) > 1 else None
+        out[key] = {"dp": dp[key], "mean": float(vals.mean()) if len(vals) else None, "std": sd,
+                    "gap_sigma": (dp[key] - float(vals.mean())) / sd if sd else None,
+                    "rank": 1 + int((vals > dp[key]).sum()), "of": len(vals) + 1}
     return out
 
 
@@ -200,34 +267,53 @@ def _one_run(cfg: StudyConfig, p: float, seed: int, data, run_dir: Path, progres
     for k in cfg.ks:
         dp_ph = phases["dp"][str(k)]["phases"]
         fits[str(k)] = {"dp": _fit(cfg, spec, store, dp_ph, run_dir / f"fit_k{k}", seed, teacher, x_te, y_te, layout),
-                        "random": []}
-        for i, ph in enumerate(random_partitions(cfg.vit.depth, k, cfg.random_partitions, dp_ph, seed * 100 + k)):
-            fits[str(k)]["random"].append(_fit(cfg, spec, store, ph, run_dir / f"random_k{k}_{i}", seed, teacher,
-                                               x_te, y_te, layout))
-        rnd = fits[str(k)]["random"]
-        for key in ("r2_mean", "accuracy"):
-            vals = np.array([r[key] for r in rnd])
-            sd = float(vals.std(ddof=1)) if len(vals) > 1 else float("nan")
-            fits[str(k)][f"gap_sigma_{key}"] = (fits[str(k)]["dp"][key] - float(vals.mean())) / sd \
-                if len(vals) > 1 and sd > 0 else None
-            fits[str(k)][f"random_{key}_mean"] = float(vals.mean()) if len(vals) else None
-            fits[str(k)][f"random_{key}_std"] = sd if len(vals) > 1 else None
+                        "nulls": {}}
+        for family in cfg.partitions:
+            parts = partition_null(family, cfg.vit.depth, k, dp_ph, cfg.random_partitions, seed * 100 + k)
+            fits[str(k)][family] = [_fit(cfg, spec, store, ph, run_dir / f"{family}_k{k}_{i}", seed, teacher, x_te,
+                                         y_te, layout) for i, ph in enumerate(parts)]
+            fits[str(k)]["nulls"][family] = null_comparison(fits[str(k)]["dp"], fits[str(k)][family])
+        if "random" in cfg.partitions:  # the published study's fields
+            for key in ("r2_mean", "accuracy"):
+                c = fits[str(k)]["nulls"]["random"][key]
+                fits[str(k)][f"gap_sigma_{key}"] = c["gap_sigma"]
+                fits[str(k)][f"random_{key}_mean"], fits[str(k)][f"random_{key}_std"] = c["mean"], c["std"]
     swap_k = max(cfg.ks)
     swap = layer_swap_test(teacher, x_te, y_te, layout, phases["dp"][str(swap_k)]["phases"],
                            samples=cfg.swap_samples, seed=seed) if cfg.swap_samples else {}
+    if cfg.swap_samples:
+        swap["matched"] = _matched_swaps(teacher, x_te, y_te, layout, swap_k, seed)
     result = {"p": p, "seed": seed, "teacher": spec, "train": summary, "teacher_accuracy": summary["test_accuracy"],
               "phases": phases, "fits": fits, "swap": swap, "seconds": round(time.perf_counter() - t0, 1)}
     atomic_write_text(done, json.dumps(result, indent=1))
     return result
 
 
+def _matched_swaps(teacher, x: torch.Tensor, y: torch.Tensor, layout, k: int, seed: int) -> dict:
+    """The depth-matched swap test on held-out images: the test images are split in two by a seeded permutation;
+    the DP phases for k are chosen on the first half's similarity, and every single swap is scored on the second."""
+    from raptor.phases import contiguous_segmentation
+    from raptor.study.swap import matched_swap_test
+
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed + 1))
+    a, b = perm[: len(x) // 2], perm[len(x) // 2:]
+    dp = contiguous_segmentation(_similarity(teacher, x[a], layout), k_max=k)
+    phases = [[t + 1 for t in p] for p in dp.phases(k)]
+    res = matched_swap_test(teacher, x[b], y[b], layout, phases)
+    res.update(chosen_on=f"{len(a)} test images", scored_on=f"the other {len(b)} test images")
+    return res
+
+
 def _upgrade(result: dict, run_dir: Path) -> dict:
-    """Fill in what an earlier version did not cache (the fits' baselines) from the fits' own metrics.json."""
+    """Fill in what an earlier version did not cache (the fits' baselines; the comparison with the random
+    partitions in the current form) from the fits' own files."""
+    for f in result["fits"].values():
+        if "nulls" not in f and "random" in f:
+            f["nulls"] = {"random": null_comparison(f["dp"], f["random"])}
     for k, f in result["fits"].items():
-        dirs = [("dp", None, run_dir / f"fit_k{k}")] + [("random", i, run_dir / f"random_k{k}_{i}")
-                                                         for i in range(len(f["random"]))]
-        for kind, i, d in dirs:
-            fit = f["dp"] if kind == "dp" else f["random"][i]
+        dirs = [(f["dp"], run_dir / f"fit_k{k}")] + [(fit, run_dir / f"{fam}_k{k}_{i}") for fam in PARTITION_FAMILIES
+                                                     for i, fit in enumerate(f.get(fam, []))]
+        for fit, d in dirs:
             if "baselines_r2_mean" not in fit and (d / "metrics.json").is_file():
                 fit["baselines_r2_mean"] = _baselines(json.loads((d / "metrics.json").read_text()))
     return result
@@ -269,14 +355,28 @@ def summarize(cfg: StudyConfig, results: list[dict]) -> dict:
     for k in cfg.ks:
         corr[f"rho(p, dp k={k} contrast)"] = spearman_ci(p, [r["phases"]["dp"][str(k)]["metrics"]["contrast"]
                                                              for r in results])
-    gaps = {k: {key: [r["fits"][str(k)][f"gap_sigma_{key}"] for r in results] for key in ("r2_mean", "accuracy")}
-            for k in cfg.ks}
-    above = {str(k): {key: float(np.mean([g is not None and g > 1 for g in v])) for key, v in gk.items()}
-             for k, gk in gaps.items()}
-    wins = {str(k): {key: float(np.mean([g is not None and g > 0 for g in v])) for key, v in gk.items()}
-            for k, gk in gaps.items()}
-    return {"correlations": corr, "gaps_sigma": {str(k): v for k, v in gaps.items()},
-            "fraction_gap_above_1_sigma": above, "fraction_dp_beats_random_mean": wins}
+    nulls: dict = {}
+    for k in cfg.ks:
+        for family in cfg.partitions:
+            per = [r["fits"][str(k)].get("nulls", {}).get(family) for r in results]
+            per = [c for c in per if c is not None and c["n"] > 0]
+            nulls.setdefault(str(k), {})[family] = {
+                key: {"runs": len(per),
+                      "fraction_gap_above_1_sigma": float(np.mean([(c[key]["gap_sigma"] or 0) > 1 for c in per]))
+                      if per else None,
+                      "fraction_dp_beats_mean": float(np.mean([c[key]["dp"] > c[key]["mean"] for c in per]))
+                      if per else None,
+                      "mean_gap_sigma": float(np.mean([c[key]["gap_sigma"] for c in per
+                                                       if c[key]["gap_sigma"] is not None]))
+                      if any(c[key]["gap_sigma"] is not None for c in per) else None,
+                      "mean_rank": float(np.mean([c[key]["rank"] for c in per])) if per else None,
+                      "of": int(np.max([c[key]["of"] for c in per])) if per else None}
+                for key in ("r2_mean", "accuracy")}
+    matched = [r["swap"]["matched"] for r in results if r.get("swap", {}).get("matched")]
+    swaps = {"runs": len(matched),
+             "fraction_significant": float(np.mean([m["p_value"] < 0.05 for m in matched])) if matched else None,
+             "mean_effect": float(np.mean([m["effect"] for m in matched])) if matched else None}
+    return {"correlations": corr, "partition_nulls": nulls, "matched_swaps": swaps}
 
 
 def run_study(cfg: StudyConfig, progress: bool = True, after_run=None) -> dict:
@@ -295,6 +395,8 @@ def run_study(cfg: StudyConfig, progress: bool = True, after_run=None) -> dict:
         was = {"sample": "sorted", "sample_seed": 1}  # studies before --sample took the first --limit images
         diff = [k for k in ("data", "vit", "train", "fit", "ks", "random_partitions", "swap_samples", "limit")
                 if old.get(k) != mine.get(k)]
+        if old.get("partitions", ["random"]) != list(mine["partitions"]):  # studies before --partitions: random
+            diff.append("partitions")
         if cfg.limit is not None:
             diff += [k for k in was if old.get(k, was[k]) != mine[k]]
         if diff:

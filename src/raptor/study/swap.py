@@ -60,3 +60,71 @@ def layer_swap_test(teacher, x: torch.Tensor, y: torch.Tensor, layout, phases: l
                          "all": accs}
         out["by_n"][str(n)] = res
     return out
+
+
+# ---- depth-matched swaps: intra vs inter at equal depth distance, against contiguous partitions as the null -------
+
+def single_swap_accuracies(teacher, x: torch.Tensor, y: torch.Tensor, layout) -> dict[tuple[int, int], float]:
+    """Top-1 with block j run in place of block i, for every ordered pair of layers i != j (1-based output layers;
+    L (L − 1) forward passes)."""
+    L = teacher.depth
+    return {(i, j): swapped_accuracy(teacher, x, y, layout, {i - 1: j - 1})
+            for i in range(1, L + 1) for j in range(1, L + 1) if i != j}
+
+
+def matched_swap_effect(acc: dict[tuple[int, int], float], phases: list[list[int]]) -> dict:
+    """Intra- minus inter-phase swap accuracy compared at equal depth distance |i − j|: an intra-phase partner is
+    closer in depth by construction, so the plain intra/inter contrast rewards any contiguous partition. Per lag
+    with both kinds present: the mean accuracy of each; the effect is their difference averaged over those lags,
+    weighted by min(n_intra, n_inter)."""
+    phase_of = {t: b for b, p in enumerate(phases) for t in p}
+    by_lag: dict[int, dict] = {}
+    for (i, j), a in acc.items():
+        d = by_lag.setdefault(abs(i - j), {"intra": [], "inter": []})
+        d["intra" if phase_of[i] == phase_of[j] else "inter"].append(a)
+    out, num, den = {}, 0.0, 0.0
+    for lag in sorted(by_lag):
+        d = by_lag[lag]
+        if d["intra"] and d["inter"]:
+            w = min(len(d["intra"]), len(d["inter"]))
+            diff = float(np.mean(d["intra"]) - np.mean(d["inter"]))
+            out[str(lag)] = {"intra": float(np.mean(d["intra"])), "inter": float(np.mean(d["inter"])),
+                             "n_intra": len(d["intra"]), "n_inter": len(d["inter"]), "difference": diff}
+            num, den = num + w * diff, den + w
+    return {"effect": num / den if den else None, "by_lag": out}
+
+
+def matched_swap_test(teacher, x: torch.Tensor, y: torch.Tensor, layout, phases: list[list[int]]) -> dict:
+    """The matched effect of ``phases`` against every other contiguous partition of the same k (the null: phases
+    that are contiguous but not found from similarity; computed from the same single-swap accuracies, so the null
+    costs no forward pass). p = (1 + #null effects >= observed) / (1 + #null)."""
+    import itertools
+
+    L, k = teacher.depth, len(phases)
+    acc = single_swap_accuracies(teacher, x, y, layout)
+    obs = matched_swap_effect(acc, phases)
+    null = []
+    for cuts in itertools.combinations(range(1, L), k - 1):
+        edges = (0,) + cuts + (L,)
+        part = [list(range(edges[i] + 1, edges[i + 1] + 1)) for i in range(k)]
+        if part != phases:
+            e = matched_swap_effect(acc, part)["effect"]
+            if e is not None:
+                null.append(e)
+    null_arr = np.array(null)
+    eff = obs["effect"]
+    return {"phases": phases, "effect": eff, "by_lag": obs["by_lag"],
+            "baseline_accuracy": swapped_accuracy(teacher, x, y, layout, {}),
+            "null": "every other contiguous partition of the same k, on the same swaps",
+            "null_n": len(null), "null_mean": float(null_arr.mean()) if null else None,
+            "null_std": float(null_arr.std(ddof=1)) if len(null) > 1 else None,
+            "p_value": float((1 + (null_arr >= eff).sum()) / (1 + len(null))) if null and eff is not None else None,
+            "unmatched_contrast": _unmatched(acc, phases)}
+
+
+def _unmatched(acc: dict[tuple[int, int], float], phases: list[list[int]]) -> float | None:
+    """The plain intra − inter mean over all single swaps (no depth matching), for comparison."""
+    phase_of = {t: b for b, p in enumerate(phases) for t in p}
+    intra = [a for (i, j), a in acc.items() if phase_of[i] == phase_of[j]]
+    inter = [a for (i, j), a in acc.items() if phase_of[i] != phase_of[j]]
+    return float(np.mean(intra) - np.mean(inter)) if intra and inter else None

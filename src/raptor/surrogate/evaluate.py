@@ -4,7 +4,8 @@ numbers meaning.
 Layer fit (:func:`validate`), every score on whole held-out images:
 
 - ``autoregressive``: the full surrogate rolled out from the teacher's layer 0 (the paper's AR setting);
-- ``per_block_from_teacher``: each block rolled over its own segment from the teacher's start layer;
+- ``per_block_from_teacher``: each block rolled over each run of its layers (its whole phase when the phases are
+  contiguous) from the teacher's layer before the run;
 - baselines (``baselines``): ``identity`` (layer l predicted by the teacher's layer l-1: teacher forced),
   ``position_mean`` (each token by its training-set mean at that layer and position), ``copy_layer0`` (every
   layer predicted by layer 0: the autoregressive "do nothing"), ``ridge_teacher_forced`` (a per-layer ridge
@@ -65,7 +66,7 @@ def _validate(model, teacher, val_traj, layout, stats, baselines: bool, batch: i
         target = tr[:, 1:]
         pred = torch.stack(model(tr[:, 0], 0, L), dim=1)
         accs["autoregressive"].update(pred, target, blind)
-        seg = torch.cat([torch.stack(model(tr[:, a], a, b), dim=1) for a, b in model.cfg.segments], dim=1)
+        seg = torch.cat([torch.stack(model(tr[:, a], a, b), dim=1) for a, b, _ in model.cfg.runs], dim=1)
         accs["per_block_from_teacher"].update(seg, target, blind)
         pooled["teacher"].append(_pool(teacher, tr[:, L], layout))
         pooled["autoregressive"].append(_pool(teacher, pred[:, -1], layout))
@@ -119,7 +120,7 @@ def backbone_features(model, teacher, x0: torch.Tensor, layout, variants: dict, 
 
 def splice_variants(model) -> dict:
     v = {"teacher": (0, 0), f"full (0-{model.depth})": (0, model.depth)}
-    for b, (s, e) in enumerate(model.cfg.segments):
+    for s, e, b in model.cfg.runs:  # one splice per run: per block when the phases are contiguous
         v[f"block{b} ({s}-{e})"] = (s, e)
     return v
 

@@ -256,11 +256,13 @@ def _finish(cfg: FitConfig, model, teacher, layout, size: int, probe_inputs, val
             "r2_image_specific": "1 - SSE / SSE of the per-position training mean (image-blind): the share of the "
                                  "image-dependent variance explained; the position-mean baseline scores 0",
             "autoregressive": "full surrogate rolled out from teacher layer 0",
-            "per_block_from_teacher": "each block rolled out over its own segment from the teacher's start layer",
+            "per_block_from_teacher": "each block rolled out over each run of its layers (a maximal stretch of "
+                                      "consecutive layers; its whole phase when contiguous) from the teacher's layer "
+                                      "before the run",
             "splice": "top-1 agreement with the teacher under the classifier (teacher head or a probe)"},
     }
     layers = val["layers"]
-    bounds = [p[-1] + 0.5 for p in model.cfg.phases[:-1]]
+    bounds = [e + 0.5 for _, e, _ in model.cfg.runs[:-1]]  # where the block changes
     ar, sg = val["autoregressive"], val["per_block_from_teacher"]
     bl = val.get("baselines", {})
     series = {"Raptor AR (from layer 0)": ar["r2"], "Raptor per block (from teacher)": sg["r2"]}

@@ -1,7 +1,9 @@
-"""Raptor surrogate: k tied, depth-conditioned blocks applied recurrently over contiguous phases of depth.
+"""Raptor surrogate: k tied, depth-conditioned blocks applied recurrently over phases of depth.
 
 Phases are lists of *output* layers (1..L): block b produces every layer in ``phases[b]`` from the layer before,
-with t = the output layer index. Any k and unequal phases are allowed. Splicing runs teacher layers 0..i, the
+with t = the output layer index. Any k and unequal phases are allowed, and phases need not be contiguous (e.g.
+odd and even layers, ``1,3,5/2,4,6``: the paper's shuffled-partition control); a phase's maximal contiguous
+stretches of layers are its *runs*. Splicing runs teacher layers 0..i, the
 surrogate i..j and the teacher j..L, then the teacher's final norm and head.
 """
 
@@ -31,10 +33,25 @@ def equal_phases(depth: int, k: int) -> list[list[int]]:
 
 
 def validate_phases(phases: list[list[int]], depth: int) -> list[list[int]]:
-    flat = [x for p in phases for x in p]
-    if flat != list(range(1, depth + 1)) or any(not p for p in phases):
-        raise RaptorError(f"phases must be contiguous, non-empty and cover layers 1..{depth} in order, got {phases}")
+    """A partition of layers 1..depth into non-empty phases, each listed in increasing order (contiguous or not)."""
+    flat = sorted(x for p in phases for x in p)
+    if flat != list(range(1, depth + 1)) or any(not p or list(p) != sorted(set(p)) for p in phases):
+        raise RaptorError(f"phases must cover layers 1..{depth} exactly once, each phase non-empty and in increasing "
+                          f"order, got {phases}")
     return [list(p) for p in phases]
+
+
+def phase_runs(phases: list[list[int]]) -> list[tuple[int, int, int]]:
+    """The maximal stretches of consecutive layers produced by one block, in depth order: (start, end, block) with
+    block ``block`` mapping layer start -> ... -> end. Contiguous phases: one run per phase, (p[0] - 1, p[-1], b)."""
+    block_of = {t: b for b, p in enumerate(phases) for t in p}
+    runs: list[tuple[int, int, int]] = []
+    for t in range(1, max(block_of) + 1):
+        if runs and runs[-1][2] == block_of[t] and runs[-1][1] == t - 1:
+            runs[-1] = (runs[-1][0], t, block_of[t])
+        else:
+            runs.append((t - 1, t, block_of[t]))
+    return runs
 
 
 def _layer_lists(phases) -> bool:
@@ -89,12 +106,25 @@ class SurrogateConfig:
 
     @property
     def depth(self) -> int:
-        return self.phases[-1][-1]
+        return max(p[-1] for p in self.phases)
+
+    @property
+    def contiguous(self) -> bool:
+        """Every phase one stretch of consecutive layers (one run per block)."""
+        from raptor.phases import is_contiguous
+
+        return is_contiguous(self.phases)
 
     @property
     def segments(self) -> list[tuple[int, int]]:
-        """Teacher-layer segments (start, end) per block: block b maps layer start -> ... -> end."""
+        """Teacher-layer span (start, end) per block: block b's layers lie in start+1..end (with contiguous phases it
+        maps layer start -> ... -> end; otherwise the span also holds other blocks' layers)."""
         return [(p[0] - 1, p[-1]) for p in self.phases]
+
+    @property
+    def runs(self) -> list[tuple[int, int, int]]:
+        """(start, end, block) per maximal stretch of one block's layers, in depth order (see :func:`phase_runs`)."""
+        return phase_runs(self.phases)
 
     def to_dict(self) -> dict:
         return {"phases": self.phases, "block": asdict(self.block)}

@@ -108,7 +108,9 @@ def _f(x, nd=3) -> str:
 
 
 def _phases(m) -> str:
-    return " / ".join(f"{p[0]}–{p[-1]}" if len(p) > 1 else str(p[0]) for p in m["surrogate"]["phases"])
+    from raptor.phases import format_phases
+
+    return format_phases(m["surrogate"]["phases"])
 
 
 def _full(probes: dict) -> dict:

@@ -86,6 +86,7 @@ class FitConfig:
     stage2_weights: tuple[float, float, float] | None = None
     sigma: float = 0.0
     tf_anneal_frac: float = 0.25
+    teacher_forcing_only: bool = False  # stage 1 without the autoregressive anneal (the paper's ablation, row 1)
     image_loss: float = 0.0  # weight of an image-level term (1 - batch R^2 of the pooled summaries) in every loss;
     # under torchrun each rank normalises by its own share's between-image variance (not the 1-process update)
     mlp: str = "swiglu"
@@ -202,7 +203,7 @@ EVAL_ONLY = ("out", "probe_data", "probe_limit", "val_every", "ckpt_every",
              # (the device's kind does with --sigma > 0: checked on resume by check_noise_device)
              "recipe")  # a label: the hyper-parameters it resolved to are fingerprinted themselves
 NEW_DEFAULTS = {"phase_method": "dp", "sample": "random", "sample_seed": 1, "val_data": None, "val_crops": 0,
-                "image_loss": 0.0}
+                "image_loss": 0.0, "teacher_forcing_only": False}
 
 
 def _plain(v):
@@ -459,6 +460,7 @@ class WorkItem:
     end: int
     steps: int
     weights: tuple | None
+    layers: tuple | None = None  # stage 1, non-contiguous phase: the block's own layers in start+1..end
 
 
 @dataclass
@@ -475,9 +477,10 @@ def plan(cfg: FitConfig, model: RaptorModel) -> list[WorkItem]:
     items: list[WorkItem] = []
     segs = model.cfg.segments
     if cfg.stage in ("1", "both"):
-        for b, (s, e) in enumerate(segs):
-            w = cfg.stage1_last_weights if b == len(segs) - 1 else None
-            items.append(WorkItem(f"stage1/block{b}", 1, b, s, e, cfg.steps1, w))
+        for b, ((s, e), p) in enumerate(zip(segs, model.cfg.phases)):
+            w = cfg.stage1_last_weights if model.depth in p else None  # the block that produces the last layer
+            own = None if p == list(range(s + 1, e + 1)) else tuple(p)
+            items.append(WorkItem(f"stage1/block{b}", 1, b, s, e, cfg.steps1, w, own))
     if cfg.stage in ("2", "both"):
         items.append(WorkItem("stage2", 2, None, 0, model.depth, cfg.steps2, cfg.stage2_weights))
     if not items:
@@ -522,24 +525,30 @@ def item_loss(model: RaptorModel, item: WorkItem, traj: torch.Tensor, step: int,
         outs = model(traj[:, 0], item.start, item.end, noise=cfg.sigma, generator=gen, share=share)
         return sum(tl(o, i + 1) for i, o in enumerate(outs)) / n
     blk = model.blocks[item.block]
-    r = max(0.0, 1.0 - step / max(1e-9, cfg.tf_anneal_frac * item.steps))
+    # a non-contiguous phase: the block is trained only on its own layers; in the rollout, every stretch of them
+    # (a run) starts from the teacher's layer before it, as stage 1 of a contiguous phase starts from its entry
+    own = [i for i in range(n) if item.layers is None or item.start + i + 1 in item.layers]
+    r = 1.0 if cfg.teacher_forcing_only else max(0.0, 1.0 - step / max(1e-9, cfg.tf_anneal_frac * item.steps))
     loss = traj.new_zeros(())
     if r > 0:  # teacher forcing: every teacher layer predicts the next
         tf = 0
-        for i in range(n):
+        for i in own:
             x = traj[:, i]
             if cfg.sigma > 0:
                 x = x + cfg.sigma * share_noise(x, gen, share, torch.float32)
             tf = tf + tl(blk(x, model.t(item.start + i + 1)), i + 1)
-        loss = loss + r * tf / n
+        loss = loss + r * tf / len(own)
     if r < 1:  # autoregressive rollout on the block's own predictions
         x, ar = traj[:, 0], 0
         for i in range(n):
+            if item.layers is not None and item.start + i + 1 not in item.layers:
+                x = traj[:, i + 1]  # another block's layer: the next run starts from the teacher
+                continue
             if cfg.sigma > 0:
                 x = x + cfg.sigma * share_noise(x, gen, share, torch.float32)
             x = blk(x, model.t(item.start + i + 1))
             ar = ar + tl(x, i + 1)
-        loss = loss + (1 - r) * ar / n
+        loss = loss + (1 - r) * ar / len(own)
     return loss
 
 
