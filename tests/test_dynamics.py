@@ -156,6 +156,55 @@ def tiny_run(tmp_path_factory):
     return run
 
 
+def test_verdict_tests_on_known_effects():
+    """A shifted sample holds against 0 and a centred one does not; a value far outside the random-weight draws holds
+    and one among them does not; speed jumps planted at the boundaries beat every other partition, a smooth speed
+    does not; robustness reports a flip."""
+    from raptor.dynamics.verdicts import against_draws, against_reference, boundary_permutation, robustness
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, 200)
+    assert against_reference(x + 0.5, 0.0, "greater", "0")["verdict"] == "holds"
+    r = against_reference(x - x.mean(), 0.0, "greater", "0")
+    assert r["verdict"] == "does not hold" and r["ci95"][0] < 0 < r["ci95"][1] and r["p_value"] > 0.3
+    assert against_reference(x - 0.5, 0.0, "less", "0")["verdict"] == "holds"
+    draws = [rng.normal(m, 1, 200) for m in (0.0, 0.1, -0.1, 0.05)]
+    assert against_draws(x + 3, draws, "greater")["verdict"] == "holds"
+    assert against_draws(rng.normal(0.02, 1, 200), draws, "greater")["verdict"] == "does not hold"
+    L = 12
+    base = rng.normal(1.0, 0.01, (30, L))
+    jumpy = base.copy()
+    jumpy[:, 4:] += 0.5  # the steps into layers 5 and 9 start faster phases
+    jumpy[:, 8:] += 0.5
+    phases = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]
+    b = boundary_permutation(jumpy, phases)
+    assert b["verdict"] == "holds" and b["p_value"] == pytest.approx(1 / 55) and b["min_p"] == pytest.approx(1 / 55)
+    assert boundary_permutation(base + np.linspace(0, 0.5, L), phases)["verdict"] == "does not hold"
+    two = boundary_permutation(jumpy, [list(range(1, 5)), list(range(5, 13))])  # k = 2: 11 other partitions only
+    assert two["min_p"] >= 1 / 12 > 0.05 and two["verdict"] == "does not hold"
+    rob = robustness({"a": {"finding": "i", "verdict": "holds"}, "b": {"finding": "i", "verdict": "does not hold"},
+                      "c": {"finding": "ii", "verdict": "holds"}, "d": {"finding": "ii", "verdict": "not measurable"}})
+    assert not rob["i"]["robust"] and rob["i"]["summary"] == "flips with the operationalisation"
+    assert rob["ii"]["robust"] and rob["ii"]["summary"] == "holds under every operationalisation"
+
+
+def test_random_weight_teacher_keeps_the_embedding_and_redraws_the_blocks():
+    from raptor.dynamics.verdicts import random_weight_teacher
+    from raptor.teachers import load_teacher
+
+    t = load_teacher(TINY)
+    a, b = random_weight_teacher(t, 1), random_weight_teacher(t, 1)
+    c = random_weight_teacher(t, 2)
+    x = torch.randn(2, 3, t.image_size(None), t.image_size(None))
+    with torch.no_grad():
+        torch.testing.assert_close(a.embed(x), t.embed(x))  # same inputs
+        h = t.embed(x)
+        assert not torch.allclose(a.run_block(0, h), t.run_block(0, h))  # fresh blocks
+        torch.testing.assert_close(a.run_block(0, h), b.run_block(0, h))  # seeded
+        assert not torch.allclose(a.run_block(0, h), c.run_block(0, h))
+    assert all(torch.equal(p, q) for p, q in zip(t.parameters(), load_teacher(TINY).parameters()))  # untouched
+
+
 def test_dynamics_command_live_equals_store_and_reports_findings(tmp_path, tiny_run):
     args = ["--teacher", TINY, "--data", "bundled:digits", "--limit", "40", "--batch-size", "16",
             "--perturb-images", "8", "--rank-images", "20", "--eps", "0.1", "--no-progress"]
@@ -175,6 +224,15 @@ def test_dynamics_command_live_equals_store_and_reports_findings(tmp_path, tiny_
                                                              "not measurable")
     report = (tmp_path / "live" / "report.md").read_text()
     assert "## Findings" in report and "| (iii) low-rank late updates |" in report
+    # the tiny teacher has random weights itself: against random-weight teachers no verdict may hold
+    v = d["verdicts"]["teacher"]
+    assert {"i_gamma_L", "i_gamma_Lm1", "i_basins", "i_recovery_angular", "i_recovery_euclidean", "ii_cls_late",
+            "ii_coherence", "iii_effective_rank", "iii_effective_rank_centred"} <= set(v)
+    assert all(row["verdict"] in ("does not hold", "not measurable") for row in v.values()), \
+        {k: r["verdict"] for k, r in v.items()}
+    assert v["i_gamma_L"]["against_random_weights"]["null"] == "random-weight teachers (4 draws)"
+    assert set(d["robustness"]["teacher"]) == {"i", "ii", "iii", "boundary_jumps"}
+    assert "## Verdicts against their nulls" in report
     for fig in d["figures"].values():
         assert (tmp_path / "live" / fig).stat().st_size > 1000
     assert (tmp_path / "live" / "config.yaml").is_file()

@@ -444,6 +444,8 @@ def dynamics(
     space: str = typer.Option("raw", help="raw: the residual stream x_l (as the paper) | normed: the teacher's final "
                               "norm applied to every layer (removes outlier channels' pull on directions)"),
     autocast: Optional[str] = typer.Option(None, help="bfloat16 autocast for the live teacher forward"),
+    null_draws: int = typer.Option(4, help="Random-weight teachers (same embedding, fresh blocks) the verdicts are "
+                                   "tested against; 0: no such null"),
     progress: bool = typer.Option(True, help="Show progress bars"),
 ):
     """Dynamical interpretability (docs/method.md §9): convergence, speed, coherence, update ranks, class basins and
@@ -458,9 +460,12 @@ def dynamics(
                          sample=sample, sample_seed=sample_seed,
                          batch_size=batch_size, image_size=image_size, eps=eps_list, inject=parse_layers(inject),
                          perturb_images=perturb_images, rank_images=rank_images, knn_k=knn_k, seed=seed,
-                         space=space, autocast=autocast)
+                         space=space, autocast=autocast, null_draws=null_draws)
     dyn = run_dynamics(cfg, progress=progress)
     typer.echo(f"phases: {dyn['phases']}  ({dyn['phases_source']})")
+    for f, r in dyn["robustness"]["teacher"].items():
+        typer.echo(f"teacher ({f}) against its nulls: {r['summary']} "
+                   f"({', '.join(f'{k} {v}' for k, v in r['verdicts'].items())})")
     for key in ("i", "ii", "iii", "boundary_jumps"):
         verdicts = ", ".join(f"{m}: {f[key]['verdict']}" for m, f in dyn["findings"].items())
         typer.echo(f"({key}) {dyn['findings']['teacher'][key]['finding']}: {verdicts}")

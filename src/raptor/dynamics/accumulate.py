@@ -25,7 +25,8 @@ from raptor.dynamics.metrics import (
 from raptor.errors import RaptorError
 
 GROUPS = ("cls", "registers", "patches", "all")
-RANKS = ("stable_rank", "effective_rank", "stable_rank_directions", "effective_rank_directions")
+RANKS = ("stable_rank", "effective_rank", "stable_rank_directions", "effective_rank_directions",
+         "stable_rank_centred", "effective_rank_centred")
 
 
 class DynamicsAccumulator:
@@ -35,6 +36,7 @@ class DynamicsAccumulator:
         self.rank_images = rank_images
         self.groups = [g for g in GROUPS if layout.group(g).stop > layout.group(g).start]
         self.gamma: dict[str, list] = {g: [] for g in self.groups}
+        self.gamma_prev: dict[str, list] = {g: [] for g in self.groups}  # γ against layer L − 1
         self.speed: dict[str, list] = {g: [] for g in self.groups}
         self.coherence: list = []
         self.ranks: dict[str, list] = {k: [] for k in RANKS}
@@ -62,12 +64,16 @@ class DynamicsAccumulator:
         for g in self.groups:
             ug = u[:, :, self.layout.group(g)]
             self.gamma[g].append(gamma_of_units(ug).double())
+            self.gamma_prev[g].append(gamma_of_units(ug[:, :-1]).double())
             self.speed[g].append(speed_of_units(ug).double())
         self.coherence.append(coherence_of_units(u[:, :, self.layout.patches]).double())
         take = B if self.rank_images is None else max(0, min(B, self.rank_images - self.n_ranked))
         if take:
-            for name, x in (("", traj[:take]), ("_directions", u[:take])):
-                stable, eff = spectrum_ranks(singular_values(x[:, 1:] - x[:, :-1]))
+            for name, x in (("", traj[:take]), ("_directions", u[:take]), ("_centred", traj[:take])):
+                delta = x[:, 1:] - x[:, :-1]
+                if name == "_centred":  # the update minus its mean over tokens: no shared direction dominates
+                    delta = delta - delta.mean(2, keepdim=True)
+                stable, eff = spectrum_ranks(singular_values(delta))
                 self.ranks["stable_rank" + name].append(stable)
                 self.ranks["effective_rank" + name].append(eff)
             self.n_ranked += take
@@ -96,6 +102,7 @@ class DynamicsAccumulator:
         cat = lambda xs: torch.cat(xs).numpy()  # noqa: E731
         k = min(self.n_labelled, self.basin_images)
         return {"gamma": {g: cat(v) for g, v in self.gamma.items()},
+                "gamma_prev": {g: cat(v) for g, v in self.gamma_prev.items()},
                 "speed": {g: cat(v) for g, v in self.speed.items()},
                 "coherence": cat(self.coherence),
                 "ranks": {k: cat(v) for k, v in self.ranks.items()} if self.n_ranked else {},

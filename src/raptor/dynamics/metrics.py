@@ -104,21 +104,27 @@ def update_ranks(traj: torch.Tensor, layout, group: str = "all", directions: boo
     return {"stable_rank": stable, "effective_rank": eff}
 
 
-def knn_accuracy(feats: torch.Tensor, labels: np.ndarray, k: int = 5) -> float:
-    """Leave-one-out k-NN accuracy under cosine similarity (majority vote, ties to the nearest neighbour's class)."""
+def knn_correct(feats: torch.Tensor, labels: np.ndarray, k: int = 5) -> np.ndarray:
+    """Per image: is its leave-one-out k-NN class under cosine similarity right (majority vote, ties to the nearest
+    neighbour's class)?"""
     u = unit(feats.double())
     sim = u @ u.T
     sim.fill_diagonal_(-np.inf)
     k = min(k, len(u) - 1)
     nn = sim.topk(k, dim=1).indices.numpy()
     y = np.asarray(labels)
-    correct = 0
+    out = np.zeros(len(u), dtype=bool)
     for i, row in enumerate(nn):
         votes = np.bincount(y[row], minlength=y.max() + 1)
         best = np.flatnonzero(votes == votes.max())
         pred = y[row[0]] if y[row[0]] in best else best[0]
-        correct += int(pred == y[i])
-    return correct / len(u)
+        out[i] = pred == y[i]
+    return out
+
+
+def knn_accuracy(feats: torch.Tensor, labels: np.ndarray, k: int = 5) -> float:
+    """Leave-one-out k-NN accuracy under cosine similarity (:func:`knn_correct`, averaged)."""
+    return float(knn_correct(feats, labels, k).mean())
 
 
 def cosine_silhouette(feats: torch.Tensor, labels: np.ndarray) -> float:

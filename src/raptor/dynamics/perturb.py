@@ -74,6 +74,8 @@ def recovery(run: Runner, states: dict[int, torch.Tensor], eps: list[float], lay
                         "distance": {grp: v.mean(0).tolist() for grp, v in d.items()},
                         "distance_std": {grp: v.std(0).tolist() for grp, v in d.items()},
                         "final_over_initial": float(mean_all[-1] / max(mean_all[0], 1e-12)),
+                        "final_over_initial_per_image": (d["all"][:, -1] / np.maximum(d["all"][:, 0], 1e-12)
+                                                         ).tolist(),
                         "baseline_norm_growth": base.tolist(),
                         "phases": contraction_ratios(mean_all, ell, phases)})
     return out

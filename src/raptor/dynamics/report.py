@@ -277,6 +277,42 @@ def _row(values, fmt="{:.3f}") -> str:
     return " | ".join(fmt.format(v) for v in values)
 
 
+def _test_cell(t: dict | None) -> str:
+    if not t:
+        return "–"
+    if t.get("effect") is None:
+        return "not measurable"
+    ci = t.get("ci95")
+    return (f"{t['effect']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "") +
+            f", p = {t['p_value']:.3g}")
+
+
+def _verdict_section(dyn: dict) -> list[str]:
+    """The verdicts as tests against their nulls, and which survive every operationalisation."""
+    if not dyn.get("verdicts"):
+        return []
+    null = dyn.get("null", {})
+    out = ["## Verdicts against their nulls", "",
+           f"Each operationalisation is a test: effect with a bootstrap 95 % CI over images and a one-sided p-value, "
+           f"against a reference on the same images and against {null.get('draws', 0)} random-weight teachers "
+           f"({null.get('what', '')}); it **holds** when every test it has gives p < 0.05 in the claimed direction "
+           f"(`raptor/dynamics/verdicts.py`).", ""]
+    for model, v in dyn["verdicts"].items():
+        out += [f"**{model}**", "", "| finding | operationalisation | against the reference | against random weights "
+                "| verdict |", "|---|---|---|---|---|"]
+        for row in v.values():
+            ref = row.get("against_reference") or row.get("against_partitions")
+            ref_txt = (_test_cell(ref) + (f" (null: {ref['null']})" if ref and ref.get("null") else "")) if ref \
+                else "–"
+            if ref and (ref.get("min_p") or 0) >= 0.05:
+                ref_txt += f"; the smallest p this null allows is {ref['min_p']:.3f}: it cannot reach 0.05"
+            out.append(f"| ({row['finding'].replace('boundary_jumps', 'speed jumps')}) | {row['operationalisation']} "
+                       f"| {ref_txt} | {_test_cell(row.get('against_random_weights'))} | **{row['verdict']}** |")
+        rob = dyn["robustness"][model]
+        out += ["", "Robustness: " + "; ".join(f"({f}) {r['summary']}" for f, r in rob.items()) + ".", ""]
+    return out
+
+
 def render(dyn: dict) -> str:
     L = dyn["layers"][-1]
     t = dyn["teacher"]
@@ -295,8 +331,10 @@ def render(dyn: dict) -> str:
              f"- surrogate: {sur_line}",
              f"- perturbation: ε = {', '.join(f'{e:g}' for e in dyn['eps'])} at layers {dyn['inject_layers']} on "
              f"{dyn['perturb_images']} images; ranks on {models['teacher']['n_ranked']} images",
-             "", "## Findings", "",
-             "| finding | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+             ""]
+    lines += _verdict_section(dyn)
+    lines += ["", "## Findings by fixed thresholds (the earlier criteria, no null)", "",
+              "| finding | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
     for key in ("i", "ii", "iii", "boundary_jumps"):
         f0 = dyn["findings"]["teacher"][key]
         lines.append(f"| ({key}) {f0['finding']} | " + " | ".join(f"**{dyn['findings'][m][key]['verdict']}**"

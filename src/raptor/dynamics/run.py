@@ -20,8 +20,9 @@ import torch
 
 from raptor.config import atomic_write_text, save_config, to_dict
 from raptor.dynamics.accumulate import DynamicsAccumulator
-from raptor.dynamics.metrics import boundary_jump_ratio, cosine_silhouette, knn_accuracy, s_shape
+from raptor.dynamics.metrics import boundary_jump_ratio, cosine_silhouette, knn_accuracy, knn_correct, s_shape
 from raptor.dynamics.perturb import recovery, summarize, surrogate_runner, teacher_runner
+from raptor.dynamics.verdicts import random_weight_teacher, robustness, verdicts
 from raptor.errors import RaptorError, check_positive
 from raptor.outputs import claim_output, staged
 
@@ -51,12 +52,15 @@ class DynamicsConfig:
     seed: int = 0
     space: str = "raw"                         # raw: the residual stream x_ℓ (the paper's); normed: final_norm(x_ℓ)
     autocast: str | None = None
+    null_draws: int = 4                        # random-weight teachers the verdicts are tested against (0: none)
 
     def check(self) -> None:
         from raptor.teachers.base import check_autocast
 
         check_positive(limit=self.limit, batch_size=self.batch_size, image_size=self.image_size,
                        perturb_images=self.perturb_images, rank_images=self.rank_images, knn_k=self.knn_k)
+        if not 0 <= self.null_draws <= 100:
+            raise RaptorError(f"--null-draws must lie in 0..100, got {self.null_draws}")
         if not self.eps:
             raise RaptorError("--eps is empty: give e.g. 0.05,0.2")
         bad = [e for e in self.eps if not (np.isfinite(e) and e > 0)]
@@ -203,6 +207,19 @@ def _basins(res: dict, k: int) -> dict:
             "embedded_baseline": {"knn_accuracy": knn_accuracy(emb, y, k=k), "silhouette": cosine_silhouette(emb, y)}}
 
 
+def _basin_correct(res: dict, null_results: dict, basins: dict, k: int) -> dict | None:
+    """Per labelled image: LOO kNN right at the model's best layer, with the embedded pixels, and with each null
+    teacher at that layer (for the basin verdict)."""
+    if not basins.get("available"):
+        return None
+    best = int(np.argmax(basins["knn_accuracy"]))
+    y = res["labels"]
+    return {"best_layer": best, "correct_best": knn_correct(res["readout"][:, best], y, k),
+            "correct_embedded": knn_correct(res["embedded"], y, k),
+            "null_correct_best": [knn_correct(n["readout"][:, best], n["labels"], k) for n in null_results.values()
+                                  if len(n["labels"]) == len(y)]}
+
+
 def _model_summary(res: dict, phases, basins: dict) -> dict:
     d = {"n_images": res["n_images"], "n_ranked": res["n_ranked"],
          "gamma": {g: _summary(v) for g, v in res["gamma"].items()},
@@ -239,6 +256,10 @@ def _run(cfg: DynamicsConfig, sur, st, src, stage: Path, progress: bool) -> dict
 
     accs = {name: DynamicsAccumulator(layout, L + 1, cfg.rank_images, BASIN_IMAGES, cfg.seed)
             for name in (("teacher", "surrogate") if model is not None else ("teacher",))}
+    # the verdicts' null: the same architecture and embedding with freshly initialised blocks, on the same images
+    nulls = {f"random_weights_{i}": random_weight_teacher(teacher, cfg.seed * 1000 + i + 1)
+             for i in range(cfg.null_draws)}
+    null_accs = {name: DynamicsAccumulator(layout, L + 1, cfg.rank_images, BASIN_IMAGES, cfg.seed) for name in nulls}
     sim = SimilarityAccumulator(layout, list(range(1, L + 1)), cka_groups=(), token_groups=()) \
         if given is None else None
     x0_keep: list[torch.Tensor] = []
@@ -254,6 +275,8 @@ def _run(cfg: DynamicsConfig, sur, st, src, stage: Path, progress: bool) -> dict
                 with torch.no_grad():
                     own = torch.stack([traj[:, 0]] + model(traj[:, 0].clone()), 1)
                 accs["surrogate"].update(view(own), labels)
+            for name, nt in nulls.items():
+                null_accs[name].update(view(teacher_runner(nt)(traj[:, 0].float(), 0)), labels)
             if n_keep < cfg.perturb_images:
                 x0_keep.append(traj[: cfg.perturb_images - n_keep, 0].clone())
                 n_keep += len(x0_keep[-1])
@@ -264,6 +287,7 @@ def _run(cfg: DynamicsConfig, sur, st, src, stage: Path, progress: bool) -> dict
     inject = sorted(set(cfg.inject)) if cfg.inject is not None else sorted({p[0] - 1 for p in phases})
 
     results = {name: acc.result() for name, acc in accs.items()}
+    null_results = {name: acc.result() for name, acc in null_accs.items()}
     t_basin = time.perf_counter()
     basins = {name: _basins(r, cfg.knn_k) for name, r in results.items()}
     seconds_basins = time.perf_counter() - t_basin
@@ -275,6 +299,8 @@ def _run(cfg: DynamicsConfig, sur, st, src, stage: Path, progress: bool) -> dict
     runners = {"teacher": teacher_runner(teacher)}
     if model is not None:
         runners["surrogate"] = surrogate_runner(model)
+    runners.update({name: teacher_runner(nt) for name, nt in nulls.items()})
+    null_recovery = {}
     groups = accs["teacher"].groups
     n_runs = len(runners) * len(inject) * len(x0)
     with progress_bar(n_runs, "perturbation recovery", "img", enabled=progress) as bar:
@@ -283,8 +309,17 @@ def _run(cfg: DynamicsConfig, sur, st, src, stage: Path, progress: bool) -> dict
             states = dict(zip(inject, torch.cat(parts).unbind(1)))
             rec = recovery(run, states, list(cfg.eps), layout, phases, groups=groups, seed=cfg.seed,
                            batch_size=cfg.batch_size, bar=bar, view=view)
-            models[name]["perturbation"] = {"runs": rec, "summary": summarize(rec)}
+            if name in nulls:
+                null_recovery[name] = rec
+            else:
+                models[name]["perturbation"] = {"runs": rec, "summary": summarize(rec)}
     seconds_pert = time.perf_counter() - t_pert
+    t_tests = time.perf_counter()
+    tests = {name: verdicts(results[name], list(null_results.values()),
+                            {"model": models[name]["perturbation"]["runs"], "nulls": list(null_recovery.values())},
+                            phases, L, _basin_correct(results[name], null_results, basins[name], cfg.knn_k),
+                            seed=cfg.seed) for name in models}
+    seconds_tests = time.perf_counter() - t_tests
 
     findings = {name: report.findings(m, phases, L) for name, m in models.items()}
     dyn = {
@@ -305,8 +340,15 @@ def _run(cfg: DynamicsConfig, sur, st, src, stage: Path, progress: bool) -> dict
         "definitions": report.DEFINITIONS,
         "models": models,
         "findings": findings,
+        "verdicts": tests,
+        "robustness": {name: robustness(v) for name, v in tests.items()},
+        "null": {"draws": cfg.null_draws, "what": "random-weight teachers: the teacher's embedding and final norm, "
+                 "blocks freshly initialised (reset_parameters, seeded)",
+                 "summaries": {name: {"gamma_all": _summary(r["gamma"]["all"])["mean"]}
+                               for name, r in null_results.items()}},
         "timing": {"pass_s": round(seconds_pass, 3), "basins_s": round(seconds_basins, 3),
-                   "perturbation_s": round(seconds_pert, 3), "total_s": round(time.perf_counter() - t_start, 3)},
+                   "perturbation_s": round(seconds_pert, 3), "tests_s": round(seconds_tests, 3),
+                   "total_s": round(time.perf_counter() - t_start, 3)},
     }
     dyn["figures"] = report.plots(stage, dyn, results, basins)
     save_config(cfg, stage / "config.yaml")
