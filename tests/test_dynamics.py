@@ -182,6 +182,12 @@ def test_verdict_tests_on_known_effects():
     assert boundary_permutation(base + np.linspace(0, 0.5, L), phases)["verdict"] == "does not hold"
     two = boundary_permutation(jumpy, [list(range(1, 5)), list(range(5, 13))])  # k = 2: 11 other partitions only
     assert two["min_p"] >= 1 / 12 > 0.05 and two["verdict"] == "does not hold"
+    from raptor.dynamics.verdicts import surrogate_agreement
+
+    res = {"gamma": {"all": np.cumsum(rng.random((20, 6)), 1)}, "speed": {"all": rng.random((20, 5)) + np.arange(5)},
+           "coherence": rng.random((20, 6)) + np.arange(6), "ranks": {}}
+    same = surrogate_agreement(res, res)
+    assert all(r[k]["r"] == pytest.approx(1) and r[k]["max_abs_gap"] == 0 for r in same.values() for k in r)
     rob = robustness({"a": {"finding": "i", "verdict": "holds"}, "b": {"finding": "i", "verdict": "does not hold"},
                       "c": {"finding": "ii", "verdict": "holds"}, "d": {"finding": "ii", "verdict": "not measurable"}})
     assert not rob["i"]["robust"] and rob["i"]["summary"] == "flips with the operationalisation"
@@ -233,6 +239,11 @@ def test_dynamics_command_live_equals_store_and_reports_findings(tmp_path, tiny_
     assert v["i_gamma_L"]["against_random_weights"]["null"] == "random-weight teachers (4 draws)"
     assert set(d["robustness"]["teacher"]) == {"i", "ii", "iii", "boundary_jumps"}
     assert "## Verdicts against their nulls" in report
+    ag = d["surrogate_agreement"]
+    assert set(ag) >= {"gamma all", "speed cls", "coherence", "effective rank"}
+    g = ag["gamma all"]["all layers"]
+    assert -1 <= g["r"] <= 1 and g["ci95"][0] <= g["ci95"][1] and g["max_abs_gap"] >= 0
+    assert "Does the surrogate reproduce the teacher's curves?" in report
     for fig in d["figures"].values():
         assert (tmp_path / "live" / fig).stat().st_size > 1000
     assert (tmp_path / "live" / "config.yaml").is_file()

@@ -310,6 +310,21 @@ def _verdict_section(dyn: dict) -> list[str]:
                        f"| {ref_txt} | {_test_cell(row.get('against_random_weights'))} | **{row['verdict']}** |")
         rob = dyn["robustness"][model]
         out += ["", "Robustness: " + "; ".join(f"({f}) {r['summary']}" for f, r in rob.items()) + ".", ""]
+    agree = dyn.get("surrogate_agreement")
+    if agree:
+        out += ["**Does the surrogate reproduce the teacher's curves?** Pearson r over layers of the mean curves "
+                "[bootstrap 95 % CI over images] and the largest gap, with and without the last layer:", "",
+                "| curve | r, all layers | largest gap | r, without the last layer | largest gap |",
+                "|---|---|---|---|---|"]
+        for name, row in agree.items():
+            cells = []
+            for label in ("all layers", "without the last layer"):
+                c = row[label]
+                r = "–" if c["r"] is None else f"{c['r']:.3f}" + (f" [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}]"
+                                                                   if c["ci95"] else "")
+                cells += [r, "–" if c["max_abs_gap"] is None else f"{c['max_abs_gap']:.3f}"]
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
+        out.append("")
     return out
 
 

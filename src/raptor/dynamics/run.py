@@ -22,7 +22,7 @@ from raptor.config import atomic_write_text, save_config, to_dict
 from raptor.dynamics.accumulate import DynamicsAccumulator
 from raptor.dynamics.metrics import boundary_jump_ratio, cosine_silhouette, knn_accuracy, knn_correct, s_shape
 from raptor.dynamics.perturb import recovery, summarize, surrogate_runner, teacher_runner
-from raptor.dynamics.verdicts import random_weight_teacher, robustness, verdicts
+from raptor.dynamics.verdicts import random_weight_teacher, robustness, surrogate_agreement, verdicts
 from raptor.errors import RaptorError, check_positive
 from raptor.outputs import claim_output, staged
 
@@ -341,6 +341,8 @@ def _run(cfg: DynamicsConfig, sur, st, src, stage: Path, progress: bool) -> dict
         "models": models,
         "findings": findings,
         "verdicts": tests,
+        "surrogate_agreement": surrogate_agreement(results["teacher"], results["surrogate"], cfg.seed)
+        if "surrogate" in results else None,
         "robustness": {name: robustness(v) for name, v in tests.items()},
         "null": {"draws": cfg.null_draws, "what": "random-weight teachers: the teacher's embedding and final norm, "
                  "blocks freshly initialised (reset_parameters, seeded)",

@@ -239,3 +239,38 @@ def robustness(v: dict) -> dict:
                   "summary": (next(iter(kinds)) + " under every operationalisation") if len(kinds) == 1 else
                   "flips with the operationalisation" if kinds else "not measurable"}
     return out
+
+
+def surrogate_agreement(teacher: dict, surrogate: dict, seed: int = 0, n_boot: int = 500) -> dict:
+    """How closely the surrogate's mean curves follow the teacher's, on the same images: Pearson r over layers and
+    the largest absolute gap, each with and without the last layer (for γ, the last point is 1 for both by
+    definition, and this teacher's last step is an outlier), r with a bootstrap CI over images."""
+    curves = {f"gamma {g}": "gamma" for g in teacher["gamma"]} | {f"speed {g}": "speed" for g in teacher["speed"]}
+    curves["coherence"] = "coherence"
+    curves |= {k.replace("_", " "): "ranks" for k in ("effective_rank", "effective_rank_directions",
+                                                       "effective_rank_centred") if len(teacher["ranks"].get(k, []))}
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, kind in curves.items():
+        key = name.split(" ", 1)[1] if kind in ("gamma", "speed") else name.replace(" ", "_")
+        a = teacher[kind] if kind == "coherence" else teacher[kind][key]
+        b = surrogate[kind] if kind == "coherence" else surrogate[kind][key]
+        n = min(len(a), len(b))
+        a, b = np.asarray(a[:n], float), np.asarray(b[:n], float)
+        row = {}
+        for label, sl in (("all layers", slice(None)), ("without the last layer", slice(None, -1))):
+            ma, mb = a[:, sl].mean(0), b[:, sl].mean(0)
+            if len(ma) < 3 or np.ptp(ma) == 0 or np.ptp(mb) == 0:
+                row[label] = {"r": None, "ci95": None, "max_abs_gap": float(np.abs(ma - mb).max()) if len(ma) else None}
+                continue
+            boots = []
+            for _ in range(n_boot):
+                i = rng.integers(0, n, n)
+                x, y = a[i][:, sl].mean(0), b[i][:, sl].mean(0)
+                if np.ptp(x) > 0 and np.ptp(y) > 0:
+                    boots.append(np.corrcoef(x, y)[0, 1])
+            row[label] = {"r": float(np.corrcoef(ma, mb)[0, 1]),
+                          "ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))] if boots
+                          else None, "max_abs_gap": float(np.abs(ma - mb).max())}
+        out[name] = row
+    return out
