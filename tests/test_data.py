@@ -89,3 +89,42 @@ def test_flat_folder_and_bad_specs(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(RaptorError, match="no images"):
         open_source(f"folder:{tmp_path / 'empty'}")
+
+
+def _write_idx(path, arr):
+    import gzip
+
+    arr = np.asarray(arr, dtype=np.uint8)
+    head = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in arr.shape)
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(head + arr.tobytes())
+
+
+def test_fashion_mnist_reads_idx_files_gzipped_or_not(tmp_path):
+    """fashion-mnist:<dir> reads the four IDX files of the MNIST format (here written by the test: gzipped training
+    files, plain test files), pairs images with labels, and names what is missing or broken in one line."""
+    from raptor.data import open_source
+    from raptor.data.sources import read_idx
+
+    rng = np.random.default_rng(0)
+    xtr, ytr = rng.integers(0, 256, (7, 28, 28)), rng.integers(0, 10, 7)
+    xte, yte = rng.integers(0, 256, (3, 28, 28)), rng.integers(0, 10, 3)
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", xtr)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", ytr)
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte", xte)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", yte)
+    src = open_source(f"fashion-mnist:{tmp_path}")
+    assert [it.id for it in src.items] == [f"train/{i:05d}" for i in range(7)] + [f"test/{i:05d}" for i in range(3)]
+    assert src.labels.tolist() == ytr.tolist() + yte.tolist() and src.class_names[9] == "ankle boot"
+    assert np.array_equal(np.asarray(src.items[8].load()), xte[1])
+    assert src.subset(4).labels.size == 4  # sampled like any labelled set
+    (tmp_path / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(RaptorError, match="no t10k-images-idx3-ubyte"):
+        open_source(f"fashion-mnist:{tmp_path}")
+    (tmp_path / "bad").write_bytes(b"\x00\x00\x0d\x01\x00\x00\x00\x02ab")
+    with pytest.raises(RaptorError, match="not an IDX file of unsigned bytes"):
+        read_idx(tmp_path / "bad")
+    (tmp_path / "short").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05ab")
+    with pytest.raises(RaptorError, match="truncated"):
+        read_idx(tmp_path / "short")

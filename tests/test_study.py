@@ -130,6 +130,25 @@ def test_matched_swap_effect_removes_the_depth_confound():
     assert all(e is None or e < eff["effect"] - 1e-9 for e in others)
 
 
+def test_partial_spearman_removes_a_shared_driver():
+    """x and y both follow z with independent noise: Spearman is high, the partial ρ given z is not (its CI covers
+    0); a shared component beyond z stays."""
+    from scipy.stats import spearmanr
+
+    from raptor.study.run import partial_spearman_ci
+
+    rng = np.random.default_rng(1)
+    z = np.repeat(np.arange(10.0), 3)
+    x, y = z + rng.normal(0, 1, 30), z + rng.normal(0, 1, 30)
+    assert spearmanr(x, y).statistic > 0.8
+    c = partial_spearman_ci(x, y, z)
+    assert c["n"] == 30 and c["ci95"][0] < 0 < c["ci95"][1] and abs(c["rho"]) < 0.4 and c["p_value"] > 0.05
+    e = rng.normal(0, 1, 30)
+    s = partial_spearman_ci(z + e, z + e + rng.normal(0, 0.2, 30), z)
+    assert s["rho"] > 0.8 and s["ci95"][0] > 0.5 and s["p_value"] < 0.001
+    assert partial_spearman_ci([1, 2, 3], [1, 2, 3], [1, 2, 3])["rho"] is None  # too few runs
+
+
 def test_spearman_with_bootstrap_ci():
     from scipy.stats import spearmanr
 
@@ -180,6 +199,10 @@ def test_micro_sweep_resumes_without_retraining(tmp_path):
     report = (tmp_path / "s/report.md").read_text()
     assert "## Correlations across the sweep" in report and "## Layer swaps" in report
     assert "## Found phases against partition nulls" in report and "## Depth-matched swaps" in report
+    refs = {r["reference"]["kind"]: r for r in study["references"]}
+    assert set(refs) == {"untrained", "overfit"} and refs["untrained"]["train"]["history"] == []
+    assert refs["overfit"]["train"]["train"]["epochs"] == 8 and not refs["overfit"]["fits"]["2"]["nulls"]
+    assert "## Figure 13 reference points" in report
     for fig in study["figures"].values():
         assert (tmp_path / "s" / fig).stat().st_size > 1000
     saved = json.loads((tmp_path / "s/study.json").read_text())

@@ -17,7 +17,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 TEACHER_HELP = "Teacher spec: bundled:dinov2-s | hf:<hub id or dir> | dinov2-pth:<file> | tiny:<family>"
 DEVICE_HELP = "auto (a CUDA GPU when there is one) | cpu | cuda | cuda:N (under torchrun: cuda = the local rank's GPU)"
-DATA_HELP = "Data spec: bundled:photos | bundled:digits | bundled:lfw | <dir> | folder:<dir> | classes:<dir>"
+DATA_HELP = ("Data spec: bundled:photos | bundled:natural | bundled:digits | bundled:lfw | fashion-mnist[:<dir>] | "
+             "<dir> | folder:<dir> | classes:<dir>")
 
 
 def parse_layers(text: str | None) -> list[int] | None:
@@ -485,6 +486,8 @@ def study(
                                    "balanced (contiguous, every phase >= max(2, L/2k) layers), shuffled "
                                    "(non-contiguous, the found phase sizes), random (any contiguous partition)"),
     swap_samples: int = typer.Option(10, help="Random draws per layer-swap setting (0: no swap test)"),
+    references: bool = typer.Option(True, "--references/--no-references", help="Also the paper's Figure 13 points: "
+                                    "an untrained and an over-fitted ViT (p = 0)"),
     limit: Optional[int] = typer.Option(None, help="Only N images: a seeded sample, stratified by class"),
     sample: str = typer.Option("random", help="--limit: random (seeded, stratified by class) | sorted (the first N)"),
     sample_seed: int = typer.Option(1, help="Seed of the --limit sample"),
@@ -510,7 +513,7 @@ def study(
     cfg = StudyConfig(data=data, out=str(out), sd=_floats(sd, "--sd"), seeds=_ints(seeds, "--seeds"),
                       ks=_ints(ks, "--ks"), random_partitions=random,
                       partitions=tuple(x.strip() for x in partitions.split(",") if x.strip()),
-                      swap_samples=swap_samples, limit=limit,
+                      swap_samples=swap_samples, references=references, limit=limit,
                       sample=sample, sample_seed=sample_seed,
                       vit=ViTConfig(image_size=image_size, patch_size=patch_size, dim=dim, depth=depth, heads=heads),
                       train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, shift=shift, flip=flip),

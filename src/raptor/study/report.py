@@ -211,6 +211,19 @@ def render(cfg, study: dict) -> str:
                 cells += [_f(d["intra"]["mean"]), _f(d["inter"]["mean"])] if d else ["–", "–"]
             lines.append("| " + " | ".join(cells) + " |")
     lines += _matched_section(cfg, study, runs)
+    refs = study.get("references") or []
+    if refs:
+        lines += ["", "## Figure 13 reference points (p = 0, seed 0; not in the correlations)", "",
+                  "| ViT | what | train top-1 | test top-1 | mean layer sim | DP phases k=" + str(max(cfg.ks)) + " | "
+                  + " | ".join(f"k={k} R² | k={k} top-1" for k in cfg.ks) + " |",
+                  "|---|---|---|---|---|---|" + "---|---|" * len(cfg.ks)]
+        for r in refs:
+            cells = [r["reference"]["kind"], r["reference"]["what"], _f(r["train"].get("train_accuracy")),
+                     _f(r["teacher_accuracy"]), _f(r["phases"]["mean_layer_similarity"]),
+                     format_phases(r["phases"]["dp"][str(max(cfg.ks))]["phases"])]
+            for k in cfg.ks:
+                cells += [_f(r["fits"][str(k)]["dp"]["r2_mean"]), _f(r["fits"][str(k)]["dp"]["accuracy"])]
+            lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Definitions", ""] + [f"- **{k}**: {v}" for k, v in study["definitions"].items()]
     lines += ["", "## Figures", ""] + [f"![{k}]({v})" for k, v in study["figures"].items()]
     return "\n".join(lines) + "\n"
