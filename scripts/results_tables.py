@@ -193,9 +193,48 @@ def probes_v2() -> str:
     return _probe_table(f)
 
 
+def dynamics_v2() -> str:
+    """The dynamics verdicts against their nulls of every run in docs/results/dynamics_v2 (scripts/dynamics_v2.sh)."""
+    from raptor.dynamics.report import verdict_section
+
+    root = RESULTS / "dynamics_v2"
+    runs = [d for d in sorted(root.iterdir()) if (d / "dynamics.json").is_file()] if root.is_dir() else []
+    if not runs:
+        return "(not run yet: `scripts/dynamics_v2.sh`)"
+    out = []
+    for d in runs:
+        dyn = json.loads((d / "dynamics.json").read_text())
+        data = dyn["data"]["spec"] or dyn["data"]["store"]
+        out += [f"### `{d.name}`: {data}, {dyn['data']['n_images']} images, phases {_phases(dyn['phases'])} "
+                f"([report](results/dynamics_v2/{d.name}/report.md))", ""]
+        out += [line.replace("## Verdicts against their nulls", "").strip("\n") for line in verdict_section(dyn)]
+    return "\n".join(out).replace("\n\n\n", "\n\n") + "\n"
+
+
+def study_v2() -> str:
+    """The study's verdicts against their nulls of every run in docs/results/study_v2 (scripts/study_v2.sh)."""
+    from raptor.config import from_dict
+    from raptor.study.report import verdict_sections
+    from raptor.study.run import StudyConfig
+
+    root = RESULTS / "study_v2"
+    runs = [d for d in sorted(root.iterdir()) if (d / "study.json").is_file()] if root.is_dir() else []
+    if not runs:
+        return "(not run yet: `scripts/study_v2.sh digits`, about 3 CPU-hours; `scripts/study_v2.sh fashion` on a GPU)"
+    out = []
+    for d in runs:
+        study = json.loads((d / "study.json").read_text())
+        cfg = from_dict(StudyConfig, study["config"])
+        out += [f"### `{d.name}`: {cfg.data} ([report](results/study_v2/{d.name}/report.md))", "",
+                verdict_sections(cfg, study).replace("## ", "#### ")]
+    return "\n".join(out)
+
+
 TABLES = {"phases_v2": (ROOT / "docs" / "phases.md", lambda _plot_dir: phases_v2()),
           "natural_v1": (ROOT / "docs" / "surrogate.md", natural_v1),
           "probes_v2": (ROOT / "docs" / "probes.md", lambda _plot_dir: probes_v2()),
+          "dynamics_v2": (ROOT / "docs" / "dynamics.md", lambda _d: dynamics_v2()),
+          "study_v2": (ROOT / "docs" / "study.md", lambda _d: study_v2()),
           # the first-recipe digit surrogates (stale models, committed results): scripts listed in docs/probes.md
           "probes_v1": (ROOT / "docs" / "probes.md", lambda _d: _probe_table(RESULTS / "probes" / "results.jsonl")),
           "probes_v1_raw": (ROOT / "docs" / "probes.md",

@@ -287,7 +287,7 @@ def _test_cell(t: dict | None) -> str:
             f", p = {t['p_value']:.3g}")
 
 
-def _verdict_section(dyn: dict) -> list[str]:
+def verdict_section(dyn: dict) -> list[str]:
     """The verdicts as tests against their nulls, and which survive every operationalisation."""
     if not dyn.get("verdicts"):
         return []
@@ -347,7 +347,7 @@ def render(dyn: dict) -> str:
              f"- perturbation: ε = {', '.join(f'{e:g}' for e in dyn['eps'])} at layers {dyn['inject_layers']} on "
              f"{dyn['perturb_images']} images; ranks on {models['teacher']['n_ranked']} images",
              ""]
-    lines += _verdict_section(dyn)
+    lines += verdict_section(dyn)
     lines += ["", "## Findings by fixed thresholds (the earlier criteria, no null)", "",
               "| finding | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
     for key in ("i", "ii", "iii", "boundary_jumps"):

@@ -164,6 +164,41 @@ def _matched_section(cfg, study: dict, runs: list[dict]) -> list[str]:
     return out
 
 
+def _correlations(study: dict) -> list[str]:
+    lines = ["## Correlations across the sweep", "", "| correlation | ρ | 95 % CI | p-value | runs |",
+             "|---|---|---|---|---|"]
+    for name, c in study["correlations"].items():
+        ci = "–" if not c["ci95"] else f"[{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]"
+        lines.append(f"| {name} | {_f(c['rho'], '{:.2f}')} | {ci} | {_f(c['p_value'], '{:.3g}')} | {c['n']} |")
+    return lines
+
+
+def _references(cfg, study: dict) -> list[str]:
+    refs = study.get("references") or []
+    if not refs:
+        return []
+    lines = ["", "## Figure 13 reference points (p = 0, seed 0; not in the correlations)", "",
+             "| ViT | what | train top-1 | test top-1 | mean layer sim | DP phases k=" + str(max(cfg.ks)) + " | "
+             + " | ".join(f"k={k} R² | k={k} top-1" for k in cfg.ks) + " |",
+             "|---|---|---|---|---|---|" + "---|---|" * len(cfg.ks)]
+    for r in refs:
+        cells = [r["reference"]["kind"], r["reference"]["what"], _f(r["train"].get("train_accuracy")),
+                 _f(r["teacher_accuracy"]), _f(r["phases"]["mean_layer_similarity"]),
+                 format_phases(r["phases"]["dp"][str(max(cfg.ks))]["phases"])]
+        for k in cfg.ks:
+            cells += [_f(r["fits"][str(k)]["dp"]["r2_mean"]), _f(r["fits"][str(k)]["dp"]["accuracy"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def verdict_sections(cfg, study: dict) -> str:
+    """What the docs page leads with (``make results``): the correlations, the found phases against their partition
+    nulls, the depth-matched swaps and the Figure 13 reference points."""
+    runs = sorted(study["runs"], key=lambda r: (r["p"], r["seed"]))
+    return "\n".join(_correlations(study) + _nulls_section(cfg, study, runs) + _matched_section(cfg, study, runs)
+                     + _references(cfg, study)) + "\n"
+
+
 def render(cfg, study: dict) -> str:
     runs = sorted(study["runs"], key=lambda r: (r["p"], r["seed"]))
     k0 = min(cfg.ks)
@@ -173,12 +208,8 @@ def render(cfg, study: dict) -> str:
              f"batch {cfg.train.batch_size}, translation ±{cfg.train.shift} px. Uniform stochastic depth p ∈ "
              f"{list(cfg.sd)}, seeds {list(cfg.seeds)}. Raptor fits: {cfg.fit.steps1} stage-1 steps per block, "
              f"{cfg.fit.steps2} stage-2 steps, batch {cfg.fit.batch_size}; k ∈ {list(cfg.ks)}; up to "
-             f"{cfg.random_partitions} partitions per k of each null family: {', '.join(cfg.partitions)}.", "",
-             "## Correlations across the sweep", "", "| correlation | ρ | 95 % CI | p-value | runs |",
-             "|---|---|---|---|---|"]
-    for name, c in study["correlations"].items():
-        ci = "–" if not c["ci95"] else f"[{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]"
-        lines.append(f"| {name} | {_f(c['rho'], '{:.2f}')} | {ci} | {_f(c['p_value'], '{:.3g}')} | {c['n']} |")
+             f"{cfg.random_partitions} partitions per k of each null family: {', '.join(cfg.partitions)}.", ""]
+    lines += _correlations(study)
     lines += ["", "## Per run", "",
               f"| p | seed | teacher top-1 | mean layer sim | DP phases k={max(cfg.ks)} | "
               + " | ".join(f"k={k} R² (cls / patches) | k={k} top-1" for k in cfg.ks)
@@ -211,19 +242,7 @@ def render(cfg, study: dict) -> str:
                 cells += [_f(d["intra"]["mean"]), _f(d["inter"]["mean"])] if d else ["–", "–"]
             lines.append("| " + " | ".join(cells) + " |")
     lines += _matched_section(cfg, study, runs)
-    refs = study.get("references") or []
-    if refs:
-        lines += ["", "## Figure 13 reference points (p = 0, seed 0; not in the correlations)", "",
-                  "| ViT | what | train top-1 | test top-1 | mean layer sim | DP phases k=" + str(max(cfg.ks)) + " | "
-                  + " | ".join(f"k={k} R² | k={k} top-1" for k in cfg.ks) + " |",
-                  "|---|---|---|---|---|---|" + "---|---|" * len(cfg.ks)]
-        for r in refs:
-            cells = [r["reference"]["kind"], r["reference"]["what"], _f(r["train"].get("train_accuracy")),
-                     _f(r["teacher_accuracy"]), _f(r["phases"]["mean_layer_similarity"]),
-                     format_phases(r["phases"]["dp"][str(max(cfg.ks))]["phases"])]
-            for k in cfg.ks:
-                cells += [_f(r["fits"][str(k)]["dp"]["r2_mean"]), _f(r["fits"][str(k)]["dp"]["accuracy"])]
-            lines.append("| " + " | ".join(cells) + " |")
+    lines += _references(cfg, study)
     lines += ["", "## Definitions", ""] + [f"- **{k}**: {v}" for k, v in study["definitions"].items()]
     lines += ["", "## Figures", ""] + [f"![{k}]({v})" for k, v in study["figures"].items()]
     return "\n".join(lines) + "\n"
