@@ -99,7 +99,8 @@ def natural_v1_verdicts(runs: dict, plot_dir: Path | None = None) -> str:
 
     out = ["**Every run, ranked** (same held-out photos; budget: steps (stage 1 + 2) × batch 16; CIs resample the 20 "
            "held-out photos), beside the baselines a model without the property scores:", "",
-           "| run | teacher / setting | k | phases | steps | image-specific R² [95 % CI] | layer 12 | image-level R² |",
+           "| run | teacher / setting | k | phases | steps (1 + 2) | image-specific R² [95 % CI] | layer 12 | "
+           "image-level R² |",
            "|---|---|---|---|---|---|---|---|"]
     for name, m in sorted(runs.items(), key=lambda kv: -_spec_of(kv[1])[0]):
         v, ci = _spec_of(m)
@@ -157,11 +158,12 @@ def natural_v1_verdicts(runs: dict, plot_dir: Path | None = None) -> str:
     else:
         out += ["", f"Not decided yet: {len(present)} of {len(BALANCED_K2)} balanced partitions run."]
     # the budget curve
-    out += ["", "**Budget curve** (¼, ½ and 1 × the short recipe's 450 / 200 steps × 16; image-specific R² on the "
+    out += ["", "**Budget curve** (¼, ½ and 1 × the short recipe's 450 / 200 steps × 16 (k × 450 + 200 optimizer "
+            "steps in all); image-specific R² on the "
             "held-out photos; the least-squares line y = a + b ln(steps) through the points, extrapolated — a naive "
             "model with 3 points and no saturation term, to be read as an order of magnitude):", "",
-            "| curve | steps (stage 1 + 2) → image-specific R² [95 % CI] | slope per doubling | steps to 0.80 "
-            "(extrapolated) |", "|---|---|---|---|"]
+            "| curve | optimizer steps (k × stage-1 + stage-2) → image-specific R² [95 % CI] | slope per doubling | "
+            "steps to 0.80 (extrapolated) |", "|---|---|---|---|"]
     curves = {}
     for label, names in BUDGETS.items():
         have = [n for n in names if n in runs]
@@ -169,7 +171,8 @@ def natural_v1_verdicts(runs: dict, plot_dir: Path | None = None) -> str:
         for n in have:
             c = runs[n]["config"]
             v, ci = _spec_of(runs[n])
-            pts.append((c["steps1"] + c["steps2"], v, ci, n))
+            # optimizer steps: stage 1 trains each of the k blocks for steps1, then stage 2 runs steps2
+            pts.append((len(runs[n]["surrogate"]["phases"]) * c["steps1"] + c["steps2"], v, ci, n))
         cells = "; ".join(f"{s}: {v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" for s, v, ci, _ in pts) or "–"
         missing = [n for n in names if n not in runs]
         if missing:
@@ -186,9 +189,10 @@ def natural_v1_verdicts(runs: dict, plot_dir: Path | None = None) -> str:
     if curves and plot_dir is not None:
         from raptor.plots import budget_curve
 
-        budget_curve(plot_dir / "budget_curve.png", curves, xlabel="optimizer steps (stage 1 + 2, batch 16)",
-                     ylabel="held-out image-specific R²", title="natural_v1: image-specific R² against budget",
-                     goal=0.80, extend_to=6500)
+        budget_curve(plot_dir / "budget_curve.png", curves,
+                     xlabel="optimizer steps (k × stage-1 + stage-2, batch 16)", ylabel="held-out image-specific R²",
+                     title="natural_v1: image-specific R² against budget", goal=0.80,
+                     extend_to=10 * max(max(c[0]) for c in curves.values()))
     if curves:
         out += ["", "![budget curve](results/natural_v1/budget_curve.png)"]
     return "\n".join(out) + "\n"

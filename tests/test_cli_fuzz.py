@@ -218,7 +218,7 @@ def test_dynamics_arguments(capsys):
                         [str(PHASE_FILES[n]) for n in ("empty", "depth", "nonjson", "shape", "dict")]),
            perturb=field(["2"], BAD_INT), ranks=field(["3"], BAD_INT), knn=field(["1", "3"], BAD_INT),
            space=field(["raw", "normed"], ["", "log"]), size=field(["28"], ["13", "0", "-14"]),
-           nulls=field(["0", "2"], ["-1", "101", "x"]))
+           nulls=field(["0", "2"], ["-1", "1", "101", "x"]))
     def draw(teacher, data, limit, batch, eps, inject, phases, perturb, ranks, knn, space, size, nulls):
         _check(_argv("dynamics", ["--out", str(BASE / f"dyn-{next(_n)}"), "--no-progress"],
                      {"--teacher": teacher, "--data": data, "--limit": limit, "--batch-size": batch, "--eps": eps,

@@ -128,3 +128,9 @@ def test_fashion_mnist_reads_idx_files_gzipped_or_not(tmp_path):
     (tmp_path / "short").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05ab")
     with pytest.raises(RaptorError, match="truncated"):
         read_idx(tmp_path / "short")
+    (tmp_path / "head").write_bytes(b"\x00\x00\x08\x03\x00\x00")  # the header itself cut short
+    with pytest.raises(RaptorError, match="truncated"):
+        read_idx(tmp_path / "head")
+    (tmp_path / "bad.gz").write_bytes(b"\x1f\x8b\x08\x00" + b"\xff" * 20)  # a gzip header, corrupt data
+    with pytest.raises(RaptorError, match="cannot read"):
+        read_idx(tmp_path / "bad.gz")

@@ -195,20 +195,27 @@ def test_verdict_tests_on_known_effects():
 
 
 def test_random_weight_teacher_keeps_the_embedding_and_redraws_the_blocks():
+    """Every block parameter is redrawn with the architecture's own initialiser (LayerScale included: it has no
+    reset_parameters), seeded; the embedding is the teacher's; the teacher itself is untouched."""
     from raptor.dynamics.verdicts import random_weight_teacher
     from raptor.teachers import load_teacher
 
     t = load_teacher(TINY)
-    a, b = random_weight_teacher(t, 1), random_weight_teacher(t, 1)
-    c = random_weight_teacher(t, 2)
+    with torch.no_grad():  # stand-in for training: move every block parameter off its initial value
+        for p in t.blocks.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    before = {k: v.clone() for k, v in t.state_dict().items()}
+    a, b, c = random_weight_teacher(t, 1), random_weight_teacher(t, 1), random_weight_teacher(t, 2)
+    same = [n for (n, p), q in zip(t.blocks.named_parameters(), a.blocks.parameters()) if torch.equal(p, q)]
+    assert not same, same
+    assert all(float(p.flatten()[0]) == 0.5 for n, p in a.blocks.named_parameters() if n.endswith("lambda1"))
     x = torch.randn(2, 3, t.image_size(None), t.image_size(None))
     with torch.no_grad():
         torch.testing.assert_close(a.embed(x), t.embed(x))  # same inputs
         h = t.embed(x)
-        assert not torch.allclose(a.run_block(0, h), t.run_block(0, h))  # fresh blocks
         torch.testing.assert_close(a.run_block(0, h), b.run_block(0, h))  # seeded
         assert not torch.allclose(a.run_block(0, h), c.run_block(0, h))
-    assert all(torch.equal(p, q) for p, q in zip(t.parameters(), load_teacher(TINY).parameters()))  # untouched
+    assert all(torch.equal(v, t.state_dict()[k]) for k, v in before.items())  # untouched
 
 
 def test_dynamics_command_live_equals_store_and_reports_findings(tmp_path, tiny_run):

@@ -149,9 +149,19 @@ def test_the_ablation_runs_its_cumulative_rows_and_resumes(tmp_path):
     again = run_ablation(AblationConfig(out=str(tmp_path / "a"), fit=fit), progress=False)
     assert (tmp_path / "a" / "3_depth_scaling" / "metrics.json").stat().st_mtime_ns == stamp
     assert again["rows"] == res["rows"]
-    with pytest.raises(RaptorError, match="needs both --probe-data and --init-head"):
-        run_ablation(AblationConfig(out=str(tmp_path / "b"), fit=fit, probe_data="bundled:digits"), progress=False)
-    assert not (tmp_path / "b").exists()
+    import dataclasses
+
+    with pytest.raises(RaptorError, match="ablation row 1_tf_only: cannot resume .*steps1 3 -> 4"):
+        run_ablation(AblationConfig(out=str(tmp_path / "a"), fit=dataclasses.replace(fit, steps1=4)), progress=False)
+    for bad, msg in ((AblationConfig(out=str(tmp_path / "b"), fit=fit, probe_data="bundled:digits"),
+                      "needs both --probe-data and --init-head"),
+                     (AblationConfig(out=str(tmp_path / "b"), fit=fit, probe_data="bundled:digits",
+                                     init_head=str(tmp_path / "no_head.pth")), "no_head.pth"),
+                     (AblationConfig(out=str(tmp_path / "b"), fit=dataclasses.replace(fit, data="folder:/no/such")),
+                      "not found")):
+        with pytest.raises(RaptorError, match=msg):
+            run_ablation(bad, progress=False)
+        assert not (tmp_path / "b").exists()  # refused before anything is written
 
 
 def test_teacher_forcing_only_never_rolls_out():

@@ -219,16 +219,19 @@ def read_idx(path: Path) -> np.ndarray:
     """An IDX file (the MNIST format; gzipped or not): big-endian magic 0x0000 <type> <ndim>, ndim uint32 sizes,
     then the data. Only unsigned bytes (type 0x08), the type MNIST-like sets use."""
     import gzip
+    import zlib
 
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
         raise RaptorError(f"cannot read {path}: {e}") from None
     if len(raw) < 4 or raw[0] or raw[1] or raw[2] != 0x08:
         raise RaptorError(f"{path} is not an IDX file of unsigned bytes")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise RaptorError(f"{path} is truncated: its header names {ndim} dimensions")
     shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(shape)):
@@ -253,6 +256,8 @@ def fashion_mnist(root: str | Path | None = None) -> ImageSource:
         x, y = read_idx(imgs), read_idx(labs)
         if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
             raise RaptorError(f"fashion-mnist: {imgs.name} {x.shape} and {labs.name} {y.shape} do not pair up")
+        if y.size and int(y.max()) >= len(FASHION_CLASSES):
+            raise RaptorError(f"fashion-mnist: {labs.name} has label {int(y.max())}; the set has 10 classes")
         name = "train" if split == "train" else "test"
         items += [ImageItem(f"{name}/{i:05d}", array_loader(lambda a=x[i]: a), int(y[i])) for i in range(len(x))]
     return ImageSource(f"fashion-mnist:{root}", items, FASHION_CLASSES)

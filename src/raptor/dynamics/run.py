@@ -59,8 +59,9 @@ class DynamicsConfig:
 
         check_positive(limit=self.limit, batch_size=self.batch_size, image_size=self.image_size,
                        perturb_images=self.perturb_images, rank_images=self.rank_images, knn_k=self.knn_k)
-        if not 0 <= self.null_draws <= 100:
-            raise RaptorError(f"--null-draws must lie in 0..100, got {self.null_draws}")
+        if self.null_draws == 1 or not 0 <= self.null_draws <= 100:
+            raise RaptorError(f"--null-draws must be 0 (no random-weight null) or 2..100 (their spread is part of the "
+                              f"test), got {self.null_draws}")
         if not self.eps:
             raise RaptorError("--eps is empty: give e.g. 0.05,0.2")
         bad = [e for e in self.eps if not (np.isfinite(e) and e > 0)]
@@ -214,10 +215,15 @@ def _basin_correct(res: dict, null_results: dict, basins: dict, k: int) -> dict 
         return None
     best = int(np.argmax(basins["knn_accuracy"]))
     y = res["labels"]
+    nulls = []
+    for n in null_results.values():  # each null at its own best layer: the same selection as the model's
+        if len(n["labels"]) != len(y):
+            continue
+        own = int(np.argmax([knn_accuracy(n["readout"][:, layer], n["labels"], k)
+                             for layer in range(n["readout"].shape[1])]))
+        nulls.append(knn_correct(n["readout"][:, own], n["labels"], k))
     return {"best_layer": best, "correct_best": knn_correct(res["readout"][:, best], y, k),
-            "correct_embedded": knn_correct(res["embedded"], y, k),
-            "null_correct_best": [knn_correct(n["readout"][:, best], n["labels"], k) for n in null_results.values()
-                                  if len(n["labels"]) == len(y)]}
+            "correct_embedded": knn_correct(res["embedded"], y, k), "null_correct_best": nulls}
 
 
 def _model_summary(res: dict, phases, basins: dict) -> dict:

@@ -30,16 +30,21 @@ N_BOOT = 2000
 
 
 def random_weight_teacher(teacher, seed: int):
-    """A copy of ``teacher`` whose blocks are freshly initialised (every submodule with ``reset_parameters``; seeded);
-    the embedding, final norm and head stay the teacher's, so the null sees the same inputs."""
+    """A copy of ``teacher`` whose blocks are freshly initialised (seeded): with the architecture's own initialiser
+    where the teacher wraps an HF model (``_init_weights``: truncated-normal linear layers, LayerScale at the config's
+    ``layerscale_value``), else every submodule's ``reset_parameters``. The embedding, final norm and head stay the
+    teacher's, so the null sees the same inputs."""
     null = copy.deepcopy(teacher)
-    g = torch.random.fork_rng()
-    with g:
+    init = getattr(getattr(null, "model", None), "_init_weights", None)
+    with torch.random.fork_rng():
         torch.manual_seed(seed)
         for blk in null.blocks:
-            for m in blk.modules():
-                if m is not blk and hasattr(m, "reset_parameters"):
-                    m.reset_parameters()
+            if init is not None:
+                blk.apply(init)
+            else:
+                for m in blk.modules():
+                    if hasattr(m, "reset_parameters"):
+                        m.reset_parameters()
     return null.eval()
 
 
@@ -91,10 +96,11 @@ def against_draws(values: np.ndarray, draws: list[np.ndarray], direction: str, s
     else:
         p = 0.5 * math.erfc(t / math.sqrt(2))
     ok = p < ALPHA and (eff > 0 if direction == "greater" else eff < 0)
+    verdict = ("holds" if ok else "does not hold") if n > 1 else "not measurable"  # one draw: its spread is unknown
     return {"effect": eff, "teacher": float(v.mean()), "null_mean": mu_null, "null_draws": means,
             "ci95": [float(np.percentile(boots, 2.5)) - mu_null, float(np.percentile(boots, 97.5)) - mu_null],
             "p_value": float(p), "null": f"random-weight teachers ({n} draws)", "direction": direction,
-            "n": int(len(v)), "verdict": "holds" if ok else "does not hold"}
+            "n": int(len(v)), "verdict": verdict}
 
 
 # ---- per-image quantities ----------------------------------------------------------------------------------------
@@ -123,15 +129,15 @@ def _rank_ratio(ranks: np.ndarray, early: list[int], late: list[int]) -> np.ndar
 
 
 def _recovery(runs: list[dict], baseline: bool) -> np.ndarray:
-    """Per image and injection: log(d_L / d_injected), minus log(norm growth) with ``baseline`` (Euclidean gain
-    beyond what norm growth alone shrinks)."""
+    """Per image: log(d_L / d_injected), minus log(norm growth) with ``baseline`` (Euclidean gain beyond what norm
+    growth alone shrinks), averaged over the injections (layers and ε) so that each image counts once."""
     out = []
     for r in runs:
         x = np.log(np.maximum(np.asarray(r["final_over_initial_per_image"]), 1e-12))
         if baseline:
             x = x - math.log(max(r["baseline_norm_growth"][-1], 1e-12))
         out.append(x)
-    return np.concatenate(out) if out else np.zeros(0)
+    return np.mean(out, axis=0) if out else np.zeros(0)
 
 
 def boundary_permutation(speed: np.ndarray, phases: list[list[int]], seed: int = 0) -> dict:

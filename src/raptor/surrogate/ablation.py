@@ -72,19 +72,52 @@ def _row(label: str, m: dict) -> dict:
             "paper_in1k_top1": PAPER_TOP1.get(label)}
 
 
+def _preflight(cfg: AblationConfig, rows: list) -> None:
+    """Everything cheap, before anything is written or trained: every row's settings, the data, row 6's probe data
+    and head, and that finished or started rows were trained with these settings."""
+    from raptor.surrogate.train import check_existing_run
+
+    cfg.check()
+    for _, _, fc in rows:
+        if fc.stage == "1":
+            fc.check()
+    if cfg.fit.store:
+        from raptor.store import TrajectoryStore
+
+        TrajectoryStore(cfg.fit.store).require_complete("ablation never trains on part of a store")
+    else:
+        from raptor.data import open_source
+
+        open_source(cfg.fit.data)
+        if cfg.fit.val_data:
+            open_source(cfg.fit.val_data)
+    if cfg.probe_data:
+        from raptor.probes.data import open_probe_data
+        from raptor.probes.run import ProbeConfig
+
+        ProbeConfig("cls", str(Path(cfg.out) / ROWS[4][0]), cfg.probe_data, cfg.out, init_head=cfg.init_head).check()
+        open_probe_data(cfg.probe_data, "cls")
+        if cfg.init_head != "teacher":
+            from raptor.teachers.dinov2_pth import load_state_file
+
+            load_state_file(cfg.init_head)
+    for name, _, fc in rows:  # a re-run must be the same ablation: each existing row's settings are checked
+        if Path(fc.out).exists():
+            try:
+                check_existing_run(fc, resume=True)
+            except RaptorError as e:
+                raise RaptorError(f"ablation row {name}: {e}") from None
+
+
 def run_ablation(cfg: AblationConfig, progress: bool = True) -> dict:
     from raptor.progress import console
     from raptor.surrogate.fit import run_fit
 
-    cfg.check()
-    for _, _, fc in row_configs(cfg):  # every row's settings before anything trains
-        if fc.stage == "1":
-            fc.check()
+    rows_cfg = row_configs(cfg)
+    _preflight(cfg, rows_cfg)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg.fit, out / "config.yaml")
     rows, teacher = [], None
-    for name, label, fc in row_configs(cfg):
+    for name, label, fc in rows_cfg:
         done = Path(fc.out) / "metrics.json"
         if done.is_file():
             m = json.loads(done.read_text())
@@ -108,6 +141,7 @@ def run_ablation(cfg: AblationConfig, progress: bool = True) -> dict:
     res = {"config": {"fit": dataclasses.asdict(cfg.fit), "probe_data": cfg.probe_data, "init_head": cfg.init_head},
            "rows": rows, "paper": "camera-ready Table 1: Raptor k=3 on DINOv2-B, ImageNet-1k top-1 (%)"}
     res["figure"] = _plot(out / "ablation.png", rows)
+    save_config(cfg.fit, out / "config.yaml")
     atomic_write_text(out / "ablation.md", render(res))
     atomic_write_text(out / "ablation.json", json.dumps(res, indent=1))
     return res

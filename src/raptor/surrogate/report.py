@@ -55,8 +55,13 @@ _NOT_TRAINING = ("seed", "out", "init_from", "stage", "ckpt_every", "val_every",
 
 def recipe_key(m) -> str:
     """What a run trained, but not its seed: runs with equal keys are seeds of one configuration. Every config field
-    counts except those in ``_NOT_TRAINING`` (so ``--image-loss 1`` or another recipe is never a 'seed')."""
-    c = {k: v for k, v in m["config"].items() if k not in _NOT_TRAINING}
+    counts (so ``--image-loss 1`` or another recipe is never a 'seed') except those in ``_NOT_TRAINING`` and the
+    evaluation-only ones, and a setting added later counts only where it differs from its default (older runs do not
+    record it), as in ``FitConfig.training_fingerprint``."""
+    from raptor.surrogate.train import EVAL_ONLY, NEW_DEFAULTS
+
+    c = {k: v for k, v in m["config"].items() if k not in _NOT_TRAINING and k not in EVAL_ONLY
+         and not (k in NEW_DEFAULTS and v == NEW_DEFAULTS[k])}  # as the training fingerprint: a later default
     s1 = m.get("_stage1") or {}
     c.update(steps1=_steps1(m), lr=s1.get("lr", c.get("lr")),
              stage1_last_weights=s1.get("stage1_last_weights", c.get("stage1_last_weights")))
