@@ -13,8 +13,9 @@ for r in k2_s0 k3dp_s0 ctrl_untied_k12_s0; do
   [ -f runs/natural_v1/$r/model.safetensors ] || { echo "error: runs/natural_v1/$r is not trained here (scripts/natural_protocol.sh $r)" >&2; exit 2; }
 done
 mkdir -p $O
-for bb in bundled:dinov2-s runs/natural_v1/k2_s0 runs/natural_v1/k3dp_s0 runs/natural_v1/ctrl_untied_k12_s0 pixels:14; do
-  for t in "cls bundled:lfw" "cls bundled:digits" "seg bundled:digit-seg" "depth bundled:motorcycle" "depth bundled:scenes"; do
+# most informative first (dense tasks, then classification), so that a cut-short run still answers something
+for t in "seg bundled:digit-seg" "depth bundled:motorcycle" "cls bundled:lfw" "depth bundled:scenes" "cls bundled:digits"; do
+  for bb in bundled:dinov2-s pixels:14 runs/natural_v1/k2_s0 runs/natural_v1/k3dp_s0 runs/natural_v1/ctrl_untied_k12_s0; do
     set -- $t
     key="$bb $1 $2"
     grep -qxF "$key" $O/done.txt 2>/dev/null && continue
