@@ -372,6 +372,18 @@ def test_table_gives_the_share_of_the_teachers_gain_over_raw_pixels(tmp_path):
     assert float(rows["T", "top1"]["gain_over_pixels_pct"]) == pytest.approx(100.0)
     assert float(rows["R", "rmse"]["gain_over_pixels_pct"]) == pytest.approx(50.0)
     assert "share of the teacher's gain over pixels" in md
+    # a teacher within its seed noise of the pixels (or below them) gives no share: a ratio over noise
+    (tmp_path / "noisy").mkdir()
+    for seed, (t, r, p) in enumerate(((0.90, 0.80, 0.91), (0.94, 0.85, 0.91))):
+        for who, v in (("T", t), ("R", r), ("P14", p)):
+            kind = {"T": "teacher", "R": "raptor"}.get(who, "pixels")
+            append_line(tmp_path / "noisy" / "results.jsonl",
+                        {"backbone": who, "backbone_spec": {"id": who, "kind": kind, "layer": None},
+                         "teacher": "t" if kind != "pixels" else who, "seed": seed, "task": "cls", "data": "e",
+                         "metric": "top1", "value": v})
+    md2, _, csv2 = write_table([tmp_path / "noisy"])
+    rows2 = {(r["backbone"], r["metric"]): r for r in csv.DictReader(open(csv2))}
+    assert rows2["R", "top1"]["gain_over_pixels_pct"] == "" and "teacher ≈ pixels" in md2
 
 
 # ---- bundled data and the real teacher --------------------------------------------------------------------------

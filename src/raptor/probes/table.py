@@ -4,7 +4,9 @@ number of seeds, and "% of teacher" beside it (up: 100 * value / teacher; down: 
 100 % is the teacher and less is worse either way). "% of teacher" is passed by raw pixels on easy data (95 % on
 digits), so beside it stands the **share of the teacher's gain over raw pixels**: 100 * (value - pixels) /
 (teacher - pixels) (RMSE: (pixels - value) / (pixels - teacher)), against the strongest raw-pixel baseline
-(``pixels:<patch>`` backbone) of the same column: 100 % is the teacher, 0 % is pixels."""
+(``pixels:<patch>`` backbone) of the same column: 100 % is the teacher, 0 % is pixels. The share is left out
+("teacher ≈ pixels") where the teacher does not beat that baseline by more than twice their combined spread over
+seeds: a ratio over a gain that is noise (or negative) says nothing."""
 
 from __future__ import annotations
 
@@ -69,17 +71,23 @@ def aggregate(recs: list[dict]) -> tuple[list[dict], list[tuple]]:
             else:
                 cell["pct"] = 100 * (cell["mean"] / t["mean"] if c[2] != "rmse" else t["mean"] / cell["mean"])
     for c in {c for row in out for c in row["cells"]}:
-        pix = [r["cells"][c]["mean"] for r in out if r["spec"]["kind"] == "pixels" and c in r["cells"]]
-        best = (min(pix) if c[2] == "rmse" else max(pix)) if pix else None
+        pix = [r["cells"][c] for r in out if r["spec"]["kind"] == "pixels" and c in r["cells"]]
+        best = (min(pix, key=lambda x: x["mean"]) if c[2] == "rmse" else max(pix, key=lambda x: x["mean"])) \
+            if pix else None
         for row in out:
             cell = row["cells"].get(c)
             ref = next((t for t in out if t["is_teacher"] and t["teacher"] == row["teacher"]), None)
             t = ref["cells"].get(c) if ref else None
-            cell_gain = None
-            if cell is not None and t is not None and best is not None and t["mean"] != best:
-                cell_gain = 100 * (cell["mean"] - best) / (t["mean"] - best)
-            if cell is not None:
-                cell["gain_over_pixels"] = cell_gain
+            if cell is None:
+                continue
+            cell["gain_over_pixels"], cell["teacher_near_pixels"] = None, False
+            if t is None or best is None:
+                continue
+            gain = (t["mean"] - best["mean"]) * (-1 if c[2] == "rmse" else 1)  # the teacher's gain, positive = better
+            if gain <= 2 * math.hypot(t["std"], best["std"]) or gain <= 0:
+                cell["teacher_near_pixels"] = True
+                continue
+            cell["gain_over_pixels"] = 100 * (cell["mean"] - best["mean"]) / (t["mean"] - best["mean"])
     out.sort(key=lambda r: (r["spec"]["kind"] == "pixels", r["teacher"], not r["is_teacher"], r["backbone"]))
     prior = {}
     for r in recs:
@@ -115,12 +123,15 @@ def markdown(rows: list[dict], cols: list[tuple]) -> str:
             pct = cell.get("pct") if cell else None
             cells.append("–" if pct is None or not math.isfinite(pct) else f"{pct:.1f} %")
             g = cell.get("gain_over_pixels") if cell else None
-            cells.append("–" if g is None or not math.isfinite(g) else f"{g:.1f} %")
+            cells.append("teacher ≈ pixels" if cell and cell.get("teacher_near_pixels") else
+                         "–" if g is None or not math.isfinite(g) else f"{g:.1f} %")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + (
         "\n\nmean ± sample std over seeds (n = 3 unless marked); top-1 and mIoU in %, RMSE in metres; % of teacher: "
         "up-metrics value / teacher, RMSE teacher / value; share of the teacher's gain over pixels: (value − pixels) "
-        "/ (teacher − pixels), the strongest raw-pixel baseline of the column (0 % = pixels, 100 % = teacher).\n")
+        "/ (teacher − pixels), the strongest raw-pixel baseline of the column (0 % = pixels, 100 % = teacher); "
+        "'teacher ≈ pixels': the teacher does not beat that baseline by more than twice their combined std over "
+        "seeds, so no share is given.\n")
 
 
 def to_csv(rows: list[dict], cols: list[tuple]) -> str:
