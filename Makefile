@@ -50,8 +50,8 @@ lint: $(STAMP)
 gpu-check: $(STAMP)
 	$(BIN)/python benchmarks/gpu_check.py --out runs/gpu_check
 
-# the result tables of docs/phases.md and docs/surrogate.md, rewritten from the committed runs in docs/results
-# (the runs themselves: scripts/phases_v2.sh, scripts/natural_protocol.sh — hours of CPU)
+# the result tables of docs/phases.md, surrogate.md, probes.md, dynamics.md and study.md, rewritten from the committed runs in docs/results
+# (the runs themselves: scripts/phases_v2.sh, natural_protocol.sh, probes_v2.sh, dynamics_v2.sh, study_v2.sh — hours of CPU)
 results: $(STAMP)
 	$(BIN)/python scripts/results_tables.py
 

@@ -1,9 +1,10 @@
 """Regenerate the result tables the docs cite, from the committed run folders (``make results``).
 
 Each table lives in a docs page between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->`` and is rewritten
-in place from the runs under ``docs/results/`` (analysis.json, metrics.json). The runs themselves come from the
-scripts named beside each table (``scripts/phases_v2.sh``, ``scripts/natural_protocol.sh``); a later protocol
-writes a new versioned folder, so a table never silently changes its source runs.
+in place from the runs under ``docs/results/`` (analysis.json, metrics.json, results.jsonl, dynamics.json,
+study.json). The runs themselves come from the scripts named beside each table (``scripts/phases_v2.sh``,
+``natural_protocol.sh``, ``probes_v2.sh``, ``dynamics_v2.sh``, ``study_v2.sh``); a later protocol writes a new
+versioned folder, so a table never silently changes its source runs.
 
     .venv/bin/python scripts/results_tables.py [--check]   # --check: exit 1 if a page is out of date
 """

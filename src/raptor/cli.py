@@ -476,7 +476,8 @@ def dynamics(
 @app.command()
 def study(
     data: str = typer.Option("bundled:digits", "--data", "-d", help="Labelled data: bundled:digits | bundled:lfw | "
-                             "classes:<dir> (a folder per class, e.g. CIFAR-100 exported to PNG)"),
+                             "fashion-mnist[:<dir>] | classes:<dir> (a folder per class, e.g. CIFAR-100 exported "
+                             "to PNG)"),
     out: Path = typer.Option(..., "--out", "-o", help="Study directory (re-run the same command to resume)"),
     sd: str = typer.Option("0,0.1,0.2,0.3,0.5", "--sd", help="Uniform stochastic-depth probabilities p"),
     seeds: str = typer.Option("0,1", help="Training seeds per p"),

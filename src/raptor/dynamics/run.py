@@ -351,7 +351,7 @@ def _run(cfg: DynamicsConfig, sur, st, src, stage: Path, progress: bool) -> dict
         if "surrogate" in results else None,
         "robustness": {name: robustness(v) for name, v in tests.items()},
         "null": {"draws": cfg.null_draws, "what": "random-weight teachers: the teacher's embedding and final norm, "
-                 "blocks freshly initialised (reset_parameters, seeded)",
+                 "every block parameter redrawn by the architecture's own initialiser (seeded)",
                  "summaries": {name: {"gamma_all": _summary(r["gamma"]["all"])["mean"]}
                                for name, r in null_results.items()}},
         "timing": {"pass_s": round(seconds_pass, 3), "basins_s": round(seconds_basins, 3),

@@ -164,7 +164,7 @@ def boundary_permutation(speed: np.ndarray, phases: list[list[int]], seed: int =
     p = float((1 + sum(r >= obs for r in null)) / (1 + len(null)))
     return {"effect": float(obs), "ci95": [float(np.nanpercentile(boots, 2.5)), float(np.nanpercentile(boots, 97.5))],
             "null_mean": float(np.mean(null)), "null_n": len(null), "p_value": p,
-            "min_p": 1 / (1 + len(null)),  # k = 2 of 12 layers: 1/12, so this test cannot reach p < 0.05 there
+            "min_p": 1 / (1 + len(null)),  # k = 2 of 12 layers: at most 10 others, 1/11: never below 0.05 there
             "null": f"every other contiguous partition of k = {k} ({len(null)})", "direction": "greater",
             "verdict": "holds" if p < ALPHA else "does not hold"}
 
