@@ -284,7 +284,7 @@ def _test_cell(t: dict | None) -> str:
         return "not measurable"
     ci = t.get("ci95")
     return (f"{t['effect']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "") +
-            f", p = {t['p_value']:.3g}")
+            f", p = {t['p_value']:.3g}" + (f" (Holm {t['p_holm']:.3g})" if t.get("p_holm") is not None else ""))
 
 
 def verdict_section(dyn: dict) -> list[str]:
@@ -296,7 +296,7 @@ def verdict_section(dyn: dict) -> list[str]:
            f"Each operationalisation is a test: effect with a bootstrap 95 % CI over images and a one-sided p-value, "
            f"against a reference on the same images and against {null.get('draws', 0)} random-weight teachers "
            f"({null.get('what', '')}); it **holds** when every test it has gives p < 0.05 in the claimed direction "
-           f"(`raptor/dynamics/verdicts.py`).", ""]
+           f"after Holm's correction over all tests of the model (`raptor/dynamics/verdicts.py`).", ""]
     for model, v in dyn["verdicts"].items():
         out += [f"**{model}**", "", "| finding | operationalisation | against the reference | against random weights "
                 "| verdict |", "|---|---|---|---|---|"]

@@ -11,8 +11,9 @@ Two kinds of null:
   t = (teacher − mean of the n draws) / sqrt(bootstrap variance + s²(1 + 1/n)), s the draws' sample std, one-sided
   Student p with n − 1 degrees of freedom (normal with one draw, where s is unknown and taken as 0).
 
-Each finding is computed under several operationalisations (the paper leaves them open); the robustness table says
-which verdicts hold under all of them and which flip. Per-image quantities come from
+Each finding is computed under several operationalisations (the paper leaves them open); the p-values of all tests
+of one model are Holm-corrected together, and the robustness table says which verdicts hold under all of them and
+which flip. Per-image quantities come from
 :class:`raptor.dynamics.accumulate.DynamicsAccumulator` results.
 """
 
@@ -229,8 +230,31 @@ def verdicts(res: dict, nulls: list[dict], recovery: dict, phases: list[list[int
         out["boundary_jumps"] = {"finding": "boundary_jumps", "operationalisation": "speed boundary-jump ratio "
                                  "(all tokens) against every other contiguous partition",
                                  "against_partitions": boundary_permutation(res["speed"][g], phases, seed)}
-        out["boundary_jumps"]["verdict"] = out["boundary_jumps"]["against_partitions"]["verdict"]
+    _holm(out)
     return out
+
+
+TESTS = ("against_reference", "against_random_weights", "against_partitions")
+
+
+def _holm(rows: dict) -> None:
+    """Holm's step-down correction over every test of one model (all findings and operationalisations): a model
+    tested a dozen ways would otherwise pass one at α = 0.05 by chance. Each test gets ``p_holm`` and its verdict
+    from it; a row holds when all its tests hold."""
+    tests = [row[k] for row in rows.values() for k in TESTS if row.get(k) and row[k].get("p_value") is not None]
+    m = len(tests)
+    running = 0.0
+    for i, t in enumerate(sorted(tests, key=lambda t: t["p_value"])):
+        running = max(running, min(1.0, (m - i) * t["p_value"]))
+        t["p_holm"] = running
+        if t["verdict"] != "not measurable":
+            eff = t.get("effect")
+            right = eff is not None and (eff < 0 if t.get("direction") == "less" else eff > 0)
+            t["verdict"] = "holds" if running < ALPHA and right else "does not hold"
+    for row in rows.values():
+        ts = [row[k] for k in TESTS if row.get(k)]
+        row["verdict"] = "holds" if ts and all(t["verdict"] == "holds" for t in ts) else \
+            "not measurable" if all(t["verdict"] == "not measurable" for t in ts) else "does not hold"
 
 
 def robustness(v: dict) -> dict:
