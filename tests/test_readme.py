@@ -79,3 +79,12 @@ def test_published_result_tables_are_regenerated_from_the_committed_runs():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.main(["--check"]) == 0
+
+
+def test_budget_curve_plot(tmp_path):
+    """The budget-curve figure of make results: points with CI bars on a log axis and the dashed extrapolation."""
+    from raptor.plots import budget_curve
+
+    path = budget_curve(tmp_path / "b.png", {"k=2": ([274, 1100], [0.30, 0.42], [(0.28, 0.32), (0.40, 0.45)])},
+                        xlabel="steps", ylabel="R²", title="t", goal=0.8, extend_to=11000)
+    assert path.stat().st_size > 5000

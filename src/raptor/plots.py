@@ -133,10 +133,11 @@ def budget_curve(path: Path, curves: dict[str, tuple[Sequence[float], Sequence[f
             b, a = np.polyfit(np.log(x), y, 1)
             xs = np.geomspace(x.min(), extend_to, 50)
             ax.plot(xs, a + b * np.log(xs), ls="--", lw=1, color=line[0].get_color(), alpha=0.7)
+    ax.set_xscale("log")
     if goal is not None:
         ax.axhline(goal, color="grey", ls=":", lw=1)
-        ax.text(ax.get_xlim()[0], goal, f" goal {goal:g}", va="bottom", fontsize=8, color="grey")
-    ax.set_xscale("log")
+        ax.text(0.01, goal, f"goal {goal:g}", va="bottom", fontsize=8, color="grey",
+                transform=ax.get_yaxis_transform())
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
