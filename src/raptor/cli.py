@@ -81,6 +81,14 @@ def parse_phases(text: str | None) -> list[list[int]] | None:
     return phases
 
 
+def phase_settings(phases: str | None) -> dict:
+    """The FitConfig fields of a --phases value: explicit layers, an analysis/phases file, or 'equal' (with --k)."""
+    equal = phases is not None and phases.strip().lower() == "equal"
+    explicit = None if equal else parse_phases(phases)
+    return {"phases": explicit, "phases_file": str(phases) if phases and explicit is None and not equal else None,
+            "phase_method": "equal" if equal else "dp"}
+
+
 def parse_weights(text: str | None, name: str) -> tuple[float, float, float] | None:
     """'0.45,0.10,0.45' (cls, registers, patches) or 'none'."""
     if text is None or text.strip().lower() == "none":
@@ -295,8 +303,6 @@ def fit(
     from raptor.surrogate.fit import run_fit
     from raptor.surrogate.train import FitConfig
 
-    equal = phases is not None and phases.strip().lower() == "equal"
-    explicit = None if equal else parse_phases(phases)
     given = {"steps1": steps1, "steps2": steps2, "batch_size": batch_size, "lr": lr, "lr2": lr2,
              "weight_decay": weight_decay, "clip": clip, "loss": loss, "loss_norm": loss_norm, "sigma": sigma,
              "tf_anneal_frac": tf_anneal_frac}
@@ -307,8 +313,7 @@ def fit(
         given["stage2_weights"] = parse_weights(stage2_weights, "--stage2-weights")
     cfg = FitConfig.from_recipe(
         recipe, **given, teacher=teacher, data=data, store=str(store) if store else None, out=str(out),
-        phases_file=str(phases) if phases and explicit is None and not equal else None, k=k, phases=explicit,
-        phase_method="equal" if equal else "dp", stage=stage, val_images=val_images, val_data=val_data,
+        **phase_settings(phases), k=k, stage=stage, val_images=val_images, val_data=val_data,
         val_crops=val_crops, stats_images=stats_images,
         probe_limit=probe_limit, mlp=mlp, init_from_teacher=init_from_teacher,
         init_from=str(init_from) if init_from else None, autocast=autocast, image_size=image_size, limit=limit,
@@ -570,14 +575,11 @@ def ablation(
     from raptor.surrogate.ablation import AblationConfig, run_ablation
     from raptor.surrogate.train import FitConfig
 
-    equal = phases is not None and phases.strip().lower() == "equal"
-    explicit = None if equal else parse_phases(phases)
     given = {n: v for n, v in {"steps1": steps1, "steps2": steps2, "batch_size": batch_size, "lr": lr,
                                "lr2": lr2}.items() if v is not None}
     fit_cfg = FitConfig.from_recipe(
         recipe, **given, teacher=teacher, data=data, store=str(store) if store else None, out=str(out),
-        phases_file=str(phases) if phases and explicit is None and not equal else None, k=k, phases=explicit,
-        phase_method="equal" if equal else "dp", autocast=autocast, image_size=image_size, val_images=val_images,
+        **phase_settings(phases), k=k, autocast=autocast, image_size=image_size, val_images=val_images,
         val_data=val_data, val_crops=val_crops, limit=limit, seed=seed, probe_data=None)
     res = run_ablation(AblationConfig(out=str(out), fit=fit_cfg, probe_data=probe_data, init_head=init_head),
                        progress=progress)

@@ -310,6 +310,15 @@ def is_contiguous(phases: list[list[int]]) -> bool:
     return all(p == list(range(p[0], p[-1] + 1)) for p in phases)
 
 
+def contiguous_partitions(depth: int, k: int, min_size: int = 1):
+    """Every partition of layers 1..depth into k contiguous phases of at least ``min_size`` layers, in the order of
+    their cut points (the null of the partition tests: boundaries placed anywhere)."""
+    for cuts in itertools.combinations(range(1, depth), k - 1):
+        edges = (0,) + cuts + (depth,)
+        if min(np.diff(edges)) >= min_size:
+            yield [list(range(edges[i] + 1, edges[i + 1] + 1)) for i in range(k)]
+
+
 def format_phase(p: list[int]) -> str:
     """'1–7' (one layer: '12'); a non-contiguous phase as '{1,3,5}'."""
     if list(p) != list(range(p[0], p[-1] + 1)):
@@ -468,6 +477,6 @@ def _ci(x: np.ndarray) -> list[float | None]:
 
 
 __all__ = ["boundaries_of", "boundary_jump", "brute_force_contiguous", "check_distance", "choose_k",
-           "contiguous_segmentation", "cut_weight", "format_phase", "format_phases", "is_contiguous", "lag_contrast",
-           "max_cut_bruteforce", "phase_metrics", "phase_null_test", "recursive_max_cut", "segment_costs",
-           "toeplitz_null"]
+           "contiguous_partitions", "contiguous_segmentation", "cut_weight", "format_phase", "format_phases",
+           "is_contiguous", "lag_contrast", "max_cut_bruteforce", "phase_metrics", "phase_null_test",
+           "recursive_max_cut", "segment_costs", "toeplitz_null"]

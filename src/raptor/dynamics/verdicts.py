@@ -20,7 +20,6 @@ which flip. Per-image quantities come from
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 
 import numpy as np
@@ -145,18 +144,13 @@ def boundary_permutation(speed: np.ndarray, phases: list[list[int]], seed: int =
     """The speed boundary-jump ratio of ``phases`` against every other contiguous partition of the same k (the
     null: boundaries placed anywhere), on the mean speed; CI by resampling images."""
     from raptor.dynamics.metrics import boundary_jump_ratio
+    from raptor.phases import contiguous_partitions
 
     L, k = speed.shape[1], len(phases)
     mean = speed.mean(0)
     obs = boundary_jump_ratio(mean, phases)
-    null = []
-    for cuts in itertools.combinations(range(1, L), k - 1):
-        edges = (0,) + cuts + (L,)
-        part = [list(range(edges[i] + 1, edges[i + 1] + 1)) for i in range(k)]
-        if part != phases:
-            r = boundary_jump_ratio(mean, part)
-            if np.isfinite(r):
-                null.append(r)
+    null = [r for part in contiguous_partitions(L, k) if part != phases
+            for r in [boundary_jump_ratio(mean, part)] if np.isfinite(r)]
     if not np.isfinite(obs) or not null:
         return {"effect": None, "ci95": None, "p_value": None, "null": "every other contiguous partition",
                 "verdict": "not measurable"}

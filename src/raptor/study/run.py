@@ -12,7 +12,6 @@ interrupted sweep resumes where it stopped without retraining anything finished.
 
 from __future__ import annotations
 
-import itertools
 import json
 import shutil
 import time
@@ -105,19 +104,13 @@ def random_partitions(depth: int, k: int, n: int, exclude: list[list[int]], seed
                       min_size: int = 1) -> list[list[list[int]]]:
     """``n`` distinct random contiguous partitions of layers 1..depth into k phases of at least ``min_size`` layers,
     none equal to ``exclude`` (all of them when fewer exist)."""
-    cuts_all = [c for c in itertools.combinations(range(1, depth), k - 1)
-                if min(np.diff((0,) + c + (depth,))) >= min_size]
-    ex = tuple(p[-1] for p in exclude[:-1])
-    cuts_all = [c for c in cuts_all if c != ex]
-    if not cuts_all:
+    from raptor.phases import contiguous_partitions
+
+    parts = [p for p in contiguous_partitions(depth, k, min_size) if p != exclude]
+    if not parts:
         return []
-    rng = np.random.default_rng(seed)
-    pick = rng.choice(len(cuts_all), size=min(n, len(cuts_all)), replace=False)
-    out = []
-    for i in sorted(pick):
-        edges = (0,) + cuts_all[i] + (depth,)
-        out.append([list(range(edges[j] + 1, edges[j + 1] + 1)) for j in range(k)])
-    return out
+    pick = np.random.default_rng(seed).choice(len(parts), size=min(n, len(parts)), replace=False)
+    return [parts[i] for i in sorted(pick)]
 
 
 def balanced_min_size(depth: int, k: int) -> int:

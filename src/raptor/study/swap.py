@@ -98,19 +98,13 @@ def matched_swap_test(teacher, x: torch.Tensor, y: torch.Tensor, layout, phases:
     """The matched effect of ``phases`` against every other contiguous partition of the same k (the null: phases
     that are contiguous but not found from similarity; computed from the same single-swap accuracies, so the null
     costs no forward pass). p = (1 + #null effects >= observed) / (1 + #null)."""
-    import itertools
+    from raptor.phases import contiguous_partitions
 
     L, k = teacher.depth, len(phases)
     acc = single_swap_accuracies(teacher, x, y, layout)
     obs = matched_swap_effect(acc, phases)
-    null = []
-    for cuts in itertools.combinations(range(1, L), k - 1):
-        edges = (0,) + cuts + (L,)
-        part = [list(range(edges[i] + 1, edges[i + 1] + 1)) for i in range(k)]
-        if part != phases:
-            e = matched_swap_effect(acc, part)["effect"]
-            if e is not None:
-                null.append(e)
+    null = [e for part in contiguous_partitions(L, k) if part != phases
+            for e in [matched_swap_effect(acc, part)["effect"]] if e is not None]
     null_arr = np.array(null)
     eff = obs["effect"]
     return {"phases": phases, "effect": eff, "by_lag": obs["by_lag"],
