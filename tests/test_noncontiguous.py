@@ -8,11 +8,10 @@ import json
 import pytest
 import torch
 
-from raptor.cli import parse_phases
 from raptor.errors import RaptorError
-from raptor.phases import format_phases
+from raptor.phases import format_phases, parse_phases, phase_runs, validate_phases
 from raptor.surrogate.block import BlockConfig
-from raptor.surrogate.model import RaptorModel, SurrogateConfig, phase_runs, validate_phases
+from raptor.surrogate.model import RaptorModel, SurrogateConfig
 from raptor.surrogate.train import FitConfig, WorkItem, item_loss, plan, step_generator
 from raptor.teachers.base import TokenLayout
 

@@ -156,7 +156,8 @@ def test_fit_reports_baselines_groups_image_level_and_fresh_probes(tmp_path):
 
 
 def test_cli_phase_and_weight_parsing(tmp_path):
-    from raptor.cli import parse_phases, parse_weights
+    from raptor.cli import parse_weights
+    from raptor.phases import parse_phases
 
     assert parse_phases("1-7/8-11/12") == [list(range(1, 8)), [8, 9, 10, 11], [12]]
     (tmp_path / "a.json").write_text("{}")

@@ -11,6 +11,7 @@ from typing import Optional
 import typer
 
 from raptor.errors import RaptorError
+from raptor.phases import PhaseSpec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Raptor: phases, block-recurrent surrogates and dynamics of Vision Transformers.")
@@ -40,53 +41,6 @@ def parse_layers(text: str | None) -> list[int] | None:
     except ValueError:
         raise RaptorError(f"bad --layers {text!r}: use e.g. 0-12 or 0,6,12") from None
     return out
-
-
-def parse_phases(text: str | None) -> list[list[int]] | None:
-    """'1-7/8-11/12', '1,3,5/2,4,6' (non-contiguous phases) or a JSON array '[[1,...,7],[8,...,11],[12]]' -> lists
-    of layers; None when ``text`` is unset or names a file (an analysis.json)."""
-    import re
-
-    if text is None:
-        return None
-    if not text.strip():
-        raise RaptorError("empty --phases: give e.g. 1-7/8-11/12, [[1,2,3],[4,5,6]] or an analysis.json")
-    if text.lstrip().startswith("[") and not Path(text).exists():
-        try:
-            phases = json.loads(text)
-        except ValueError:
-            phases = None
-        if not isinstance(phases, list) or not phases or not all(
-                isinstance(p, list) and p and all(isinstance(x, int) and not isinstance(x, bool) for x in p)
-                for p in phases):
-            raise RaptorError(f"bad --phases {text!r}: a JSON array of non-empty lists of layer numbers, "
-                              f"e.g. [[1,2,3],[4,5,6]]")
-        return phases
-    if Path(text).exists() or not re.fullmatch(r"[0-9/,\-\s]+", text):
-        return None
-    phases = []
-    for part in text.split("/"):  # a phase: layers and ranges joined by commas, e.g. 1-3,7 (non-contiguous allowed)
-        layers: list[int] = []
-        for item in part.split(","):
-            lo, _, hi = item.strip().partition("-")
-            try:
-                a, b = int(lo), int(hi or lo)
-            except ValueError:
-                raise RaptorError(f"bad --phases {text!r}: use e.g. 1-7/8-11/12, 1,3,5/2,4,6 or an analysis.json") \
-                    from None
-            if b < a:
-                raise RaptorError(f"bad --phases {text!r}: {item.strip()!r} runs backwards")
-            layers += range(a, b + 1)
-        phases.append(sorted(layers))
-    return phases
-
-
-def phase_settings(phases: str | None) -> dict:
-    """The FitConfig fields of a --phases value: explicit layers, an analysis/phases file, or 'equal' (with --k)."""
-    equal = phases is not None and phases.strip().lower() == "equal"
-    explicit = None if equal else parse_phases(phases)
-    return {"phases": explicit, "phases_file": str(phases) if phases and explicit is None and not equal else None,
-            "phase_method": "equal" if equal else "dp"}
 
 
 def parse_weights(text: str | None, name: str) -> tuple[float, float, float] | None:
@@ -313,7 +267,7 @@ def fit(
         given["stage2_weights"] = parse_weights(stage2_weights, "--stage2-weights")
     cfg = FitConfig.from_recipe(
         recipe, **given, teacher=teacher, data=data, store=str(store) if store else None, out=str(out),
-        **phase_settings(phases), k=k, stage=stage, val_images=val_images, val_data=val_data,
+        **PhaseSpec.parse(phases, k).fields(), stage=stage, val_images=val_images, val_data=val_data,
         val_crops=val_crops, stats_images=stats_images,
         probe_limit=probe_limit, mlp=mlp, init_from_teacher=init_from_teacher,
         init_from=str(init_from) if init_from else None, autocast=autocast, image_size=image_size, limit=limit,
@@ -458,11 +412,13 @@ def dynamics(
     perturbation recovery, with the paper's three findings stated as holds / does not hold."""
     from raptor.dynamics.run import DynamicsConfig, run_dynamics
 
-    explicit = parse_phases(phases)
+    spec = PhaseSpec.parse(phases)
+    if spec.method != "dp":
+        raise RaptorError(f"dynamics --phases {phases}: give layers (e.g. 1-6/7-12) or an analysis.json")
     eps_list = _floats(eps, "--eps")
     cfg = DynamicsConfig(teacher=teacher, surrogate=str(surrogate) if surrogate else None, data=data,
-                         store=str(store) if store else None, out=str(out), phases=explicit,
-                         phases_file=phases if phases and explicit is None else None, limit=limit,
+                         store=str(store) if store else None, out=str(out), phases=spec.layers,
+                         phases_file=spec.file, limit=limit,
                          sample=sample, sample_seed=sample_seed,
                          batch_size=batch_size, image_size=image_size, eps=eps_list, inject=parse_layers(inject),
                          perturb_images=perturb_images, rank_images=rank_images, knn_k=knn_k, seed=seed,
@@ -579,7 +535,7 @@ def ablation(
                                "lr2": lr2}.items() if v is not None}
     fit_cfg = FitConfig.from_recipe(
         recipe, **given, teacher=teacher, data=data, store=str(store) if store else None, out=str(out),
-        **phase_settings(phases), k=k, autocast=autocast, image_size=image_size, val_images=val_images,
+        **PhaseSpec.parse(phases, k).fields(), autocast=autocast, image_size=image_size, val_images=val_images,
         val_data=val_data, val_crops=val_crops, limit=limit, seed=seed, probe_data=None)
     res = run_ablation(AblationConfig(out=str(out), fit=fit_cfg, probe_data=probe_data, init_head=init_head),
                        progress=progress)

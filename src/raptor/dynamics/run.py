@@ -25,6 +25,7 @@ from raptor.dynamics.perturb import recovery, summarize, surrogate_runner, teach
 from raptor.dynamics.verdicts import random_weight_teacher, robustness, surrogate_agreement, verdicts
 from raptor.errors import RaptorError, check_positive
 from raptor.outputs import claim_output, staged
+from raptor.phases import PhaseSpec, is_contiguous
 
 SPACES = ("raw", "normed")
 BASIN_IMAGES = 5000  # kNN and silhouette are O(n²): beyond this, a uniform random sample of the labelled images
@@ -113,11 +114,9 @@ def _open_inputs(cfg: DynamicsConfig):
 
         src = open_source(cfg.data).subset(cfg.limit, cfg.sample_seed, cfg.sample)
     if cfg.phases_file is not None:
-        from raptor.surrogate.model import phases_from_analysis
-
         if not Path(cfg.phases_file).is_file():
             raise RaptorError(f"--phases {cfg.phases_file}: no such file")
-        phases_from_analysis(cfg.phases_file)  # a bad file is one error line before the teacher loads
+        PhaseSpec(file=cfg.phases_file).count()  # a bad file is one error line before the teacher loads
     return sur, st, src
 
 
@@ -156,18 +155,15 @@ def _batches(cfg, teacher, st, src, bar):
 
 def _given_phases(cfg, depth: int) -> tuple[list[list[int]], str] | None:
     """Phases from --phases (layers or an analysis.json), checked against the teacher before the pass."""
-    from raptor.phases import is_contiguous
-    from raptor.surrogate.model import phases_from_analysis, validate_phases
-
     if cfg.phases is not None:
-        phases = validate_phases(cfg.phases, depth)
+        phases = PhaseSpec.of(cfg).resolve(depth)
         if not is_contiguous(phases) or phases != sorted(phases):
             raise RaptorError(f"dynamics --phases must be contiguous phases in depth order (they set the phase "
                               f"boundaries and entry layers), got {cfg.phases}; a surrogate with non-contiguous "
                               f"phases is fine as --surrogate")
         return phases, "given (--phases)"
     if cfg.phases_file is not None:
-        phases = phases_from_analysis(cfg.phases_file, depth=depth)
+        phases = PhaseSpec.of(cfg).resolve(depth)
         if phases[-1][-1] != depth:
             raise RaptorError(f"--phases {cfg.phases_file} covers layers 1..{phases[-1][-1]}, the teacher has "
                               f"{depth}")

@@ -47,7 +47,6 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
     loaded teacher of ``cfg.teacher`` (a sweep of many fits loads it once)."""
     from raptor.data import open_source
     from raptor.runtime import tune_malloc
-    from raptor.surrogate.model import phases_from_analysis, validate_phases
 
     tune_malloc()
     out = Path(cfg.out)
@@ -61,8 +60,8 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
         st.require_teacher_spec(cfg.teacher)
         depth = st.require_every_layer("fit")
         _enough_images(len(st.sample(cfg.limit, cfg.sample_seed, cfg.sample)), cfg.val_images)
-        if cfg.phases:
-            validate_phases(cfg.phases, depth)
+        if cfg.phase_spec.layers is not None:
+            cfg.phase_spec.resolve(depth)
         elif cfg.phases_file is None and cfg.k is not None and cfg.k > depth:
             raise RaptorError(f"--k must lie in 1..{depth} (the teacher's depth), got {cfg.k}")
     else:
@@ -75,9 +74,7 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
             photo_split = held_out_photos(src, val_src)  # refused here if nothing is left to train on
         else:
             _enough_images(len(src), cfg.val_images)
-    n_blocks = len(cfg.phases) if cfg.phases else cfg.k
-    if cfg.phases_file:
-        n_blocks = len(phases_from_analysis(cfg.phases_file, cfg.k, depth if st is not None else None))
+    n_blocks = cfg.phase_spec.count(depth if st is not None else None)
     if cfg.probe_data:
         open_source(cfg.probe_data)
     if cfg.init_from is not None:
@@ -121,7 +118,7 @@ def _run_fit(cfg: FitConfig, st, src, out: Path, resume: bool, progress: bool, o
         raise RaptorError(f"the teacher passed in is {teacher.spec}, the config names {cfg.teacher}")
     # phases given (or equal ones): the model is built, and its phases checked, before any data is read; with --k
     # alone the phases come from the training images' similarity, found in the statistics pass below
-    data_phases = cfg.phases is None and cfg.phases_file is None and cfg.phase_method == "dp"
+    data_phases = cfg.phase_spec.from_data
     model = None if data_phases else build_model(cfg, teacher.describe(), teacher)
     if data_phases and not 1 <= cfg.k <= teacher.depth:
         raise RaptorError(f"--k must lie in 1..{teacher.depth} (the teacher's depth), got {cfg.k}")

@@ -17,86 +17,8 @@ import torch
 from torch import nn
 
 from raptor.errors import RaptorError
+from raptor.phases import is_contiguous, phase_runs, validate_phases
 from raptor.surrogate.block import BlockConfig, RaptorBlock
-
-
-def equal_phases(depth: int, k: int) -> list[list[int]]:
-    """k contiguous phases of layers 1..depth, as equal as possible (earlier phases take the remainder)."""
-    if not 1 <= k <= depth:
-        raise RaptorError(f"k must lie in 1..{depth}, got {k}")
-    sizes = [depth // k + (1 if i < depth % k else 0) for i in range(k)]
-    out, start = [], 1
-    for s in sizes:
-        out.append(list(range(start, start + s)))
-        start += s
-    return out
-
-
-def validate_phases(phases: list[list[int]], depth: int) -> list[list[int]]:
-    """A partition of layers 1..depth into non-empty phases, each listed in increasing order (contiguous or not)."""
-    flat = sorted(x for p in phases for x in p)
-    if flat != list(range(1, depth + 1)) or any(not p or list(p) != sorted(set(p)) for p in phases):
-        raise RaptorError(f"phases must cover layers 1..{depth} exactly once, each phase non-empty and in increasing "
-                          f"order, got {phases}")
-    return [list(p) for p in phases]
-
-
-def phase_runs(phases: list[list[int]]) -> list[tuple[int, int, int]]:
-    """The maximal stretches of consecutive layers produced by one block, in depth order: (start, end, block) with
-    block ``block`` mapping layer start -> ... -> end. Contiguous phases: one run per phase, (p[0] - 1, p[-1], b)."""
-    block_of = {t: b for b, p in enumerate(phases) for t in p}
-    runs: list[tuple[int, int, int]] = []
-    for t in range(1, max(block_of) + 1):
-        if runs and runs[-1][2] == block_of[t] and runs[-1][1] == t - 1:
-            runs[-1] = (runs[-1][0], t, block_of[t])
-        else:
-            runs.append((t - 1, t, block_of[t]))
-    return runs
-
-
-def _layer_lists(phases) -> bool:
-    """True for a non-empty list of non-empty lists of layer numbers (ints, not bools)."""
-    return (isinstance(phases, list) and bool(phases) and all(
-        isinstance(p, list) and p and all(isinstance(x, int) and not isinstance(x, bool) for x in p) for p in phases))
-
-
-def phases_from_analysis(path: str | Path, k: int | None = None, depth: int | None = None) -> list[list[int]]:
-    """Phases from a file: ``raptor analyze``'s analysis.json (its chosen DP segmentation, or the DP one for
-    ``k``) or a phases file holding a JSON array of layer lists, e.g. ``[[1,2,3],[4,5,6]]``. ``depth``: the
-    teacher's depth, when known (an analysis.json carries its own). Anything else is one clear error."""
-    try:
-        a = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise RaptorError(f"cannot read phases file {path}: {e}") from None
-    if isinstance(a, list):  # a phases file
-        if not _layer_lists(a):
-            raise RaptorError(f"phases file {path} must hold a non-empty JSON array of non-empty lists of layer "
-                              f"numbers, e.g. [[1,2,3],[4,5,6]]; got {json.dumps(a)[:80]}")
-        if k is not None and k != len(a):
-            raise RaptorError(f"--k {k} contradicts the {len(a)} phases in {path}")
-        if depth is None:
-            depth = max(x for p in a for x in p)
-        return validate_phases(a, depth)
-    if not isinstance(a, dict):
-        raise RaptorError(f"{path} is neither an analysis.json from raptor analyze nor a JSON array of phases")
-    try:
-        if k is None:
-            phases = a["chosen"]["phases"]
-        else:
-            dp = a["segmentations"][a["primary_metric"]]["dp"]
-            if str(k) not in dp:
-                raise RaptorError(f"{path} has no k={k} segmentation (available: {sorted(dp, key=int)})")
-            phases = dp[str(k)]["phases"]
-        file_depth = int(a["teacher"]["depth"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise RaptorError(f"{path} is not an analysis.json from raptor analyze (missing or bad {e})") from None
-    if not _layer_lists(phases):
-        raise RaptorError(f"{path} is not an analysis.json from raptor analyze (its phases are {phases!r})")
-    if depth is not None and depth != file_depth:
-        raise RaptorError(f"{path} describes a teacher of depth {file_depth}, this teacher has {depth} blocks")
-    if phases[0][0] != 1:  # analysis over a layer subset: extend to cover 1..depth
-        phases = [list(range(1, phases[0][0])) + phases[0]] + phases[1:]
-    return validate_phases(phases, file_depth)
 
 
 @dataclass
@@ -111,7 +33,6 @@ class SurrogateConfig:
     @property
     def contiguous(self) -> bool:
         """Every phase one stretch of consecutive layers (one run per block)."""
-        from raptor.phases import is_contiguous
 
         return is_contiguous(self.phases)
 

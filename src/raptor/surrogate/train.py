@@ -29,10 +29,11 @@ import torch
 from raptor.config import to_dict
 from raptor.data.sampling import check_sample_order
 from raptor.errors import RaptorError, check_positive
+from raptor.phases import PhaseSpec
 from raptor.surrogate.block import BlockConfig
 from raptor.surrogate.checkpoint import latest_checkpoint, load_optimizer, read_checkpoint, save_checkpoint
 from raptor.surrogate.losses import KINDS, NORMS, image_level_loss, token_loss
-from raptor.surrogate.model import RaptorModel, SurrogateConfig, equal_phases, phases_from_analysis, validate_phases
+from raptor.surrogate.model import RaptorModel, SurrogateConfig
 from raptor.teachers.base import autocast_context
 
 # Named training recipes: every hyper-parameter of the optimisation, resolved before a run starts and recorded in its
@@ -52,7 +53,6 @@ RECIPES: dict[str, dict] = {
                   tf_anneal_frac=0.25),
 }
 DEFAULT_RECIPE = "short"
-PHASE_METHODS = ("dp", "equal")  # with --k alone: the DP segmentation of the training images' similarity | equal
 
 
 @dataclass
@@ -147,14 +147,9 @@ class FitConfig:
             raise RaptorError("--init-from and --init-from-teacher both choose the starting weights: give one")
         if self.data is None and self.store is None:
             raise RaptorError("give --data (online teacher) or --store")
-        if self.phase_method == "equal" and (self.k is None or self.phases is not None or self.phases_file):
-            raise RaptorError("--phases equal needs --k K (and no other phases)")
-        if self.phases is None and self.phases_file is None and self.k is None:
-            raise RaptorError("give --phases (an analysis.json, a phases file or e.g. 1-7/8-12) or --k K")
+        self.phase_spec.check()
         if self.recipe not in RECIPES:
             raise RaptorError(f"unknown --recipe {self.recipe!r} (use {', '.join(RECIPES)})")
-        if self.phase_method not in PHASE_METHODS:
-            raise RaptorError(f"unknown phase method {self.phase_method!r} (use {', '.join(PHASE_METHODS)})")
         check_sample_order(self.sample)
         check_positive(batch_size=self.batch_size, val_images=self.val_images, stats_images=self.stats_images,
                        probe_limit=self.probe_limit, limit=self.limit, image_size=self.image_size, k=self.k,
@@ -178,15 +173,16 @@ class FitConfig:
             raise RaptorError("--val-crops needs --val-data (crops of whole held-out photos)")
         if self.val_data and self.store:
             raise RaptorError("--val-data holds out photos of online data: use it with --data, not --store")
-        if self.phases is not None and (not self.phases or any(not p for p in self.phases)):
-            raise RaptorError(f"--phases must be non-empty lists of layers, got {self.phases}")
-        if self.phases is not None and self.k is not None and self.k != len(self.phases):
-            raise RaptorError(f"--k {self.k} contradicts the {len(self.phases)} explicit --phases")
         check_autocast(self.autocast)
         if self.autocast in ("float16", "fp16"):
             raise RaptorError("fit --autocast float16 is refused: without loss scaling the fp16 gradients of the "
                               "blocks' branch weights flush to zero (LayerScale starts at 1e-5), so only LayerScale "
                               "and the depth gates would train; use --autocast bfloat16")
+
+    @property
+    def phase_spec(self) -> PhaseSpec:
+        """The phases asked for (``phases``, ``phases_file``, ``k`` and ``phase_method`` together)."""
+        return PhaseSpec.of(self)
 
     def training_fingerprint(self) -> str:
         """Everything that changes the training trajectory (not the output dir, checkpointing or evaluation-only
@@ -555,17 +551,7 @@ def item_loss(model: RaptorModel, item: WorkItem, traj: torch.Tensor, step: int,
 def build_model(cfg: FitConfig, teacher_desc: dict, teacher=None, phases: list[list[int]] | None = None
                 ) -> RaptorModel:
     """The surrogate of ``cfg``; ``phases``: found from the data (``k`` alone), else taken from ``cfg``."""
-    depth = int(teacher_desc["depth"])
-    if phases is not None:
-        phases = validate_phases(phases, depth)
-    elif cfg.phases:
-        phases = validate_phases(cfg.phases, depth)
-    elif cfg.phases_file:
-        phases = phases_from_analysis(cfg.phases_file, cfg.k, depth)
-    elif cfg.k is not None and cfg.phase_method == "equal":
-        phases = equal_phases(depth, cfg.k)
-    else:
-        raise RaptorError("give --phases (an analysis.json, a phases file or e.g. 1-7/8-12) or --k K")
+    phases = cfg.phase_spec.resolve(int(teacher_desc["depth"]), None if phases is None else lambda k: phases)
     if cfg.mlp not in ("swiglu", "gelu"):
         raise RaptorError(f"--mlp must be swiglu or gelu, got {cfg.mlp!r}")
     dim = int(teacher_desc["dim"])

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from raptor.errors import RaptorError
+from raptor.phases import equal_phases, validate_phases
 from raptor.teachers.base import Teacher
 
 USAGE = "planted:<k>[,depth=L][,ends=a/b/..][,gain=g][,seed=s][,base=<teacher spec>]"
@@ -105,7 +106,6 @@ def parse_planted(target: str) -> dict:
 
 
 def load_planted_teacher(target: str, spec: str) -> PlantedTeacher:
-    from raptor.surrogate.model import equal_phases, validate_phases
     from raptor.teachers import load_teacher
 
     o = parse_planted(target)
