@@ -1,6 +1,6 @@
 """Training-step benchmarks: one Raptor-2 autoregressive training step at ViT-S dims (16 sequences x 261 tokens x 12
 steps, AdamW, grad clip 1.0), ours (fp32 and bf16 autocast) vs a reference written the way the official code is
-(nn.MultiheadAttention, nn.Sequential MLP, per-step loop; raptor.surrogate.reference), in the same run; achieved
+(nn.MultiheadAttention, nn.Sequential MLP, per-step loop; benchmarks/official_reference.py), in the same run; achieved
 FLOP/s against the measured matmul peak; bf16 vs fp32 R^2 after the same short run; online-teacher vs store
 training throughput.
 
@@ -22,11 +22,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 import torch  # noqa: E402
 
 from common import save  # noqa: E402
+from official_reference import OfficialBlock, OfficialRaptor, official_autoreg_step  # noqa: E402
 from raptor.runtime import tune_malloc  # noqa: E402
 from raptor.surrogate.block import BlockConfig, to_official_state_dict  # noqa: E402
 from raptor.surrogate.losses import token_loss  # noqa: E402
 from raptor.surrogate.model import RaptorModel, SurrogateConfig  # noqa: E402
-from raptor.surrogate.reference import OfficialBlock, OfficialRaptor, official_autoreg_step  # noqa: E402
 from raptor.teachers.base import TokenLayout, autocast_context  # noqa: E402
 
 D, HEADS, T, B, L = 384, 6, 261, 16, 12

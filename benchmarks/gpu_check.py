@@ -17,7 +17,7 @@ Checks:
 - ``extract_vit_b``: a DINOv2-B-shaped teacher (random weights: 768 wide, 12 blocks, 12 heads, 224 px) extracting
   under bf16 autocast at batch 64: img/s (anchor: the official code's ~71 img/s; goal >= 1,000 on an H100-class GPU);
 - ``train_step``: one stage-2 training step at ViT-B dims (batch 64, 257 tokens, 12 layers) of ours, fp32 and bf16,
-  against a reference step written the way the official code is (raptor.surrogate.reference): steps/s and ratios;
+  against a reference step written the way the official code is (benchmarks/official_reference.py): steps/s and ratios;
 - ``torchrun``: ``fit`` from the store on 2 ranks (NCCL, one GPU each, when 2 GPUs are visible; 2 gloo ranks on the
   CPU in the dry run; skipped on a 1-GPU machine) with ``RAPTOR_TRACE_COLLECTIVES``: both ranks issue the same
   collectives and the losses match the 1-process run's;
@@ -196,9 +196,9 @@ class Checker:
 
     def train_step(self) -> dict:
         from bench_train import ours_step  # the benchmark's own step, on the device here
+        from official_reference import OfficialBlock, OfficialRaptor, official_autoreg_step
         from raptor.surrogate.block import BlockConfig, to_official_state_dict
         from raptor.surrogate.model import RaptorModel, SurrogateConfig
-        from raptor.surrogate.reference import OfficialBlock, OfficialRaptor, official_autoreg_step
         from raptor.teachers.base import TokenLayout
 
         D, H, B, L, grid = (64, 2, 4, 4, (2, 2)) if self.dry else (768, 12, 64, 12, (16, 16))

@@ -1,11 +1,16 @@
 """Our Raptor block vs a reference written from docs/method.md §4 (nn.MultiheadAttention, official key names)."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from raptor.errors import RaptorError
 from raptor.surrogate.block import BlockConfig, RaptorBlock, from_official_state_dict, to_official_state_dict
-from raptor.surrogate.reference import OfficialBlock
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the reference is test/benchmark-only
+from official_reference import OfficialBlock  # noqa: E402
 
 
 def _randomize(m, seed):
