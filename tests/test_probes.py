@@ -13,7 +13,9 @@ from PIL import Image
 from clirun import one_error_line, raptor
 from raptor.errors import RaptorError
 from raptor.probes import heads
-from raptor.probes.data import EIGEN_CROP, IGNORE, open_probe_data, render_scene
+from raptor.probes.data import IGNORE, open_probe_data
+from raptor.probes.data.bundled import render_scene
+from raptor.probes.data.readers import EIGEN_CROP
 from raptor.probes.run import ProbeConfig, read_results, run_probe
 from raptor.probes.train import DenseGeometry, Recipe, train_probe
 
@@ -82,6 +84,24 @@ def test_a_grid_of_learning_rates_trains_each_head_as_if_alone():
         alone = train_probe("cls", arrays, Recipe((lr,), 10, 32, 1e-2, 4, 1e-6), 0, n_classes=2, init=init)
         np.testing.assert_allclose(grid.history["val"][g], alone.history["val"][0])
     assert grid.best["val"] >= 0.9  # a linearly separable task is learnt
+
+
+# ---- the probe data registry ------------------------------------------------------------------------------------
+
+def test_the_registry_names_each_bundled_sets_source_and_split():
+    from raptor.data.sources import open_source
+    from raptor.probes.data import PROBE_DATA_HELP, REGISTRY
+
+    for p in REGISTRY:
+        assert p.spec in PROBE_DATA_HELP[p.task]
+        if p.rooted:
+            continue
+        data = open_probe_data(p.spec, p.task)
+        sizes = " / ".join(f"{len(data.splits[s]):,}" for s in ("train", "val", "test"))
+        assert sizes in p.help, (p.spec, sizes, p.help)
+        if p.task == "cls":  # the image source's items, ids and labels, split three ways
+            items = sorted((x.id, x.target()) for split in data.splits.values() for x in split)
+            assert items == sorted((it.id, it.label) for it in open_source(p.source).items), p.spec
 
 
 # ---- readers on fabricated release layouts ----------------------------------------------------------------------

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raptor.probes.data import EIGEN_CROP, IGNORE
+from raptor.probes.data import IGNORE
+from raptor.probes.data.readers import EIGEN_CROP
 
 N_BINS = 256
 SI_LAMBDA, SI_WEIGHT = 0.85, 10.0
