@@ -44,8 +44,8 @@ def write_jpegs(root: Path, n: int) -> None:
 def main() -> dict:
     from raptor.data import open_source
     from raptor.store import extract
+    from raptor.surrogate.config import FitConfig
     from raptor.surrogate.fit import run_fit
-    from raptor.surrogate.train import FitConfig
     from raptor.teachers import load_teacher
 
     tmp = Path(tempfile.mkdtemp(prefix="raptor-bench-stream-"))

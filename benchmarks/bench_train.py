@@ -107,8 +107,8 @@ def main(repeats: int = 3) -> dict:
               f"{('bf16' if 'bf16' in k else 'fp32')} peak)")
 
     # bf16 vs fp32 fidelity after the same short real run
+    from raptor.surrogate.config import FitConfig
     from raptor.surrogate.fit import run_fit
-    from raptor.surrogate.train import FitConfig
 
     tmp = Path(tempfile.mkdtemp(prefix="raptor-bench-fit-"))
     r2 = {}

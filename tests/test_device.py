@@ -12,9 +12,9 @@ from raptor.cli import run
 from raptor.distributed import Dist, resolve_device
 from raptor.errors import RaptorError
 from raptor.surrogate.block import BlockConfig
+from raptor.surrogate.config import FitConfig
 from raptor.surrogate.fit import check_device_autocast
 from raptor.surrogate.model import RaptorModel, SurrogateConfig
-from raptor.surrogate.train import FitConfig
 
 
 class _OnDevice:

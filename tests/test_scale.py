@@ -18,7 +18,7 @@ from raptor.data import open_source
 from raptor.data.stream import ChunkDataset, TrainBatchDataset, even_bounds, loader
 from raptor.distributed import Dist
 from raptor.store import TrajectoryStore
-from raptor.surrogate.train import OnlineBatches
+from raptor.surrogate.batches import OnlineBatches
 from raptor.teachers.hf import build_tiny_teacher
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -257,8 +257,8 @@ def test_parallel_stage1_resumes_from_block_checkpoints(tmp_path):
     """One process, --parallel-blocks: blocks are checkpointed per block; a run stopped inside block 1 resumes
     there (block 0 is not retrained) and ends with the weights of the sequential run."""
     from raptor.errors import RaptorError
+    from raptor.surrogate.config import FitConfig
     from raptor.surrogate.fit import run_fit
-    from raptor.surrogate.train import FitConfig
 
     def cfg(out, **kw):
         return FitConfig(**{**dict(teacher="tiny:dinov2", data="bundled:lfw", limit=60, k=2, steps1=6, steps2=4,
@@ -323,7 +323,7 @@ def test_a_killed_worker_is_one_clear_error():
 def test_store_batches_from_disk_equal_the_cached_ones(tmp_path):
     """--store-cache-gb 0: every batch is read from the store (prefetched in a thread), equal to the RAM cache."""
     from raptor.store import extract
-    from raptor.surrogate.train import StoreBatches
+    from raptor.surrogate.batches import StoreBatches
 
     extract(build_tiny_teacher("dinov2"), open_source("bundled:lfw").subset(40), tmp_path / "s", chunk_images=8,
             progress=False)

@@ -1,16 +1,20 @@
 """Fidelity machinery: planted recurrence is recovered, normalised loss, fp32 gates, explicit group weights, the
 hold-out split, training-set statistics and baselines against direct references, fresh probes."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from raptor.errors import RaptorError
+from raptor.surrogate.batches import holdout_split
 from raptor.surrogate.block import BlockConfig, RaptorBlock
+from raptor.surrogate.config import FitConfig
 from raptor.surrogate.fit import run_fit
 from raptor.surrogate.losses import effective_group_weights, token_loss
 from raptor.surrogate.stats import TrajectoryStats, ridge_predict
-from raptor.surrogate.train import FitConfig, holdout_split
 from raptor.teachers import load_teacher
 from raptor.teachers.base import TokenLayout
 
@@ -153,6 +157,33 @@ def test_fit_reports_baselines_groups_image_level_and_fresh_probes(tmp_path):
     assert text.startswith("Discriminating measures") and "paper's R² of the position mean" in text
     with pytest.raises(RaptorError, match="cannot read a finished run"):
         load_run(tmp_path / "missing")
+    # the run folder: its metrics.json follows the published schema; a run missing a required key is refused
+    import jsonschema
+
+    from raptor.surrogate.run_dir import FitRun, metrics_schema
+
+    run = FitRun(tmp_path / "r")
+    jsonschema.validate(run.metrics(), metrics_schema())
+    assert run.finished and run.teacher_spec == "tiny:dinov2_with_registers"
+    assert run.surrogate_config.phases == m["surrogate"]["phases"]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "metrics.json").write_text(json.dumps({k: v for k, v in m.items() if k != "validation"}))
+    with pytest.raises(RaptorError, match="missing validation"):
+        FitRun(broken).metrics()
+    assert not FitRun(broken).finished
+
+
+def test_every_committed_fit_result_follows_the_metrics_schema():
+    """The metrics.json of every run whose tables the docs publish validates against the shipped schema."""
+    import jsonschema
+
+    from raptor.surrogate.run_dir import metrics_schema
+
+    files = sorted((Path(__file__).parents[1] / "docs" / "results").rglob("metrics.json"))
+    assert len(files) >= 20
+    for f in files:
+        jsonschema.validate(json.loads(f.read_text()), metrics_schema())
 
 
 def test_cli_phase_and_weight_parsing(tmp_path):

@@ -13,11 +13,11 @@ from safetensors.torch import load_file
 from raptor.errors import RaptorError
 from raptor.phases import equal_phases, phases_from_analysis
 from raptor.surrogate.block import BlockConfig
+from raptor.surrogate.config import FitConfig
 from raptor.surrogate.fit import run_fit
 from raptor.surrogate.losses import token_loss
 from raptor.surrogate.metrics import LayerFitAccumulator
 from raptor.surrogate.model import RaptorModel, SurrogateConfig
-from raptor.surrogate.train import FitConfig
 from raptor.teachers.base import TokenLayout
 from raptor.teachers.hf import build_tiny_teacher
 

@@ -16,9 +16,10 @@ import numpy as np
 import torch
 
 from raptor.config import atomic_write_text, save_config, to_dict
-from raptor.data.sampling import check_sample_order, store_sample_record
+from raptor.data import open_source
+from raptor.data.sampling import check_sample_order
 from raptor.errors import RaptorError, check_positive
-from raptor.outputs import claim_output, staged
+from raptor.lifecycle import command_run
 from raptor.phases import (
     MAXCUT_VARIANTS,
     choose_k,
@@ -29,7 +30,9 @@ from raptor.phases import (
     phase_null_test,
     recursive_max_cut,
 )
+from raptor.progress import progress_bar
 from raptor.similarity import SimilarityAccumulator, SimilarityResult
+from raptor.trajectories import LiveTrajectories, StoreTrajectories
 
 SCHEMA_VERSION = 1
 PRIMARY = "paper_cosine_distance"
@@ -104,46 +107,16 @@ def resolve_cka_groups(groups, layout) -> tuple[str, ...]:
     return tuple(groups)
 
 
-def _accumulate_live(cfg: AnalyzeConfig, src, teacher, layers, progress: bool):
-    from raptor.progress import progress_bar
-
-    size = teacher.image_size(cfg.image_size)
-    tf = teacher.eval_transform(size)
-    layout = teacher.layout(size)
+def _accumulate(cfg: AnalyzeConfig, trajs, layers, progress: bool):
+    """One pass over the trajectories (a store's or a live teacher's) into the similarity accumulator."""
+    layout = trajs.layout
     acc = SimilarityAccumulator(layout, layers, cka_groups=resolve_cka_groups(cfg.cka_groups, layout),
                                 cka_dtype=getattr(torch, cfg.cka_dtype))
-    skipped: list[str] = []
-    with progress_bar(len(src), "analyze", "img", enabled=progress) as bar:
-        for traj, _, bad in teacher.iter_trajectories(src.items, tf, cfg.batch_size, bar, layers, cfg.autocast):
-            skipped += bad
-            if traj is not None:
-                acc.update(traj)
-    info = {"source": "live", "n_images": acc.n, "skipped": skipped, "sample": src.sample_info(),
-            "layout": layout.to_dict(),
-            "transform": tf.describe(), "teacher": teacher.describe()}
-    return acc, info
-
-
-def _accumulate_store(cfg: AnalyzeConfig, st, layers, progress: bool):
-    from raptor.progress import progress_bar
-
-    missing = [layer for layer in layers if layer not in st.layers]
-    if missing:
-        raise RaptorError(f"store {cfg.store} lacks layers {missing} (it holds {st.layers})")
-    rows = st.sample(cfg.limit, cfg.sample_seed, cfg.sample)
-    acc = SimilarityAccumulator(st.layout, layers, cka_groups=resolve_cka_groups(cfg.cka_groups, st.layout),
-                                cka_dtype=getattr(torch, cfg.cka_dtype))
-    lo, hi = min(layers), max(layers)
-    sub = [layer - lo for layer in layers]
-    with progress_bar(len(rows), "analyze (store)", "img", enabled=progress) as bar:
-        for x, _ in st.batches(cfg.batch_size, layers=(lo, hi), shuffle=False, rows=rows):
-            acc.update(x[:, sub])
-            bar.advance(len(x))
-    sample = store_sample_record(st, rows, cfg.limit, cfg.sample_seed, cfg.sample)
-    info = {"source": "store", "store": str(cfg.store), "n_images": acc.n, "skipped": st.manifest.get("skipped", []),
-            "sample": sample,
-            "layout": st.layout.to_dict(), "transform": st.meta["settings"]["transform"], "teacher": st.meta["teacher"]}
-    return acc, info
+    name = "analyze" if trajs.source == "live" else "analyze (store)"
+    with progress_bar(len(trajs), name, "img", enabled=progress) as bar:
+        for b in trajs.batches(cfg.batch_size, layers, bar):
+            acc.update(b.traj)
+    return acc, trajs.describe(acc.n)
 
 
 class PhaseFinder:
@@ -198,16 +171,12 @@ def run_analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalysisOutputs:
     out = Path(cfg.out)
     st = src = None
     if cfg.store:  # cheap checks first: the store or the data, then the output directory, then the teacher
-        from raptor.store import TrajectoryStore
-
-        st = TrajectoryStore(cfg.store)
-        st.require_complete()
+        st = StoreTrajectories.open(cfg.store, command="analyze", limit=cfg.limit, seed=cfg.sample_seed,
+                                    order=cfg.sample)
     else:
-        from raptor.data import open_source
-
         src = open_source(cfg.data).subset(cfg.limit, cfg.sample_seed, cfg.sample)
-    with claim_output(out), staged(out, "analysis.json") as stage:
-        return _run_analyze(cfg, st, src, stage, progress)
+    with command_run(out, final="analysis.json") as run:
+        return _run_analyze(cfg, st, src, run.stage, progress)
 
 
 def _run_analyze(cfg: AnalyzeConfig, st, src, stage: Path, progress: bool) -> AnalysisOutputs:
@@ -216,12 +185,13 @@ def _run_analyze(cfg: AnalyzeConfig, st, src, stage: Path, progress: bool) -> An
 
     t0 = time.perf_counter()
     if st is not None:
-        layers = cfg.layers or list(range(1, int(st.meta["teacher"]["depth"]) + 1))
-        acc, info = _accumulate_store(cfg, st, layers, progress)
+        layers = cfg.layers or list(range(1, st.depth + 1))
+        st.require_layers(layers)
+        acc, info = _accumulate(cfg, st, layers, progress)
     else:
         teacher = load_teacher(cfg.teacher, head=cfg.head)
         layers = teacher.resolve_layers(cfg.layers or range(1, teacher.depth + 1))
-        acc, info = _accumulate_live(cfg, src, teacher, layers, progress)
+        acc, info = _accumulate(cfg, LiveTrajectories(teacher, src, cfg.image_size, cfg.autocast), layers, progress)
     if len(layers) < 2:
         raise RaptorError("need at least 2 layers to analyze")
     res = acc.result()

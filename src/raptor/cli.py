@@ -254,8 +254,8 @@ def fit(
 ):
     """Train a Raptor surrogate (stage 1 per block, stage 2 joint) and validate it against the teacher.
     Runs under torchrun --nproc-per-node N (data-parallel, DDP; gloo on CPU, NCCL on GPU)."""
+    from raptor.surrogate.config import FitConfig
     from raptor.surrogate.fit import run_fit
-    from raptor.surrogate.train import FitConfig
 
     given = {"steps1": steps1, "steps2": steps2, "batch_size": batch_size, "lr": lr, "lr2": lr2,
              "weight_decay": weight_decay, "clip": clip, "loss": loss, "loss_norm": loss_norm, "sigma": sigma,
@@ -529,7 +529,7 @@ def ablation(
     """The paper's training ablation (its Table 1) as one command: teacher forcing only, + autoregressive anneal,
     + depth scaling, + cls weighting, + stage 2 (+ a fine-tuned probe), each scored on held-out images."""
     from raptor.surrogate.ablation import AblationConfig, run_ablation
-    from raptor.surrogate.train import FitConfig
+    from raptor.surrogate.config import FitConfig
 
     given = {n: v for n, v in {"steps1": steps1, "steps2": steps2, "batch_size": batch_size, "lr": lr,
                                "lr2": lr2}.items() if v is not None}

@@ -37,8 +37,8 @@ def run_demo(out: Path, limit: int | None = None) -> dict:
     for t in a["null_tests"].values():  # is it more than smooth drift? (docs/phases.md)
         console.print(null_verdict(t).replace("**", ""), markup=False, highlight=False)
 
+    from raptor.surrogate.config import FitConfig
     from raptor.surrogate.fit import run_fit
-    from raptor.surrogate.train import FitConfig
 
     # the brief fit: 640 real digits at 112 px (65 tokens: cheap on a CPU), 128 of them held out whole
     digits_store = out / "digits112_store"

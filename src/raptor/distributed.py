@@ -26,10 +26,26 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from raptor.errors import RaptorError
+
+
+class Share(NamedTuple):
+    """Rank ``rank``'s share of a batch ``world`` times larger than its own rows (noise and rows follow it)."""
+
+    rank: int
+    world: int
+
+
+class RankGroup(NamedTuple):
+    """A process group of ranks (a parallel stage-1 block's ranks): its handle, this rank's index in it, its size."""
+
+    group: object
+    rank: int
+    world: int
 
 
 @dataclass(frozen=True)

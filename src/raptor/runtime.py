@@ -2,9 +2,9 @@
 
 ``tune_malloc``: glibc hands every allocation above a dynamic threshold (up to 32 MB) to mmap and returns it to
 the OS on free, so each new activation buffer page-faults and gets zeroed again. A trajectory pipeline allocates
-a few such buffers per batch (the stacked images, the bf16 copy to store) and, measured here on 2 cores, that
-churn cost ~12 % of DINOv2-S forward time. Raising the mmap and trim thresholds keeps freed blocks in the heap
-for reuse; the bare forward pass is not faster with it (measured), only our extra allocations stop costing.
+a few such buffers per batch (the stacked images, the bf16 copy to store), and that churn costs a noticeable share
+of the forward time (figures: docs/benchmarks.md). Raising the mmap and trim thresholds keeps freed blocks in the
+heap for reuse; the bare forward pass is not faster with it, only our extra allocations stop costing.
 No-op where glibc is absent.
 """
 

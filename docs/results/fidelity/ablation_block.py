@@ -11,18 +11,11 @@ import numpy as np
 import torch
 
 from raptor.store import TrajectoryStore
+from raptor.surrogate.batches import StoreBatches, holdout_split
+from raptor.surrogate.config import FitConfig, lr_at
 from raptor.surrogate.metrics import LayerFitAccumulator
 from raptor.surrogate.stats import ridge_predict
-from raptor.surrogate.train import (
-    FitConfig,
-    StoreBatches,
-    build_model,
-    compute_stats,
-    holdout_split,
-    item_loss,
-    lr_at,
-    plan,
-)
+from raptor.surrogate.train import build_model, compute_stats, item_loss, plan
 
 torch.set_num_threads(1)
 store, start, end, init, lr, norm = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), \

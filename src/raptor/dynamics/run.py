@@ -19,13 +19,16 @@ import numpy as np
 import torch
 
 from raptor.config import atomic_write_text, save_config, to_dict
+from raptor.data import open_source
 from raptor.dynamics.accumulate import DynamicsAccumulator
 from raptor.dynamics.metrics import boundary_jump_ratio, cosine_silhouette, knn_accuracy, knn_correct, s_shape
 from raptor.dynamics.perturb import recovery, summarize, surrogate_runner, teacher_runner
 from raptor.dynamics.verdicts import random_weight_teacher, robustness, surrogate_agreement, verdicts
 from raptor.errors import RaptorError, check_positive
-from raptor.outputs import claim_output, staged
+from raptor.lifecycle import command_run
 from raptor.phases import PhaseSpec, is_contiguous
+from raptor.surrogate.run_dir import FitRun
+from raptor.trajectories import LiveTrajectories, StoreTrajectories
 
 SPACES = ("raw", "normed")
 BASIN_IMAGES = 5000  # kNN and silhouette are O(n²): beyond this, a uniform random sample of the labelled images
@@ -87,31 +90,20 @@ def _summary(a: np.ndarray) -> dict:
 
 def _open_inputs(cfg: DynamicsConfig):
     """Cheap checks before the output directory or any model is touched: the surrogate run, the store or data."""
-    from raptor.probes.backbones import parse_backbone
-
     sur = None
     if cfg.surrogate:
-        run = Path(cfg.surrogate)
-        if not run.is_dir():
+        if not Path(cfg.surrogate).is_dir():
             raise RaptorError(f"--surrogate {cfg.surrogate}: no such run directory")
-        if not (run / "surrogate.json").is_file() or not (run / "model.safetensors").is_file():
-            raise RaptorError(f"--surrogate {cfg.surrogate} is not a finished raptor fit run (needs surrogate.json "
-                              f"and model.safetensors)")
-        sur = parse_backbone(cfg.surrogate)
-        if sur.teacher != cfg.teacher:
-            raise RaptorError(f"surrogate run {cfg.surrogate} was fit on teacher {sur.teacher}, not {cfg.teacher} "
-                              f"(pass --teacher {sur.teacher})")
+        sur = FitRun(cfg.surrogate).require_weights(f"--surrogate {cfg.surrogate}")
+        sur.surrogate_config  # a damaged surrogate.json is one error line before the teacher loads
+        if sur.teacher_spec != cfg.teacher:
+            raise RaptorError(f"surrogate run {cfg.surrogate} was fit on teacher {sur.teacher_spec}, not "
+                              f"{cfg.teacher} (pass --teacher {sur.teacher_spec})")
     st = src = None
     if cfg.store:
-        from raptor.store import TrajectoryStore
-
-        st = TrajectoryStore(cfg.store)
-        st.require_complete()
-        st.require_every_layer("dynamics")
-        st.require_teacher_spec(cfg.teacher)
+        st = StoreTrajectories.open(cfg.store, command="dynamics", limit=cfg.limit, seed=cfg.sample_seed,
+                                    order=cfg.sample, every_layer=True, teacher_spec=cfg.teacher)
     else:
-        from raptor.data import open_source
-
         src = open_source(cfg.data).subset(cfg.limit, cfg.sample_seed, cfg.sample)
     if cfg.phases_file is not None:
         if not Path(cfg.phases_file).is_file():
@@ -124,33 +116,8 @@ def run_dynamics(cfg: DynamicsConfig, progress: bool = True) -> dict:
     cfg.check()
     sur, st, src = _open_inputs(cfg)
     out = Path(cfg.out)
-    with claim_output(out), staged(out, "dynamics.json") as stage:
-        return _run(cfg, sur, st, src, stage, progress)
-
-
-def _sample(cfg, st, src) -> dict:
-    """The --limit record: which images (ids), drawn how."""
-    from raptor.data.sampling import store_sample_record
-
-    if st is None:
-        return src.sample_info()
-    return store_sample_record(st, st.sample(cfg.limit, cfg.sample_seed, cfg.sample), cfg.limit, cfg.sample_seed,
-                               cfg.sample)
-
-
-def _batches(cfg, teacher, st, src, bar):
-    """Yield (trajectory (B, 0..L, T, D), labels) batches, from the store or through the teacher."""
-    if st is not None:
-        rows = st.sample(cfg.limit, cfg.sample_seed, cfg.sample)
-        for x, idx in st.batches(cfg.batch_size, layers=(0, teacher.depth), shuffle=False, rows=rows):
-            yield x, st.labels[np.asarray(idx)]
-            bar.advance(len(x))
-        return
-    labels = src.labels
-    for traj, kept, _ in teacher.iter_trajectories(src.items, teacher.eval_transform(cfg.image_size), cfg.batch_size,
-                                                   bar, autocast=cfg.autocast):
-        if traj is not None:
-            yield traj, labels[kept]
+    with command_run(out, final="dynamics.json") as run:
+        return _run(cfg, sur, st, src, run.stage, progress)
 
 
 def _given_phases(cfg, depth: int) -> tuple[list[list[int]], str] | None:
@@ -236,8 +203,7 @@ def _model_summary(res: dict, phases, basins: dict) -> dict:
 
 
 def _run(cfg: DynamicsConfig, sur, st, src, stage: Path, progress: bool) -> dict:
-    from raptor.dynamics import report
-    from raptor.probes.backbones import load_surrogate
+    from raptor.dynamics import criteria, report
     from raptor.progress import progress_bar
     from raptor.similarity import SimilarityAccumulator
     from raptor.teachers import load_teacher
@@ -245,11 +211,10 @@ def _run(cfg: DynamicsConfig, sur, st, src, stage: Path, progress: bool) -> dict
     t_start = time.perf_counter()
     teacher = load_teacher(cfg.teacher)
     if st is not None:
-        st.check_teacher(teacher)
-        layout = st.layout
-    else:
-        layout = teacher.layout(teacher.image_size(cfg.image_size))
-    model = load_surrogate(sur.run, teacher) if sur is not None else None
+        st.store.check_teacher(teacher)
+    trajs = st if st is not None else LiveTrajectories(teacher, src, cfg.image_size, cfg.autocast)
+    layout = trajs.layout
+    model = sur.model(teacher) if sur is not None else None
     L = teacher.depth
     view = _view(teacher, cfg.space)
     given = _given_phases(cfg, L)  # refuse bad phases before the pass
@@ -266,10 +231,10 @@ def _run(cfg: DynamicsConfig, sur, st, src, stage: Path, progress: bool) -> dict
         if given is None else None
     x0_keep: list[torch.Tensor] = []
     n_keep = 0
-    total = len(st.sample(cfg.limit, cfg.sample_seed, cfg.sample)) if st is not None else len(src)
     t_pass = time.perf_counter()
-    with progress_bar(total, "dynamics" + (" (store)" if st is not None else ""), "img", enabled=progress) as bar:
-        for traj, labels in _batches(cfg, teacher, st, src, bar):
+    with progress_bar(len(trajs), "dynamics" + (" (store)" if st is not None else ""), "img",
+                      enabled=progress) as bar:
+        for traj, labels, _ in trajs.batches(cfg.batch_size, None, bar):
             accs["teacher"].update(view(traj), labels)
             if sim is not None:
                 sim.update(traj[:, 1:])
@@ -323,14 +288,14 @@ def _run(cfg: DynamicsConfig, sur, st, src, stage: Path, progress: bool) -> dict
                             seed=cfg.seed) for name in models}
     seconds_tests = time.perf_counter() - t_tests
 
-    findings = {name: report.findings(m, phases, L) for name, m in models.items()}
+    findings = {name: criteria.findings(m, phases, L) for name, m in models.items()}
     dyn = {
         "config": to_dict(cfg),
         "teacher": teacher.describe(),
-        "surrogate": {"run": sur.run, "phases": [list(p) for p in sur.phases]} if sur is not None else None,
+        "surrogate": {"run": str(sur.path.resolve()), "phases": sur.surrogate_config.phases} if sur else None,
         "data": {"spec": None if st is not None else cfg.data, "store": cfg.store, "n_images": results["teacher"]
                  ["n_images"], "source": "store" if st is not None else "live",
-                 "sample": _sample(cfg, st, src)},
+                 "sample": trajs.sample_record()},
         "layout": layout.to_dict(),
         "layers": list(range(L + 1)),
         "layer_convention": "layer 0 = embedding output; layer l = output of block l (before the final norm); "
@@ -339,7 +304,7 @@ def _run(cfg: DynamicsConfig, sur, st, src, stage: Path, progress: bool) -> dict
         "readout": accs["teacher"].readout_name,
         "space": cfg.space,
         "inject_layers": inject, "eps": list(cfg.eps), "perturb_images": int(len(x0)),
-        "definitions": report.DEFINITIONS,
+        "definitions": criteria.DEFINITIONS,
         "models": models,
         "findings": findings,
         "verdicts": tests,

@@ -169,7 +169,7 @@ def verdicts(res: dict, nulls: list[dict], recovery: dict, phases: list[list[int
     """Every finding under every operationalisation. ``res``: one model's accumulator result; ``nulls``: those of the
     random-weight teachers on the same images; ``recovery``: {"model": runs, "nulls": [runs per draw]};
     ``basins``: {"correct_best": per-image bool, "correct_embedded": per-image bool, "null_correct_best": [...]}."""
-    from raptor.dynamics.report import _early_late
+    from raptor.dynamics.criteria import _early_late
 
     early, late = _early_late(phases, L)
     out: dict = {}

@@ -13,8 +13,11 @@ import torch
 
 from raptor.errors import RaptorError
 from raptor.outputs import safe_name
+from raptor.surrogate.run_dir import FitRun
+from raptor.teachers import KINDS as TEACHER_KINDS
+from raptor.teachers import SPEC_HELP
 
-BACKBONE_HELP = "a teacher spec (bundled:dinov2-s, hf:<id or dir>, dinov2-pth:<file>, tiny:<family>), a raptor " \
+BACKBONE_HELP = f"a teacher spec ({SPEC_HELP.replace(' | ', ', ')}), a raptor " \
                 "fit run directory (holding surrogate.json and model.safetensors) or pixels:<patch> " \
                 "(the raw-pixel baseline)"
 
@@ -59,16 +62,9 @@ def parse_backbone(text: str, layer: int | None = None, splice: str | None = Non
     sp = parse_splice(splice)
     p = Path(text).expanduser()
     if p.is_dir():
-        sj, mw = p / "surrogate.json", p / "model.safetensors"
-        if not sj.is_file() or not mw.is_file():
-            raise RaptorError(f"unknown backbone {text!r}: a directory but not a finished raptor fit run (needs "
-                              f"surrogate.json and model.safetensors)")
-        try:
-            meta = json.loads(sj.read_text())
-            phases = tuple(tuple(x) for x in meta["surrogate"]["phases"])
-            teacher = str(meta["teacher"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise RaptorError(f"{sj} is not a surrogate.json from raptor fit ({type(e).__name__}: {e})") from None
+        run = FitRun(p).require_weights(f"unknown backbone {text!r}: a directory but")
+        phases = tuple(tuple(x) for x in run.surrogate_config.phases)
+        teacher = run.teacher_spec
         if layer is not None:
             raise RaptorError("--layer reads a teacher at an inner layer; for a surrogate run use --splice i:j")
         depth = max(p[-1] for p in phases)
@@ -82,7 +78,7 @@ def parse_backbone(text: str, layer: int | None = None, splice: str | None = Non
         if sp is not None or layer is not None:
             raise RaptorError("--splice and --layer do not apply to the pixels baseline")
         return BackboneSpec("pixels", text)
-    if not sep or not target or kind not in ("bundled", "hf", "dinov2-pth", "tiny", "planted"):
+    if not sep or not target or kind not in TEACHER_KINDS:
         raise RaptorError(f"unknown backbone {text!r}: expected {BACKBONE_HELP}")
     if sp is not None:
         raise RaptorError("--splice needs a raptor fit run directory as --backbone")
@@ -93,13 +89,7 @@ def parse_backbone(text: str, layer: int | None = None, splice: str | None = Non
 
 def load_surrogate(run: str | Path, teacher):
     """The trained RaptorModel of a ``raptor fit`` run (eval mode), checked against ``teacher``'s depth and width."""
-    from raptor.surrogate.model import load_run_model, read_run_config
-
-    cfg = read_run_config(run)
-    if cfg.depth != teacher.depth or cfg.block.dim != teacher.dim:
-        raise RaptorError(f"run {run} is a depth-{cfg.depth}, width-{cfg.block.dim} surrogate; the teacher "
-                          f"{teacher.spec} has depth {teacher.depth}, width {teacher.dim}")
-    return load_run_model(run)
+    return FitRun(run).model(teacher)
 
 
 class Backbone:

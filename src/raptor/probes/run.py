@@ -18,6 +18,7 @@ import numpy as np
 
 from raptor.config import save_config, to_dict
 from raptor.errors import RaptorError, check_positive
+from raptor.lifecycle import command_run
 from raptor.outputs import safe_name
 from raptor.probes.data import TASKS, open_probe_data
 from raptor.probes.train import DEFAULT_RECIPES, METRICS, DenseGeometry, Recipe, prior_baseline, train_probe
@@ -165,14 +166,9 @@ def run_probe(cfg: ProbeConfig, progress: bool = True, backbone=None) -> list[di
 
     if backbone is not None and backbone.spec != spec:
         raise RaptorError(f"the loaded backbone is {backbone.label}, the config names {spec.label}")
-    import contextlib
-
-    from raptor.distributed import claim_on_main, setup
-
-    dist, device = setup(cfg.device)  # under torchrun: the feature passes are sharded over the ranks
-    with contextlib.ExitStack() as stack:
-        claim_on_main(stack, dist, out, has_progress)
-        return _run(cfg, spec, data, recipe, out, progress and dist.main, backbone, dist, device)
+    # under torchrun: the feature passes are sharded over the ranks
+    with command_run(out, device=cfg.device, has_progress=has_progress) as run:
+        return _run(cfg, spec, data, recipe, out, progress and run.dist.main, backbone, run.dist, run.device)
 
 
 def _run(cfg: ProbeConfig, spec, data, recipe: Recipe, out: Path, progress: bool, bb=None, dist=None,

@@ -23,7 +23,8 @@ import torch
 
 from raptor.config import atomic_write_text, save_config, to_dict
 from raptor.errors import RaptorError, check_positive
-from raptor.outputs import claim_output, safe_name
+from raptor.lifecycle import command_run
+from raptor.outputs import safe_name
 from raptor.study.vit import TrainConfig, ViTConfig
 
 PRIMARY = "mean_layer_similarity"
@@ -188,10 +189,10 @@ def _phase_analysis(D: np.ndarray, ks) -> dict:
 
 
 def _surrogate_accuracy(run: Path, teacher, x: torch.Tensor, y: torch.Tensor, layout) -> float:
-    from raptor.probes.backbones import load_surrogate
     from raptor.study.swap import head_top1
+    from raptor.surrogate.run_dir import FitRun
 
-    model = load_surrogate(run, teacher)
+    model = FitRun(run).model(teacher)
     return head_top1(teacher, x, y, layout, lambda h: model(h)[-1])
 
 
@@ -211,8 +212,8 @@ def _fit(cfg: StudyConfig, teacher_spec: str, store: Path, phases, out: Path, se
         if "baselines_r2_mean" not in res and (out / "metrics.json").is_file():  # cached by an earlier version
             res["baselines_r2_mean"] = _baselines(json.loads((out / "metrics.json").read_text()))
         return res
+    from raptor.surrogate.config import FitConfig
     from raptor.surrogate.fit import run_fit
-    from raptor.surrogate.train import FitConfig
 
     if out.exists() and not (out / "checkpoints" / "latest.json").is_file() and not (out / "metrics.json").is_file():
         shutil.rmtree(out)  # killed before its first checkpoint: nothing to keep
@@ -473,7 +474,7 @@ def run_study(cfg: StudyConfig, progress: bool = True, after_run=None) -> dict:
     def has_progress(path: Path) -> bool:
         return (path / "runs").is_dir()
 
-    with claim_output(out, has_progress=has_progress):
+    with command_run(out, has_progress=has_progress):
         atomic_write_text(prev, json.dumps(to_dict(cfg), indent=1))
         save_config(cfg, out / "config.yaml")
         results = []

@@ -126,7 +126,7 @@ def train_vit(vcfg: ViTConfig, tcfg: TrainConfig, drop_path: float, seed: int, x
     (written last) when done; ``out/checkpoints`` while running. Returns the training summary."""
     from raptor.progress import progress_bar
     from raptor.surrogate.checkpoint import latest_checkpoint, load_optimizer, read_checkpoint, save_checkpoint
-    from raptor.surrogate.train import warmup_cosine
+    from raptor.surrogate.config import warmup_cosine
 
     done = out / "train.json"
     if done.is_file():

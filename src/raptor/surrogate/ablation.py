@@ -75,7 +75,7 @@ def _row(label: str, m: dict) -> dict:
 def _preflight(cfg: AblationConfig, rows: list) -> None:
     """Everything cheap, before anything is written or trained: every row's settings, the data, row 6's probe data
     and head, and that finished or started rows were trained with these settings."""
-    from raptor.surrogate.train import check_existing_run
+    from raptor.surrogate.run_dir import check_existing_run
 
     cfg.check()
     for _, _, fc in rows:

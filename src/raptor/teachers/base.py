@@ -284,32 +284,6 @@ class Teacher(nn.Module):
                     out[:, pos[i + 1]].copy_(x)
         return out
 
-    def iter_trajectories(self, items, transform, batch_size: int, bar, layers: Iterable[int] | None = None,
-                          autocast: str | None = None):
-        """Load, transform and run ``items`` batch by batch: yields (trajectory or None when no image of the batch
-        could be read, positions of the kept items in ``items``, ids of the skipped ones). Load warnings go through
-        ``bar.warn``; the bar advances after each batch is consumed. The trajectory is a reused buffer: consume it
-        before asking for the next batch."""
-        import warnings
-
-        import numpy as np
-
-        from raptor.data import load_images
-
-        buf = None
-        for s in range(0, len(items), batch_size):
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                tensors, kept, bad = load_images(items[s:s + batch_size], transform)
-            for w in caught:
-                bar.warn(str(w.message))
-            traj = None
-            if tensors:
-                buf = self.trajectory(torch.stack(tensors), layers, autocast=autocast, out=buf)
-                traj = buf[: len(tensors)]
-            yield traj, s + np.asarray(kept, dtype=np.int64), bad
-            bar.advance(len(tensors) + len(bad))
-
     def describe(self) -> dict:
         return {"spec": self.spec, "family": self.family, "name": self.display_name, "depth": self.depth,
                 "dim": self.dim, "patch_size": self.patch_size, "n_cls": self.n_cls,

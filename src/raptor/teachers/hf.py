@@ -13,11 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from raptor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from raptor.errors import RaptorError
 from raptor.teachers.base import ClassifierHead, Teacher
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HALF = (0.5, 0.5, 0.5)

@@ -1,0 +1,212 @@
+"""A fit's run directory, written by ``raptor fit`` and read by everything else through :class:`FitRun`:
+
+- ``config.yaml`` (the FitConfig), ``surrogate.json`` (the surrogate's phases and blocks + the teacher spec),
+  ``model.safetensors`` (its weights), ``metrics.json`` (schema: ``raptor/schemas/metrics.schema.json``, written
+  last: a run is finished when it is there), ``phases.json`` (phases found from the data), plots;
+- ``checkpoints/``: ``latest.json`` + the optimiser and model state of the current work item, and per-block
+  checkpoints of a parallel stage 1.
+
+Here too: what an existing directory means for a new fit (refuse, resume or re-evaluate) and the progress saved at
+each checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from raptor.config import to_dict
+from raptor.errors import RaptorError
+from raptor.surrogate.batches import step_generator
+from raptor.surrogate.checkpoint import latest_checkpoint, save_checkpoint
+from raptor.surrogate.config import EVAL_ONLY, FitConfig
+from raptor.surrogate.model import RaptorModel, SurrogateConfig
+
+
+def check_existing_run(cfg: FitConfig, resume: bool) -> Path | None:
+    """The checkpoint to resume from (None for a fresh run). Refuses a run directory that already holds a run
+    unless ``resume``, and a resume with other training settings -- naming them -- before anything is written."""
+    out = Path(cfg.out)
+    ck = latest_checkpoint(out / "checkpoints")
+    blocks = block_checkpoints(out)
+    if ck is None and not blocks:
+        if (out / "metrics.json").exists():
+            raise RaptorError(f"{out} holds a finished run whose checkpoints are gone; choose another --out")
+        return None
+    if ck is None:  # stage 1 in parallel (--parallel-blocks) was under way: per-block checkpoints only
+        ck = next(iter(blocks.values()))
+        top = None
+    else:
+        top = ck
+    if not resume:
+        raise RaptorError(f"{out} already holds a run (checkpoint {ck.name}); pass --resume to continue it "
+                          f"or choose another --out")
+    try:
+        st = json.loads((ck / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise RaptorError(f"cannot read checkpoint {ck}: {e}") from None
+    if st.get("fingerprint") != cfg.training_fingerprint():
+        diff = ""
+        try:
+            import yaml
+
+            old = yaml.safe_load((out / "config.yaml").read_text()) or {}
+            new = json.loads(json.dumps(to_dict(cfg)))  # tuples as lists, as the YAML holds them
+            keys = [k for k in new if k not in EVAL_ONLY and old.get(k) != new[k]]
+            diff = ": " + ", ".join(f"{k} {old.get(k)!r} -> {new[k]!r}" for k in keys) if keys else ""
+        except (OSError, ValueError, ImportError, AttributeError):
+            pass
+        raise RaptorError(f"cannot resume {out}: it was started with other settings{diff}")
+    return top
+
+
+def block_checkpoints(out: Path) -> dict[int, Path]:
+    """Block -> latest checkpoint of a stage-1 block trained in parallel (``checkpoints/block<b>/``)."""
+    found = {}
+    for d in sorted((Path(out) / "checkpoints").glob("block*")):
+        ck = latest_checkpoint(d) if d.is_dir() and d.name[5:].isdigit() else None
+        if ck is not None:
+            found[int(d.name[5:])] = ck
+    return found
+
+
+def noise_device_type(device: torch.device) -> str:
+    """The kind of device whose generator draws a step's input noise (:func:`step_generator`)."""
+    return step_generator(0, device).device.type
+
+
+def check_noise_device(cfg: FitConfig, state: dict, device: torch.device, training_left: bool) -> None:
+    """With ``--sigma > 0`` the input noise is drawn on the training device's generator, and a CUDA generator's
+    numbers differ from the CPU's: a run resumed on the other kind of device would continue on a different noise
+    stream, so it is refused (checkpoints from before the noise moved to the device drew it on the CPU)."""
+    if cfg.sigma > 0 and training_left:
+        was, now = state.get("noise_device", "cpu"), noise_device_type(device)
+        if was != now:
+            raise RaptorError(f"this run's input noise (--sigma {cfg.sigma}) was drawn on the {was} and this "
+                              f"process would draw it on the {now}: resume it with --device {was} (or start a new "
+                              f"run)")
+
+
+def save_progress(cfg: FitConfig, model: RaptorModel, opt, name: str, item: int, step: int, history: dict,
+                   train_seconds: float, device: torch.device | None = None) -> None:
+    """The run's checkpoint ``name``: training resumes at work item ``item``, step ``step``."""
+    save_checkpoint(Path(cfg.out) / "checkpoints", name, model, opt,
+                    {"item": item, "step": step, "history": history, "fingerprint": cfg.training_fingerprint(),
+                     "train_seconds": train_seconds,
+                     "noise_device": noise_device_type(device or torch.device("cpu")),
+                     "surrogate": model.cfg.to_dict()})
+
+
+METRICS_SCHEMA = "schemas/metrics.schema.json"
+
+
+class FitRun:
+    """A ``raptor fit`` run directory (see the module doc). Opening one checks only that the folder exists; each
+    reader refuses, with one error line, a run that lacks what it needs."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise RaptorError(f"run folder {path} not found" if not self.path.exists() else
+                              f"{path} is a file, not a raptor fit run folder")
+
+    @property
+    def finished(self) -> bool:
+        """The surrogate, its weights and the metrics are all there (metrics.json is written last)."""
+        return all((self.path / f).is_file() for f in ("surrogate.json", "model.safetensors", "metrics.json"))
+
+    def _surrogate_json(self) -> dict:
+        path = self.path / "surrogate.json"
+        try:
+            d = json.loads(path.read_text())
+            d["surrogate"], d["teacher"]
+            return d
+        except FileNotFoundError:
+            raise RaptorError(f"{self.path} is not a finished raptor fit run (no surrogate.json)") from None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise RaptorError(f"{path} is damaged ({type(e).__name__}: {str(e)[:120]})") from None
+
+    @property
+    def surrogate_config(self) -> SurrogateConfig:
+        """The surrogate's phases and block configuration (``surrogate.json``)."""
+        try:
+            return SurrogateConfig.from_dict(self._surrogate_json()["surrogate"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise RaptorError(f"{self.path / 'surrogate.json'} is damaged ({type(e).__name__}: {str(e)[:120]})") \
+                from None
+
+    @property
+    def teacher_spec(self) -> str:
+        """The spec of the teacher the surrogate was fit on."""
+        return str(self._surrogate_json()["teacher"])
+
+    def require_weights(self, what: str) -> "FitRun":
+        """Refuse a folder without the trained surrogate (``what`` names the option that pointed here)."""
+        if not (self.path / "surrogate.json").is_file() or not (self.path / "model.safetensors").is_file():
+            raise RaptorError(f"{what} is not a finished raptor fit run (needs surrogate.json and "
+                              f"model.safetensors)")
+        return self
+
+    def model(self, teacher=None) -> RaptorModel:
+        """The trained RaptorModel (eval mode); with ``teacher``, checked against its depth and width first."""
+        from raptor.surrogate.checkpoint import load_tensors
+
+        cfg = self.surrogate_config
+        if teacher is not None and (cfg.depth != teacher.depth or cfg.block.dim != teacher.dim):
+            raise RaptorError(f"run {self.path} is a depth-{cfg.depth}, width-{cfg.block.dim} surrogate; the "
+                              f"teacher {teacher.spec} has depth {teacher.depth}, width {teacher.dim}")
+        model = RaptorModel(cfg)
+        try:
+            model.load_state_dict(load_tensors(self.path / "model.safetensors"))
+        except RuntimeError as e:
+            raise RaptorError(f"{self.path}/model.safetensors does not fit its surrogate.json: "
+                              f"{str(e).splitlines()[0]}") from None
+        return model.eval()
+
+    def metrics(self) -> dict:
+        """``metrics.json``, checked for the keys its schema requires (at the top and in ``validation``)."""
+        f = self.path / "metrics.json"
+        try:
+            m = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            raise RaptorError(f"cannot read a finished run at {self.path}: {e}") from None
+        missing = _missing_keys(m, metrics_schema())
+        if missing:
+            raise RaptorError(f"{f} is not a metrics.json from this version of raptor fit (missing "
+                              f"{', '.join(missing[:4])})")
+        return m
+
+    def checkpoints(self) -> dict[int, Path]:
+        """The per-block checkpoints of a parallel stage 1 (block -> folder)."""
+        return block_checkpoints(self.path)
+
+
+def metrics_schema() -> dict:
+    """The JSON schema of a fit's metrics.json (shipped with the package)."""
+    from importlib import resources
+
+    return json.loads(resources.files("raptor").joinpath(METRICS_SCHEMA).read_text())
+
+
+def _missing_keys(d: dict, schema: dict, where: str = "") -> list[str]:
+    """The required keys of ``schema`` (and of its required object properties, recursively) absent from ``d``."""
+    out = []
+    for key in schema.get("required", []):
+        if not isinstance(d, dict) or key not in d:
+            out.append(where + key)
+        elif schema.get("properties", {}).get(key, {}).get("type") == "object":
+            out += _missing_keys(d[key], schema["properties"][key], f"{where}{key}.")
+    return out
+
+
+def init_from_run(model: RaptorModel, run: str | Path) -> None:
+    """Start ``model`` from the weights of a finished run with the same phases and block configuration (e.g. stage 2
+    of one run from the stage-1 blocks of another, as the official code trains its stages separately)."""
+    src = FitRun(run).surrogate_config
+    if src.phases != model.cfg.phases:
+        raise RaptorError(f"--init-from {run}: its phases {src.phases} differ from this fit's {model.cfg.phases}")
+    if src.block != model.cfg.block:
+        raise RaptorError(f"--init-from {run}: its blocks ({src.block}) differ from this fit's ({model.cfg.block})")
+    with torch.no_grad():
+        model.load_state_dict(FitRun(run).model().state_dict())
