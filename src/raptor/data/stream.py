@@ -12,6 +12,8 @@ result is a function of the key alone: worker count and timing change nothing.
   drawn from ``(seed, tag, step)``, each with a random-resized crop + flip from its own generator
   ``(seed, tag#j, step)``; rank ``r`` of ``world`` materialises only its share of the batch. An unreadable item
   is replaced by the next readable one (deterministically) and named once (:func:`warn_once`).
+- :func:`prefetched`: any generator run a few items ahead in a background thread (the store reader's batches,
+  the training stream's store batches).
 
 Workers are forked (the image loaders of bundled sets are closures, which cannot be pickled); where fork does not
 exist the loading runs in the calling process.
@@ -21,7 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
+import queue
 import random
+import threading
 import warnings
 from typing import Iterator, Sequence
 
@@ -167,3 +171,44 @@ def warn_once(messages: Sequence[str], seen: set) -> None:
         if m not in seen:
             seen.add(m)
             warnings.warn(m, ImageLoadWarning, stacklevel=3)
+
+
+def _put_until(q: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put ``item`` unless ``stop`` is set first (a thread never stays blocked on a queue nobody reads)."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            pass
+    return False
+
+
+def prefetched(gen: Iterator, depth: int, name: str = "raptor-prefetch") -> Iterator:
+    """Run the generator ``gen`` up to ``depth`` items ahead in a daemon thread. Its exceptions surface in the
+    consumer; a consumer that stops early stops the thread."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+    end = object()
+
+    def produce():
+        try:
+            for x in gen:
+                if not _put_until(q, (x, None), stop):
+                    return
+        except BaseException as e:  # noqa: BLE001 - raised in the consumer
+            _put_until(q, (end, e), stop)
+            return
+        _put_until(q, (end, None), stop)
+
+    threading.Thread(target=produce, daemon=True, name=name).start()
+    try:
+        while True:
+            x, err = q.get()
+            if err is not None:
+                raise err
+            if x is end:
+                return
+            yield x
+    finally:
+        stop.set()
