@@ -22,11 +22,11 @@ writes only its own chunks of ``trajectories`` and ``valid`` (rank 0 creates the
 Format 1 stores (``ids.json`` and ``manifest.json`` beside the arrays) are still read, but not resumed or extended.
 
 The package: :mod:`raptor.store.format` (the on-disk format), :mod:`raptor.store.reader` (:class:`TrajectoryStore`),
-:mod:`raptor.store.extract` (the extraction pipeline). Every name below is importable from ``raptor.store``.
+:mod:`raptor.store.extraction` (the extraction pipeline). Every name below is importable from ``raptor.store``.
 """
 
 from raptor.data.stream import prefetched
-from raptor.store.extract import (
+from raptor.store.extraction import (
     ExtractSummary,
     batch_and_chunk,
     check_extract_args,

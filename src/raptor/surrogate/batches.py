@@ -246,7 +246,7 @@ class StoreBatches:
     def stream(self, keys: list[tuple[str, int, int, int]], batch: int, share: tuple[int, int] | None = None):
         """The batches of ``keys`` in order; from disk (no cache) they are read two steps ahead in a thread, so
         decompression overlaps training."""
-        from raptor.store import prefetched
+        from raptor.data.stream import prefetched
 
         gen = (self.get(tag, step, batch, lo, hi, share) for tag, step, lo, hi in keys)
         return gen if self.cache is not None else prefetched(gen, 2, "raptor-store-prefetch")
