@@ -84,10 +84,13 @@ def _named_worker_failures(it, workers: int):
     checking a dead worker's pid and raise in whatever code runs when the next child process exits."""
     try:
         yield from it
-    except RuntimeError as e:
-        if "DataLoader worker" not in str(e):
+    except (RuntimeError, ConnectionError, EOFError) as e:
+        # a killed worker shows as torch's "DataLoader worker ... exited" RuntimeError, or -- when it dies after
+        # sending a tensor whose shared memory the parent still has to fetch from it -- as a reset connection
+        if (isinstance(e, RuntimeError) and "DataLoader worker" not in str(e)) or workers <= 0:
             raise
-        raise RaptorError(f"an image-loading worker process died ({str(e).splitlines()[0][:160]}); with "
+        what = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise RaptorError(f"an image-loading worker process died ({what}); with "
                           f"--workers {workers} each worker holds 2 batches: lower --workers (0 loads in the main "
                           f"process) and re-run the same command to resume") from None
     finally:
