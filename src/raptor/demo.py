@@ -6,14 +6,20 @@ import dataclasses
 import json
 from pathlib import Path
 
+from raptor.analyze import AnalyzeConfig, null_verdict, run_analyze
+from raptor.data import open_source
+from raptor.dynamics.run import DynamicsConfig, run_dynamics
+from raptor.probes.backbones import Backbone, parse_backbone
+from raptor.probes.run import ProbeConfig, run_probe
+from raptor.probes.table import write_table
 from raptor.progress import console
+from raptor.store import TrajectoryStore, extract
+from raptor.surrogate.config import FitConfig
+from raptor.surrogate.fit import run_fit
+from raptor.teachers import DEFAULT_TEACHER, load_teacher
 
 
 def run_demo(out: Path, limit: int | None = None) -> dict:
-    from raptor.data import open_source
-    from raptor.store import TrajectoryStore, extract
-    from raptor.teachers import DEFAULT_TEACHER, load_teacher
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     console.print(f"[bold]Raptor demo[/bold]: teacher {DEFAULT_TEACHER}, data bundled:photos -> {out}")
@@ -24,21 +30,15 @@ def run_demo(out: Path, limit: int | None = None) -> dict:
     summary = TrajectoryStore(store_dir).summary()
     console.print_json(json.dumps(summary))
 
-    from raptor.analyze import AnalyzeConfig, run_analyze
-
     an_dir = out / "analyze"
     console.print(f"\n[bold]Layer similarity and phases[/bold] (from the store) -> {an_dir}")
     res = run_analyze(AnalyzeConfig(teacher=DEFAULT_TEACHER, data="bundled:photos", store=str(store_dir),
                                     out=str(an_dir)))
     a = res.analysis
     console.print(f"phases ({a['primary_metric']}, k={a['chosen']['k']}): {a['chosen']['phases']}")
-    from raptor.analyze import null_verdict
 
     for t in a["null_tests"].values():  # is it more than smooth drift? (docs/phases.md)
         console.print(null_verdict(t).replace("**", ""), markup=False, highlight=False)
-
-    from raptor.surrogate.config import FitConfig
-    from raptor.surrogate.fit import run_fit
 
     # the brief fit: 640 real digits at 112 px (65 tokens: cheap on a CPU), 128 of them held out whole
     digits_store = out / "digits112_store"
@@ -81,9 +81,6 @@ def run_demo(out: Path, limit: int | None = None) -> dict:
     console.print(f"\n[bold]Brief Raptor fit[/bold]: k=2 blocks (phases 1-7 / 8-12) -> {k2_dir}")
     k2_cfg = dataclasses.replace(fit_cfg, out=str(k2_dir), phases=[list(range(1, 8)), list(range(8, 13))])
     run_fit(k2_cfg, resume=(k2_dir / "checkpoints" / "latest.json").exists())
-    from raptor.probes.backbones import Backbone, parse_backbone
-    from raptor.probes.run import ProbeConfig, run_probe
-    from raptor.probes.table import write_table
 
     probe_dir = out / "probes"
     console.print(f"\n[bold]Linear probes[/bold] (teacher vs Raptor k=2 and k=3, raw-pixel baseline; 3 seeds; 200 "
@@ -96,7 +93,6 @@ def run_demo(out: Path, limit: int | None = None) -> dict:
     md, md_path, _ = write_table([probe_dir])
     console.print(md, markup=False, highlight=False)
     # the paper's dynamics findings, teacher and the k=3 surrogate side by side, from the digits store
-    from raptor.dynamics.run import DynamicsConfig, run_dynamics
 
     dyn_dir = out / "dynamics"
     console.print(f"\n[bold]Dynamics[/bold] (teacher vs Raptor k=3 on the 640 digits) -> {dyn_dir}")

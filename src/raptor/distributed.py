@@ -31,6 +31,7 @@ from typing import NamedTuple
 import torch
 
 from raptor.errors import RaptorError
+from raptor.outputs import claim_output
 
 
 class Share(NamedTuple):
@@ -283,8 +284,6 @@ def claim_on_main(stack, dist: Dist, out, has_progress=None, then=None):
     """Rank 0 claims (creates and locks) ``out`` inside ``stack`` (a ``contextlib.ExitStack``) and runs ``then()``;
     every rank learns whether that worked, so a refusal on rank 0 ends every rank at once instead of leaving them
     waiting."""
-    from raptor.outputs import claim_output
-
     err = None
     if dist.main:
         try:

@@ -32,6 +32,7 @@ from typing import Iterator, Sequence
 import torch
 
 from raptor.data.sources import ImageItem, ImageLoadWarning, load_images
+from raptor.distributed import rows_per_rank
 from raptor.errors import RaptorError
 
 
@@ -130,8 +131,6 @@ class TrainBatchDataset(torch.utils.data.Dataset):
 
     def __init__(self, items: Sequence[ImageItem], keys: Sequence[tuple[str, int]], batch: int, seed: int,
                  train_tf, eval_tf, crops: bool, rank: int = 0, world: int = 1):
-        from raptor.distributed import rows_per_rank
-
         n = rows_per_rank(batch, world)
         self.items, self.keys, self.batch, self.seed = items, list(keys), batch, seed
         self.train_tf, self.eval_tf, self.crops = train_tf, eval_tf, crops

@@ -18,16 +18,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from raptor.analyze import PRIMARY, AnalyzeConfig
 from raptor.config import atomic_write_text, save_config, to_dict
 from raptor.data import open_source
+from raptor.data.sampling import check_sample_order
+from raptor.dynamics import criteria, report
 from raptor.dynamics.accumulate import DynamicsAccumulator
 from raptor.dynamics.metrics import boundary_jump_ratio, cosine_silhouette, knn_accuracy, knn_correct, s_shape
 from raptor.dynamics.perturb import recovery, summarize, surrogate_runner, teacher_runner
 from raptor.dynamics.verdicts import random_weight_teacher, robustness, surrogate_agreement, verdicts
 from raptor.errors import RaptorError, check_positive
 from raptor.lifecycle import command_run
-from raptor.phases import PhaseSpec, is_contiguous
+from raptor.phases import PhaseSpec, choose_k, contiguous_segmentation, is_contiguous
+from raptor.progress import progress_bar
+from raptor.similarity import SimilarityAccumulator
 from raptor.surrogate.run_dir import FitRun
+from raptor.teachers import load_teacher
+from raptor.teachers.base import check_autocast
 from raptor.trajectories import LiveTrajectories, StoreTrajectories
 
 SPACES = ("raw", "normed")
@@ -59,8 +66,6 @@ class DynamicsConfig:
     null_draws: int = 4                        # random-weight teachers the verdicts are tested against (0: none)
 
     def check(self) -> None:
-        from raptor.teachers.base import check_autocast
-
         check_positive(limit=self.limit, batch_size=self.batch_size, image_size=self.image_size,
                        perturb_images=self.perturb_images, rank_images=self.rank_images, knn_k=self.knn_k)
         if self.null_draws == 1 or not 0 <= self.null_draws <= 100:
@@ -77,7 +82,6 @@ class DynamicsConfig:
             raise RaptorError(f"unknown --space {self.space!r} (use {' or '.join(SPACES)})")
         if self.phases is not None and self.phases_file is not None:
             raise RaptorError("give --phases as layers or as an analysis.json, not both")
-        from raptor.data.sampling import check_sample_order
 
         check_sample_order(self.sample)
         check_autocast(self.autocast)
@@ -140,9 +144,6 @@ def _given_phases(cfg, depth: int) -> tuple[list[list[int]], str] | None:
 
 def _computed_phases(depth: int, sim) -> tuple[list[list[int]], str]:
     """The phases ``raptor analyze`` would choose with its defaults (DP on its primary metric, k by its rule)."""
-    from raptor.analyze import PRIMARY, AnalyzeConfig
-    from raptor.phases import choose_k, contiguous_segmentation
-
     d = AnalyzeConfig()
     dp = contiguous_segmentation(sim.result().distance(PRIMARY), k_max=min(d.k_max, depth))
     k = choose_k(dp, d.k_rule, d.k_frac)
@@ -203,11 +204,6 @@ def _model_summary(res: dict, phases, basins: dict) -> dict:
 
 
 def _run(cfg: DynamicsConfig, sur, st, src, stage: Path, progress: bool) -> dict:
-    from raptor.dynamics import criteria, report
-    from raptor.progress import progress_bar
-    from raptor.similarity import SimilarityAccumulator
-    from raptor.teachers import load_teacher
-
     t_start = time.perf_counter()
     teacher = load_teacher(cfg.teacher)
     if st is not None:

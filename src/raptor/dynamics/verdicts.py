@@ -25,6 +25,10 @@ import math
 import numpy as np
 import torch
 
+from raptor.dynamics.criteria import _early_late
+from raptor.dynamics.metrics import boundary_jump_ratio
+from raptor.phases import contiguous_partitions
+
 ALPHA = 0.05
 N_BOOT = 2000
 
@@ -143,9 +147,6 @@ def _recovery(runs: list[dict], baseline: bool) -> np.ndarray:
 def boundary_permutation(speed: np.ndarray, phases: list[list[int]], seed: int = 0) -> dict:
     """The speed boundary-jump ratio of ``phases`` against every other contiguous partition of the same k (the
     null: boundaries placed anywhere), on the mean speed; CI by resampling images."""
-    from raptor.dynamics.metrics import boundary_jump_ratio
-    from raptor.phases import contiguous_partitions
-
     L, k = speed.shape[1], len(phases)
     mean = speed.mean(0)
     obs = boundary_jump_ratio(mean, phases)
@@ -169,8 +170,6 @@ def verdicts(res: dict, nulls: list[dict], recovery: dict, phases: list[list[int
     """Every finding under every operationalisation. ``res``: one model's accumulator result; ``nulls``: those of the
     random-weight teachers on the same images; ``recovery``: {"model": runs, "nulls": [runs per draw]};
     ``basins``: {"correct_best": per-image bool, "correct_embedded": per-image bool, "null_correct_best": [...]}."""
-    from raptor.dynamics.criteria import _early_late
-
     early, late = _early_late(phases, L)
     out: dict = {}
 

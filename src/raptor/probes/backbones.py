@@ -11,11 +11,13 @@ from pathlib import Path
 
 import torch
 
+from raptor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from raptor.errors import RaptorError
 from raptor.outputs import safe_name
 from raptor.surrogate.run_dir import FitRun
 from raptor.teachers import KINDS as TEACHER_KINDS
-from raptor.teachers import SPEC_HELP
+from raptor.teachers import SPEC_HELP, load_teacher
+from raptor.teachers.base import ClassifierHead, Teacher, TokenLayout, pool_tokens
 
 BACKBONE_HELP = f"a teacher spec ({SPEC_HELP.replace(' | ', ', ')}), a raptor " \
                 "fit run directory (holding surrogate.json and model.safetensors) or pixels:<patch> " \
@@ -106,8 +108,6 @@ class Backbone:
 
     @classmethod
     def load(cls, spec: BackboneSpec) -> "Backbone":
-        from raptor.teachers import load_teacher
-
         teacher = PixelTeacher(int(spec.teacher.partition(":")[2])) if spec.kind == "pixels" \
             else load_teacher(spec.teacher)
         model = load_surrogate(spec.run, teacher) if spec.kind == "raptor" else None
@@ -156,8 +156,6 @@ class Backbone:
 
     @torch.no_grad()
     def features(self, tokens: torch.Tensor, layout, task: str) -> dict:
-        from raptor.teachers.base import ClassifierHead, pool_tokens
-
         normed = self.teacher.final_norm(tokens)
         if task == "cls":
             return {"pooled": pool_tokens(normed, layout, ClassifierHead.default_pooling(layout)).float().cpu().numpy()}
@@ -174,8 +172,6 @@ class PixelTeacher:
     classification, each patch's own pixels for segmentation, [patch || thumbnail] for depth."""
 
     def __init__(self, patch: int, default_image_size: int = 224):
-        from raptor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
         self.patch_size, self.default_image_size = patch, default_image_size
         self.dim, self.depth, self.n_cls, self.n_registers = 3 * patch * patch, 0, 1, 0
         self.image_mean, self.image_std = IMAGENET_MEAN, IMAGENET_STD
@@ -183,13 +179,9 @@ class PixelTeacher:
         self.final_norm = torch.nn.Identity()
 
     def image_size(self, size: int | None = None) -> int:
-        from raptor.teachers.base import Teacher
-
         return Teacher.image_size(self, size)
 
     def layout(self, hw):
-        from raptor.teachers.base import TokenLayout
-
         h, w = (hw, hw) if isinstance(hw, int) else hw
         return TokenLayout(1, 0, (h // self.patch_size, w // self.patch_size))
 

@@ -31,6 +31,7 @@ from PIL import Image
 from raptor.config import atomic_write_text
 from raptor.data.sources import ImageLoadWarning
 from raptor.data.transforms import EvalTransform, to_rgb, to_tensor
+from raptor.distributed import current
 from raptor.errors import RaptorError
 from raptor.outputs import safe_name
 from raptor.probes.data import IGNORE, ProbeData, Sample
@@ -215,8 +216,6 @@ def split_features(backbone, data: ProbeData, task: str, split: str, transform, 
     def batches(start: int):
         for s in range(start, len(samples), batch):
             yield s, one(s)
-
-    from raptor.distributed import current
 
     dist = current()
     if dist.active:  # torchrun: each rank computes every world-th batch, rank 0 writes them all in order

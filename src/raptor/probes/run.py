@@ -16,12 +16,20 @@ from pathlib import Path
 
 import numpy as np
 
-from raptor.config import save_config, to_dict
+from raptor import plots
+from raptor.config import FILE_MODE, save_config, to_dict
+from raptor.data.sampling import check_sample_order, sample_positions
+from raptor.distributed import Dist
 from raptor.errors import RaptorError, check_positive
 from raptor.lifecycle import command_run
 from raptor.outputs import safe_name
+from raptor.probes.backbones import Backbone, parse_backbone
 from raptor.probes.data import TASKS, open_probe_data
+from raptor.probes.features import DenseTransform, split_features, transform_for
 from raptor.probes.train import DEFAULT_RECIPES, METRICS, DenseGeometry, Recipe, prior_baseline, train_probe
+from raptor.progress import progress_bar
+from raptor.runtime import tune_malloc
+from raptor.teachers.dinov2_pth import load_linear_head, load_state_file
 
 RESULTS = "results.jsonl"
 
@@ -61,7 +69,6 @@ class ProbeConfig:
             raise RaptorError(f"--seeds repeats a seed: {list(self.seeds)}")
         check_positive(image_size=self.image_size, epochs=self.epochs, batch_size=self.batch_size, limit=self.limit,
                        feature_batch=self.feature_batch)
-        from raptor.data.sampling import check_sample_order
 
         check_sample_order(self.sample)
         if self.weight_decay is not None and not self.weight_decay >= 0:
@@ -118,8 +125,6 @@ def read_results(path: Path) -> list[dict]:
 
 def append_line(path: Path, record: dict) -> None:
     """One JSON line, written with a single ``write`` to a file opened for appending, then fsync-ed."""
-    from raptor.config import FILE_MODE
-
     data = (json.dumps(record) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
     try:
@@ -138,23 +143,17 @@ def run_probe(cfg: ProbeConfig, progress: bool = True, backbone=None) -> list[di
     (cached), probes per seed, one results line each. Returns this run's records (new and already present).
     ``backbone``: an already loaded :class:`~raptor.probes.backbones.Backbone` for ``cfg.backbone`` (callers that
     probe one backbone on several data sets load it once)."""
-    from raptor.probes.backbones import parse_backbone
-    from raptor.runtime import tune_malloc
-
     tune_malloc()
     cfg.check()
     spec = parse_backbone(cfg.backbone, cfg.layer, cfg.splice)
     data = open_probe_data(cfg.data, cfg.task)
     if cfg.limit:
-        from raptor.data.sampling import sample_positions
-
         for s in data.splits:
             items = data.splits[s]
             labels = np.array([it.target() for it in items]) if cfg.task == "cls" else None
             data.splits[s] = [items[i] for i in sample_positions(len(items), cfg.limit, labels, cfg.sample_seed,
                                                                   cfg.sample)]
     if cfg.init_head not in (None, "teacher"):  # a bad head file is refused before any feature pass
-        from raptor.teachers.dinov2_pth import load_state_file
 
         load_state_file(cfg.init_head)
     recipe = cfg.make_recipe(data.recipe)
@@ -173,11 +172,6 @@ def run_probe(cfg: ProbeConfig, progress: bool = True, backbone=None) -> list[di
 
 def _run(cfg: ProbeConfig, spec, data, recipe: Recipe, out: Path, progress: bool, bb=None, dist=None,
          device=None) -> list[dict]:
-    from raptor.distributed import Dist
-    from raptor.probes.backbones import Backbone
-    from raptor.probes.features import DenseTransform, split_features, transform_for
-    from raptor.progress import progress_bar
-
     dist = dist or Dist()
     bb = (bb or Backbone.load(spec)).to(device or "cpu")
     teacher = bb.teacher
@@ -242,16 +236,12 @@ def _init_head(cfg: ProbeConfig, teacher):
             raise RaptorError(f"--init-head teacher: {teacher.spec} has no classification head")
         lin = teacher.head.linear
     else:
-        from raptor.teachers.dinov2_pth import load_linear_head
-
         lin = load_linear_head(cfg.init_head, teacher.dim).linear
     b = lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.weight.shape[0])
     return lin.weight.detach().cpu().clone(), b.detach().cpu().clone()  # the heads train on the CPU
 
 
 def _curves(path: Path, res, recipe: Recipe, title: str) -> None:
-    from raptor import plots
-
     epochs = list(range(len(res.history["val"][0])))
     series = {f"lr {lr:g}": res.history["val"][g] for g, lr in enumerate(recipe.lrs)}
     path.parent.mkdir(parents=True, exist_ok=True)

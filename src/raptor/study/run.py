@@ -22,10 +22,28 @@ import numpy as np
 import torch
 
 from raptor.config import atomic_write_text, save_config, to_dict
+from raptor.data import ImageItem, ImageSource
+from raptor.data.sampling import check_sample_order
 from raptor.errors import RaptorError, check_positive
 from raptor.lifecycle import command_run
 from raptor.outputs import safe_name
-from raptor.study.vit import TrainConfig, ViTConfig
+from raptor.phases import (
+    contiguous_partitions,
+    contiguous_segmentation,
+    is_contiguous,
+    phase_metrics,
+    recursive_max_cut,
+)
+from raptor.progress import console
+from raptor.similarity import SimilarityAccumulator
+from raptor.store import extract
+from raptor.study import report
+from raptor.study.swap import head_top1, layer_swap_test, matched_swap_test
+from raptor.study.vit import TrainConfig, ViTConfig, load_split, train_vit
+from raptor.surrogate.config import FitConfig
+from raptor.surrogate.fit import run_fit
+from raptor.surrogate.run_dir import FitRun
+from raptor.teachers import load_teacher
 
 PRIMARY = "mean_layer_similarity"
 # the nulls the DP phases are compared with (``--partitions``): "random" = any contiguous partition of the same k
@@ -90,7 +108,6 @@ class StudyConfig:
         if bad_f or len(set(self.partitions)) != len(self.partitions):
             raise RaptorError(f"--partitions takes distinct names from {', '.join(PARTITION_FAMILIES)}, got "
                               f"{','.join(self.partitions)}")
-        from raptor.data.sampling import check_sample_order
 
         check_sample_order(self.sample)
         check_positive(limit=self.limit, **{k: v for k, v in asdict(self.fit).items() if k in
@@ -105,8 +122,6 @@ def random_partitions(depth: int, k: int, n: int, exclude: list[list[int]], seed
                       min_size: int = 1) -> list[list[list[int]]]:
     """``n`` distinct random contiguous partitions of layers 1..depth into k phases of at least ``min_size`` layers,
     none equal to ``exclude`` (all of them when fewer exist)."""
-    from raptor.phases import contiguous_partitions
-
     parts = [p for p in contiguous_partitions(depth, k, min_size) if p != exclude]
     if not parts:
         return []
@@ -123,8 +138,6 @@ def shuffled_partitions(depth: int, sizes: list[int], n: int, seed: int, tries: 
     """``n`` distinct non-contiguous partitions of layers 1..depth into phases of the given sizes (each phase
     sorted, the phases ordered by their first layer): random permutations cut into ``sizes``, keeping those where
     some phase is not one stretch of consecutive layers (fewer when fewer exist)."""
-    from raptor.phases import is_contiguous
-
     rng = np.random.default_rng(seed)
     seen, out = set(), []
     for _ in range(tries):
@@ -165,8 +178,6 @@ def null_comparison(dp: dict, null: list[dict], keys=("r2_mean", "accuracy")) ->
 
 
 def _similarity(teacher, x: torch.Tensor, layout) -> np.ndarray:
-    from raptor.similarity import SimilarityAccumulator
-
     acc = SimilarityAccumulator(layout, list(range(1, teacher.depth + 1)), cka_groups=(), token_groups=())
     for s in range(0, len(x), 128):
         acc.update(teacher.trajectory(x[s:s + 128], layers=range(1, teacher.depth + 1)))
@@ -174,8 +185,6 @@ def _similarity(teacher, x: torch.Tensor, layout) -> np.ndarray:
 
 
 def _phase_analysis(D: np.ndarray, ks) -> dict:
-    from raptor.phases import contiguous_segmentation, phase_metrics, recursive_max_cut
-
     L = D.shape[0]
     dp = contiguous_segmentation(D, k_max=max(ks))
     iu = np.triu_indices(L, 1)
@@ -189,9 +198,6 @@ def _phase_analysis(D: np.ndarray, ks) -> dict:
 
 
 def _surrogate_accuracy(run: Path, teacher, x: torch.Tensor, y: torch.Tensor, layout) -> float:
-    from raptor.study.swap import head_top1
-    from raptor.surrogate.run_dir import FitRun
-
     model = FitRun(run).model(teacher)
     return head_top1(teacher, x, y, layout, lambda h: model(h)[-1])
 
@@ -212,8 +218,6 @@ def _fit(cfg: StudyConfig, teacher_spec: str, store: Path, phases, out: Path, se
         if "baselines_r2_mean" not in res and (out / "metrics.json").is_file():  # cached by an earlier version
             res["baselines_r2_mean"] = _baselines(json.loads((out / "metrics.json").read_text()))
         return res
-    from raptor.surrogate.config import FitConfig
-    from raptor.surrogate.fit import run_fit
 
     if out.exists() and not (out / "checkpoints" / "latest.json").is_file() and not (out / "metrics.json").is_file():
         shutil.rmtree(out)  # killed before its first checkpoint: nothing to keep
@@ -268,12 +272,6 @@ def _tag(res: dict, kind: str) -> dict:
 
 def _one_run(cfg: StudyConfig, p: float, seed: int, data, run_dir: Path, progress: bool,
              vit_train: tuple | None = None) -> dict:
-    from raptor.data import ImageItem, ImageSource
-    from raptor.store import extract
-    from raptor.study.swap import layer_swap_test
-    from raptor.study.vit import train_vit
-    from raptor.teachers import load_teacher
-
     done = run_dir / "result.json"
     if done.is_file():
         return _upgrade(json.loads(done.read_text()), run_dir)
@@ -323,9 +321,6 @@ def _one_run(cfg: StudyConfig, p: float, seed: int, data, run_dir: Path, progres
 def _matched_swaps(teacher, x: torch.Tensor, y: torch.Tensor, layout, k: int, seed: int) -> dict:
     """The depth-matched swap test on held-out images: the test images are split in two by a seeded permutation;
     the DP phases for k are chosen on the first half's similarity, and every single swap is scored on the second."""
-    from raptor.phases import contiguous_segmentation
-    from raptor.study.swap import matched_swap_test
-
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed + 1))
     a, b = perm[: len(x) // 2], perm[len(x) // 2:]
     dp = contiguous_segmentation(_similarity(teacher, x[a], layout), k_max=k)
@@ -450,9 +445,6 @@ def summarize(cfg: StudyConfig, results: list[dict]) -> dict:
 def run_study(cfg: StudyConfig, progress: bool = True, after_run=None) -> dict:
     """Run or resume the sweep. ``after_run(name)`` is called after each finished (p, seed) (tests use it to
     interrupt)."""
-    from raptor.study import report
-    from raptor.study.vit import load_split
-
     cfg.check()
     out = Path(cfg.out)
     data = load_split(cfg.data, cfg.vit.image_size, limit=cfg.limit, sample_seed=cfg.sample_seed, sample=cfg.sample)
@@ -484,8 +476,6 @@ def run_study(cfg: StudyConfig, progress: bool = True, after_run=None) -> dict:
             t = time.perf_counter()
             results.append(_one_run(cfg, p, s, data, out / "runs" / name, progress))
             if progress:
-                from raptor.progress import console
-
                 console.print(f"[{i + 1}/{len(grid)}] {name}: teacher top-1 {results[-1]['teacher_accuracy']:.3f}, "
                               f"{PRIMARY} {results[-1]['phases'][PRIMARY]:.3f}, Raptor k={min(cfg.ks)} R² "
                               f"{results[-1]['fits'][str(min(cfg.ks))]['dp']['r2_mean']:.3f} "

@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from raptor.phases import contiguous_partitions
+
 
 @torch.no_grad()
 def head_top1(teacher, x: torch.Tensor, y: torch.Tensor, layout, body, batch: int = 256) -> float:
@@ -98,8 +100,6 @@ def matched_swap_test(teacher, x: torch.Tensor, y: torch.Tensor, layout, phases:
     """The matched effect of ``phases`` against every other contiguous partition of the same k (the null: phases
     that are contiguous but not found from similarity; computed from the same single-swap accuracies, so the null
     costs no forward pass). p = (1 + #null effects >= observed) / (1 + #null)."""
-    from raptor.phases import contiguous_partitions
-
     L, k = teacher.depth, len(phases)
     acc = single_swap_accuracies(teacher, x, y, layout)
     obs = matched_swap_effect(acc, phases)

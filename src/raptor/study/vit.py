@@ -26,7 +26,13 @@ import torch
 import torch.nn.functional as F
 
 from raptor.config import atomic_write_text
+from raptor.data import EvalTransform, load_images, open_source
+from raptor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from raptor.errors import RaptorError, check_positive
+from raptor.progress import progress_bar
+from raptor.surrogate.checkpoint import latest_checkpoint, load_optimizer, read_checkpoint, save_checkpoint
+from raptor.surrogate.config import warmup_cosine
+from raptor.versions import require
 
 
 @dataclass
@@ -71,8 +77,6 @@ class TrainConfig:
 
 def build_model(cfg: ViTConfig, n_classes: int, drop_path: float, seed: int):
     import transformers as T
-
-    from raptor.versions import require
 
     require("transformers")
 
@@ -124,10 +128,6 @@ def train_vit(vcfg: ViTConfig, tcfg: TrainConfig, drop_path: float, seed: int, x
               progress: bool = True) -> dict:
     """Train (or resume) one ViT into ``out``: ``out/model`` (the HF dir, the teacher) and ``out/train.json``
     (written last) when done; ``out/checkpoints`` while running. Returns the training summary."""
-    from raptor.progress import progress_bar
-    from raptor.surrogate.checkpoint import latest_checkpoint, load_optimizer, read_checkpoint, save_checkpoint
-    from raptor.surrogate.config import warmup_cosine
-
     done = out / "train.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -208,9 +208,6 @@ def load_split(spec: str, size: int, test_frac: float = 0.2, limit: int | None =
                sample: str = "random") -> Split:
     """A labelled image source as normalised tensors at ``size`` px (the eval transform with ImageNet statistics),
     with a fixed stratified train/test split (independent of the training seed)."""
-    from raptor.data import EvalTransform, load_images, open_source
-    from raptor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
     src = open_source(spec).subset(limit, sample_seed, sample)
     y = src.labels
     if (y < 0).any():

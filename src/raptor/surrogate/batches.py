@@ -10,8 +10,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from raptor.distributed import Share
+from raptor.data import TrainTransform
+from raptor.data.stream import ChunkDataset, TrainBatchDataset, even_bounds, key_rng, loader, prefetched, warn_once
+from raptor.distributed import Dist, Share, rows_per_rank
 from raptor.errors import RaptorError
+from raptor.progress import progress_bar
 
 
 class BatchKey(NamedTuple):
@@ -56,9 +59,6 @@ class OnlineBatches:
 
     def __init__(self, teacher, items, size: int, seed: int, crops: bool, workers: int = 2,
                  device: torch.device | None = None, dist=None, autocast: str | None = None):
-        from raptor.data import TrainTransform
-        from raptor.distributed import Dist
-
         self.teacher, self.items, self.seed, self.crops, self.workers = teacher, list(items), seed, crops, workers
         self.device = device or torch.device("cpu")
         self.dist = dist or Dist()
@@ -74,8 +74,6 @@ class OnlineBatches:
 
     def sample(self, n: int, batch: int = 32):
         """Trajectories (all layers, eval transform) of n training images spread evenly over the set."""
-        from raptor.data.stream import ChunkDataset, even_bounds, loader, warn_once
-
         pick = [self.items[i] for i in evenly_spaced(len(self.items), n)]
         for _, x, _, bad, msgs in loader(ChunkDataset(pick, self.eval_tf, even_bounds(len(pick), batch)),
                                          self.workers, pin_memory=self.device.type == "cuda"):
@@ -86,8 +84,6 @@ class OnlineBatches:
     def stream(self, keys: list[tuple[str, int, int, int]], batch: int, share: tuple[int, int] | None = None):
         """The ``share`` = (rank, world) of each (tag, step, first layer, last layer) batch (default: this process's
         rank), in order."""
-        from raptor.data.stream import TrainBatchDataset, loader, warn_once
-
         rank, world = share or Share(self.dist.rank, self.dist.world)
         ds = TrainBatchDataset(self.items, [(k[0], k[1]) for k in keys], batch, self.seed, self.train_tf,
                                self.eval_tf, self.crops, rank, world)
@@ -177,8 +173,6 @@ class StoreBatches:
 
     def __init__(self, store, rows: np.ndarray, seed: int, cache_bytes: float = 6e9, progress: bool = False,
                  device: torch.device | None = None, dist=None, working_bytes: int = 0):
-        from raptor.distributed import Dist
-
         self.store, self.rows, self.seed = store, np.asarray(rows), seed
         self.device = device or torch.device("cpu")
         if self.device.type == "cuda" and self.device.index is None:  # "cuda" and "cuda:0" must compare equal
@@ -191,8 +185,6 @@ class StoreBatches:
             else torch.float32
         need = len(self.rows) * len(store.layers) * T * D * torch.finfo(keep).bits // 8
         if need <= cache_bytes:
-            from raptor.progress import progress_bar
-
             order = np.argsort(self.rows)
             self.cache = torch.empty((len(self.rows), len(store.layers), T, D), dtype=keep)
             step = max(1, store.chunk_images)
@@ -232,9 +224,6 @@ class StoreBatches:
             share: tuple[int, int] | None = None) -> torch.Tensor:
         """The ``share`` = (rank, world) of the batch of (tag, step) (default: this process's rank): the rows are
         drawn from (seed, tag, step) alone."""
-        from raptor.data.stream import key_rng
-        from raptor.distributed import rows_per_rank
-
         rank, world = share or Share(self.dist.rank, self.dist.world)
         n = rows_per_rank(batch, world)
         rng = key_rng(self.seed, tag, step)
@@ -246,7 +235,5 @@ class StoreBatches:
     def stream(self, keys: list[tuple[str, int, int, int]], batch: int, share: tuple[int, int] | None = None):
         """The batches of ``keys`` in order; from disk (no cache) they are read two steps ahead in a thread, so
         decompression overlaps training."""
-        from raptor.data.stream import prefetched
-
         gen = (self.get(tag, step, batch, lo, hi, share) for tag, step, lo, hi in keys)
         return gen if self.cache is not None else prefetched(gen, 2, "raptor-store-prefetch")

@@ -13,6 +13,7 @@ from raptor.data.sampling import check_sample_order
 from raptor.errors import RaptorError, check_positive
 from raptor.phases import PhaseSpec
 from raptor.surrogate.losses import KINDS, NORMS
+from raptor.teachers.base import check_autocast
 
 # Named training recipes: every hyper-parameter of the optimisation, resolved before a run starts and recorded in its
 # metrics.json. Explicit settings (CLI flags, FitConfig keywords) override the recipe's.
@@ -115,8 +116,6 @@ class FitConfig:
     def check(self) -> None:
         """Cheap checks of the settings themselves, done before any teacher, data or output is touched. Zero is
         never "unset": a count or size of 0 is refused like any other impossible value."""
-        from raptor.teachers.base import check_autocast
-
         if self.loss not in KINDS:
             raise RaptorError(f"unknown --loss {self.loss!r} (use {', '.join(KINDS)})")
         if self.loss_norm not in NORMS:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from raptor.progress import progress_bar
 from raptor.surrogate.metrics import LayerFitAccumulator, image_r2
 from raptor.surrogate.stats import ridge_predict
 from raptor.teachers.base import ClassifierHead, pool_tokens
@@ -41,8 +42,6 @@ def validate(model, teacher, val_traj: torch.Tensor, layout, stats=None, baselin
              batch: int = 8, progress: bool = False, groups=None) -> dict:
     """Per-layer fit on held-out trajectories ``val_traj`` (images, 0..L, T, D); see the module doc. ``groups``:
     the photo of each row when the rows are several views of fewer photos (CIs resample photos)."""
-    from raptor.progress import progress_bar
-
     with progress_bar(len(val_traj), "validation (held-out R²)", "img", enabled=progress) as bar:
         return _validate(model, teacher, val_traj, layout, stats, baselines, batch, bar, groups)
 
@@ -106,8 +105,6 @@ def _validate(model, teacher, val_traj, layout, stats, baselines: bool, batch: i
 def backbone_features(model, teacher, x0: torch.Tensor, layout, variants: dict, batch: int = 32,
                       progress: bool = True) -> dict:
     """Pooled features of each backbone variant {name: (i, j)} from layer-0 tokens x0 (teacher: (0, 0))."""
-    from raptor.progress import progress_bar
-
     feats = {k: [] for k in variants}
     with progress_bar(len(x0) * len(variants), "probe features", "img", enabled=progress) as bar:
         for s in range(0, len(x0), batch):
@@ -140,7 +137,6 @@ def probe_evaluation(model, teacher, layout, x0_train: torch.Tensor, y_train: np
     variants = splice_variants(model)
     f_tr = backbone_features(model, teacher, x0_train, layout, variants, progress=progress)
     f_te = backbone_features(model, teacher, x0_test, layout, variants, progress=progress)
-    from raptor.progress import progress_bar
 
     with progress_bar(len(variants) + 1, "probe fits", "probe", enabled=progress) as bar:
         teacher_probe = _logreg(f_tr["teacher"], y_train)

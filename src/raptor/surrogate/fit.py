@@ -16,12 +16,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from raptor import plots
+from raptor.analyze import PhaseFinder
 from raptor.config import atomic_write_text, save_config, to_dict
+from raptor.data import TrainTransform, load_images, open_source
 from raptor.data.sampling import store_sample_record
-from raptor.distributed import rows_per_rank, setup
+from raptor.data.sources import ImageLoadWarning, image_source_of
+from raptor.distributed import Dist, check_block_groups, rows_per_rank, setup
 from raptor.errors import RaptorError
 from raptor.lifecycle import command_run
 from raptor.outputs import staged
+from raptor.runtime import tune_malloc
 from raptor.surrogate.batches import (
     OnlineBatches,
     StoreBatches,
@@ -30,11 +35,13 @@ from raptor.surrogate.batches import (
     to_device,
     training_bytes,
 )
+from raptor.surrogate.checkpoint import save_tensors
 from raptor.surrogate.config import FitConfig
 from raptor.surrogate.evaluate import head_agreement, probe_evaluation, validate
 from raptor.surrogate.losses import effective_group_weights
 from raptor.surrogate.run_dir import FitRun, block_checkpoints, check_existing_run
 from raptor.surrogate.train import build_model, compute_stats, train
+from raptor.teachers import load_teacher
 from raptor.trajectories import StoreTrajectories
 
 
@@ -43,9 +50,6 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
     evaluate. A refused or failed run never harms an earlier result and leaves no directory it created without a
     checkpoint; the final files move in together at the end (``metrics.json`` last). ``teacher``: the already
     loaded teacher of ``cfg.teacher`` (a sweep of many fits loads it once)."""
-    from raptor.data import open_source
-    from raptor.runtime import tune_malloc
-
     tune_malloc()
     out = Path(cfg.out)
     cfg.check()
@@ -82,8 +86,6 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
         raise RaptorError(f"--image-loss needs >= 2 images per process to compare (--batch-size {cfg.batch_size} "
                           f"over {dist.world} processes)")
     if cfg.parallel_blocks and cfg.stage in ("1", "both") and n_blocks and n_blocks > 1:
-        from raptor.distributed import check_block_groups
-
         check_block_groups(cfg.batch_size, n_blocks, dist.world)  # every rank, before any data or output
 
     def has_checkpoint(path: Path) -> bool:
@@ -99,10 +101,6 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
 def _run_fit(cfg: FitConfig, st, src, out: Path, resume: bool, progress: bool, on_step, teacher=None,
              dist=None, device=None, photo_split=None) -> dict:
     """``photo_split``: :func:`held_out_photos`' result when ``--val-data`` holds out whole photos."""
-    from raptor.data import load_images
-    from raptor.distributed import Dist
-    from raptor.teachers import load_teacher
-
     dist = dist or Dist()
     device = device or torch.device("cpu")
     if teacher is None:
@@ -179,8 +177,6 @@ def _run_fit(cfg: FitConfig, st, src, out: Path, resume: bool, progress: bool, o
         save_config(cfg, out / "config.yaml")
     phase_pass = None
     if data_phases:
-        from raptor.analyze import PhaseFinder
-
         phase_pass = PhaseFinder(layout, int(teacher.describe()["depth"]))
     stats = compute_stats(data, layout, cfg.stats_images, progress=progress,
                           on_batch=phase_pass.update if phase_pass else None)
@@ -220,9 +216,6 @@ def _run_fit(cfg: FitConfig, st, src, out: Path, resume: bool, progress: bool, o
 def _finish(cfg: FitConfig, model, teacher, layout, size: int, probe_inputs, val_traj, state, stats, n_train: int,
             train_s: float, out: Path, progress: bool, record: dict, val_groups=None) -> dict:
     """Final weights, validation with baselines, probes and plots, all written into ``out`` (a staging dir)."""
-    from raptor import plots
-    from raptor.surrogate.checkpoint import save_tensors
-
     save_tensors(model.state_dict(), out / "model.safetensors")
     atomic_write_text(out / "surrogate.json", json.dumps({"surrogate": model.cfg.to_dict(), "teacher": teacher.spec},
                                                          indent=1))
@@ -303,8 +296,6 @@ def held_out_photos(src, val_src) -> tuple[list, list, dict]:
     ids and both sides' sources."""
     from collections import Counter
 
-    from raptor.data.sources import image_source_of
-
     val_ids = {it.id for it in val_src.items}
     val_paths = {it.path for it in val_src.items if it.path}
     train = [it for it in src.items if it.id not in val_ids and not (it.path and it.path in val_paths)]
@@ -324,9 +315,6 @@ def val_crop_views(items, n: int, size: int, teacher, seed: int) -> tuple[list, 
     id, crop number) alone; returns (tensors, the item position of each tensor). An unreadable photo is skipped
     with a warning."""
     import random
-
-    from raptor.data import TrainTransform
-    from raptor.data.sources import ImageLoadWarning
 
     tf = TrainTransform(size=size, scale=(0.25, 1.0), flip=False, mean=teacher.image_mean, std=teacher.image_std)
     views, pos = [], []
@@ -392,8 +380,6 @@ def _embed(teacher, tensors: list, batch: int = 64) -> torch.Tensor:
 def _probes(cfg: FitConfig, model, teacher, layout, size: int, probe_inputs, x0_val: torch.Tensor,
             progress: bool) -> dict | None:
     """Fresh-probe evaluation on the training data's own labels, else on ``cfg.probe_data`` (split in halves)."""
-    from raptor.data import load_images, open_source
-
     if probe_inputs is not None:
         train_fn, y_te, name = probe_inputs
         (x_tr, y_tr), x_te = train_fn(), x0_val

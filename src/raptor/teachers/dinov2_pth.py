@@ -16,6 +16,7 @@ from torch import nn
 from raptor.errors import RaptorError
 from raptor.teachers.base import ClassifierHead
 from raptor.teachers.hf import HFTeacher
+from raptor.teachers.names import to_model_names
 
 _BLOCK = re.compile(r"^blocks\.(?:\d+\.)?(\d+)\.(.+)$")  # also block-chunked checkpoints: blocks.{chunk}.{i}.
 _BLOCK_MAP = {
@@ -196,7 +197,6 @@ def load_dinov2_pth_teacher(path: str, spec: str, head: str | None = None) -> HF
     model = build_hf_dinov2(arch)
     if "embeddings.mask_token" not in sd:
         sd["embeddings.mask_token"] = model.embeddings.mask_token.detach().clone()
-    from raptor.teachers.names import to_model_names
 
     missing, unexpected = model.load_state_dict(to_model_names(sd, model), strict=False)
     if missing or unexpected:

@@ -22,6 +22,8 @@ from torch import nn
 
 from raptor.errors import RaptorError
 from raptor.phases import equal_phases, validate_phases
+from raptor.surrogate.block import BlockConfig, RaptorBlock
+from raptor.teachers import load_teacher
 from raptor.teachers.base import Teacher
 
 USAGE = "planted:<k>[,depth=L][,ends=a/b/..][,gain=g][,seed=s][,base=<teacher spec>]"
@@ -40,8 +42,6 @@ class PlantedTeacher(Teacher):
     family = "planted"
 
     def __init__(self, base: Teacher, phases: list[list[int]], gain: float, seed: int, spec: str):
-        from raptor.surrogate.block import BlockConfig, RaptorBlock
-
         cfg = BlockConfig(dim=base.dim, num_heads=max(1, base.dim // 64))
         g = torch.random.fork_rng()
         with g:
@@ -106,8 +106,6 @@ def parse_planted(target: str) -> dict:
 
 
 def load_planted_teacher(target: str, spec: str) -> PlantedTeacher:
-    from raptor.teachers import load_teacher
-
     o = parse_planted(target)
     if o["k"] < 1:
         raise RaptorError(f"planted teacher needs k >= 1 blocks, got {o['k']} ({USAGE})")
