@@ -411,3 +411,11 @@ def render_report(a: dict) -> str:
               "squared off-diagonal similarity inside phases; cut fraction = share of total distance crossing "
               "boundaries (see `raptor/phases.py`).", ""]
     return "\n".join(lines)
+
+
+def console_summary(a: dict, out: Path) -> list[str]:
+    """What ``raptor analyze`` prints when it is done: the chosen phases, each null test's verdict, the files."""
+    lines = [f"phases ({a['primary_metric']}, k={a['chosen']['k']}): {a['chosen']['phases']}"]
+    lines += [null_verdict(t).replace("**", "") for t in a["null_tests"].values()]
+    lines.append(f"wrote {out / 'analysis.json'}, {out / 'report.md'} and {len(a['figures'])} figures")
+    return lines

@@ -282,3 +282,17 @@ def render(dyn: dict) -> str:
     lines += ["", f"Timing: metrics pass {tm['pass_s']:.1f} s, basins {tm['basins_s']:.1f} s, perturbation "
               f"{tm['perturbation_s']:.1f} s, total {tm['total_s']:.1f} s.", ""]
     return "\n".join(lines)
+
+
+def console_summary(dyn: dict, out: Path) -> list[str]:
+    """What ``raptor dynamics`` prints when it is done: the phases, the teacher against its nulls, each finding's
+    verdict per model, the files."""
+    lines = [f"phases: {dyn['phases']}  ({dyn['phases_source']})"]
+    for f, r in dyn["robustness"]["teacher"].items():
+        lines.append(f"teacher ({f}) against its nulls: {r['summary']} "
+                     f"({', '.join(f'{k} {v}' for k, v in r['verdicts'].items())})")
+    for key in ("i", "ii", "iii", "boundary_jumps"):
+        verdicts = ", ".join(f"{m}: {f[key]['verdict']}" for m, f in dyn["findings"].items())
+        lines.append(f"({key}) {dyn['findings']['teacher'][key]['finding']}: {verdicts}")
+    lines.append(f"wrote {out / 'report.md'}, {out / 'dynamics.json'} and {len(dyn['figures'])} plots")
+    return lines

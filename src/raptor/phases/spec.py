@@ -262,3 +262,25 @@ def format_phases(phases) -> str:
 def boundaries_of(phases: list[list[int]]) -> list[int]:
     """The first index of every phase after the first (a boundary lies just before it)."""
     return [p[0] for p in sorted(phases)[1:]]
+
+
+def parse_layers(text: str | None) -> list[int] | None:
+    """A layer list (not a partition: ``--layers``, ``--inject``): '0-12', '0,6,12', '3', or None / '' / 'all' (all
+    layers)."""
+    if text is None or text in ("", "all"):
+        return None
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part:
+                a, b = part.split("-", 1)
+                lo, hi = int(a), int(b)
+                if hi < lo:
+                    raise ValueError
+                out.extend(range(lo, hi + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise RaptorError(f"bad --layers {text!r}: use e.g. 0-12 or 0,6,12") from None
+    return out

@@ -159,3 +159,15 @@ def write_table(paths: list[Path], out: Path | None = None) -> tuple[str, Path, 
     atomic_write_text(md_path, md)
     atomic_write_text(csv_path, to_csv(rows, cols))
     return md, md_path, csv_path
+
+
+def console_summary(recs: list[dict], task: str, out: Path) -> list[str]:
+    """What ``raptor probe`` prints when it is done: the test metric over the seeds (each seed's best lr and epoch)
+    and the results file appended to."""
+    m = recs[0]["metric"]
+    vals = [display_value(m, r["value"]) for r in recs]
+    best = ", ".join(f"seed {r['seed']}: {v:.3g} (lr {r['best']['lr']:g}, epoch {r['best']['epoch']})"
+                     for r, v in zip(recs, vals))
+    return [f"{recs[0]['backbone']} · {task} · {recs[0]['data']}: test {m} {float(np.mean(vals)):.4g} ± "
+            f"{float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0:.2g} over {len(vals)} seed(s)  [{best}]",
+            f"appended to {out / 'results.jsonl'}"]

@@ -246,3 +246,25 @@ def render(cfg, study: dict) -> str:
     lines += ["", "## Definitions", ""] + [f"- **{k}**: {v}" for k, v in study["definitions"].items()]
     lines += ["", "## Figures", ""] + [f"![{k}]({v})" for k, v in study["figures"].items()]
     return "\n".join(lines) + "\n"
+
+
+def console_summary(res: dict, out: Path) -> list[str]:
+    """What ``raptor study`` prints when it is done: the correlations, the DP phases against each null family, the
+    depth-matched swaps, the files."""
+    lines = []
+    for name, c in res["correlations"].items():
+        rho = "n/a" if c["rho"] is None else f"{c['rho']:.2f} [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]"
+        lines.append(f"{name}: {rho} (n = {c['n']})")
+    for k, fams in res["partition_nulls"].items():
+        for fam, c in fams.items():
+            if c["r2_mean"]["runs"]:
+                lines.append(f"k={k} DP phases vs {fam} partitions (R²): beat their mean in "
+                             f"{c['r2_mean']['fraction_dp_beats_mean']:.0%} of runs, by > 1σ in "
+                             f"{c['r2_mean']['fraction_gap_above_1_sigma']:.0%}; mean rank "
+                             f"{c['r2_mean']['mean_rank']:.1f} of {c['r2_mean']['of']}")
+    m = res["matched_swaps"]
+    if m["runs"]:
+        lines.append(f"depth-matched swaps: intra − inter {m['mean_effect']:+.3f} top-1, significant in "
+                     f"{m['fraction_significant']:.0%} of {m['runs']} runs")
+    lines.append(f"wrote {out / 'report.md'}, {out / 'study.json'} and {len(res['figures'])} figures")
+    return lines

@@ -209,3 +209,18 @@ def _plot(path: Path, rows: list[dict]) -> str:
     ax.set_title("training ablation (cumulative rows, as the paper's Table 1)", fontsize=10)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
+
+
+def console_summary(res: dict, out: Path) -> list[str]:
+    """What ``raptor ablation`` prints when it is done: each row's held-out scores (row 6: its two probes), the
+    files."""
+    lines = []
+    for r in res["rows"]:
+        if "r2_image_specific_mean" in r:
+            lines.append(f"{r['row']}: image-specific R2 {r['r2_image_specific_mean']:.3f}, image-level R2 "
+                         f"{r['image_level_r2']:.3f} (paper, IN-1k top-1: {r['paper_in1k_top1']})")
+        else:
+            lines.append(f"{r['row']}: fresh probe {r['fresh_probe_top1']:.3f}, fine-tuned teacher head "
+                         f"{r['fine_tuned_head_top1']:.3f}")
+    lines.append(f"wrote {out / 'ablation.md'}, {out / 'ablation.json'} and {out / res['figure']}")
+    return lines

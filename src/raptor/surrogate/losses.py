@@ -79,3 +79,17 @@ def token_loss(pred: torch.Tensor, target: torch.Tensor, kind: str, layout: Toke
     if not terms:
         raise RaptorError("all loss weights are zero for this token layout")
     return sum(terms)
+
+
+def parse_weights(text: str | None, name: str) -> tuple[float, float, float] | None:
+    """Loss weights from the command line (``name``, e.g. ``--stage2-weights``): '0.45,0.10,0.45' (cls, registers,
+    patches) or 'none' (no group weighting)."""
+    if text is None or text.strip().lower() == "none":
+        return None
+    try:
+        w = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        w = ()
+    if len(w) != 3 or any(x < 0 for x in w) or not sum(w) > 0:
+        raise RaptorError(f"bad {name} {text!r}: three non-negative numbers cls,registers,patches, e.g. 0.45,0.1,0.45")
+    return w

@@ -228,3 +228,43 @@ def report(runs: list[dict]) -> str:
         out.append(f"- `{m['_name']}` ({pr['data']}, {pr['n_train']} train / {pr['n_test']} held-out images): "
                    + "; ".join(cells))
     return "\n".join(out) + "\n"
+
+
+def console_summary(m: dict, out: Path) -> list[str]:
+    """What ``raptor fit`` prints when it is done: the phases, the recipe, held-out R² per layer (image-specific
+    first) beside the baselines, the probes, and the files written to ``out``."""
+    v = m["validation"]
+    ar = v["autoregressive"]
+    lines = [f"phases: {m['surrogate']['phases']}  ({m['phases_chosen']['how']}; {v['n_images']} held-out images)"]
+    rec = m["recipe"]
+    lines.append(f"recipe: {rec['name']}" + (" (overridden: " + ", ".join(f"{n} {o['used']}" for n, o in
+                                                                         rec["overridden"].items()) + ")"
+                                            if rec["overridden"] else ""))
+    bl = v.get("baselines", {})
+    if "r2_image_specific" in ar:  # first: what a model blind to the image cannot score (the position mean: 0)
+        lo, hi = ar["r2_image_specific_ci95"]
+        lines.append("held-out image-specific R2 per layer, Raptor AR:  " + " ".join(f"{x:.3f}" for x in
+                                                                                ar["r2_image_specific"]) +
+                     f"  mean {ar['r2_image_specific_mean']:.3f} [95% CI {lo:.3f}, {hi:.3f}]")
+        for key in ("identity", "ridge_autoregressive"):
+            if key in bl:
+                lines.append(f"  baseline {key:<21}" + " ".join(f"{x:.3f}" for x in bl[key]["r2_image_specific"]) +
+                             f"  mean {bl[key]['r2_image_specific_mean']:.3f}")
+    il = v["image_level"]["autoregressive"]
+    lines.append(f"image-level R2 of pooled features: {il['r2']:.3f} (variance kept {il['variance_kept']:.2f})")
+    lines.append("held-out R2 per layer, Raptor AR:  " + " ".join(f"{x:.3f}" for x in ar["r2"]) +
+                 f"  mean {ar['r2_mean']:.3f}")
+    for key in ("identity", "ridge_teacher_forced", "position_mean"):
+        if key in bl:
+            b = bl[key]
+            lines.append(f"  baseline {key:<21}" + " ".join(f"{x:.3f}" for x in b["r2"]) + f"  mean {b['r2_mean']:.3f}")
+    if "position_mean" in bl:
+        lines.append(f"paper's R2 (all layers pooled): Raptor {ar['r2_official_all_layers']:.3f}; the image-blind "
+                     f"position mean scores {bl['position_mean']['r2_official_all_layers']:.3f} under it")
+    if v.get("probes"):
+        for name, b in v["probes"]["backbones"].items():
+            lines.append(f"fresh probe {name:<14} {b['fresh_probe_accuracy']:.3f} ({b['pct_of_teacher']:.1f} % of "
+                         f"teacher); teacher-probe agreement {b['teacher_probe_agreement']:.3f}")
+    lines.append(f"wrote {out / 'metrics.json'}, {out / 'r2_image_specific_per_layer.png'}, "
+                 f"{out / 'r2_per_layer.png'}, {out / 'model.safetensors'} and the run's config, plots and checkpoints")
+    return lines
