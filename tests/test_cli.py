@@ -7,6 +7,19 @@ import pytest
 from clirun import one_error_line, raptor
 
 
+def test_the_cli_and_its_registries_start_without_torch():
+    """`raptor --help` and the help texts (teacher kinds, options) must not pay torch's import: a fresh interpreter
+    that imports the CLI, its options and the teacher kinds table has not imported torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, raptor.cli, raptor.cli_options; from raptor.teachers import KINDS, SPEC_HELP; "
+            "assert 'planted:' in SPEC_HELP and set(KINDS) >= {'bundled', 'hf', 'planted'}; "
+            "print('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "False"
+
+
 def test_help_lists_commands():
     r = raptor("--help")
     assert r.returncode == 0

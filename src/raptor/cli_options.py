@@ -12,13 +12,14 @@ from typing import Any
 
 import typer
 
+from raptor.data.sources import DATA_SPEC_HELP
 from raptor.errors import RaptorError
 from raptor.phases import PhaseSpec
+from raptor.teachers import SPEC_HELP
 
-TEACHER_HELP = "Teacher spec: bundled:dinov2-s | hf:<hub id or dir> | dinov2-pth:<file> | tiny:<family>"
+TEACHER_HELP = "Teacher spec: " + SPEC_HELP  # written from the teacher kinds table
 DEVICE_HELP = "auto (a CUDA GPU when there is one) | cpu | cuda | cuda:N (under torchrun: cuda = the local rank's GPU)"
-DATA_HELP = ("Data spec: bundled:photos | bundled:natural | bundled:digits | bundled:lfw | fashion-mnist[:<dir>] | "
-             "<dir> | folder:<dir> | classes:<dir>")
+DATA_HELP = "Data spec: " + DATA_SPEC_HELP  # the image sources' own help
 
 # --- options several commands take alike
 TEACHER = typer.Option("bundled:dinov2-s", "--teacher", "-t", help=TEACHER_HELP)

@@ -7,12 +7,13 @@ import json
 from pathlib import Path
 
 from raptor.errors import RaptorError
-from raptor.surrogate.run_dir import FitRun
 
 
 def load_run(path: str | Path) -> dict:
     p = Path(path)
     if p.is_dir():
+        from raptor.surrogate.run_dir import FitRun  # imports torch: the CLI imports this module at start
+
         m = FitRun(p).metrics()
     else:  # a metrics.json given by itself
         try:
