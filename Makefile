@@ -11,7 +11,7 @@ FLOOR   := .venv-floor
 FLOOR_TESTS := tests/test_versions.py tests/test_teachers.py tests/test_store.py tests/test_phases.py \
                tests/test_surrogate_block.py tests/test_cli.py
 
-.PHONY: install demo test test-floor lint bench gpu-check results clean
+.PHONY: install demo test test-fast test-floor lint bench gpu-check results clean
 
 install: $(STAMP)
 
@@ -30,6 +30,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# everything but the end-to-end runs marked slow (real teacher passes, fits, torchrun, subprocess CLIs): < 90 s
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # the oldest declared versions of the core dependencies (constraints-floor.txt), in their own venv
 $(FLOOR)/.installed: pyproject.toml constraints-floor.txt

@@ -3,6 +3,8 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -22,3 +24,19 @@ def bundled_photos():
     from raptor.data import open_source
 
     return open_source("bundled:photos")
+
+
+@pytest.fixture
+def patch_everywhere(monkeypatch):
+    """``patch(module, name, new)``: replace ``module.name`` and every binding of the same object that a raptor
+    module made with ``from module import name`` (the package imports its own modules at module level, so patching
+    the home module alone would not reach a module that was imported earlier)."""
+
+    def patch(module, name, new):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, new)
+        for mod_name, mod in list(sys.modules.items()):
+            if mod_name.startswith("raptor") and mod is not module and getattr(mod, name, None) is real:
+                monkeypatch.setattr(mod, name, new)
+
+    return patch

@@ -27,6 +27,7 @@ def live(tmp_path_factory):
     return run_analyze(cfg, progress=False)
 
 
+@pytest.mark.slow
 def test_analysis_json_validates_and_files_exist(live, schema):
     a = json.loads((live.out / "analysis.json").read_text())
     jsonschema.validate(a, schema)
@@ -81,6 +82,7 @@ def test_real_teacher_similarity_has_structure(live):
     assert np.allclose(np.diag(cka), 1) and cka[0, -1] < np.mean([cka[i, i + 1] for i in range(11)])
 
 
+@pytest.mark.slow
 def test_store_path_equals_live_path(live, tmp_path):
     from raptor.data import open_source
     from raptor.store import extract
@@ -104,6 +106,7 @@ def test_bad_analyze_inputs(tmp_path):
         run_analyze(AnalyzeConfig(k_min=4, k_max=2, out=str(tmp_path / "b")), progress=False)
 
 
+@pytest.mark.slow
 def test_cli_analyze_tiny(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     r = subprocess.run([sys.executable, "-m", "raptor.cli", "analyze", "--teacher", "tiny:dinov2_with_registers",

@@ -20,6 +20,7 @@ def test_the_cli_and_its_registries_start_without_torch():
     assert r.stdout.strip() == "False"
 
 
+@pytest.mark.slow
 def test_help_lists_commands():
     r = raptor("--help")
     assert r.returncode == 0
@@ -40,6 +41,7 @@ def test_help_lists_commands():
      "bad --layers"),
     (["info", "/no/such/store"], "not a trajectory store"),
 ])
+@pytest.mark.slow
 def test_bad_input_is_one_line_exit_2(tmp_path, args, needle):
     args = [str(tmp_path / "X") if a == "X" else a for a in args]
     r = raptor(*args)
@@ -47,6 +49,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, args, needle):
     one_error_line(r.stderr, needle)
 
 
+@pytest.mark.slow
 def test_extract_and_info_on_bundled_teacher(tmp_path):
     out = tmp_path / "store"
     r = raptor("extract", "--teacher", "bundled:dinov2-s", "--data", "bundled:photos", "--limit", "3",

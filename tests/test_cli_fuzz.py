@@ -71,6 +71,7 @@ for _name, _text in (("array", "[[1], [2, 3]]"), ("empty", "[]"), ("depth", "[[1
     PHASE_FILES[_name].write_text(_text)
 
 
+@pytest.mark.slow
 def test_extract_arguments(capsys):
     codes: list[int] = []
 
@@ -94,6 +95,7 @@ def test_extract_arguments(capsys):
     _both_outcomes(codes, "extract")
 
 
+@pytest.mark.slow
 def test_analyze_arguments(capsys):
     codes: list[int] = []
 
@@ -115,6 +117,7 @@ def test_analyze_arguments(capsys):
     _both_outcomes(codes, "analyze")
 
 
+@pytest.mark.slow
 def test_fit_arguments(capsys):
     codes: list[int] = []
 
@@ -156,6 +159,7 @@ def test_fit_arguments(capsys):
     _both_outcomes(codes, "fit")
 
 
+@pytest.mark.slow
 def test_ablation_arguments(capsys):
     codes: list[int] = []
 
@@ -206,6 +210,7 @@ def test_probe_arguments(capsys):
     assert 0 in tables, tables  # the table of a real probe run; its refusals are drawn in the test below
 
 
+@pytest.mark.slow
 def test_dynamics_arguments(capsys):
     codes: list[int] = []
 

@@ -214,6 +214,7 @@ def _trace(d: Path, rank: int) -> list[dict]:
     return [json.loads(line) for line in (d / f"rank{rank}.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--parallel-blocks"]])
 def test_both_ranks_issue_the_same_collectives_on_the_training_device(tmp_path, store, extra):
     """RAPTOR_TRACE_COLLECTIVES: every collective of a 2-rank fit (data-parallel, and --parallel-blocks with its
@@ -243,6 +244,7 @@ open(os.path.join(os.path.dirname(__file__), f"ok{dist.rank}"), "w").close()  # 
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how,ok", [("wait_all", True), ("barrier", False)])
 def test_a_long_wait_uses_the_side_group_not_the_process_groups_timeout(tmp_path, how, ok):
     """With the process group's timeout at 2 s, a rank 6 s late makes a plain barrier fail, while wait_all (the

@@ -231,6 +231,7 @@ def test_random_weight_teacher_keeps_the_embedding_and_redraws_the_blocks():
     assert all(torch.equal(v, t.state_dict()[k]) for k, v in before.items())  # untouched
 
 
+@pytest.mark.slow
 def test_dynamics_command_live_equals_store_and_reports_findings(tmp_path, tiny_run):
     args = ["--teacher", TINY, "--data", "bundled:digits", "--limit", "40", "--batch-size", "16",
             "--perturb-images", "8", "--rank-images", "20", "--eps", "0.1", "--no-progress"]

@@ -88,6 +88,7 @@ def test_refused_fits_leave_a_finished_run_byte_identical(tmp_path, store40, cap
     assert not [p for p in out.iterdir() if p.name.startswith(".staging")]
 
 
+@pytest.mark.slow
 def test_failed_analyze_keeps_the_earlier_analysis(tmp_path, capsys, monkeypatch):
     out = tmp_path / "an"
     args = ["analyze", *TINY, "--data", "bundled:lfw", "--limit", "12", "--out", out, "--no-progress"]
@@ -221,14 +222,14 @@ def test_a_corrected_command_is_accepted_after_a_refused_one(tmp_path, capsys):
     assert TrajectoryStore(out).complete
 
 
-def test_cheap_checks_come_before_the_teacher_loads(tmp_path, store40, capsys, monkeypatch):
+def test_cheap_checks_come_before_the_teacher_loads(tmp_path, store40, capsys, patch_everywhere):
     """Data, k, phases and an existing --out are checked without loading the teacher (20-35 s for the real one)."""
     import raptor.teachers as teachers
 
     def no_teacher(*a, **k):
         raise AssertionError("the teacher was loaded before a cheap check failed")
 
-    monkeypatch.setattr(teachers, "load_teacher", no_teacher)
+    patch_everywhere(teachers, "load_teacher", no_teacher)
     (tmp_path / "notastore").mkdir()
     (tmp_path / "notastore" / "file.txt").write_text("x")
     cases = [
@@ -251,6 +252,7 @@ def test_cheap_checks_come_before_the_teacher_loads(tmp_path, store40, capsys, m
 
 # ---- 8. file modes ----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_outputs_get_umask_modes_not_0600(tmp_path, store40):
     r = raptor("fit", *TINY, "--store", store40, "--out", tmp_path / "fit", *FIT_FAST, umask=0o022)
     assert r.returncode == 0, r.stderr
@@ -447,6 +449,7 @@ def _reference(tmp_path_factory, args: list) -> Path:
     return _REFERENCES[key]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mechanism", ["tmpfs", "injected"])
 def test_disk_full_then_resume_with_space_equals_an_uninterrupted_store(tmp_path, tmp_path_factory, mechanism):
     """A real 256 KiB tmpfs where this machine lets us mount one (else the injected fault), and the injected fault
@@ -476,6 +479,7 @@ def test_disk_full_then_resume_with_space_equals_an_uninterrupted_store(tmp_path
             umount(mnt)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mechanism", ["tmpfs", "injected"])
 def test_read_only_output_is_one_line_and_leaves_nothing(tmp_path, mechanism):
     mnt = tmp_path / "ro"
@@ -519,6 +523,7 @@ def _chunks_done(out: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("after_chunks", [0, 2, 9])
 def test_sigkill_during_extraction_at_several_points(tmp_path, tmp_path_factory, after_chunks):
     args = ["extract", *TINY, "--data", "bundled:lfw", "--chunk-images", "8", "--image-size", "224",
@@ -540,6 +545,7 @@ def _checkpoint(out: Path) -> str:
         return ""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["before any checkpoint", "stage 1 block 0", "stage 1 block 1", "stage 2"])
 def test_sigkill_during_training_at_several_points(tmp_path, tmp_path_factory, store40, point):
     args = ["fit", *TINY, "--store", str(store40), "--k", "2", "--steps1", "60", "--steps2", "60",

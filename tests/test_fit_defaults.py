@@ -37,6 +37,7 @@ def test_fit_config_defaults_are_the_short_recipe():
     assert rep["overridden"]["lr"] == {"recipe": 3e-4, "used": 1e-3}
 
 
+@pytest.mark.slow
 def test_k_alone_uses_the_phases_analyze_finds(digits_store, tmp_path):
     """--k 3 alone: the DP segmentation raptor analyze reports for k = 3 on these images (here not the equal
     1-4/5-8/9-12 that fit used to take silently), printed, recorded with how it was chosen; --phases equal still
@@ -64,6 +65,7 @@ def test_k_alone_uses_the_phases_analyze_finds(digits_store, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["surrogate"]["phases"] == expected
 
 
+@pytest.mark.slow
 def test_recipe_is_recorded_and_flags_override_it(digits_store, tmp_path):
     out = tmp_path / "paper"
     assert run(["fit", "--store", str(digits_store), "--phases", "1-7/8-12", "--recipe", "paper", "--lr", "1e-3",

@@ -128,6 +128,7 @@ def dataclass_replace(cfg, **kw):
     return dataclasses.replace(cfg, **kw)
 
 
+@pytest.mark.slow
 def test_the_ablation_runs_its_cumulative_rows_and_resumes(tmp_path):
     """raptor ablation on a tiny teacher: five fits with the paper's cumulative switches (row 5 continues row 4 with
     stage 2), a table and a figure; a second call reuses every finished row; row 6 without a head is refused."""

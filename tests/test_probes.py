@@ -149,6 +149,7 @@ def test_ade20k_reader_maps_background_to_ignore(ade_root):
     assert (lab[raw > 0] == raw[raw > 0] - 1).all()
 
 
+@pytest.mark.slow
 def test_segmentation_probe_learns_fabricated_ade20k(ade_root, tmp_path):
     recs = run_probe(ProbeConfig("seg", TINY, f"ade20k:{ade_root}", str(tmp_path / "out"), seeds=(0,),
                                  lrs=(3e-3, 1e-2), epochs=15, batch_size=8, image_size=56), progress=False)
@@ -424,6 +425,7 @@ def test_bundled_probe_data_are_real_and_split_disjointly():
     assert max(cols("train")) + 140 <= min(cols("test"))  # train crops end left of every test crop
 
 
+@pytest.mark.slow
 def test_real_teacher_classifies_lfw_faces_far_above_raw_pixels(tmp_path):
     out = str(tmp_path / "o")
     kw = dict(seeds=(0,), lrs=(1e-3, 1e-2), epochs=20)
@@ -436,6 +438,7 @@ def test_real_teacher_classifies_lfw_faces_far_above_raw_pixels(tmp_path):
 
 @pytest.mark.parametrize("case", ["missing_split", "mask_size", "no_classes", "unknown_backbone", "wrong_task",
                                   "splice_on_teacher", "bad_seeds"])
+@pytest.mark.slow
 def test_bad_input_is_one_error_line(case, tmp_path, ade_root, imagenet_root):
     import shutil
 

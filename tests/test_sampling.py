@@ -88,6 +88,7 @@ def test_extract_limit_stores_every_class_and_records_the_sample(class_folders, 
     assert sorted(set(TrajectoryStore(sorted_out).labels.tolist())) == [0, 1]
 
 
+@pytest.mark.slow
 def test_analyze_and_dynamics_record_the_chosen_ids(class_folders, tmp_path):
     out = tmp_path / "a"
     assert run(["analyze", "--teacher", "tiny:dinov2", "--data", str(class_folders), "--limit", "12",

@@ -94,6 +94,7 @@ print("RSS", rc, peak(resource.RUSAGE_SELF), peak(resource.RUSAGE_CHILDREN))
 """
 
 
+@pytest.mark.slow
 def test_peak_memory_is_flat_from_200_to_2000_images(tmp_path):
     """Decoded, the 2,000 images are 2000 x 256 x 256 x 3 B = 375 MiB (an in-memory cache of them: +340 MiB over
     200 images). Streamed (extract, then an online fit, in one process), neither the main process nor any worker
@@ -151,6 +152,7 @@ def _same_store(a, b):
                                                                       if k != "packages"}
 
 
+@pytest.mark.slow
 def test_two_process_extract_writes_the_one_process_store(tmp_path, store_and_fit):
     one = store_and_fit[0]
     r = torchrun(*EXTRACT, "--out", tmp_path / "two")
@@ -195,6 +197,7 @@ def _same_fit(one, two):
     assert all(torch.allclose(wa[k], wb[k], rtol=1e-3, atol=5e-5) for k in wa)
 
 
+@pytest.mark.slow
 def test_two_process_fit_from_a_store_matches_one_process_fit(tmp_path, store_and_fit):
     store, one = store_and_fit
     r = torchrun(*FIT, "--store", store, "--out", tmp_path / "two")
@@ -203,6 +206,7 @@ def test_two_process_fit_from_a_store_matches_one_process_fit(tmp_path, store_an
     _same_fit(one, tmp_path / "two")
 
 
+@pytest.mark.slow
 def test_two_process_online_fit_matches_one_process_fit(tmp_path):
     data = ["--data", "bundled:lfw", "--limit", "100", "--workers", "1"]
     r = raptor(*FIT, *data, "--out", tmp_path / "one")
@@ -212,6 +216,7 @@ def test_two_process_online_fit_matches_one_process_fit(tmp_path):
     _same_fit(tmp_path / "one", tmp_path / "two")
 
 
+@pytest.mark.slow
 def test_distributed_refusals_are_one_error_line(tmp_path, capsys):
     r = torchrun(*FIT, "--data", "bundled:lfw", "--limit", "100", "--batch-size", "7", "--out", tmp_path / "x")
     assert r.returncode != 0 and "must be a multiple of the number of processes (2)" in r.stderr
@@ -245,6 +250,7 @@ def test_distributed_refusals_are_one_error_line(tmp_path, capsys):
     assert os.listdir(tmp_path / "held") == []
 
 
+@pytest.mark.slow
 def test_parallel_stage1_blocks_on_two_ranks_match_the_sequential_fit(tmp_path, store_and_fit):
     store, one = store_and_fit
     r = torchrun(*FIT, "--store", store, "--parallel-blocks", "--out", tmp_path / "two")
@@ -337,6 +343,7 @@ def test_store_batches_from_disk_equal_the_cached_ones(tmp_path):
     assert a[0].shape == (6, 2, 5, 32) and a[-1].shape == (6, 4, 5, 32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task,data", [("seg", "bundled:digit-seg")])
 def test_two_process_probe_features_equal_the_one_process_ones(tmp_path, task, data):
     """torchrun probe: the ranks share the feature passes (every other batch), rank 0 gathers them into the same

@@ -153,6 +153,7 @@ def test_reader_batches_shuffle_and_cover_every_row_once(tmp_path, tiny, lfw40):
     assert det1 == det2
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     """A subprocess running the real CLI is SIGKILLed mid-extraction; the same command then finishes the store."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")

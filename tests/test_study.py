@@ -38,7 +38,7 @@ def test_uniform_stochastic_depth_is_the_hf_drop_path():
     assert isinstance(build_model(TINY_VIT, 10, 0.0, 0).dinov2.encoder.layer[0].drop_path, torch.nn.Identity)
 
 
-def test_vit_training_resumes_to_identical_weights(tmp_path, digits8, monkeypatch):
+def test_vit_training_resumes_to_identical_weights(tmp_path, digits8, patch_everywhere):
     x_tr, y_tr, x_te, y_te, _, _, _, tf = digits8
     tcfg = TrainConfig(epochs=3, batch_size=32, warmup_epochs=1)
     full = train_vit(TINY_VIT, tcfg, 0.2, 0, x_tr, y_tr, x_te, y_te, tmp_path / "a", tf.mean, tf.std, False)
@@ -53,10 +53,10 @@ def test_vit_training_resumes_to_identical_weights(tmp_path, digits8, monkeypatc
         if len(calls) == 2:
             raise KeyboardInterrupt
         return out
-    monkeypatch.setattr(ck, "save_checkpoint", save_then_stop)
+    patch_everywhere(ck, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         train_vit(TINY_VIT, tcfg, 0.2, 0, x_tr, y_tr, x_te, y_te, tmp_path / "b", tf.mean, tf.std, False)
-    monkeypatch.setattr(ck, "save_checkpoint", real)
+    patch_everywhere(ck, "save_checkpoint", real)
     resumed = train_vit(TINY_VIT, tcfg, 0.2, 0, x_tr, y_tr, x_te, y_te, tmp_path / "b", tf.mean, tf.std, False)
     assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in full["history"]]
     from safetensors.torch import load_file
@@ -167,6 +167,7 @@ def _tiny_study(out: Path, sd=(0.0, 0.5)) -> StudyConfig:
                        fit=FitBudget(steps1=4, steps2=2, batch_size=8, val_images=16, stats_images=32))
 
 
+@pytest.mark.slow
 def test_micro_sweep_resumes_without_retraining(tmp_path):
     cfg = _tiny_study(tmp_path / "s")
 

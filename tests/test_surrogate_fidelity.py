@@ -223,6 +223,7 @@ def test_a_refused_fit_touches_no_output(tmp_path):
     assert not (tmp_path / "fresh").exists()
 
 
+@pytest.mark.slow
 def test_stage2_from_a_stage1_run_equals_one_run_of_both_stages(tmp_path):
     """`--stage 1` then `--stage 2 --init-from` that run trains exactly what `--stage both` trains (the official code
     runs its stages separately); mismatched phases and two starting points are refused before anything is written."""

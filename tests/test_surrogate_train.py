@@ -89,6 +89,7 @@ def test_splice_with_identity_range_is_the_teacher():
     assert not torch.allclose(m.splice(t, x, 0, t.depth), full, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path):
     run_fit(_cfg(tmp_path / "full"), progress=False)
 
@@ -157,6 +158,7 @@ def test_fit_from_store_writes_metrics_and_plots(tmp_path):
         assert (tmp_path / "run" / f).is_file()
 
 
+@pytest.mark.slow
 def test_cli_fit_errors_are_one_line(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     r = subprocess.run([sys.executable, "-m", "raptor.cli", "fit", "--teacher", "tiny:dinov2", "--data",

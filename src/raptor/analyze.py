@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from raptor import plots
 from raptor.config import atomic_write_text, save_config, to_dict
 from raptor.data import open_source
 from raptor.data.sampling import check_sample_order
@@ -31,7 +32,10 @@ from raptor.phases import (
     recursive_max_cut,
 )
 from raptor.progress import progress_bar
+from raptor.similarity import GROUPS as CKA_GROUPS
 from raptor.similarity import SimilarityAccumulator, SimilarityResult
+from raptor.teachers import load_teacher
+from raptor.teachers.base import check_autocast
 from raptor.trajectories import LiveTrajectories, StoreTrajectories
 
 SCHEMA_VERSION = 1
@@ -66,9 +70,6 @@ class AnalyzeConfig:
 
     def check(self) -> None:
         """Cheap checks of the settings themselves, before any store, teacher, data or output is touched."""
-        from raptor.similarity import GROUPS as CKA_GROUPS
-        from raptor.teachers.base import check_autocast
-
         check_positive(limit=self.limit, batch_size=self.batch_size, image_size=self.image_size,
                        k_max=self.k_max, k_min=self.k_min, maxcut_min_size=self.maxcut_min_size)
         if self.k_max < self.k_min:
@@ -180,9 +181,6 @@ def run_analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalysisOutputs:
 
 
 def _run_analyze(cfg: AnalyzeConfig, st, src, stage: Path, progress: bool) -> AnalysisOutputs:
-    from raptor import plots
-    from raptor.teachers import load_teacher
-
     t0 = time.perf_counter()
     if st is not None:
         layers = cfg.layers or list(range(1, st.depth + 1))
@@ -240,8 +238,6 @@ def _run_analyze(cfg: AnalyzeConfig, st, src, stage: Path, progress: bool) -> An
     null_tests, stability = {}, {}
     per_image = res.per_image.get(PRIMARY)
     if cfg.null_resamples and per_image is not None and len(per_image) >= 2:
-        from raptor.progress import progress_bar
-
         with progress_bar(len(ks), "phase null tests", "k", enabled=progress) as bar:
             for k in [k for k in ks if k >= 2]:  # (k = 1 has no boundary to test)
                 t = phase_null_test(per_image, k, cfg.null_resamples, cfg.null_seed)

@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from raptor.errors import RaptorError
+
 T = TypeVar("T")
 
 
@@ -43,8 +45,6 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = set(data) - names
     if unknown:
-        from raptor.errors import RaptorError
-
         raise RaptorError(f"unknown config keys for {cls.__name__}: {sorted(unknown)}")
     kwargs = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from raptor.dynamics.metrics import pca_2d
 from raptor.plots import plt, save_figure
 
 # ---- plots ---------------------------------------------------------------------------------------------------
@@ -107,8 +108,6 @@ def plots(stage: Path, dyn: dict, results: dict, basins: dict) -> dict:
 def _pca_grid(path: Path, dyn: dict, results: dict, basins: dict) -> str:
     """Rows: models; columns: the embedded pixels (layer-0 mean patch direction, the baseline) and the read-out
     direction at the middle layer and at each phase's last layer."""
-    from raptor.dynamics.metrics import pca_2d
-
     L = dyn["layers"][-1]
     cols = [None] + sorted({p[-1] for p in dyn["phases"]} | {L // 2})[:6]
     fig, axes = plt.subplots(len(basins), len(cols), figsize=(2.3 * len(cols), 2.4 * len(basins)), squeeze=False)

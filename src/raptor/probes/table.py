@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from raptor.config import atomic_write_text
 from raptor.errors import RaptorError
 from raptor.probes.run import RESULTS, read_results
 
@@ -150,8 +151,6 @@ def to_csv(rows: list[dict], cols: list[tuple]) -> str:
 
 
 def write_table(paths: list[Path], out: Path | None = None) -> tuple[str, Path, Path]:
-    from raptor.config import atomic_write_text
-
     rows, cols = aggregate(collect(paths))
     md = markdown(rows, cols)
     base = Path(out) if out else (paths[0] if paths[0].is_dir() else paths[0].parent) / "table"

@@ -19,7 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raptor.config import atomic_write_text, save_config
+from raptor.data import open_source
 from raptor.errors import RaptorError
+from raptor.plots import plt, save_figure
+from raptor.probes.data import open_probe_data
+from raptor.probes.run import ProbeConfig, run_probe
+from raptor.progress import console
+from raptor.store import TrajectoryStore
+from raptor.surrogate.fit import run_fit
+from raptor.surrogate.run_dir import check_existing_run
+from raptor.teachers import load_teacher
+from raptor.teachers.dinov2_pth import load_state_file
 
 # (directory name, the paper's row label, FitConfig changes against the full recipe)
 ROWS = (
@@ -75,31 +85,20 @@ def _row(label: str, m: dict) -> dict:
 def _preflight(cfg: AblationConfig, rows: list) -> None:
     """Everything cheap, before anything is written or trained: every row's settings, the data, row 6's probe data
     and head, and that finished or started rows were trained with these settings."""
-    from raptor.surrogate.run_dir import check_existing_run
-
     cfg.check()
     for _, _, fc in rows:
         if fc.stage == "1":
             fc.check()
     if cfg.fit.store:
-        from raptor.store import TrajectoryStore
-
         TrajectoryStore(cfg.fit.store).require_complete("ablation never trains on part of a store")
     else:
-        from raptor.data import open_source
-
         open_source(cfg.fit.data)
         if cfg.fit.val_data:
             open_source(cfg.fit.val_data)
     if cfg.probe_data:
-        from raptor.probes.data import open_probe_data
-        from raptor.probes.run import ProbeConfig
-
         ProbeConfig("cls", str(Path(cfg.out) / ROWS[4][0]), cfg.probe_data, cfg.out, init_head=cfg.init_head).check()
         open_probe_data(cfg.probe_data, "cls")
         if cfg.init_head != "teacher":
-            from raptor.teachers.dinov2_pth import load_state_file
-
             load_state_file(cfg.init_head)
     for name, _, fc in rows:  # a re-run must be the same ablation: each existing row's settings are checked
         if Path(fc.out).exists():
@@ -110,9 +109,6 @@ def _preflight(cfg: AblationConfig, rows: list) -> None:
 
 
 def run_ablation(cfg: AblationConfig, progress: bool = True) -> dict:
-    from raptor.progress import console
-    from raptor.surrogate.fit import run_fit
-
     rows_cfg = row_configs(cfg)
     _preflight(cfg, rows_cfg)
     out = Path(cfg.out)
@@ -123,8 +119,6 @@ def run_ablation(cfg: AblationConfig, progress: bool = True) -> dict:
             m = json.loads(done.read_text())
         else:
             if teacher is None:
-                from raptor.teachers import load_teacher
-
                 teacher = load_teacher(fc.teacher)
             resume = (Path(fc.out) / "checkpoints" / "latest.json").is_file()
             m = run_fit(fc, resume=resume, progress=progress, teacher=teacher)
@@ -149,8 +143,6 @@ def run_ablation(cfg: AblationConfig, progress: bool = True) -> dict:
 
 def _fine_tuned_probe(cfg: AblationConfig, run: Path, progress: bool) -> dict:
     """Row 6: the row-5 surrogate's test top-1 with a fresh linear probe and with the teacher's head fine-tuned."""
-    from raptor.probes.run import ProbeConfig, run_probe
-
     pdir = Path(cfg.out) / "6_probe"
     out = {}
     for key, head in (("fresh_probe_top1", None), ("fine_tuned_head_top1", cfg.init_head)):
@@ -191,8 +183,6 @@ def render(res: dict) -> str:
 
 
 def _plot(path: Path, rows: list[dict]) -> str:
-    from raptor.plots import plt, save_figure
-
     rs = [r for r in rows if r.get("r2_image_specific_mean") is not None]
     fig, ax = plt.subplots(figsize=(7, 3.6))
     x = range(len(rs))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +22,13 @@ from raptor.analyze import PhaseFinder
 from raptor.config import atomic_write_text, save_config, to_dict
 from raptor.data import TrainTransform, load_images, open_source
 from raptor.data.sampling import store_sample_record
-from raptor.data.sources import ImageLoadWarning, image_source_of
+from raptor.data.sources import ImageLoadWarning, ImageSource, image_source_of
 from raptor.distributed import Dist, check_block_groups, rows_per_rank, setup
 from raptor.errors import RaptorError
 from raptor.lifecycle import command_run
 from raptor.outputs import staged
 from raptor.runtime import tune_malloc
+from raptor.store import TrajectoryStore
 from raptor.surrogate.batches import (
     OnlineBatches,
     StoreBatches,
@@ -45,6 +47,58 @@ from raptor.teachers import load_teacher
 from raptor.trajectories import StoreTrajectories
 
 
+@dataclass
+class FitPlan:
+    """A fit resolved once, before the teacher loads: what it trains on (a store's sampled ``rows`` or an image
+    ``source``), what it holds out (positions in that data, or the whole photos of ``--val-data``), the ``--limit``
+    record, and the number of blocks when the phases are known without data."""
+
+    store: TrajectoryStore | None
+    source: ImageSource | None
+    rows: np.ndarray | None
+    train_pos: np.ndarray
+    val_pos: np.ndarray
+    train_items: list | None
+    val_items: list | None
+    sample: dict
+    n_blocks: int | None
+
+
+def resolve_fit(cfg: FitConfig) -> FitPlan:
+    """The data, hold-out and phases of ``cfg``, checked: every refusal here comes before the teacher loads."""
+    cfg.check()
+    st = src = rows = tr_items = val_items = None
+    if cfg.store:
+        st = StoreTrajectories.open(cfg.store, command="fit", complete_why="fit never trains on part of a store",
+                                    teacher_spec=cfg.teacher, every_layer=True).store
+        depth = int(st.meta["teacher"]["depth"])
+        rows = st.sample(cfg.limit, cfg.sample_seed, cfg.sample)
+        tr_pos, val_pos = holdout_split(len(rows), cfg.val_images)
+        if cfg.phase_spec.layers is not None:
+            cfg.phase_spec.resolve(depth)
+        elif cfg.phases_file is None and cfg.k is not None and cfg.k > depth:
+            raise RaptorError(f"--k must lie in 1..{depth} (the teacher's depth), got {cfg.k}")
+        sample = store_sample_record(st, rows, cfg.limit, cfg.sample_seed, cfg.sample)
+    else:
+        src = open_source(cfg.data).subset(cfg.limit, cfg.sample_seed, cfg.sample)
+        sample = src.sample_info()
+        if cfg.val_data:  # whole photos held out: no crop of a held-out photo is ever trained on
+            try:
+                val_src = open_source(cfg.val_data)
+            except RaptorError as e:
+                raise RaptorError(f"--val-data: {e}") from None
+            tr_items, val_items, holdout = held_out_photos(src, val_src)  # refused if nothing is left to train on
+            train_ids = {x.id for x in tr_items}
+            tr_pos = np.array([i for i, it in enumerate(src.items) if it.id in train_ids])
+            val_pos = np.zeros(0, np.int64)
+            sample = {**sample, "holdout": holdout}
+        else:
+            tr_pos, val_pos = holdout_split(len(src.items), cfg.val_images)
+            tr_items, val_items = [src.items[i] for i in tr_pos], [src.items[i] for i in val_pos]
+    n_blocks = cfg.phase_spec.count(depth if st is not None else None)
+    return FitPlan(st, src, rows, tr_pos, val_pos, tr_items, val_items, sample, n_blocks)
+
+
 def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step=None, teacher=None) -> dict:
     """Validate (settings, data, phases, an existing run: all before the teacher loads), lock ``cfg.out``, train,
     evaluate. A refused or failed run never harms an earlier result and leaves no directory it created without a
@@ -52,28 +106,8 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
     loaded teacher of ``cfg.teacher`` (a sweep of many fits loads it once)."""
     tune_malloc()
     out = Path(cfg.out)
-    cfg.check()
-    st = src = photo_split = None
-    if cfg.store:
-        st = StoreTrajectories.open(cfg.store, command="fit", complete_why="fit never trains on part of a store",
-                                    teacher_spec=cfg.teacher, every_layer=True).store
-        depth = int(st.meta["teacher"]["depth"])
-        _enough_images(len(st.sample(cfg.limit, cfg.sample_seed, cfg.sample)), cfg.val_images)
-        if cfg.phase_spec.layers is not None:
-            cfg.phase_spec.resolve(depth)
-        elif cfg.phases_file is None and cfg.k is not None and cfg.k > depth:
-            raise RaptorError(f"--k must lie in 1..{depth} (the teacher's depth), got {cfg.k}")
-    else:
-        src = open_source(cfg.data).subset(cfg.limit, cfg.sample_seed, cfg.sample)
-        if cfg.val_data:
-            try:
-                val_src = open_source(cfg.val_data)
-            except RaptorError as e:
-                raise RaptorError(f"--val-data: {e}") from None
-            photo_split = held_out_photos(src, val_src)  # refused here if nothing is left to train on
-        else:
-            _enough_images(len(src), cfg.val_images)
-    n_blocks = cfg.phase_spec.count(depth if st is not None else None)
+    plan = resolve_fit(cfg)
+    n_blocks = plan.n_blocks
     if cfg.probe_data:
         open_source(cfg.probe_data)
     if cfg.init_from is not None:
@@ -94,13 +128,12 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
     # rank 0 holds the lock and writes every file; the other ranks (torchrun) train their shares
     with command_run(out, placed=(dist, device), has_progress=has_checkpoint,
                      then=lambda: check_existing_run(cfg, resume)):
-        return _run_fit(cfg, st, src, out, resume, progress and dist.main, on_step, teacher, dist, device,
-                        photo_split)
+        return _run_fit(cfg, plan, out, resume, progress and dist.main, on_step, teacher, dist, device)
 
 
-def _run_fit(cfg: FitConfig, st, src, out: Path, resume: bool, progress: bool, on_step, teacher=None,
-             dist=None, device=None, photo_split=None) -> dict:
-    """``photo_split``: :func:`held_out_photos`' result when ``--val-data`` holds out whole photos."""
+def _run_fit(cfg: FitConfig, plan: FitPlan, out: Path, resume: bool, progress: bool, on_step, teacher=None,
+             dist=None, device=None) -> dict:
+    st, src, sample, tr_pos, val_pos = plan.store, plan.source, plan.sample, plan.train_pos, plan.val_pos
     dist = dist or Dist()
     device = device or torch.device("cpu")
     if teacher is None:
@@ -119,9 +152,7 @@ def _run_fit(cfg: FitConfig, st, src, out: Path, resume: bool, progress: bool, o
     val_groups = None
     if st is not None:
         st.check_teacher(teacher)
-        rows = st.sample(cfg.limit, cfg.sample_seed, cfg.sample)
-        sample = store_sample_record(st, rows, cfg.limit, cfg.sample_seed, cfg.sample)
-        tr_pos, val_pos = holdout_split(len(rows), cfg.val_images)
+        rows = plan.rows
         tr_rows, val_rows = rows[tr_pos], rows[val_pos]
         working = training_bytes(cfg.batch_size // dist.world, teacher.depth, st.layout.n_tokens, teacher.dim,
                                  len(model.blocks) if model is not None else cfg.k, cfg.autocast)
@@ -137,16 +168,7 @@ def _run_fit(cfg: FitConfig, st, src, out: Path, resume: bool, progress: bool, o
             probe_inputs = (lambda: (data.read(ptr, 0, 0)[:, 0].cpu(), labels[ptr]), labels[np.sort(val_rows)],
                             st.meta["settings"]["data"])
     else:
-        sample = src.sample_info()
-        if photo_split is not None:  # whole photos held out: no crop of a held-out photo is ever trained on
-            tr_items, val_items, holdout = photo_split
-            train_ids = {x.id for x in tr_items}
-            tr_pos = np.array([i for i, it in enumerate(src.items) if it.id in train_ids])
-            val_pos = np.zeros(0, np.int64)
-            sample = {**sample, "holdout": holdout}
-        else:
-            tr_pos, val_pos = holdout_split(len(src.items), cfg.val_images)
-            tr_items, val_items = [src.items[i] for i in tr_pos], [src.items[i] for i in val_pos]
+        tr_items, val_items = plan.train_items, plan.val_items
         size = teacher.image_size(cfg.image_size)
         data = OnlineBatches(teacher.to(device), tr_items, size, cfg.seed, cfg.crops, cfg.workers, device, dist,
                              cfg.autocast)
@@ -362,15 +384,6 @@ def _phases_how(cfg: FitConfig) -> str:
     if cfg.phases_file is not None:
         return f"from {cfg.phases_file}" + (f" (its DP segmentation for k={cfg.k})" if cfg.k else "")
     return f"equal phases for k={cfg.k} (--phases equal)"
-
-
-def _enough_images(n: int, val_images: int) -> None:
-    """Refuse too few images before the teacher loads (the split itself, and its warning, come later)."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        holdout_split(n, val_images)
 
 
 def _embed(teacher, tensors: list, batch: int = 64) -> torch.Tensor:

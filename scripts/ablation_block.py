@@ -2,7 +2,7 @@
 and loss normalisation. Used in docs/surrogate.md (recipe ablation). Needs the 112-px digits store:
 
     raptor extract --data bundled:digits --image-size 112 --out runs/digits112.zarr
-    python docs/results/fidelity/ablation_block.py runs/digits112.zarr START END INIT LR NORM [STEPS]
+    python scripts/ablation_block.py runs/digits112.zarr START END INIT LR NORM [STEPS]
 """
 import sys
 import time
