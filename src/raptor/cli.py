@@ -40,35 +40,12 @@ def extract(teacher: str = o.TEACHER, data: str = o.Extract.data, out: Path = o.
             workers: int | None = o.Extract.workers, device: str = o.DEVICE, progress: bool = o.PROGRESS_BAR):
     """Store every image's trajectory (layers 0..L, all tokens) in a resumable zarr v3 store. Runs under
     torchrun --nproc-per-node N: the ranks extract disjoint chunks into the one store."""
-    from raptor.data import open_source
-    from raptor.data.sampling import check_sample_order
-    from raptor.distributed import setup
-    from raptor.store import TrajectoryStore, batch_and_chunk, check_extract_args, precheck_store, store_sample
-    from raptor.store import extract as run_extract
-    from raptor.teachers import load_teacher
+    from raptor.store.extraction import ExtractConfig, run_extract
 
-    batch_size, chunk_images = batch_and_chunk(batch_size, chunk_images)
-    check_extract_args(dtype=dtype, compression=compression, batch_size=batch_size, chunk_images=chunk_images,
-                       image_size=image_size, autocast=autocast, limit=limit,
-                       workers=1 if workers is None else workers)
-    layer_list = parse_layers(layers)  # cheap checks first: arguments, data, an existing --out; then the teacher
-    check_sample_order(sample)
-    source = open_source(data).subset(limit, sample_seed, sample)
-    precheck_store(out, teacher=teacher, data=source.spec, n_images=len(source), dtype=dtype,
-                   chunk_images=chunk_images, compression=compression, autocast=autocast,
-                   sample=store_sample(source.sample))
-    dist, dev = setup(device)
-    t = load_teacher(teacher, head=head)
-    s = run_extract(t, source, out, dtype=dtype, layers=layer_list, batch_size=batch_size, chunk_images=chunk_images,
-                    image_size=image_size, compression=compression, autocast=autocast, progress=progress and dist.main,
-                    workers=workers, device=dev)
-    if not dist.main:
-        return
-    info = TrajectoryStore(out).summary()
-    info["this_run"] = {"chunks_written": s.chunks_written, "chunks_already_done": s.chunks_done_before,
-                        "seconds": round(s.seconds, 2), "images_per_s": round(s.images_per_s, 2),
-                        "skipped_images": s.skipped}
-    typer.echo(json.dumps(info, indent=2, default=str))
+    options = dict(locals())
+    info = run_extract(o.config_from(ExtractConfig, options, layers=parse_layers(layers)), progress=progress)
+    if info is not None:  # else a torchrun rank other than 0: rank 0 reports
+        typer.echo(json.dumps(info, indent=2, default=str))
 
 
 @app.command()

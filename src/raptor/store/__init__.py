@@ -27,12 +27,14 @@ The package: :mod:`raptor.store.format` (the on-disk format), :mod:`raptor.store
 
 from raptor.data.stream import prefetched
 from raptor.store.extraction import (
+    ExtractConfig,
     ExtractSummary,
     batch_and_chunk,
     check_extract_args,
     extract,
     io_plan,
     precheck_store,
+    run_extract,
 )
 from raptor.store.format import (
     COMPRESSIONS,
@@ -51,7 +53,7 @@ from raptor.store.format import (
 from raptor.store.reader import TrajectoryStore
 
 __all__ = [
-    "COMPRESSIONS", "DTYPES", "PENDING", "SKIPPED", "STORED", "STORE_VERSION", "ExtractSummary", "StoreSettings",
-    "TrajectoryStore", "batch_and_chunk", "check_extract_args", "chunks_done", "decode", "encode", "extract",
-    "io_plan", "package_versions", "precheck_store", "prefetched", "store_sample",
+    "COMPRESSIONS", "DTYPES", "PENDING", "SKIPPED", "STORED", "STORE_VERSION", "ExtractConfig", "ExtractSummary",
+    "StoreSettings", "TrajectoryStore", "batch_and_chunk", "check_extract_args", "chunks_done", "decode", "encode",
+    "extract", "io_plan", "package_versions", "precheck_store", "prefetched", "run_extract", "store_sample",
 ]

@@ -17,8 +17,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from raptor.data.sampling import check_sample_order
+from raptor.data.sources import open_source
 from raptor.data.stream import ChunkDataset, _put_until, loader
-from raptor.distributed import claim_on_main, current
+from raptor.distributed import claim_on_main, current, setup
 from raptor.errors import RaptorError, check_positive
 from raptor.outputs import LOCK_NAME, only_lock_inside
 from raptor.progress import progress_bar
@@ -41,6 +43,8 @@ from raptor.store.format import (
     package_versions,
     store_sample,
 )
+from raptor.store.reader import TrajectoryStore
+from raptor.teachers import load_teacher
 from raptor.teachers.base import check_autocast
 from raptor.versions import require
 
@@ -388,3 +392,57 @@ def _run_pipeline(teacher, source, g, settings: StoreSettings, layer_list, shape
     if errors:
         raise errors[0]
     return time.perf_counter() - t_start, n_images_run
+
+
+@dataclass
+class ExtractConfig:
+    """``raptor extract``'s settings (the command line's options, one field each)."""
+
+    teacher: str = "bundled:dinov2-s"
+    data: str = "bundled:photos"
+    out: str = "runs/store.zarr"
+    dtype: str = "bfloat16"
+    limit: int | None = None
+    sample: str = "random"
+    sample_seed: int = 1
+    batch_size: int | None = None
+    chunk_images: int | None = None
+    layers: list[int] | None = None
+    image_size: int | None = None
+    compression: str = "lz4"
+    autocast: str | None = None
+    head: str | None = None
+    workers: int | None = None
+    device: str = "auto"
+
+    def check(self) -> None:
+        """Cheap checks of the settings themselves (before the data, the output or the teacher)."""
+        batch_size, chunk_images = batch_and_chunk(self.batch_size, self.chunk_images)
+        check_extract_args(dtype=self.dtype, compression=self.compression, batch_size=batch_size,
+                           chunk_images=chunk_images, image_size=self.image_size, autocast=self.autocast,
+                           limit=self.limit, workers=1 if self.workers is None else self.workers)
+
+
+def run_extract(cfg: ExtractConfig, progress: bool = True) -> dict | None:
+    """``raptor extract`` end to end: the cheap checks (settings, data, an existing store's settings), then the
+    device and the teacher, then :func:`extract`. Returns the store's summary with this run's figures (None on a
+    torchrun rank other than 0)."""
+    cfg.check()
+    batch_size, chunk_images = batch_and_chunk(cfg.batch_size, cfg.chunk_images)
+    check_sample_order(cfg.sample)
+    source = open_source(cfg.data).subset(cfg.limit, cfg.sample_seed, cfg.sample)
+    precheck_store(cfg.out, teacher=cfg.teacher, data=source.spec, n_images=len(source), dtype=cfg.dtype,
+                   chunk_images=chunk_images, compression=cfg.compression, autocast=cfg.autocast,
+                   sample=store_sample(source.sample))
+    dist, dev = setup(cfg.device)
+    teacher = load_teacher(cfg.teacher, head=cfg.head)
+    s = extract(teacher, source, cfg.out, dtype=cfg.dtype, layers=cfg.layers, batch_size=batch_size,
+                chunk_images=chunk_images, image_size=cfg.image_size, compression=cfg.compression,
+                autocast=cfg.autocast, progress=progress and dist.main, workers=cfg.workers, device=dev)
+    if not dist.main:
+        return None
+    info = TrajectoryStore(cfg.out).summary()
+    info["this_run"] = {"chunks_written": s.chunks_written, "chunks_already_done": s.chunks_done_before,
+                        "seconds": round(s.seconds, 2), "images_per_s": round(s.images_per_s, 2),
+                        "skipped_images": s.skipped}
+    return info
