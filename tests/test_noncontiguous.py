@@ -132,7 +132,7 @@ def dataclass_replace(cfg, **kw):
 def test_the_ablation_runs_its_cumulative_rows_and_resumes(tmp_path):
     """raptor ablation on a tiny teacher: five fits with the paper's cumulative switches (row 5 continues row 4 with
     stage 2), a table and a figure; a second call reuses every finished row; row 6 without a head is refused."""
-    from raptor.surrogate.ablation import AblationConfig, run_ablation
+    from raptor.ablation import AblationConfig, run_ablation
 
     fit = FitConfig(teacher="tiny:dinov2", data="bundled:digits", limit=60, k=2, steps1=3, steps2=2, batch_size=4,
                     val_images=12, stats_images=16, probe_data=None, out=str(tmp_path / "a"))

@@ -189,7 +189,7 @@ def ablation(teacher: str = o.TEACHER, data: str | None = o.DATA_ONLINE, store: 
     """The paper's training ablation (its Table 1) as one command: teacher forcing only, + autoregressive anneal,
     + depth scaling, + cls weighting, + stage 2 (+ a fine-tuned probe), each scored on held-out images."""
     options = dict(locals())  # the options named like FitConfig fields make the full model's (o.fit_config)
-    from raptor.surrogate.ablation import AblationConfig, console_summary, run_ablation
+    from raptor.ablation import AblationConfig, console_summary, run_ablation
 
     fit_cfg = o.fit_config(options, probe_data=None)  # --probe-data is row 6's
     res = run_ablation(AblationConfig(out=str(out), fit=fit_cfg, probe_data=probe_data, init_head=init_head),
