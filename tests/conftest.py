@@ -30,13 +30,20 @@ def bundled_photos():
 def patch_everywhere(monkeypatch):
     """``patch(module, name, new)``: replace ``module.name`` and every binding of the same object that a raptor
     module made with ``from module import name`` (the package imports its own modules at module level, so patching
-    the home module alone would not reach a module that was imported earlier)."""
+    the home module alone would not reach a module that was imported earlier). A raptor module first imported
+    while a patch is active binds the replacement: it is restored too when the test ends."""
+    patched = []
 
     def patch(module, name, new):
         real = getattr(module, name)
+        patched.append((name, new, real))
         monkeypatch.setattr(module, name, new)
         for mod_name, mod in list(sys.modules.items()):
             if mod_name.startswith("raptor") and mod is not module and getattr(mod, name, None) is real:
                 monkeypatch.setattr(mod, name, new)
 
-    return patch
+    yield patch
+    for name, new, real in reversed(patched):
+        for mod_name, mod in list(sys.modules.items()):
+            if mod_name.startswith("raptor") and getattr(mod, name, None) is new:
+                setattr(mod, name, real)

@@ -1,6 +1,6 @@
 """Our Raptor block vs a reference written from docs/method.md §4 (nn.MultiheadAttention, official key names)."""
 
-import sys
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -9,8 +9,17 @@ import torch
 from raptor.errors import RaptorError
 from raptor.surrogate.block import BlockConfig, RaptorBlock, from_official_state_dict, to_official_state_dict
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the reference is test/benchmark-only
-from official_reference import OfficialBlock  # noqa: E402
+
+def _official_reference():
+    """benchmarks/official_reference.py (test and benchmark only: not in the package), loaded by its path."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "official_reference.py"
+    spec = importlib.util.spec_from_file_location("official_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+OfficialBlock = _official_reference().OfficialBlock
 
 
 def _randomize(m, seed):

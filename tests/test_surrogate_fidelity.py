@@ -187,8 +187,8 @@ def test_every_committed_fit_result_follows_the_metrics_schema():
 
 
 def test_cli_phase_and_weight_parsing(tmp_path):
-    from raptor.cli import parse_weights
     from raptor.phases import parse_phases
+    from raptor.surrogate.losses import parse_weights
 
     assert parse_phases("1-7/8-11/12") == [list(range(1, 8)), [8, 9, 10, 11], [12]]
     (tmp_path / "a.json").write_text("{}")

@@ -405,7 +405,7 @@ def render_report(a: dict) -> str:
               "distance that crosses phase boundaries).",
               "- contrast = mean between-phase distance − mean within-phase distance; block energy = share of "
               "squared off-diagonal similarity inside phases; cut fraction = share of total distance crossing "
-              "boundaries (see `raptor/phases.py`).", ""]
+              "boundaries (see `raptor/phases/segment.py`).", ""]
     return "\n".join(lines)
 
 

@@ -22,14 +22,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Raptor: phases, block-recurrent surrogates and dynamics of Vision Transformers.")
 
 
-def __getattr__(name: str):  # parse_weights, now beside the loss weights (raptor.surrogate.losses: torch), on demand
-    if name == "parse_weights":
-        from raptor.surrogate.losses import parse_weights
-
-        return parse_weights
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 @app.command()
 def extract(teacher: str = o.TEACHER, data: str = o.Extract.data, out: Path = o.Extract.out,
             dtype: str = o.Extract.dtype, limit: int | None = o.LIMIT, sample: str = o.SAMPLE,
@@ -43,7 +35,10 @@ def extract(teacher: str = o.TEACHER, data: str = o.Extract.data, out: Path = o.
     from raptor.store.extraction import ExtractConfig, run_extract
 
     options = dict(locals())
-    info = run_extract(o.config_from(ExtractConfig, options, layers=parse_layers(layers)), progress=progress)
+    cfg = o.config_from(ExtractConfig, options, layers=None)
+    cfg.check()  # the settings first, then --layers (as before), then run_extract's checks of data and output
+    cfg.layers = parse_layers(layers)
+    info = run_extract(cfg, progress=progress)
     if info is not None:  # else a torchrun rank other than 0: rank 0 reports
         typer.echo(json.dumps(info, indent=2, default=str))
 
@@ -234,6 +229,7 @@ def run(argv: list[str] | None = None) -> int:
         import click.exceptions as cx
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MPLBACKEND", "Agg")  # the command writes figures to files; a library caller keeps its own
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"  # without the source line
 
     def fail(msg: str) -> int:

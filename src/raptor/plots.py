@@ -1,15 +1,13 @@
-"""Matplotlib figures (Agg backend, PNG files)."""
+"""Matplotlib figures, written as PNG files and closed (never shown). The backend is matplotlib's own choice
+(Agg on a headless machine, the inline one in a notebook); the ``raptor`` command sets Agg for its process."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 
 def save_figure(fig, path: Path) -> str:

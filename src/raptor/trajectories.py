@@ -61,10 +61,10 @@ class StoreTrajectories:
         that matters to it), made with ``teacher_spec``, every layer 0..L stored (``every_layer``)."""
         st = TrajectoryStore(path)
         st.require_complete(complete_why)
-        if teacher_spec is not None:
-            st.require_teacher_spec(teacher_spec)
         if every_layer:
             st.require_every_layer(command)
+        if teacher_spec is not None:
+            st.require_teacher_spec(teacher_spec)
         return cls(st, limit, seed, order)
 
     @property

@@ -31,8 +31,6 @@ PHASE_METHODS = ("dp", "equal")  # with k alone: the DP segmentation of the data
 PHASES_USAGE = "1-7/8-11/12, [[1,2,3],[4,5,6]] or an analysis.json"
 
 
-
-
 def equal_phases(depth: int, k: int) -> list[list[int]]:
     """k contiguous phases of layers 1..depth, as equal as possible (earlier phases take the remainder)."""
     if not 1 <= k <= depth:
@@ -187,13 +185,21 @@ class PhaseSpec:
         return not self.given and self.method == "dp" and self.k is not None
 
     def check(self) -> None:
-        """Consistency of the request itself (no file is read)."""
-        if self.method not in PHASE_METHODS:
-            raise RaptorError(f"unknown phase method {self.method!r} (use {', '.join(PHASE_METHODS)})")
+        """Consistency of the request itself (no file is read): :meth:`check_request`, then :meth:`check_layers`."""
+        self.check_request()
+        self.check_layers()
+
+    def check_request(self) -> None:
+        """Something is asked for, in a known way."""
         if self.method == "equal" and (self.k is None or self.given):
             raise RaptorError("--phases equal needs --k K (and no other phases)")
         if not self.given and self.k is None:
             raise RaptorError("give --phases (an analysis.json, a phases file or e.g. 1-7/8-12) or --k K")
+        if self.method not in PHASE_METHODS:
+            raise RaptorError(f"unknown phase method {self.method!r} (use {', '.join(PHASE_METHODS)})")
+
+    def check_layers(self) -> None:
+        """Explicit layers are non-empty lists, as many as ``k`` when both are given."""
         if self.layers is not None and (not self.layers or any(not p for p in self.layers)):
             raise RaptorError(f"--phases must be non-empty lists of layers, got {self.layers}")
         if self.layers is not None and self.k is not None and self.k != len(self.layers):

@@ -64,7 +64,10 @@ def parse_backbone(text: str, layer: int | None = None, splice: str | None = Non
     sp = parse_splice(splice)
     p = Path(text).expanduser()
     if p.is_dir():
-        run = FitRun(p).require_weights(f"unknown backbone {text!r}: a directory but")
+        run = FitRun(p)
+        if not run.has_weights:
+            raise RaptorError(f"unknown backbone {text!r}: a directory but not a finished raptor fit run (needs "
+                              f"surrogate.json and model.safetensors)")
         phases = tuple(tuple(x) for x in run.surrogate_config.phases)
         teacher = run.teacher_spec
         if layer is not None:
@@ -89,11 +92,6 @@ def parse_backbone(text: str, layer: int | None = None, splice: str | None = Non
     return BackboneSpec("teacher", text, None, layer, None)
 
 
-def load_surrogate(run: str | Path, teacher):
-    """The trained RaptorModel of a ``raptor fit`` run (eval mode), checked against ``teacher``'s depth and width."""
-    return FitRun(run).model(teacher)
-
-
 class Backbone:
     """A loaded backbone: ``final_tokens(images)`` -> last-layer tokens (before the final norm) and
     ``features(tokens, layout, task)`` -> the arrays a probe of ``task`` reads."""
@@ -110,7 +108,7 @@ class Backbone:
     def load(cls, spec: BackboneSpec) -> "Backbone":
         teacher = PixelTeacher(int(spec.teacher.partition(":")[2])) if spec.kind == "pixels" \
             else load_teacher(spec.teacher)
-        model = load_surrogate(spec.run, teacher) if spec.kind == "raptor" else None
+        model = FitRun(spec.run).model(teacher) if spec.kind == "raptor" else None
         return cls(spec, teacher, model)
 
     def identity(self) -> dict:

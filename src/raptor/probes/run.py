@@ -154,7 +154,6 @@ def run_probe(cfg: ProbeConfig, progress: bool = True, backbone=None) -> list[di
             data.splits[s] = [items[i] for i in sample_positions(len(items), cfg.limit, labels, cfg.sample_seed,
                                                                   cfg.sample)]
     if cfg.init_head not in (None, "teacher"):  # a bad head file is refused before any feature pass
-
         load_state_file(cfg.init_head)
     recipe = cfg.make_recipe(data.recipe)
     cfg.recipe = to_dict(recipe)

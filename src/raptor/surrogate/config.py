@@ -128,7 +128,7 @@ class FitConfig:
             raise RaptorError("--init-from and --init-from-teacher both choose the starting weights: give one")
         if self.data is None and self.store is None:
             raise RaptorError("give --data (online teacher) or --store")
-        self.phase_spec.check()
+        self.phase_spec.check_request()
         if self.recipe not in RECIPES:
             raise RaptorError(f"unknown --recipe {self.recipe!r} (use {', '.join(RECIPES)})")
         check_sample_order(self.sample)
@@ -154,6 +154,7 @@ class FitConfig:
             raise RaptorError("--val-crops needs --val-data (crops of whole held-out photos)")
         if self.val_data and self.store:
             raise RaptorError("--val-data holds out photos of online data: use it with --data, not --store")
+        self.phase_spec.check_layers()
         check_autocast(self.autocast)
         if self.autocast in ("float16", "fp16"):
             raise RaptorError("fit --autocast float16 is refused: without loss scaling the fp16 gradients of the "

@@ -21,7 +21,6 @@ from raptor import plots
 from raptor.analyze import PhaseFinder
 from raptor.config import atomic_write_text, save_config, to_dict
 from raptor.data import TrainTransform, load_images, open_source
-from raptor.data.sampling import store_sample_record
 from raptor.data.sources import ImageLoadWarning, ImageSource, image_source_of
 from raptor.distributed import Dist, check_block_groups, rows_per_rank, setup
 from raptor.errors import RaptorError
@@ -62,23 +61,35 @@ class FitPlan:
     val_items: list | None
     sample: dict
     n_blocks: int | None
+    warnings: list[str]  # said once the run is claimed (a refused run prints only its error line)
+
+
+def _split(n: int, val_images: int, said: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`holdout_split`, its warning kept in ``said`` for later."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = holdout_split(n, val_images)
+    said += [str(w.message) for w in caught]
+    return out
 
 
 def resolve_fit(cfg: FitConfig) -> FitPlan:
     """The data, hold-out and phases of ``cfg``, checked: every refusal here comes before the teacher loads."""
     cfg.check()
     st = src = rows = tr_items = val_items = None
+    said: list[str] = []
     if cfg.store:
-        st = StoreTrajectories.open(cfg.store, command="fit", complete_why="fit never trains on part of a store",
-                                    teacher_spec=cfg.teacher, every_layer=True).store
-        depth = int(st.meta["teacher"]["depth"])
-        rows = st.sample(cfg.limit, cfg.sample_seed, cfg.sample)
-        tr_pos, val_pos = holdout_split(len(rows), cfg.val_images)
+        trajs = StoreTrajectories.open(cfg.store, command="fit", limit=cfg.limit, seed=cfg.sample_seed,
+                                       order=cfg.sample, complete_why="fit never trains on part of a store",
+                                       teacher_spec=cfg.teacher, every_layer=True)
+        st, rows = trajs.store, trajs.rows
+        depth = trajs.depth
+        tr_pos, val_pos = _split(len(rows), cfg.val_images, said)
         if cfg.phase_spec.layers is not None:
             cfg.phase_spec.resolve(depth)
         elif cfg.phases_file is None and cfg.k is not None and cfg.k > depth:
             raise RaptorError(f"--k must lie in 1..{depth} (the teacher's depth), got {cfg.k}")
-        sample = store_sample_record(st, rows, cfg.limit, cfg.sample_seed, cfg.sample)
+        sample = trajs.sample_record()
     else:
         src = open_source(cfg.data).subset(cfg.limit, cfg.sample_seed, cfg.sample)
         sample = src.sample_info()
@@ -93,10 +104,10 @@ def resolve_fit(cfg: FitConfig) -> FitPlan:
             val_pos = np.zeros(0, np.int64)
             sample = {**sample, "holdout": holdout}
         else:
-            tr_pos, val_pos = holdout_split(len(src.items), cfg.val_images)
+            tr_pos, val_pos = _split(len(src.items), cfg.val_images, said)
             tr_items, val_items = [src.items[i] for i in tr_pos], [src.items[i] for i in val_pos]
     n_blocks = cfg.phase_spec.count(depth if st is not None else None)
-    return FitPlan(st, src, rows, tr_pos, val_pos, tr_items, val_items, sample, n_blocks)
+    return FitPlan(st, src, rows, tr_pos, val_pos, tr_items, val_items, sample, n_blocks, said)
 
 
 def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step=None, teacher=None) -> dict:
@@ -134,6 +145,8 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
 def _run_fit(cfg: FitConfig, plan: FitPlan, out: Path, resume: bool, progress: bool, on_step, teacher=None,
              dist=None, device=None) -> dict:
     st, src, sample, tr_pos, val_pos = plan.store, plan.source, plan.sample, plan.train_pos, plan.val_pos
+    for message in plan.warnings:
+        warnings.warn(message, UserWarning, stacklevel=2)
     dist = dist or Dist()
     device = device or torch.device("cpu")
     if teacher is None:
@@ -365,8 +378,6 @@ def check_device_autocast(autocast: str | None, device: torch.device, bf16_suppo
 
 def _recorded_phases(path: Path, found: dict) -> dict:
     """A resumed run keeps the phases it started with; say so if the data now gives others."""
-    import warnings
-
     try:
         rec = json.loads(path.read_text())
         phases = [[int(x) for x in p] for p in rec["phases"]]
@@ -409,8 +420,6 @@ def _probes(cfg: FitConfig, model, teacher, layout, size: int, probe_inputs, x0_
     else:
         return None
     if len(np.unique(np.asarray(y_tr))) < 2:
-        import warnings
-
         warnings.warn(f"probes skipped: the probe's training images of {name} hold a single class", UserWarning,
                       stacklevel=2)
         return None

@@ -10,18 +10,10 @@ from raptor.errors import RaptorError
 
 
 def load_run(path: str | Path) -> dict:
-    p = Path(path)
-    if p.is_dir():
-        from raptor.surrogate.run_dir import FitRun  # imports torch: the CLI imports this module at start
+    from raptor.surrogate.run_dir import read_metrics  # imports torch: the CLI imports this module at start
 
-        m = FitRun(p).metrics()
-    else:  # a metrics.json given by itself
-        try:
-            m = json.loads(p.read_text())
-        except (OSError, ValueError) as e:
-            raise RaptorError(f"cannot read a finished run at {path}: {e}") from None
-        if "validation" not in m or "baselines" not in m["validation"]:
-            raise RaptorError(f"{p} is not a metrics.json from this version of raptor fit (no baselines)")
+    p = Path(path)
+    m = read_metrics(p / "metrics.json" if p.is_dir() else p)
     m["_name"] = p.name if p.is_dir() else p.parent.name
     m["_stage1"] = None
     c = m.get("config", {})

@@ -141,9 +141,14 @@ class FitRun:
         """The spec of the teacher the surrogate was fit on."""
         return str(self._surrogate_json()["teacher"])
 
+    @property
+    def has_weights(self) -> bool:
+        """The trained surrogate is there (``surrogate.json`` + ``model.safetensors``)."""
+        return (self.path / "surrogate.json").is_file() and (self.path / "model.safetensors").is_file()
+
     def require_weights(self, what: str) -> "FitRun":
         """Refuse a folder without the trained surrogate (``what`` names the option that pointed here)."""
-        if not (self.path / "surrogate.json").is_file() or not (self.path / "model.safetensors").is_file():
+        if not self.has_weights:
             raise RaptorError(f"{what} is not a finished raptor fit run (needs surrogate.json and "
                               f"model.safetensors)")
         return self
@@ -163,21 +168,20 @@ class FitRun:
         return model.eval()
 
     def metrics(self) -> dict:
-        """``metrics.json``, checked for the keys its schema requires (at the top and in ``validation``)."""
-        f = self.path / "metrics.json"
-        try:
-            m = json.loads(f.read_text())
-        except (OSError, ValueError) as e:
-            raise RaptorError(f"cannot read a finished run at {self.path}: {e}") from None
-        missing = _missing_keys(m, metrics_schema())
-        if missing:
-            raise RaptorError(f"{f} is not a metrics.json from this version of raptor fit (missing "
-                              f"{', '.join(missing[:4])})")
-        return m
+        """``metrics.json`` (see :func:`read_metrics`)."""
+        return read_metrics(self.path / "metrics.json")
 
-    def checkpoints(self) -> dict[int, Path]:
-        """The per-block checkpoints of a parallel stage 1 (block -> folder)."""
-        return block_checkpoints(self.path)
+
+def read_metrics(f: Path) -> dict:
+    """A fit's ``metrics.json``, checked for the keys its schema requires (at the top and in ``validation``)."""
+    try:
+        m = json.loads(Path(f).read_text())
+    except (OSError, ValueError) as e:
+        raise RaptorError(f"cannot read a finished run at {Path(f).parent}: {e}") from None
+    missing = _missing_keys(m, metrics_schema())
+    if missing:
+        raise RaptorError(f"{f} is not a metrics.json from raptor fit (missing {', '.join(missing[:4])})")
+    return m
 
 
 def metrics_schema() -> dict:

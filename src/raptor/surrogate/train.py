@@ -25,6 +25,7 @@ import torch
 
 from raptor.distributed import Dist, RankGroup, Share, block_groups, rows_per_rank
 from raptor.errors import RaptorError
+from raptor.phases import validate_phases
 from raptor.progress import progress_bar
 from raptor.surrogate.batches import BatchKey, step_generator
 from raptor.surrogate.block import BlockConfig
@@ -142,7 +143,8 @@ def item_loss(model: RaptorModel, item: WorkItem, traj: torch.Tensor, step: int,
 def build_model(cfg: FitConfig, teacher_desc: dict, teacher=None, phases: list[list[int]] | None = None
                 ) -> RaptorModel:
     """The surrogate of ``cfg``; ``phases``: found from the data (``k`` alone), else taken from ``cfg``."""
-    phases = cfg.phase_spec.resolve(int(teacher_desc["depth"]), None if phases is None else lambda k: phases)
+    depth = int(teacher_desc["depth"])
+    phases = validate_phases(phases, depth) if phases is not None else cfg.phase_spec.resolve(depth)
     if cfg.mlp not in ("swiglu", "gelu"):
         raise RaptorError(f"--mlp must be swiglu or gelu, got {cfg.mlp!r}")
     dim = int(teacher_desc["dim"])

@@ -99,8 +99,8 @@ def load_teacher(spec: str, head: str | None = None) -> Teacher:
     if not sep or not target:
         raise RaptorError(f"bad teacher spec {spec!r}: expected {SPEC_HELP}")
     require("transformers")  # every teacher family is built on transformers' modules
+    if head and not (kind in KINDS and KINDS[kind].takes_head):
+        raise RaptorError("--head is only for dinov2-pth:/hf: DINOv2 teachers")
     if kind not in KINDS:
         raise RaptorError(f"bad teacher spec {spec!r}: unknown kind {kind!r}; expected {SPEC_HELP}")
-    if head and not KINDS[kind].takes_head:
-        raise RaptorError("--head is only for dinov2-pth:/hf: DINOv2 teachers")
     return KINDS[kind].load(target, spec, head)
