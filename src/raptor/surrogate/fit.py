@@ -145,8 +145,6 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
 def _run_fit(cfg: FitConfig, plan: FitPlan, out: Path, resume: bool, progress: bool, on_step, teacher=None,
              dist=None, device=None) -> dict:
     st, src, sample, tr_pos, val_pos = plan.store, plan.source, plan.sample, plan.train_pos, plan.val_pos
-    for message in plan.warnings:
-        warnings.warn(message, UserWarning, stacklevel=2)
     dist = dist or Dist()
     device = device or torch.device("cpu")
     if teacher is None:
@@ -163,6 +161,8 @@ def _run_fit(cfg: FitConfig, plan: FitPlan, out: Path, resume: bool, progress: b
     # labels of the held-out images, whose layer-0 tokens are val_traj[:, 0], data name)
     probe_inputs = None
     val_groups = None
+    for message in plan.warnings:  # the hold-out's warning, once the model's phases have passed
+        warnings.warn(message, UserWarning, stacklevel=2)
     if st is not None:
         st.check_teacher(teacher)
         rows = plan.rows

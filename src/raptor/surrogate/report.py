@@ -13,7 +13,7 @@ def load_run(path: str | Path) -> dict:
     from raptor.surrogate.run_dir import read_metrics  # imports torch: the CLI imports this module at start
 
     p = Path(path)
-    m = read_metrics(p / "metrics.json" if p.is_dir() else p)
+    m = read_metrics(p / "metrics.json" if p.is_dir() else p, path)
     m["_name"] = p.name if p.is_dir() else p.parent.name
     m["_stage1"] = None
     c = m.get("config", {})

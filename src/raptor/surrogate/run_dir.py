@@ -169,15 +169,16 @@ class FitRun:
 
     def metrics(self) -> dict:
         """``metrics.json`` (see :func:`read_metrics`)."""
-        return read_metrics(self.path / "metrics.json")
+        return read_metrics(self.path / "metrics.json", self.path)
 
 
-def read_metrics(f: Path) -> dict:
-    """A fit's ``metrics.json``, checked for the keys its schema requires (at the top and in ``validation``)."""
+def read_metrics(f: Path, run: str | Path | None = None) -> dict:
+    """A fit's ``metrics.json``, checked for the keys its schema requires (at the top and in ``validation``);
+    ``run``: what the user named (the run folder or the file), for the error line."""
     try:
         m = json.loads(Path(f).read_text())
     except (OSError, ValueError) as e:
-        raise RaptorError(f"cannot read a finished run at {Path(f).parent}: {e}") from None
+        raise RaptorError(f"cannot read a finished run at {run or f}: {e}") from None
     missing = _missing_keys(m, metrics_schema())
     if missing:
         raise RaptorError(f"{f} is not a metrics.json from raptor fit (missing {', '.join(missing[:4])})")
