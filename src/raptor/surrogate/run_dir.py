@@ -1,4 +1,5 @@
-"""A fit's run directory, written by ``raptor fit`` and read by everything else through :class:`FitRun`:
+"""A fit's run directory, written by ``raptor fit`` (:class:`RunProgress`, :class:`BlockProgress` at each
+checkpoint) and read by everything else through :class:`FitRun`:
 
 - ``config.yaml`` (the FitConfig), ``surrogate.json`` (the surrogate's phases and blocks + the teacher spec),
   ``model.safetensors`` (its weights), ``metrics.json`` (schema: ``raptor/schemas/metrics.schema.json``, written
@@ -213,3 +214,49 @@ def init_from_run(model: RaptorModel, run: str | Path) -> None:
         raise RaptorError(f"--init-from {run}: its blocks ({src.block}) differ from this fit's ({model.cfg.block})")
     with torch.no_grad():
         model.load_state_dict(FitRun(run).model().state_dict())
+
+
+class RunProgress:
+    """What the step loop of one work item leaves behind after a step: the run's checkpoint (rank 0, every
+    ``ckpt_every`` steps and at the item's end, with the whole history and the training time so far) and the
+    periodic held-out validation (``val_every``; the other ranks wait on the CPU side group meanwhile)."""
+
+    def __init__(self, cfg, model, item, it_idx: int, state, dist, device, clock, validate_fn):
+        self.cfg, self.model, self.item, self.it_idx, self.state = cfg, model, item, it_idx, state
+        self.dist, self.device, self.clock, self.validate_fn = dist, device, clock, validate_fn
+
+    def checkpoint(self, done: int, opt) -> None:
+        seconds = self.clock()  # the last step's checkpoint sets the run's final time
+        if self.dist.main:
+            last = done >= self.item.steps
+            nxt = (self.it_idx + 1, 0) if last else (self.it_idx, done)
+            save_progress(self.cfg, self.model, None if last else opt, f"item{self.it_idx}-step{done:07d}", *nxt,
+                          self.state.history, seconds, self.device)
+
+    def validate(self, done: int) -> None:
+        if self.validate_fn is None or not self.cfg.val_every or done % self.cfg.val_every:
+            return
+        if self.dist.main:
+            self.model.eval()
+            self.state.history.setdefault(f"val/{self.item.name}", []).append([done, self.validate_fn(self.model)])
+            self.model.train()
+        self.dist.wait_all()  # the other ranks wait on the CPU side group, not in the next step's all_reduce
+
+
+class BlockProgress:
+    """Parallel stage 1: the checkpoint of one block, written by its rank group's first rank under
+    ``checkpoints/block<b>/`` (no validation there)."""
+
+    def __init__(self, cfg, model, item, hist: list, leader: bool):
+        self.cfg, self.model, self.item, self.hist, self.leader = cfg, model, item, hist, leader
+        self.root = Path(cfg.out) / "checkpoints" / f"block{item.block}"
+
+    def checkpoint(self, done: int, opt) -> None:
+        if self.leader:
+            save_checkpoint(self.root, f"step{done:07d}", self.model.blocks[self.item.block],
+                            opt if done < self.item.steps else None,
+                            {"item": None, "step": done, "history": {self.item.name: self.hist},
+                             "fingerprint": self.cfg.training_fingerprint(), "block": self.item.block})
+
+    def validate(self, done: int) -> None:
+        pass

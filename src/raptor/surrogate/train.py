@@ -29,11 +29,13 @@ from raptor.phases import validate_phases
 from raptor.progress import progress_bar
 from raptor.surrogate.batches import BatchKey, step_generator
 from raptor.surrogate.block import BlockConfig
-from raptor.surrogate.checkpoint import latest_checkpoint, load_optimizer, read_checkpoint, save_checkpoint
+from raptor.surrogate.checkpoint import latest_checkpoint, load_optimizer, read_checkpoint
 from raptor.surrogate.config import FitConfig, lr_at
 from raptor.surrogate.losses import image_level_loss, token_loss
 from raptor.surrogate.model import RaptorModel, SurrogateConfig, init_from_teacher, share_noise
 from raptor.surrogate.run_dir import (
+    BlockProgress,
+    RunProgress,
     block_checkpoints,
     check_existing_run,
     check_noise_device,
@@ -225,29 +227,14 @@ def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, pro
     run = _ItemRunner(cfg, model, layout, stats, device, progress and dist.main, on_step)
     keys = [BatchKey(items[i].name, s, items[i].start, items[i].end) for i in range(state.item, len(items))
             for s in range(state.step if i == state.item else 0, items[i].steps)]
-    batches = data.stream(keys, cfg.batch_size, (dist.rank, dist.world))
-    for it_idx in range(state.item, len(items)):
+    batches = data.stream(keys, cfg.batch_size, Share(dist.rank, dist.world))
+    for it_idx in range(state.item, len(items)):  # each work item: its steps, then the next item from step 0
         start = state.step if it_idx == state.item else 0
         resume_opt = (opt_tensors, opt_meta) if (opt_tensors is not None and it_idx == state.item) else None
         opt_tensors = None
-
-        def checkpoint(done, opt, item=items[it_idx], it_idx=it_idx):
-            seconds = clock()  # the last step's checkpoint sets the run's final time
-            if dist.main:
-                nxt = (it_idx, done) if done < item.steps else (it_idx + 1, 0)
-                save_progress(cfg, model, opt if done < item.steps else None, f"item{it_idx}-step{done:07d}", *nxt,
-                               state.history, seconds, device)
-
-        def val(done, item=items[it_idx]):
-            if validate_fn is not None and cfg.val_every and done % cfg.val_every == 0:
-                if dist.main:
-                    model.eval()
-                    state.history.setdefault(f"val/{item.name}", []).append([done, validate_fn(model)])
-                    model.train()
-                dist.wait_all()  # the other ranks wait on the CPU side group, not in the next step's all_reduce
-
+        saver = RunProgress(cfg, model, items[it_idx], it_idx, state, dist, device, clock, validate_fn)
         run(items[it_idx], it_idx, start, batches, state.history.setdefault(items[it_idx].name, []),
-            (None, dist.rank, dist.world), resume_opt, checkpoint, val)
+            RankGroup(None, dist.rank, dist.world), resume_opt, saver.checkpoint, saver.validate)
     state.item, state.step = len(items), 0
     return state
 
@@ -347,7 +334,7 @@ def _parallel_stage1(cfg: FitConfig, model: RaptorModel, items: list[WorkItem], 
     handles = [torch.distributed.new_group(m) for m in members] if dist.active else [None]
     g = dist.rank % n_groups
     group = RankGroup(handles[g], members[g].index(dist.rank), len(members[g]))
-    leader = group[1] == 0
+    leader = group.rank == 0
     found = block_checkpoints(Path(cfg.out))
     run = _ItemRunner(cfg, model, layout, stats, device, progress and leader, on_step)
     for it_idx in range(g, len(items), n_groups):
@@ -358,19 +345,11 @@ def _parallel_stage1(cfg: FitConfig, model: RaptorModel, items: list[WorkItem], 
             weights, opt_tensors, st = read_checkpoint(found[item.block])
             _load_weights(model.blocks[item.block], weights, found[item.block])  # copied into the device's weights
             start, hist, resume_opt = st["step"], st["history"][item.name], (opt_tensors, st["optimizer"])
-        root = Path(cfg.out) / "checkpoints" / f"block{item.block}"
-
-        def checkpoint(done, opt, item=item, hist=hist, root=root):
-            if leader:
-                save_checkpoint(root, f"step{done:07d}", model.blocks[item.block],
-                                opt if done < item.steps else None,
-                                {"item": None, "step": done, "history": {item.name: hist},
-                                 "fingerprint": cfg.training_fingerprint(), "block": item.block})
-
         if start < item.steps:
+            saver = BlockProgress(cfg, model, item, hist, leader)
             keys = [BatchKey(item.name, s, item.start, item.end) for s in range(start, item.steps)]
-            run(item, it_idx, start, data.stream(keys, cfg.batch_size, group[1:]), hist, group, resume_opt,
-                checkpoint, lambda done: None)
+            run(item, it_idx, start, data.stream(keys, cfg.batch_size, Share(group.rank, group.world)), hist, group,
+                resume_opt, saver.checkpoint, saver.validate)
         state.history[item.name] = hist
     dist.wait_all()  # groups of unequal work finish hours apart: a wait beyond the NCCL watchdog's 30 minutes
     for it_idx, item in enumerate(items):  # every block from its group's first rank to every rank
