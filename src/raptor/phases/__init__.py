@@ -27,6 +27,7 @@ from raptor.phases.spec import (
     format_phases,
     is_contiguous,
     labels_from_phases,
+    parse_layers,
     parse_phases,
     phase_runs,
     phases_from_analysis,
@@ -36,6 +37,6 @@ from raptor.phases.spec import (
 __all__ = ["DPResult", "MAXCUT_VARIANTS", "PHASE_METHODS", "PHASE_STATISTICS", "PhaseSpec", "boundaries_of",
            "boundary_jump", "brute_force_contiguous", "check_distance", "choose_k", "contiguous_partitions",
            "contiguous_segmentation", "cut_weight", "equal_phases", "format_phase", "format_phases", "is_contiguous",
-           "labels_from_phases", "lag_contrast", "max_cut_bruteforce", "parse_phases", "phase_metrics",
+           "labels_from_phases", "lag_contrast", "max_cut_bruteforce", "parse_layers", "parse_phases", "phase_metrics",
            "phase_null_test", "phase_runs", "phases_from_analysis", "recursive_max_cut", "segment_costs",
            "toeplitz_null", "validate_phases"]
