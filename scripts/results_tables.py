@@ -193,7 +193,7 @@ def natural_v1_verdicts(runs: dict, plot_dir: Path | None = None) -> str:
         budget_curve(plot_dir / "budget_curve.png", curves,
                      xlabel="optimizer steps (k × stage-1 + stage-2, batch 16)", ylabel="held-out image-specific R²",
                      title="natural_v1: image-specific R² against budget", goal=0.80,
-                     extend_to=10 * max(max(c[0]) for c in curves.values()))
+                     extend_to=10 * max(max(c[0]) for c in curves.values()), ceiling=1.0)
     if curves:
         out += ["", "![budget curve](results/natural_v1/budget_curve.png)"]
     return "\n".join(out) + "\n"

@@ -88,3 +88,19 @@ def test_budget_curve_plot(tmp_path):
     path = budget_curve(tmp_path / "b.png", {"k=2": ([274, 1100], [0.30, 0.42], [(0.28, 0.32), (0.40, 0.45)])},
                         xlabel="steps", ylabel="R²", title="t", goal=0.8, extend_to=11000)
     assert path.stat().st_size > 5000
+    # an R² line is never extrapolated past 1: the fit of a steep curve stops where it would cross the ceiling
+    import matplotlib.pyplot as plt
+
+    from raptor import plots
+
+    drawn = []
+    real_save = plots.save_figure
+    plots.save_figure = lambda fig, p: drawn.append([ln.get_ydata() for ax in fig.axes for ln in ax.get_lines()]) \
+        or real_save(fig, p)
+    try:
+        budget_curve(tmp_path / "c.png", {"steep": ([100, 200], [0.6, 0.9], [(0.5, 0.7), (0.8, 1.0)])},
+                     xlabel="steps", ylabel="R²", title="t", extend_to=10000, ceiling=1.0)
+    finally:
+        plots.save_figure = real_save
+        plt.close("all")
+    assert drawn and max(float(max(y)) for y in drawn[0] if len(y)) <= 1.0

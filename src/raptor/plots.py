@@ -119,9 +119,10 @@ def line_plot(path: Path, x, series: dict[str, Sequence[float]], *, xlabel: str,
 
 def budget_curve(path: Path, curves: dict[str, tuple[Sequence[float], Sequence[float], Sequence[tuple]]], *,
                  xlabel: str, ylabel: str, title: str, goal: float | None = None,
-                 extend_to: float | None = None) -> Path:
+                 extend_to: float | None = None, ceiling: float | None = None) -> Path:
     """Measured points with CI bars on a log x axis, one line per curve, and (dashed, to ``extend_to``) the least-
-    squares fit y = a + b ln x through them: a naive extrapolation, drawn as such."""
+    squares fit y = a + b ln x through them: a naive extrapolation, drawn as such, and never past ``ceiling``
+    (1 for an R²: the line stops where it would cross it)."""
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for name, (x, y, ci) in curves.items():
         x, y = np.asarray(x, float), np.asarray(y, float)
@@ -129,8 +130,10 @@ def budget_curve(path: Path, curves: dict[str, tuple[Sequence[float], Sequence[f
         line = ax.errorbar(x, y, yerr=np.clip(err, 0, None), fmt="o-", ms=4, capsize=3, label=name)
         if extend_to and len(x) >= 2:
             b, a = np.polyfit(np.log(x), y, 1)
-            xs = np.geomspace(x.min(), extend_to, 50)
-            ax.plot(xs, a + b * np.log(xs), ls="--", lw=1, color=line[0].get_color(), alpha=0.7)
+            xs = np.geomspace(x.min(), extend_to, 200)
+            ys = a + b * np.log(xs)
+            keep = ys <= ceiling if ceiling is not None else np.ones(len(xs), bool)
+            ax.plot(xs[keep], ys[keep], ls="--", lw=1, color=line[0].get_color(), alpha=0.7)
     ax.set_xscale("log")
     if goal is not None:
         ax.axhline(goal, color="grey", ls=":", lw=1)
