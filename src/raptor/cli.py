@@ -229,7 +229,8 @@ def run(argv: list[str] | None = None) -> int:
         import click.exceptions as cx
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("MPLBACKEND", "Agg")  # the command writes figures to files; a library caller keeps its own
+    os.environ["MPLBACKEND"] = "Agg"  # the command writes figures to files (an inherited notebook backend may not
+    # even be installed in this venv); a library caller keeps its own
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"  # without the source line
 
     def fail(msg: str) -> int:

@@ -57,8 +57,9 @@ class StoreTrajectories:
     def open(cls, path, *, command: str, limit: int | None = None, seed: int = 1, order: str = "random",
              complete_why: str = "", teacher_spec: str | None = None, every_layer: bool = False
              ) -> "StoreTrajectories":
-        """Open ``path`` for ``command`` with the checks it needs: extraction finished (``complete_why`` says why
-        that matters to it), made with ``teacher_spec``, every layer 0..L stored (``every_layer``)."""
+        """Open ``path`` for ``command`` with the checks it needs, in this order: extraction finished
+        (``complete_why`` says why that matters to it), every layer 0..L stored (``every_layer``), made with
+        ``teacher_spec``."""
         st = TrajectoryStore(path)
         st.require_complete(complete_why)
         if every_layer:

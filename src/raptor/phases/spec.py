@@ -187,14 +187,17 @@ class PhaseSpec:
     def check(self) -> None:
         """Consistency of the request itself (no file is read): :meth:`check_request`, then :meth:`check_layers`."""
         self.check_request()
+        self.check_method()
         self.check_layers()
 
     def check_request(self) -> None:
-        """Something is asked for, in a known way."""
+        """Something is asked for (``check_method``: in a known way)."""
         if self.method == "equal" and (self.k is None or self.given):
             raise RaptorError("--phases equal needs --k K (and no other phases)")
         if not self.given and self.k is None:
             raise RaptorError("give --phases (an analysis.json, a phases file or e.g. 1-7/8-12) or --k K")
+
+    def check_method(self) -> None:
         if self.method not in PHASE_METHODS:
             raise RaptorError(f"unknown phase method {self.method!r} (use {', '.join(PHASE_METHODS)})")
 

@@ -131,6 +131,7 @@ class FitConfig:
         self.phase_spec.check_request()
         if self.recipe not in RECIPES:
             raise RaptorError(f"unknown --recipe {self.recipe!r} (use {', '.join(RECIPES)})")
+        self.phase_spec.check_method()
         check_sample_order(self.sample)
         check_positive(batch_size=self.batch_size, val_images=self.val_images, stats_images=self.stats_images,
                        probe_limit=self.probe_limit, limit=self.limit, image_size=self.image_size, k=self.k,

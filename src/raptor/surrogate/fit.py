@@ -161,10 +161,11 @@ def _run_fit(cfg: FitConfig, plan: FitPlan, out: Path, resume: bool, progress: b
     # labels of the held-out images, whose layer-0 tokens are val_traj[:, 0], data name)
     probe_inputs = None
     val_groups = None
-    for message in plan.warnings:  # the hold-out's warning, once the model's phases have passed
-        warnings.warn(message, UserWarning, stacklevel=2)
     if st is not None:
         st.check_teacher(teacher)
+    for message in plan.warnings:  # the hold-out's warning, once the model's phases and the store have passed
+        warnings.warn(message, UserWarning, stacklevel=2)
+    if st is not None:
         rows = plan.rows
         tr_rows, val_rows = rows[tr_pos], rows[val_pos]
         working = training_bytes(cfg.batch_size // dist.world, teacher.depth, st.layout.n_tokens, teacher.dim,
