@@ -47,6 +47,11 @@ class _Bar:
         console.print(f"[yellow]warning:[/yellow] {msg}", highlight=False, soft_wrap=True, markup=True)
 
 
+def no_bar() -> _Bar:
+    """A bar that shows nothing (warnings still printed): for callers that pass no bar."""
+    return _Bar(None, None)
+
+
 PLAIN_EVERY_S = 30.0
 
 
@@ -82,7 +87,7 @@ class _PlainBar(_Bar):
 def progress_bar(total: float, description: str, unit: str = "it", enabled: bool = True, extra: str = ""):
     """A progress bar; disabled (but warnings still printed) when ``enabled`` is false."""
     if not enabled:
-        yield _Bar(None, None)
+        yield no_bar()
         return
     if not console.is_terminal:
         bar = _PlainBar(total, description, unit)

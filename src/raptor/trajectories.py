@@ -22,6 +22,7 @@ import torch
 from raptor.data import load_images
 from raptor.data.sampling import store_sample_record
 from raptor.errors import RaptorError
+from raptor.progress import no_bar
 from raptor.store import TrajectoryStore
 
 
@@ -32,14 +33,6 @@ class TrajectoryBatch(NamedTuple):
     traj: torch.Tensor
     labels: np.ndarray | None
     positions: np.ndarray
-
-
-class _NoBar:
-    def advance(self, n: int) -> None:
-        pass
-
-    def warn(self, message: str) -> None:
-        warnings.warn(message, UserWarning, stacklevel=3)
 
 
 class StoreTrajectories:
@@ -86,7 +79,7 @@ class StoreTrajectories:
 
     def batches(self, batch_size: int, layers: Sequence[int] | None = None, bar=None) -> Iterator[TrajectoryBatch]:
         """The sample's rows in order, ``layers`` (default: every stored layer) of each."""
-        bar = bar or _NoBar()
+        bar = bar or no_bar()
         layers = list(self.store.layers if layers is None else layers)
         self.require_layers(layers)
         lo, hi = min(layers), max(layers)
@@ -137,7 +130,7 @@ class LiveTrajectories:
     def batches(self, batch_size: int, layers: Sequence[int] | None = None, bar=None) -> Iterator[TrajectoryBatch]:
         """Load, transform and run the images batch by batch (``layers``: default 0..L). A batch none of whose
         images could be read is skipped; the ids of unreadable images collect in :attr:`skipped`."""
-        bar = bar or _NoBar()
+        bar = bar or no_bar()
         items, labels = self.images.items, self.images.labels
         buf = None
         for s in range(0, len(items), batch_size):

@@ -415,20 +415,21 @@ class ExtractConfig:
     workers: int | None = None
     device: str = "auto"
 
-    def check(self) -> None:
-        """Cheap checks of the settings themselves (before the data, the output or the teacher)."""
+    def check(self) -> tuple[int, int]:
+        """Cheap checks of the settings themselves (before the data, the output or the teacher); returns the
+        resolved (batch size, chunk images)."""
         batch_size, chunk_images = batch_and_chunk(self.batch_size, self.chunk_images)
         check_extract_args(dtype=self.dtype, compression=self.compression, batch_size=batch_size,
                            chunk_images=chunk_images, image_size=self.image_size, autocast=self.autocast,
                            limit=self.limit, workers=1 if self.workers is None else self.workers)
+        return batch_size, chunk_images
 
 
 def run_extract(cfg: ExtractConfig, progress: bool = True) -> dict | None:
     """``raptor extract`` end to end: the cheap checks (settings, data, an existing store's settings), then the
     device and the teacher, then :func:`extract`. Returns the store's summary with this run's figures (None on a
     torchrun rank other than 0)."""
-    cfg.check()
-    batch_size, chunk_images = batch_and_chunk(cfg.batch_size, cfg.chunk_images)
+    batch_size, chunk_images = cfg.check()
     check_sample_order(cfg.sample)
     source = open_source(cfg.data).subset(cfg.limit, cfg.sample_seed, cfg.sample)
     precheck_store(cfg.out, teacher=cfg.teacher, data=source.spec, n_images=len(source), dtype=cfg.dtype,

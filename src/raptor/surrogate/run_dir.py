@@ -108,6 +108,7 @@ class FitRun:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._meta: dict | None = None  # surrogate.json, read once
         if not self.path.is_dir():
             raise RaptorError(f"run folder {path} not found" if not self.path.exists() else
                               f"{path} is a file, not a raptor fit run folder")
@@ -118,10 +119,13 @@ class FitRun:
         return all((self.path / f).is_file() for f in ("surrogate.json", "model.safetensors", "metrics.json"))
 
     def _surrogate_json(self) -> dict:
+        if self._meta is not None:
+            return self._meta
         path = self.path / "surrogate.json"
         try:
             d = json.loads(path.read_text())
             d["surrogate"], d["teacher"]
+            self._meta = d
             return d
         except FileNotFoundError:
             raise RaptorError(f"{self.path} is not a finished raptor fit run (no surrogate.json)") from None
