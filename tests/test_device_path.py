@@ -17,12 +17,14 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from raptor.data import open_source
+from raptor.distributed import RankGroup
 from raptor.store import TrajectoryStore, extract, io_plan
 from raptor.surrogate.batches import PinnedStaging, StoreBatches, cache_placement, step_generator, training_bytes
 from raptor.surrogate.block import BlockConfig
 from raptor.surrogate.config import FitConfig
 from raptor.surrogate.model import RaptorModel, SurrogateConfig, share_noise
-from raptor.surrogate.train import WorkItem, _ItemRunner, item_loss
+from raptor.surrogate.run_dir import StepOutputs
+from raptor.surrogate.train import StepLoop, WorkItem, item_loss
 from raptor.teachers.base import TokenLayout
 from raptor.teachers.hf import build_tiny_teacher
 
@@ -164,6 +166,17 @@ class _HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+class _Saved(StepOutputs):
+    """Records the steps a checkpoint would be written at."""
+
+    def __init__(self, cfg, item, saved: list):
+        super().__init__(cfg, item)
+        self.saved = saved
+
+    def checkpoint(self, done, opt):
+        self.saved.append(done)
+
+
 @pytest.mark.parametrize("read_every,steps,expected", [(8, 16, 2), (32, 20, 1), (1, 5, 5)])
 def test_losses_are_read_back_once_per_read_every_steps(tmp_path, read_every, steps, expected):
     """The step loop reads the loss back (a host sync on a GPU) once per ``read_every`` steps, plus once before a
@@ -173,10 +186,10 @@ def test_losses_are_read_back_once_per_read_every_steps(tmp_path, read_every, st
     cfg = FitConfig(out=str(tmp_path), ckpt_every=10 ** 6, val_every=0, sigma=0.02, loss_norm="none")
     item = WorkItem("stage2", 2, None, 0, 3, steps, None)
     batches = (torch.randn(4, 4, T, DIM) for _ in range(steps))
-    runner = _ItemRunner(cfg, model, LAYOUT, None, torch.device("cpu"), False, None, read_every=read_every)
+    loop = StepLoop(cfg, model, LAYOUT, None, torch.device("cpu"), False, None, read_every=read_every)
     hist, saved = [], []
     with _HostReads() as mode:
-        runner(item, 0, 0, batches, hist, (None, 0, 1), None, lambda done, opt: saved.append(done), lambda d: None)
+        loop.run(item, 0, 0, batches, hist, RankGroup(None, 0, 1), _Saved(cfg, item, saved))
     assert [h[0] for h in hist] == list(range(steps)) and saved == [steps]
     assert len(mode.ours) == expected, mode.ours
     assert {name for name, _, _ in mode.ours} == {"tolist"}
@@ -189,11 +202,10 @@ def test_a_nan_loss_stops_before_the_checkpoint_even_when_losses_are_read_late(t
     item = WorkItem("stage2", 2, None, 0, 3, 12, None)
     batches = (torch.randn(2, 4, T, DIM) for _ in range(12))
     poison = (lambda it, step, loss: loss * float("nan") if step == 3 else loss)
-    runner = _ItemRunner(cfg, model, LAYOUT, None, torch.device("cpu"),
-                         False, poison, read_every=32)
+    loop = StepLoop(cfg, model, LAYOUT, None, torch.device("cpu"), False, poison, read_every=32)
     saved = []
     with pytest.raises(RaptorError, match="loss became nan at stage2 step 3"):
-        runner(item, 0, 0, batches, [], (None, 0, 1), None, lambda done, opt: saved.append(done), lambda d: None)
+        loop.run(item, 0, 0, batches, [], RankGroup(None, 0, 1), _Saved(cfg, item, saved))
     assert saved == []  # the losses of steps 0..5 were read (and step 3 refused) before checkpoint 6
 
 

@@ -42,11 +42,35 @@ class Share(NamedTuple):
 
 
 class RankGroup(NamedTuple):
-    """A process group of ranks (a parallel stage-1 block's ranks): its handle, this rank's index in it, its size."""
+    """The ranks that train one work item together: a process-group handle (None: every rank of the run), this
+    rank's index in the group and its size. What makes a step distributed is wrapped around the step loop from
+    here: :meth:`wrap` puts ``DistributedDataParallel`` around the objective, :meth:`mean` turns this rank's loss
+    into the whole batch's loss. For a group of one both are the identity."""
 
     group: object
     rank: int
     world: int
+
+    @classmethod
+    def of_run(cls, dist: "Dist") -> "RankGroup":
+        return cls(None, dist.rank, dist.world)
+
+    def wrap(self, module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """``module`` whose gradients are averaged over the group's ranks (DDP), or ``module`` itself."""
+        if self.world == 1:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                       process_group=self.group)
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of ``value`` over the group's ranks (their equal shares of one batch), on the device."""
+        if self.world == 1:
+            return value
+        value = value.clone()
+        torch.distributed.all_reduce(value, group=self.group)
+        return value / self.world
 
 
 @dataclass(frozen=True)

@@ -220,13 +220,43 @@ def init_from_run(model: RaptorModel, run: str | Path) -> None:
         model.load_state_dict(FitRun(run).model().state_dict())
 
 
-class RunProgress:
-    """What the step loop of one work item leaves behind after a step: the run's checkpoint (rank 0, every
-    ``ckpt_every`` steps and at the item's end, with the whole history and the training time so far) and the
-    periodic held-out validation (``val_every``; the other ranks wait on the CPU side group meanwhile)."""
+class StepOutputs:
+    """What the step loop of one work item leaves behind after step ``done``: a validation every ``val_every``
+    steps, then a checkpoint every ``ckpt_every`` steps and at the item's end. Subclasses say how each is
+    written; :meth:`due` tells the loop to read its pending losses back first (a NaN stops before a save)."""
+
+    def __init__(self, cfg, item):
+        self.cfg, self.item = cfg, item
+
+    def due(self, done: int) -> bool:
+        return self._val_due(done) or self._ckpt_due(done)
+
+    def after_step(self, done: int, opt) -> None:
+        if self._val_due(done):
+            self.validate(done)
+        if self._ckpt_due(done):
+            self.checkpoint(done, opt)
+
+    def _val_due(self, done: int) -> bool:
+        return bool(self.cfg.val_every) and done % self.cfg.val_every == 0
+
+    def _ckpt_due(self, done: int) -> bool:
+        return done % self.cfg.ckpt_every == 0 or done == self.item.steps
+
+    def checkpoint(self, done: int, opt) -> None:
+        raise NotImplementedError
+
+    def validate(self, done: int) -> None:
+        pass
+
+
+class RunProgress(StepOutputs):
+    """The run's checkpoint (rank 0, with the whole history and the training time so far) and the periodic
+    held-out validation (rank 0; the other ranks wait on the CPU side group meanwhile)."""
 
     def __init__(self, cfg, model, item, it_idx: int, state, dist, device, clock, validate_fn):
-        self.cfg, self.model, self.item, self.it_idx, self.state = cfg, model, item, it_idx, state
+        super().__init__(cfg, item)
+        self.model, self.it_idx, self.state = model, it_idx, state
         self.dist, self.device, self.clock, self.validate_fn = dist, device, clock, validate_fn
 
     def checkpoint(self, done: int, opt) -> None:
@@ -238,7 +268,7 @@ class RunProgress:
                           self.state.history, seconds, self.device)
 
     def validate(self, done: int) -> None:
-        if self.validate_fn is None or not self.cfg.val_every or done % self.cfg.val_every:
+        if self.validate_fn is None:
             return
         if self.dist.main:
             self.model.eval()
@@ -247,12 +277,13 @@ class RunProgress:
         self.dist.wait_all()  # the other ranks wait on the CPU side group, not in the next step's all_reduce
 
 
-class BlockProgress:
+class BlockProgress(StepOutputs):
     """Parallel stage 1: the checkpoint of one block, written by its rank group's first rank under
     ``checkpoints/block<b>/`` (no validation there)."""
 
     def __init__(self, cfg, model, item, hist: list, leader: bool):
-        self.cfg, self.model, self.item, self.hist, self.leader = cfg, model, item, hist, leader
+        super().__init__(cfg, item)
+        self.model, self.hist, self.leader = model, hist, leader
         self.root = Path(cfg.out) / "checkpoints" / f"block{item.block}"
 
     def checkpoint(self, done: int, opt) -> None:
@@ -261,6 +292,3 @@ class BlockProgress:
                             opt if done < self.item.steps else None,
                             {"item": None, "step": done, "history": {self.item.name: self.hist},
                              "fingerprint": self.cfg.training_fingerprint(), "block": self.item.block})
-
-    def validate(self, done: int) -> None:
-        pass

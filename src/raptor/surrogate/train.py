@@ -36,6 +36,7 @@ from raptor.surrogate.model import RaptorModel, SurrogateConfig, init_from_teach
 from raptor.surrogate.run_dir import (
     BlockProgress,
     RunProgress,
+    StepOutputs,
     block_checkpoints,
     check_existing_run,
     check_noise_device,
@@ -224,7 +225,7 @@ def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, pro
         _parallel_stage1(cfg, model, items[:n1], data, layout, stats, dist, device, state, progress, on_step,
                          clock)
         opt_tensors = None
-    run = _ItemRunner(cfg, model, layout, stats, device, progress and dist.main, on_step)
+    loop = StepLoop(cfg, model, layout, stats, device, progress and dist.main, on_step)
     keys = [BatchKey(items[i].name, s, items[i].start, items[i].end) for i in range(state.item, len(items))
             for s in range(state.step if i == state.item else 0, items[i].steps)]
     batches = data.stream(keys, cfg.batch_size, Share(dist.rank, dist.world))
@@ -232,9 +233,9 @@ def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, pro
         start = state.step if it_idx == state.item else 0
         resume_opt = (opt_tensors, opt_meta) if (opt_tensors is not None and it_idx == state.item) else None
         opt_tensors = None
-        saver = RunProgress(cfg, model, items[it_idx], it_idx, state, dist, device, clock, validate_fn)
-        run(items[it_idx], it_idx, start, batches, state.history.setdefault(items[it_idx].name, []),
-            RankGroup(None, dist.rank, dist.world), resume_opt, saver.checkpoint, saver.validate)
+        outputs = RunProgress(cfg, model, items[it_idx], it_idx, state, dist, device, clock, validate_fn)
+        loop.run(items[it_idx], it_idx, start, batches, state.history.setdefault(items[it_idx].name, []),
+                 RankGroup.of_run(dist), outputs, resume_opt)
     state.item, state.step = len(items), 0
     return state
 
@@ -246,10 +247,11 @@ def _load_weights(module: torch.nn.Module, weights: dict, ck: Path) -> None:
         raise RaptorError(f"checkpoint {ck} does not fit this model ({str(e).splitlines()[0][:160]})") from None
 
 
-class _ItemRunner:
-    """The step loop of one work item: learning rate, loss (DDP over the ranks of ``group`` = (process group or
-    None for all ranks, this rank's index in it, its size)), the whole batch's loss logged, NaN stop, gradient
-    clipping, AdamW; ``checkpoint(done, opt)`` and ``val(done)`` after each step."""
+class StepLoop:
+    """The step loop of one work item, top to bottom: learning rate -> batch -> loss -> backward, clip, AdamW ->
+    log -> what the step leaves behind. Everything that differs between a plain run, torchrun and parallel
+    stage 1 is wrapped around it: ``group`` (a :class:`RankGroup`) wraps the objective in DDP and averages the
+    logged loss over its ranks, and ``outputs`` (a :class:`StepOutputs`) writes the validation and checkpoints."""
 
     def __init__(self, cfg, model, layout, stats, device, progress, on_step, read_every: int | None = None):
         self.cfg, self.model, self.layout, self.stats = cfg, model, layout, stats
@@ -257,17 +259,12 @@ class _ItemRunner:
         # losses are read back every step on the CPU (free there), every 32 steps on a GPU (a host sync each)
         self.read_every = read_every or (1 if device.type == "cpu" else 32)
 
-    def __call__(self, item: WorkItem, it_idx: int, start: int, batches, hist: list, group, resume_opt,
-                 checkpoint, val) -> None:
+    def run(self, item: WorkItem, it_idx: int, start: int, batches, hist: list, group: RankGroup,
+            outputs: StepOutputs, resume_opt=None) -> None:
         cfg, model, device = self.cfg, self.model, self.device
-        pg, rank, world = group
         objective = _ItemObjective(model, item)
         params = list(objective.parameters())
-        if world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda"
-                                                else None, process_group=pg)
+        objective = group.wrap(objective, device)
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         if resume_opt is not None and resume_opt[0]:
             load_optimizer(opt, *resume_opt)
@@ -283,27 +280,18 @@ class _ItemRunner:
                 traj = next(batches)
                 gen = step_generator(cfg.seed * 1_000_003 + it_idx * 10_007 + step, device)
                 with autocast_context(cfg.autocast, device):
-                    loss = objective(traj, step, cfg, self.layout, gen, self.stats, Share(rank, world))
+                    loss = objective(traj, step, cfg, self.layout, gen, self.stats, Share(group.rank, group.world))
                 if self.on_step is not None:
                     loss = self.on_step(item, step, loss)
-                value = loss.detach().float()
-                if world > 1:  # the whole batch's loss: the mean of the ranks' equal shares
-                    value = value.clone()
-                    torch.distributed.all_reduce(value, group=pg)
-                    value /= world
+                pending.append((step, group.mean(loss.detach().float()), lr))  # the whole batch's loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip)
                 opt.step()
-                pending.append((step, value, lr))
                 done = step + 1
-                due_val = cfg.val_every and done % cfg.val_every == 0
-                due_ckpt = done % cfg.ckpt_every == 0 or done == item.steps
-                if len(pending) >= self.read_every or due_val or due_ckpt:
+                if len(pending) >= self.read_every or outputs.due(done):
                     self._read_losses(pending, hist, bar, item, cfg)  # checks them before anything is saved
-                val(done)
-                if due_ckpt:
-                    checkpoint(done, opt)
+                outputs.after_step(done, opt)
         model.eval()
 
     def _read_losses(self, pending: list, hist: list, bar, item: WorkItem, cfg) -> None:
@@ -336,7 +324,7 @@ def _parallel_stage1(cfg: FitConfig, model: RaptorModel, items: list[WorkItem], 
     group = RankGroup(handles[g], members[g].index(dist.rank), len(members[g]))
     leader = group.rank == 0
     found = block_checkpoints(Path(cfg.out))
-    run = _ItemRunner(cfg, model, layout, stats, device, progress and leader, on_step)
+    loop = StepLoop(cfg, model, layout, stats, device, progress and leader, on_step)
     for it_idx in range(g, len(items), n_groups):
         item = items[it_idx]
         hist: list = []
@@ -346,10 +334,9 @@ def _parallel_stage1(cfg: FitConfig, model: RaptorModel, items: list[WorkItem], 
             _load_weights(model.blocks[item.block], weights, found[item.block])  # copied into the device's weights
             start, hist, resume_opt = st["step"], st["history"][item.name], (opt_tensors, st["optimizer"])
         if start < item.steps:
-            saver = BlockProgress(cfg, model, item, hist, leader)
             keys = [BatchKey(item.name, s, item.start, item.end) for s in range(start, item.steps)]
-            run(item, it_idx, start, data.stream(keys, cfg.batch_size, Share(group.rank, group.world)), hist, group,
-                resume_opt, saver.checkpoint, saver.validate)
+            loop.run(item, it_idx, start, data.stream(keys, cfg.batch_size, Share(group.rank, group.world)), hist,
+                     group, BlockProgress(cfg, model, item, hist, leader), resume_opt)
         state.history[item.name] = hist
     dist.wait_all()  # groups of unequal work finish hours apart: a wait beyond the NCCL watchdog's 30 minutes
     for it_idx, item in enumerate(items):  # every block from its group's first rank to every rank
