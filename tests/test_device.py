@@ -150,7 +150,7 @@ def test_parallel_blocks_batch_is_checked_against_every_group():
     pass, while group 1 trained and wrote checkpoints; now every rank refuses it up front."""
     from raptor.distributed import check_block_groups
 
-    with pytest.raises(RaptorError, match="groups of 2 and 1 ranks; --batch-size 3 .* multiple of 2"):
+    with pytest.raises(RaptorError, match="groups of 2 and 1 ranks; batch_size 3 .* multiple of 2"):
         check_block_groups(3, 2, 3)
     check_block_groups(4, 2, 3)
     with pytest.raises(RaptorError, match="groups of 3 and 2 ranks.*multiple of 6"):

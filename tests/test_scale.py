@@ -287,7 +287,7 @@ def test_parallel_stage1_resumes_from_block_checkpoints(tmp_path):
     with pytest.raises(Stop):
         run_fit(cfg(tmp_path / "par", parallel_blocks=True), progress=False, on_step=stop_at)
     assert sorted(p.name for p in (tmp_path / "par" / "checkpoints").iterdir()) == ["block0", "block1"]
-    with pytest.raises(RaptorError, match="--resume"):
+    with pytest.raises(RaptorError, match="already holds a run .*; pass resume to continue it"):
         run_fit(cfg(tmp_path / "par", parallel_blocks=True), progress=False)
     with pytest.raises(RaptorError, match="other settings"):
         run_fit(cfg(tmp_path / "par"), resume=True, progress=False)
@@ -314,7 +314,7 @@ class _DiesInWorker(torch.utils.data.Dataset):
 def test_a_killed_worker_is_one_clear_error():
     from raptor.errors import RaptorError
 
-    with pytest.raises(RaptorError, match="image-loading worker process died.*lower --workers") as caught:
+    with pytest.raises(RaptorError, match="image-loading worker process died.*lower workers") as caught:
         list(loader(_DiesInWorker(), 1))
     assert caught.tb is not None  # the traceback (and the loader's frame) stay alive, as in pytest's own reporting
     # the dead worker is unregistered at once: torch's SIGCHLD handler must not raise later, in unrelated code,

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from clirun import one_error_line
+from raptor import cli
 from raptor.data.sources import open_source
 from raptor.errors import RaptorError
 from raptor.lifecycle import command_run
@@ -44,10 +46,10 @@ def test_a_phase_spec_resolves_against_the_teacher_depth_and_refuses_what_does_n
     file_spec = PhaseSpec.parse(str(tmp_path / "p.json"))
     assert file_spec.count() == 2 and file_spec.resolve(3) == [[1, 3], [2]]
     for spec, needle in ((PhaseSpec.parse("1-2/4"), "cover layers 1..3"), (PhaseSpec(k=5), "1..3"),
-                         (PhaseSpec(), "give --phases")):
+                         (PhaseSpec(), "give phases")):
         with pytest.raises(RaptorError, match=needle):
             spec.resolve(3, (lambda k: equal_phases(3, k)) if spec.k else None)
-    for spec, needle in ((PhaseSpec(method="equal"), "needs --k"), (PhaseSpec(k=2, method="ward"), "phase method"),
+    for spec, needle in ((PhaseSpec(method="equal"), "needs k"), (PhaseSpec(k=2, method="ward"), "phase method"),
                          (PhaseSpec([[1], []]), "non-empty"), (PhaseSpec([[1], [2]], k=3), "contradicts")):
         with pytest.raises(RaptorError, match=needle):
             spec.check()
@@ -112,8 +114,30 @@ def test_the_run_folder_reader_refuses_what_is_not_a_finished_run(tmp_path):
     assert not run.finished and not run.has_weights
     with pytest.raises(RaptorError, match="no surrogate.json"):
         run.surrogate_config
-    with pytest.raises(RaptorError, match="--surrogate x is not a finished raptor fit run"):
+    with pytest.raises(RaptorError, match="surrogate x is not a finished raptor fit run"):
         run.require_weights("--surrogate x")
     (tmp_path / "empty" / "surrogate.json").write_text("{not json")
     with pytest.raises(RaptorError, match="is damaged"):
         run.teacher_spec
+
+
+def test_errors_name_options_as_the_caller_spells_them(tmp_path, capsys):
+    """One message, two readers: a Python caller reads keywords (``val_data``), the raptor command reads flags
+    (``--val-data``); flags of other programs quoted in a message (pip's ``--no-deps``) are left alone."""
+    from raptor.errors import cli_messages, python_spelling
+    from raptor.surrogate.config import FitConfig
+    from raptor.surrogate.fit import run_fit
+
+    with pytest.raises(RaptorError) as caught:
+        run_fit(FitConfig(teacher="tiny:dinov2", k=2, val_crops=3, out=str(tmp_path / "x")), progress=False)
+    assert str(caught.value) == "val_crops needs val_data (crops of whole held-out photos)"
+    with cli_messages():
+        assert "--val-crops needs --val-data" in str(caught.value)
+    assert python_spelling("pip install --no-deps x; lower --batch-size or --lr") == \
+        "pip install --no-deps x; lower batch_size or lr"
+    capsys.readouterr()
+    argv = ["fit", "--teacher", "tiny:dinov2", "--data", "bundled:digits", "--k", "2", "--val-crops", "3"]
+    assert cli.run(argv + ["--out", str(tmp_path / "y")]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line == "error: --val-crops needs --val-data (crops of whole held-out photos)"
+    assert str(caught.value).startswith("val_crops")  # the CLI's run changed nothing for Python callers

@@ -208,8 +208,8 @@ def test_a_refused_fit_touches_no_output(tmp_path):
                 out=str(tmp_path / "run"))
     run_fit(FitConfig(**base), progress=False)
     before = {f: (tmp_path / "run" / f).read_bytes() for f in ("metrics.json", "config.yaml")}
-    bad = [(dict(stats_images=0), False, "--stats-images"), (dict(lr2=0.0), False, "--lr2"),
-           (dict(loss_norm="magic"), False, "--loss-norm"), ({}, False, "--resume"),
+    bad = [(dict(stats_images=0), False, "stats_images"), (dict(lr2=0.0), False, "lr2"),
+           (dict(loss_norm="magic"), False, "loss_norm"), ({}, False, "pass resume to continue"),
            (dict(lr=1e-3), True, r"other settings: lr 0.003 -> 0.001"),
            (dict(k=None, phases_file=str(tmp_path / "missing.json")), False, "cannot read phases file")]
     for change, resume, msg in bad:

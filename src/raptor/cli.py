@@ -12,7 +12,7 @@ import typer
 
 from raptor import cli_options as o
 from raptor.config import atomic_write_text
-from raptor.errors import RaptorError
+from raptor.errors import RaptorError, cli_messages
 from raptor.outputs import os_error_message
 from raptor.phases import PhaseSpec
 from raptor.phases.spec import parse_layers
@@ -238,7 +238,8 @@ def run(argv: list[str] | None = None) -> int:
         return 2
 
     try:
-        rv = app(args=argv, prog_name="raptor", standalone_mode=False)
+        with cli_messages():  # errors name options as flags here; a Python caller reads keywords
+            rv = app(args=argv, prog_name="raptor", standalone_mode=False)
     except cx.NoArgsIsHelpError:  # typer has already printed the help
         return 0
     except cx.UsageError as e:
@@ -247,7 +248,8 @@ def run(argv: list[str] | None = None) -> int:
     except cx.ClickException as e:
         return fail(e.format_message())
     except RaptorError as e:
-        return fail(str(e))
+        with cli_messages():
+            return fail(str(e))
     except OSError as e:  # disk full, read-only filesystem, permissions: the environment, not a bug
         return fail(os_error_message(e))
     except (KeyboardInterrupt, typer.Abort):
