@@ -16,6 +16,7 @@ from raptor.errors import RaptorError, cli_messages
 from raptor.outputs import os_error_message
 from raptor.phases import PhaseSpec
 from raptor.phases.spec import parse_layers
+from raptor.runtime import tune_malloc
 from raptor.surrogate.report import load_run, report
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -232,6 +233,8 @@ def run(argv: list[str] | None = None) -> int:
     os.environ["MPLBACKEND"] = "Agg"  # the command writes figures to files (an inherited notebook backend may not
     # even be installed in this venv); a library caller keeps its own
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"  # without the source line
+    tune_malloc()  # process-wide allocator settings for long jobs: the command's choice, never a library call's
+    _log_to_stdout()
 
     def fail(msg: str) -> int:
         typer.echo("error: " + " ".join(str(msg).split()), err=True)  # one line, whatever the message holds
@@ -261,6 +264,20 @@ def run(argv: list[str] | None = None) -> int:
 
     teardown()  # a clean exit leaves the process group together; a failed rank just exits (the others see it)
     return rv if isinstance(rv, int) else 0
+
+
+def _log_to_stdout() -> None:
+    """The ``raptor`` logger's messages (e.g. fit's chosen phases) as plain lines on stdout, as the command prints."""
+    import logging
+
+    log = logging.getLogger("raptor")
+    if not any(getattr(h, "_raptor_cli", False) for h in log.handlers):
+        h = logging.StreamHandler(sys.stdout)
+        h.setFormatter(logging.Formatter("%(message)s"))
+        h._raptor_cli = True
+        log.addHandler(h)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 def main() -> None:

@@ -19,6 +19,8 @@ one is an error. CKA keeps, per group, the Gram matrix of all layers' features s
 ((n_layers*dim)^2 numbers in float64), so memory grows with (layers x width)^2: ~170 MB per group for 12 layers of
 ViT-S, ~680 MB for ViT-B. Its cost per token is (n_layers*dim)^2/2 multiply-adds, cheap for cls/registers but
 comparable to a forward pass for ``patches``/``all``, which is why those groups are opt-in.
+
+Calling this module, ``raptor.similarity(source, ...)``, is :func:`raptor.api.similarity` (see :mod:`raptor._callable`).
 """
 
 from __future__ import annotations
@@ -29,8 +31,11 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from raptor._callable import make_callable
 from raptor.errors import RaptorError
 from raptor.teachers.base import TokenLayout
+
+make_callable(__name__, "similarity")
 
 GROUPS = ("cls", "registers", "patches", "all")
 BASE_GROUPS = ("cls", "registers", "patches")

@@ -28,7 +28,6 @@ from raptor.probes.data import TASKS, open_probe_data
 from raptor.probes.features import DenseTransform, split_features, transform_for
 from raptor.probes.train import DEFAULT_RECIPES, METRICS, DenseGeometry, Recipe, prior_baseline, train_probe
 from raptor.progress import progress_bar
-from raptor.runtime import tune_malloc
 from raptor.teachers.dinov2_pth import load_linear_head, load_state_file
 
 RESULTS = "results.jsonl"
@@ -143,7 +142,6 @@ def run_probe(cfg: ProbeConfig, progress: bool = True, backbone=None) -> list[di
     (cached), probes per seed, one results line each. Returns this run's records (new and already present).
     ``backbone``: an already loaded :class:`~raptor.probes.backbones.Backbone` for ``cfg.backbone`` (callers that
     probe one backbone on several data sets load it once)."""
-    tune_malloc()
     cfg.check()
     spec = parse_backbone(cfg.backbone, cfg.layer, cfg.splice)
     data = open_probe_data(cfg.data, cfg.task)

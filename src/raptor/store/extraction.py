@@ -24,7 +24,6 @@ from raptor.distributed import claim_on_main, current, setup
 from raptor.errors import RaptorError, check_positive
 from raptor.outputs import LOCK_NAME, only_lock_inside
 from raptor.progress import progress_bar
-from raptor.runtime import tune_malloc
 from raptor.store.format import (
     _STORAGE,
     COMPRESSIONS,
@@ -242,7 +241,6 @@ def extract(teacher, source, out: str | Path, *, dtype: str = "bfloat16", layers
         todo = [c for c in range(n_chunks) if c not in done and c % dist.world == dist.rank]
         if stop_after_chunks is not None:
             todo = todo[:stop_after_chunks]
-        tune_malloc()
         with _quiet_io_threads(io_plan(device.type, os.cpu_count() or 1, dist.local_world)[0]):
             seconds, n_run = _run_pipeline(teacher.to(device), source, g, settings, layer_list, shape, todo,
                                            transform, autocast, batch_size, progress, workers)

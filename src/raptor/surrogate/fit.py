@@ -10,6 +10,7 @@ baselines and probes (:mod:`raptor.surrogate.evaluate`). Outputs in OUT: ``confi
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,6 @@ from raptor.distributed import Dist, check_block_groups, rows_per_rank, setup
 from raptor.errors import RaptorError
 from raptor.lifecycle import command_run
 from raptor.outputs import staged
-from raptor.runtime import tune_malloc
 from raptor.store import TrajectoryStore
 from raptor.surrogate.batches import (
     OnlineBatches,
@@ -44,6 +44,8 @@ from raptor.surrogate.run_dir import FitRun, block_checkpoints, check_existing_r
 from raptor.surrogate.train import build_model, compute_stats, train
 from raptor.teachers import load_teacher
 from raptor.trajectories import StoreTrajectories
+
+log = logging.getLogger("raptor")
 
 
 @dataclass
@@ -115,7 +117,6 @@ def run_fit(cfg: FitConfig, resume: bool = False, progress: bool = True, on_step
     evaluate. A refused or failed run never harms an earlier result and leaves no directory it created without a
     checkpoint; the final files move in together at the end (``metrics.json`` last). ``teacher``: the already
     loaded teacher of ``cfg.teacher`` (a sweep of many fits loads it once)."""
-    tune_malloc()
     out = Path(cfg.out)
     plan = resolve_fit(cfg)
     n_blocks = plan.n_blocks
@@ -223,7 +224,7 @@ def _run_fit(cfg: FitConfig, plan: FitPlan, out: Path, resume: bool, progress: b
         else:
             phases_info = phase_pass.choose(cfg.k, recorded if dist.main else None)
         if dist.main:
-            print(f"phases (k={cfg.k}): {phases_info['phases']}  ({phases_info['how']})", flush=True)
+            log.info("phases (k=%s): %s  (%s)", cfg.k, phases_info["phases"], phases_info["how"])
         model = build_model(cfg, teacher.describe(), teacher, phases=phases_info["phases"])
     else:
         phases_info = {"phases": model.cfg.phases, "how": _phases_how(cfg)}

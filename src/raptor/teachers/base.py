@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 from torch import nn
 
 from raptor.data import EvalTransform
-from raptor.errors import RaptorError
+from raptor.errors import RaptorError, check_positive
 
 
 def _takes_mask(block) -> bool:
@@ -78,6 +79,70 @@ class TokenLayout:
     @classmethod
     def from_dict(cls, d: dict) -> "TokenLayout":
         return cls(int(d["n_cls"]), int(d["n_registers"]), (int(d["grid"][0]), int(d["grid"][1])))
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """What :meth:`Teacher.trace` returns: the residual stream of a batch of images through depth.
+
+    ``tensor`` is (images, len(layers), tokens, dim) float32; ``layers`` are layer numbers (0 = the embedding, l =
+    the output of block l); ``layout`` says where each token group sits along the token axis. Group views:
+    ``traj.cls``, ``traj.registers``, ``traj.patches`` or ``traj.group(name)``; one layer: ``traj.layer(l)``."""
+
+    tensor: torch.Tensor
+    layers: tuple[int, ...]
+    layout: TokenLayout
+    teacher: str = ""
+
+    def __post_init__(self):
+        t = self.tensor
+        if t.ndim != 4 or t.shape[1] != len(self.layers) or t.shape[2] != self.layout.n_tokens:
+            raise RaptorError(f"trajectory tensor {tuple(t.shape)} does not match {len(self.layers)} layers x "
+                              f"{self.layout.n_tokens} tokens")
+
+    def __len__(self) -> int:
+        return self.tensor.shape[0]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.tensor.shape
+
+    def group(self, name: str) -> torch.Tensor:
+        """(images, layers, tokens of the group, dim): a view."""
+        return self.tensor[:, :, self.layout.group(name)]
+
+    @property
+    def cls(self) -> torch.Tensor:
+        return self.group("cls")
+
+    @property
+    def registers(self) -> torch.Tensor:
+        return self.group("registers")
+
+    @property
+    def patches(self) -> torch.Tensor:
+        return self.group("patches")
+
+    def layer(self, layer: int) -> torch.Tensor:
+        """(images, tokens, dim) at layer number ``layer``."""
+        if layer not in self.layers:
+            raise RaptorError(f"layer {layer} was not traced (traced: {list(self.layers)})")
+        return self.tensor[:, self.layers.index(layer)]
+
+    def select(self, layers) -> "Trajectory":
+        """The same images at a subset of the traced layers (layer numbers)."""
+        layers = tuple(int(x) for x in layers)
+        missing = [x for x in layers if x not in self.layers]
+        if missing:
+            raise RaptorError(f"layers {missing} were not traced (traced: {list(self.layers)})")
+        idx = [self.layers.index(x) for x in layers]
+        return Trajectory(self.tensor[:, idx], layers, self.layout, self.teacher)
+
+    def __repr__(self) -> str:
+        lay = self.layout
+        return (f"Trajectory({self.teacher or 'teacher'}: {len(self)} images x layers {list(self.layers)} x "
+                f"{lay.n_tokens} tokens ({lay.n_cls} cls, {lay.n_registers} registers, {lay.n_patches} patches) x "
+                f"dim {self.tensor.shape[-1]})")
 
 
 def pool_tokens(normed: torch.Tensor, layout: TokenLayout, pooling: str = "cls+meanpatch") -> torch.Tensor:
@@ -282,6 +347,67 @@ class Teacher(nn.Module):
                 if i + 1 in pos:
                     out[:, pos[i + 1]].copy_(x)
         return out
+
+    def trace(self, images, layers="all", groups=("cls", "registers", "patches"), *, image_size: int | None = None,
+              batch_size: int = 32, autocast: str | None = None) -> Trajectory:
+        """The trajectory of ``images`` through this teacher, for a notebook.
+
+        ``images``: PIL images, image file paths, or a float tensor (B, 3, H, W) (or one (3, H, W)) already
+        normalised; images and paths get the paper's eval transform at ``image_size`` (default: the teacher's).
+        ``layers``: ``"all"`` (0..L) or layer numbers. ``groups``: the token groups kept, in layout order. Runs on
+        the teacher's device in batches of ``batch_size``; the result is float32 on that device."""
+        if isinstance(layers, str) and layers != "all":
+            raise RaptorError(f"layers must be 'all' or layer numbers, got {layers!r}")
+        check_positive(batch_size=batch_size)
+        want = self.resolve_layers(None if isinstance(layers, str) else [layers] if isinstance(layers, int) else layers)
+        x = self._as_tensor(images, image_size)
+        layout = self.layout(tuple(x.shape[-2:]))
+        groups = (groups,) if isinstance(groups, str) else tuple(groups)
+        for g in groups:
+            if g not in ("cls", "registers", "patches"):
+                raise RaptorError(f"unknown token group {g!r} (use cls, registers, patches)")
+        keep = [g for g in ("cls", "registers", "patches") if g in groups]
+        index = torch.cat([torch.arange(layout.n_tokens)[layout.group(g)] for g in keep]) if keep else None
+        if index is None:
+            raise RaptorError("groups must name at least one of cls, registers, patches")
+        device = next(self.parameters(), torch.empty(0)).device
+        parts = []
+        for i in range(0, x.shape[0], batch_size):
+            t = self.trajectory(x[i:i + batch_size].to(device), want, autocast=autocast)
+            parts.append(t if len(index) == layout.n_tokens else t[:, :, index.to(t.device)])
+        kept = TokenLayout(layout.n_cls if "cls" in keep else 0, layout.n_registers if "registers" in keep else 0,
+                           layout.grid if "patches" in keep else (0, 0))
+        return Trajectory(torch.cat(parts), tuple(want), kept, self.spec or self.display_name)
+
+    def _as_tensor(self, images, image_size: int | None) -> torch.Tensor:
+        if isinstance(images, torch.Tensor):
+            x = images.unsqueeze(0) if images.ndim == 3 else images
+            if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
+                raise RaptorError(f"image tensors must be float (B, 3, H, W) or (3, H, W), got {tuple(images.shape)} "
+                                  f"{images.dtype}")
+            for side in x.shape[-2:]:
+                if side % self.patch_size:
+                    raise RaptorError(f"image side {side} is not a multiple of the patch size {self.patch_size}")
+            return x.float()
+        from PIL import Image
+
+        items = [images] if isinstance(images, (str, Path, Image.Image)) else list(images)
+        if not items:
+            raise RaptorError("no images given")
+        tf = self.eval_transform(image_size)
+        out = []
+        for it in items:
+            if isinstance(it, Image.Image):
+                out.append(tf(it))
+                continue
+            if not isinstance(it, (str, Path)):
+                raise RaptorError(f"images must be PIL images, paths or one tensor, got {type(it).__name__}")
+            try:
+                with Image.open(it) as im:
+                    out.append(tf(im))
+            except (OSError, ValueError) as e:
+                raise RaptorError(f"cannot read image {it}: {type(e).__name__}: {str(e)[:120]}") from None
+        return torch.stack(out)
 
     def describe(self) -> dict:
         return {"spec": self.spec, "family": self.family, "name": self.display_name, "depth": self.depth,
