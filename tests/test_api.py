@@ -159,3 +159,56 @@ def test_probe_and_dynamics_return_result_objects(tmp_path):
     on_disk = json.loads((tmp_path / "dyn" / "dynamics.json").read_text())["findings"]
     verdicts = lambda f: {who: {c: v["verdict"] for c, v in crit.items()} for who, crit in f.items()}  # noqa: E731
     assert verdicts(dy.findings) == verdicts(on_disk) and verdicts(on_disk)["teacher"]
+
+
+def test_save_pretrained_round_trips_bit_identically_and_the_card_shows_the_baselines(tmp_path, tiny, monkeypatch):
+    """from_pretrained(save_pretrained(dir)) gives bit-identical outputs; the folder reads like a fit run; a Hub id
+    under HF_HUB_OFFLINE=1 that is not cached is one RaptorError; the card carries the held-out measures."""
+    from raptor.surrogate.run_dir import FitRun
+
+    model = raptor.fit(tiny, data="bundled:lfw", phases="1-2/3", limit=40, steps1=3, steps2=2, batch_size=4,
+                       val_images=8, stats_images=16)
+    model.save_pretrained(tmp_path / "shared")
+    assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == ["README.md", "metrics.json",
+                                                                       "model.safetensors", "surrogate.json"]
+    back = raptor.RaptorModel.from_pretrained(tmp_path / "shared")
+    assert back.teacher_spec == "tiny:dinov2" and back.cfg == model.cfg and back.fit_metrics == model.fit_metrics
+    x = tiny.trajectory(torch.randn(3, 3, 28, 28), [0])[:, 0]
+    for a, b in zip(model(x), back(x)):
+        assert torch.equal(a, b)
+    assert torch.equal(model.splice(tiny, x, 0, 3, from_images=False), back.splice(tiny, x, 0, 3, from_images=False))
+    assert FitRun(tmp_path / "shared").model(tiny).cfg == model.cfg  # readers of fit runs take it as it is
+
+    card = (tmp_path / "shared" / "README.md").read_text()
+    ar = model.fit_metrics["validation"]["autoregressive"]
+    assert card.startswith("---\nlibrary_name: raptor\n") and "1–2 / 3" in card
+    assert f"**{ar['r2_image_specific_mean']:.3f}**" in card and "image-blind per-position mean" in card
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RaptorError, match="cannot fetch nobody/no-such-raptor from the Hugging Face Hub"):
+        raptor.RaptorModel.from_pretrained("nobody/no-such-raptor")
+    with pytest.raises(RaptorError, match="neither a folder nor a Hub repo id"):
+        raptor.RaptorModel.from_pretrained(tmp_path / "missing" / "dir")
+    bare = raptor.RaptorModel(model.cfg)
+    with pytest.raises(RaptorError, match="does not know its teacher"):
+        bare.save_pretrained(tmp_path / "bare")
+    (tmp_path / "shared" / "model.safetensors").write_bytes(b"junk")
+    with pytest.raises(RaptorError, match="not a valid safetensors file"):
+        raptor.RaptorModel.from_pretrained(tmp_path / "shared")
+
+
+@pytest.mark.slow
+def test_a_shared_surrogate_is_a_probe_backbone_and_a_dynamics_surrogate(tmp_path, tiny):
+    """hf-raptor:<folder> reads a save_pretrained folder wherever a fit run directory is accepted, with the same
+    numbers as the run it came from."""
+    run = tmp_path / "run"
+    model = raptor.fit(tiny, data="bundled:lfw", phases="1-2/3", limit=40, steps1=3, steps2=2, batch_size=4,
+                       val_images=8, stats_images=16, out=run)
+    model.save_pretrained(tmp_path / "shared")
+    kw = dict(task="cls", data="bundled:digits", limit=40, epochs=2)
+    from_run = raptor.probe(run, **kw).records[0]
+    shared = raptor.probe(f"hf-raptor:{tmp_path / 'shared'}", **kw).records[0]
+    assert shared["value"] == from_run["value"] and shared["backbone"] == "raptor k=2 (shared)"
+    dy = raptor.dynamics("tiny:dinov2", surrogate=f"hf-raptor:{tmp_path / 'shared'}", data="bundled:lfw", limit=16,
+                         null_draws=0, perturb_images=8, rank_images=8)
+    assert "surrogate" in dy.findings and dy.data["surrogate"]["phases"] == [[1, 2], [3]]

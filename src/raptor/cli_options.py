@@ -164,8 +164,9 @@ class Probe:
 
 
 class Dynamics:
-    surrogate = typer.Option(None, "--surrogate", "-s", help="A raptor fit run directory for the same teacher: its "
-                             "own rollout from the teacher's layer 0, side by side")
+    surrogate = typer.Option(None, "--surrogate", "-s", help="A raptor fit run directory for the same teacher, or "
+                             "hf-raptor:<folder or user/name> (a shared surrogate): its own rollout from the "
+                             "teacher's layer 0, side by side")
     store = typer.Option(None, help="Read trajectories from this store (every layer 0..L) instead of running the "
                          "teacher")
     phases = typer.Option(None, help="analysis.json from raptor analyze, or e.g. 1-7/8-11/12 (default: the teacher's "

@@ -32,6 +32,7 @@ from raptor.lifecycle import command_run
 from raptor.phases import PhaseSpec, choose_k, contiguous_segmentation, is_contiguous
 from raptor.progress import progress_bar
 from raptor.similarity import SimilarityAccumulator
+from raptor.surrogate.hub import surrogate_folder
 from raptor.surrogate.run_dir import FitRun
 from raptor.teachers import load_teacher
 from raptor.teachers.base import check_autocast
@@ -96,9 +97,10 @@ def _open_inputs(cfg: DynamicsConfig):
     """Cheap checks before the output directory or any model is touched: the surrogate run, the store or data."""
     sur = None
     if cfg.surrogate:
-        if not Path(cfg.surrogate).is_dir():
+        folder = surrogate_folder(cfg.surrogate)  # hf-raptor:<folder or repo>: a shared surrogate
+        if not folder.is_dir():
             raise RaptorError(f"--surrogate {cfg.surrogate}: no such run directory")
-        sur = FitRun(cfg.surrogate).require_weights(f"--surrogate {cfg.surrogate}")
+        sur = FitRun(folder).require_weights(f"--surrogate {cfg.surrogate}")
         sur.surrogate_config  # a damaged surrogate.json is one error line before the teacher loads
         if sur.teacher_spec != cfg.teacher:
             raise RaptorError(f"surrogate run {cfg.surrogate} was fit on teacher {sur.teacher_spec}, not "

@@ -14,14 +14,15 @@ import torch
 from raptor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from raptor.errors import RaptorError
 from raptor.outputs import safe_name
+from raptor.surrogate.hub import surrogate_folder
 from raptor.surrogate.run_dir import FitRun
 from raptor.teachers import KINDS as TEACHER_KINDS
 from raptor.teachers import SPEC_HELP, load_teacher
 from raptor.teachers.base import ClassifierHead, Teacher, TokenLayout, pool_tokens
 
 BACKBONE_HELP = f"a teacher spec ({SPEC_HELP.replace(' | ', ', ')}), a raptor " \
-                "fit run directory (holding surrogate.json and model.safetensors) or pixels:<patch> " \
-                "(the raw-pixel baseline)"
+                "fit run directory (holding surrogate.json and model.safetensors), hf-raptor:<folder or user/name> " \
+                "(a shared surrogate: RaptorModel.save_pretrained) or pixels:<patch> (the raw-pixel baseline)"
 
 
 def parse_splice(text: str | None) -> tuple[int, int] | None:
@@ -62,7 +63,7 @@ class BackboneSpec:
 def parse_backbone(text: str, layer: int | None = None, splice: str | None = None) -> BackboneSpec:
     """A teacher spec or a run directory; refuses ``--splice`` on a teacher and ``--layer`` on a run."""
     sp = parse_splice(splice)
-    p = Path(text).expanduser()
+    p = surrogate_folder(text)  # hf-raptor:<folder or repo>: a shared surrogate, read like a fit run
     if p.is_dir():
         run = FitRun(p)
         if not run.has_weights:

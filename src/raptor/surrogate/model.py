@@ -10,6 +10,7 @@ surrogate i..j and the teacher j..L, then the teacher's final norm and head.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -55,6 +56,14 @@ class SurrogateConfig:
 
 
 class RaptorModel(nn.Module):
+    """k tied, depth-conditioned blocks over the phases of ``cfg``. ``teacher_spec`` and ``fit_metrics`` say
+    what it was fit on and how well (set by ``raptor.fit``, :class:`~raptor.surrogate.run_dir.FitRun` and
+    :meth:`from_pretrained`); :meth:`save_pretrained` / :meth:`from_pretrained` / :meth:`push_to_hub` share it
+    (:mod:`raptor.surrogate.hub`)."""
+
+    teacher_spec: str | None = None
+    fit_metrics: dict | None = None
+
     def __init__(self, cfg: SurrogateConfig):
         super().__init__()
         validate_phases(cfg.phases, cfg.depth)
@@ -92,6 +101,26 @@ class RaptorModel(nn.Module):
             x = self.step(x, t)
             outs.append(x)
         return outs
+
+    def save_pretrained(self, directory) -> "Path":
+        """Write this surrogate as a shared folder (surrogate.json, model.safetensors, metrics.json, a model card)
+        that ``from_pretrained``, ``FitRun`` and ``hf-raptor:`` backbones read."""
+        from raptor.surrogate import hub
+
+        return hub.save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, name, *, revision: str | None = None, token=None) -> "RaptorModel":
+        """A shared surrogate from a folder (``save_pretrained``'s or a finished fit run) or a Hub repo id."""
+        from raptor.surrogate import hub
+
+        return hub.from_pretrained(name, revision=revision, token=token)
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token=None) -> str:
+        """Upload this surrogate to the Hub model repo ``repo_id``; returns the commit URL."""
+        from raptor.surrogate import hub
+
+        return hub.push_to_hub(self, repo_id, private=private, token=token)
 
     @torch.no_grad()
     def splice(self, teacher, layer0_or_images: torch.Tensor, i: int, j: int, from_images: bool = True):

@@ -170,6 +170,7 @@ class FitRun:
         except RuntimeError as e:
             raise RaptorError(f"{self.path}/model.safetensors does not fit its surrogate.json: "
                               f"{str(e).splitlines()[0]}") from None
+        model.teacher_spec = self.teacher_spec
         return model.eval()
 
     def metrics(self) -> dict:
