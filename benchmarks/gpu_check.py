@@ -21,6 +21,9 @@ Checks:
 - ``torchrun``: ``fit`` from the store on 2 ranks (NCCL, one GPU each, when 2 GPUs are visible; 2 gloo ranks on the
   CPU in the dry run; skipped on a 1-GPU machine) with ``RAPTOR_TRACE_COLLECTIVES``: both ranks issue the same
   collectives and the losses match the 1-process run's;
+- ``timm_parity`` / ``open_clip_parity``: the ``timm:`` and ``open_clip:`` adapters against the library's own
+  forward (timm's ``forward_intermediates(norm=False)``; open_clip's tower with hooks, and its pooled embedding) on
+  random weights; skipped, with the reason, where the library does not import;
 - ``host_syncs``: a stage-2 forward and backward under ``torch.cuda.set_sync_debug_mode("warn")`` (GPU only);
 - ``peak_memory``: the largest GPU allocation of the run (GPU only).
 ``TORCH_LOGS=recompiles`` is set for the compile check, so each recompile's reason is printed.
@@ -278,6 +281,81 @@ class Checker:
         rec = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
         return {"top1": rec[-1]["value"]}
 
+    def timm_parity(self) -> dict:
+        """The timm: adapter against timm's own forward_intermediates(norm=False) on random-weight ViTs (cls; cls +
+        registers with no_embed_class; a norm_pre model; a dynamic_img_size model at another size)."""
+        try:
+            import timm
+        except Exception as e:  # noqa: BLE001 - the CUDA-built wheel may not import on a CPU machine
+            raise _Skip(f"timm is not importable here ({type(e).__name__}); pip install timm to run it") from None
+        from raptor.teachers.timm_vit import TimmTeacher
+
+        dev = torch.device(self.device)
+        s16, s14 = (64, 56) if self.dry else (224, 224)
+        cases = [("vit_small_patch16_224", {}, s16, s16), ("vit_small_patch14_reg4_dinov2", {}, s14, s14),
+                 ("vit_base_patch16_clip_224", {}, s16, s16),
+                 ("vit_small_patch16_224", {"dynamic_img_size": True}, s16, s16 + 32)]  # resampled pos_embed
+        worst = {}
+        for name, kw, size, at in cases:
+            torch.manual_seed(0)
+            model = timm.create_model(name, pretrained=False, img_size=size, **kw).to(dev).eval()
+            t = TimmTeacher(model, spec=f"timm:{name}")
+            x = torch.randn(2, 3, at, at, device=dev)
+            traj = t.trajectory(x)
+            with torch.no_grad():
+                inter = model.forward_intermediates(x, norm=False, output_fmt="NLC", return_prefix_tokens=True,
+                                                    intermediates_only=True)
+                ref = [model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))]
+                ref += [torch.cat([prefix, spatial], dim=1) for spatial, prefix in inter]
+            ref = torch.stack(ref, dim=1).float()
+            rel = float((traj - ref).norm() / ref.norm())
+            worst[f"{name}{'_dynamic' if kw else ''}@{at}"] = rel
+            tol = 1e-6 if self.device == "cpu" else 1e-4
+            if not rel <= tol:
+                raise AssertionError(f"timm:{name} at {at} px differs from forward_intermediates: relative "
+                                     f"{rel:.2e} > {tol:g}")
+        return {"relative_diff_vs_forward_intermediates": worst, "timm": timm.__version__}
+
+    def open_clip_parity(self) -> dict:
+        """The open_clip: adapter against the tower's own forward (hooks on ln_pre and every residual block) and
+        its pooled, projected image embedding (ln_post on the cls token @ proj), random weights."""
+        try:
+            import open_clip
+        except Exception as e:  # noqa: BLE001
+            raise _Skip(f"open_clip is not importable here ({type(e).__name__}); pip install open_clip_torch to "
+                        "run it") from None
+        from raptor.teachers.open_clip_vit import OpenClipTeacher
+
+        dev = torch.device(self.device)
+        torch.manual_seed(0)
+        visual = open_clip.create_model("ViT-B-32", pretrained=None).visual.to(dev).float().eval()
+        t = OpenClipTeacher(visual, spec="open_clip:ViT-B-32")
+        x = torch.randn(2, 3, 224, 224, device=dev)
+        traj = t.trajectory(x)
+        seen = []
+
+        def keep(_m, _i, out):
+            seen.append(out if out.shape[0] == x.shape[0] else out.transpose(0, 1))
+
+        hooks = [visual.ln_pre.register_forward_hook(keep)]
+        hooks += [b.register_forward_hook(keep) for b in visual.transformer.resblocks]
+        try:
+            with torch.no_grad():
+                pooled = visual(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        ref = torch.stack(seen, dim=1).float()
+        rel = float((traj - ref).norm() / ref.norm())
+        with torch.no_grad():
+            ours = visual.ln_post(traj[:, -1])[:, 0] @ visual.proj
+        rel_pooled = float((ours - pooled).norm() / pooled.norm())
+        tol = 1e-6 if self.device == "cpu" else 1e-4
+        if not max(rel, rel_pooled) <= tol:
+            raise AssertionError(f"open_clip ViT-B-32 differs from its own forward: relative {rel:.2e} (layers), "
+                                 f"{rel_pooled:.2e} (pooled embedding) > {tol:g}")
+        return {"relative_diff_layers": rel, "relative_diff_pooled": rel_pooled, "open_clip": open_clip.__version__}
+
     def host_syncs(self) -> dict:
         from raptor.surrogate.block import BlockConfig
         from raptor.surrogate.model import RaptorModel, SurrogateConfig
@@ -330,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         c.run("extract_vit_b", c.extract_vit_b)
         c.run("train_step", c.train_step)
         c.run("torchrun", c.torchrun)
+        c.run("timm_parity", c.timm_parity)
+        c.run("open_clip_parity", c.open_clip_parity)
         c.run("host_syncs", c.host_syncs, gpu_only=True)
         c.run("peak_memory", c.peak_memory, gpu_only=True)
     report = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu (dry run)",

@@ -1,6 +1,7 @@
 """Teacher registry: parse a teacher spec ``<kind>:<target>`` and return a :class:`~raptor.teachers.base.Teacher`.
-The kinds (``bundled``, ``hf``, ``dinov2-pth``, ``tiny``, ``planted``) are the table :data:`KINDS`; the help text of
-every command and of the probe backbone parser is written from it."""
+The kinds (``bundled``, ``hf``, ``dinov2-pth``, ``timm``, ``open_clip``, ``tiny``, ``planted``) are the table
+:data:`KINDS`; the help text of every command and of the probe backbone parser is written from it. One's own ViT:
+:meth:`Teacher.from_modules <raptor.teachers.base.Teacher.from_modules>`."""
 
 from __future__ import annotations
 
@@ -51,6 +52,18 @@ def _dinov2_pth(target: str, spec: str, head: str | None) -> Teacher:
     return load_dinov2_pth_teacher(target, spec, head)
 
 
+def _timm(target: str, spec: str, head: str | None) -> Teacher:
+    from raptor.teachers.timm_vit import load_timm_teacher
+
+    return load_timm_teacher(target, spec)
+
+
+def _open_clip(target: str, spec: str, head: str | None) -> Teacher:
+    from raptor.teachers.open_clip_vit import load_open_clip_teacher
+
+    return load_open_clip_teacher(target, spec)
+
+
 def _tiny(target: str, spec: str, head: str | None) -> Teacher:
     from raptor.teachers.hf import build_tiny_teacher
 
@@ -70,6 +83,10 @@ KINDS: dict[str, TeacherKind] = {k.kind: k for k in (
                 "SigLIP vision", _hf, takes_head=True),
     TeacherKind("dinov2-pth", "dinov2-pth:<file.pth>", "an official DINOv2 torch.hub checkpoint (with --head for an "
                 "official linear head)", _dinov2_pth, takes_head=True),
+    TeacherKind("timm", "timm:<model name or dir>", "a timm VisionTransformer (cls / registers / no_embed_class; "
+                "needs timm installed)", _timm),
+    TeacherKind("open_clip", "open_clip:<arch>[:<weights>]", "an open_clip ViT image tower (weights: a file or "
+                "a pretrained tag; needs open_clip installed)", _open_clip),
     TeacherKind("tiny", "tiny:<family>", "a small random model of an HF family (tests, smoke runs; no real "
                 "structure)", _tiny),
     TeacherKind("planted", "planted:<k>[,ends=a/b][,base=<spec>]", "a control whose layers are k tied Raptor "

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from raptor.data import EvalTransform
+from raptor.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from raptor.errors import RaptorError, check_positive
 
 
@@ -415,3 +416,19 @@ class Teacher(nn.Module):
                 "n_registers": self.n_registers, "has_head": self.head is not None,
                 "image_mean": list(self.image_mean), "image_std": list(self.image_std),
                 "default_image_size": self.default_image_size}
+
+    @classmethod
+    def from_modules(cls, embed, blocks: Sequence[nn.Module], final_norm: nn.Module, *, n_cls: int,
+                     n_registers: int, patch_size: int, dim: int | None = None,
+                     image_mean: Sequence[float] = IMAGENET_MEAN, image_std: Sequence[float] = IMAGENET_STD,
+                     default_image_size: int = 224, head: ClassifierHead | None = None,
+                     name: str = "custom") -> "Teacher":
+        """One's own ViT as a teacher: ``embed`` (normalised images (B, 3, H, W) -> tokens (B, T, D) ordered
+        [cls..., registers..., patches...]), its ``blocks`` ((B, T, D) -> (B, T, D)) and ``final_norm``; ``dim``
+        defaults to ``final_norm.normalized_shape`` or the width of one embedding, mean/std to ImageNet's. Returns
+        a :class:`raptor.teachers.modules.ModuleTeacher`."""
+        from raptor.teachers.modules import ModuleTeacher
+
+        return ModuleTeacher(embed, blocks, final_norm, n_cls=n_cls, n_registers=n_registers, patch_size=patch_size,
+                             dim=dim, image_mean=image_mean, image_std=image_std,
+                             default_image_size=default_image_size, head=head, name=name)
