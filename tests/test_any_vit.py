@@ -403,3 +403,22 @@ def test_open_clip_loader_reads_a_safetensors_file_into_the_tower(monkeypatch, t
         load_teacher(f"open_clip:ViT-T-4:{tmp_path / 'bad.safetensors'}")
     with pytest.raises(RaptorError, match="not found"):
         load_teacher(f"open_clip:ViT-T-4:{tmp_path / 'missing.safetensors'}")
+
+
+def test_load_teacher_wraps_timm_and_open_clip_module_objects():
+    """raptor.load_teacher(module): a timm VisionTransformer and an open_clip model (or its image tower) are wrapped
+    by their adapters, with the same trajectories as the adapters built by hand."""
+    import raptor
+
+    torch.manual_seed(7)
+    vit, visual = VisionTransformer(reg_tokens=2).eval(), OpenClipVisual().eval()
+    clip = nn.Module()
+    clip.visual = visual
+    x = torch.randn(2, 3, 24, 24)
+    t = raptor.load_teacher(vit)
+    assert isinstance(t, TimmTeacher) and t.spec == "module:VisionTransformer"
+    assert torch.equal(t.trajectory(x), TimmTeacher(vit).trajectory(x))
+    for m in (clip, visual):
+        oc = raptor.load_teacher(m)
+        assert isinstance(oc, OpenClipTeacher)
+        assert torch.equal(oc.trajectory(x), OpenClipTeacher(visual).trajectory(x))

@@ -38,24 +38,39 @@ PRIMARY = "paper_cosine_distance"
 
 def load_teacher(spec_or_module, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                  head: str | None = None) -> Teacher:
-    """A frozen teacher in eval mode: a spec (``bundled:dinov2-s``, ``hf:<id or dir>``, ``dinov2-pth:<file>``,
-    ``tiny:<family>``, ``planted:<k>``) or an already built :class:`Teacher` (e.g. ``Teacher.from_modules(...)``),
-    moved to ``device`` and cast to ``dtype`` when given."""
+    """A frozen teacher in eval mode: a spec (``bundled:dinov2-s``, ``hf:<id or dir>``, ``timm:<name>``,
+    ``open_clip:<arch>``, ``dinov2-pth:<file>``, ``tiny:<family>``, ``planted:<k>``), an already built
+    :class:`Teacher` (e.g. ``Teacher.from_modules(...)``), or a timm VisionTransformer / open_clip model object
+    (wrapped by their adapters); moved to ``device`` and cast to ``dtype`` when given."""
     if isinstance(spec_or_module, (str, Path)):
         teacher = _load_spec(str(spec_or_module), head=head)
+    elif head is not None:
+        raise RaptorError("head is only for teacher specs (dinov2-pth:/hf: DINOv2 teachers)")
     elif isinstance(spec_or_module, Teacher):
-        if head is not None:
-            raise RaptorError("head is only for teacher specs (dinov2-pth:/hf: DINOv2 teachers)")
         teacher = spec_or_module
+    elif _looks_like(spec_or_module, "patch_embed", "blocks", "norm"):  # a timm VisionTransformer
+        from raptor.teachers.timm_vit import TimmTeacher
+
+        teacher = TimmTeacher(spec_or_module, spec=f"module:{type(spec_or_module).__name__}")
+    elif _looks_like(getattr(spec_or_module, "visual", spec_or_module), "conv1", "transformer", "ln_post"):
+        from raptor.teachers.open_clip_vit import OpenClipTeacher  # an open_clip model or its image tower
+
+        teacher = OpenClipTeacher(getattr(spec_or_module, "visual", spec_or_module),
+                                  spec=f"module:{type(spec_or_module).__name__}")
     else:
-        raise RaptorError(f"load_teacher takes a teacher spec or a raptor Teacher, got {type(spec_or_module).__name__}"
-                          "; wrap your own model with raptor.Teacher.from_modules(embed, blocks, final_norm, ...)")
+        raise RaptorError(f"load_teacher takes a teacher spec, a raptor Teacher, a timm VisionTransformer or an "
+                          f"open_clip model, got {type(spec_or_module).__name__}; wrap your own model with "
+                          "raptor.Teacher.from_modules(embed, blocks, final_norm, ...)")
     teacher.eval().requires_grad_(False)
     if device is not None:
         teacher.to(torch.device(device))
     if dtype is not None:
         teacher.to(dtype)
     return teacher
+
+
+def _looks_like(module, *names: str) -> bool:
+    return isinstance(module, torch.nn.Module) and all(hasattr(module, n) for n in names)
 
 
 class Similarity:
