@@ -16,6 +16,7 @@ ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text()
 SCALE = (ROOT / "docs" / "scale.md").read_text()
 SURROGATE = (ROOT / "docs" / "surrogate.md").read_text()  # the fidelity protocol's commands
+PHASES = (ROOT / "docs" / "phases.md").read_text()  # the zoo's commands
 
 
 def blocks(lang: str, text: str = README) -> list[str]:
@@ -63,7 +64,9 @@ def test_readme_command_lines_parse():
     assert len(commands) >= 5 and len(scale) >= 8 and any(a[0] == "fit" and "--parallel-blocks" in a for a in scale)
     protocol = command_lines(SURROGATE)
     assert sum(a[0] == "fit" for a in protocol) >= 6 and any(a[0] == "fit-report" for a in protocol)
-    for argv in commands + scale + protocol:
+    zoo = command_lines(PHASES)
+    assert sum(a[0] == "zoo" for a in zoo) >= 2 and any(a[0] == "zoo" for a in commands)
+    for argv in commands + scale + protocol + zoo:
         with group.make_context("raptor", list(argv), resilient_parsing=False) as ctx:
             name, sub, rest = group.resolve_command(ctx, list(argv))
             sub.make_context(name, rest, parent=ctx)  # raises on an unknown option or a bad value

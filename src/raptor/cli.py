@@ -16,6 +16,7 @@ from raptor.errors import RaptorError, cli_messages
 from raptor.outputs import os_error_message
 from raptor.phases import PhaseSpec
 from raptor.phases.spec import parse_layers
+from raptor.progress import log_to_stdout
 from raptor.runtime import tune_malloc
 from raptor.surrogate.report import load_run, report
 
@@ -194,6 +195,20 @@ def ablation(teacher: str = o.TEACHER, data: str | None = o.DATA_ONLINE, store: 
 
 
 @app.command()
+def zoo(teachers: str = o.Zoo.teachers, data: str = o.DATA_PHOTOS, out: Path = o.OUT_DIR,
+        limit: int | None = o.LIMIT_ROWS, sample: str = o.SAMPLE, sample_seed: int = o.SAMPLE_SEED,
+        batch_size: int = o.BATCH_SIZE, image_size: int | None = o.Zoo.image_size, k_max: int = o.Analyze.k_max,
+        k_rule: str = o.Analyze.k_rule, k_frac: float = o.Analyze.k_frac, autocast: str | None = o.Analyze.autocast,
+        null_resamples: int = o.Analyze.null_resamples, progress: bool = o.PROGRESS_BAR):
+    """The paper's Figure 1 across models: similarity matrices side by side, phases with the null test, a table."""
+    options = dict(locals())
+    from raptor.zoo import ZooConfig, console_summary, run_zoo, split_teachers
+
+    cfg = o.config_from(ZooConfig, options, teachers=split_teachers(teachers))
+    typer.echo("\n".join(console_summary(run_zoo(cfg, progress), out)))
+
+
+@app.command()
 def table(dirs: list[Path] = o.Table.dirs, out: Path | None = o.Table.out):
     """The paper's Table 1 from probe results: backbones x (top-1, mIoU, RMSE), mean ± std, % of teacher."""
     from raptor.probes.table import write_table
@@ -234,7 +249,7 @@ def run(argv: list[str] | None = None) -> int:
     # even be installed in this venv); a library caller keeps its own
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"  # without the source line
     tune_malloc()  # process-wide allocator settings for long jobs: the command's choice, never a library call's
-    _log_to_stdout()
+    log_to_stdout()
 
     def fail(msg: str) -> int:
         typer.echo("error: " + " ".join(str(msg).split()), err=True)  # one line, whatever the message holds
@@ -264,20 +279,6 @@ def run(argv: list[str] | None = None) -> int:
 
     teardown()  # a clean exit leaves the process group together; a failed rank just exits (the others see it)
     return rv if isinstance(rv, int) else 0
-
-
-def _log_to_stdout() -> None:
-    """The ``raptor`` logger's messages (e.g. fit's chosen phases) as plain lines on stdout, as the command prints."""
-    import logging
-
-    log = logging.getLogger("raptor")
-    if not any(getattr(h, "_raptor_cli", False) for h in log.handlers):
-        h = logging.StreamHandler(sys.stdout)
-        h.setFormatter(logging.Formatter("%(message)s"))
-        h._raptor_cli = True
-        log.addHandler(h)
-        log.setLevel(logging.INFO)
-        log.propagate = False
 
 
 def main() -> None:

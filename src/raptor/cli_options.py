@@ -75,6 +75,12 @@ class Analyze:
                                   "(0: no test)")
 
 
+class Zoo:
+    teachers = typer.Option(..., help="Comma-separated teacher specs, e.g. hf:facebook/dinov2-small,hf:openai/"
+                            "clip-vit-base-patch16,timm:deit_small_patch16_224 (each analysed on the same images)")
+    image_size = typer.Option(None, help="Crop size for every model (default: each teacher's own)")
+
+
 class Fit:
     phases = typer.Option(None, help="analysis.json from raptor analyze (its chosen phases), a phases file (a JSON "
                           "array of layer lists), explicit phases of output layers, e.g. 1-7/8-11/12, or 'equal' "

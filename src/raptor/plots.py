@@ -48,6 +48,31 @@ def heatmap(path: Path, M: np.ndarray, layers: Sequence[int], title: str, *, kin
     return path
 
 
+def matrices_side_by_side(path: Path, matrices: Sequence[np.ndarray], layers: Sequence[Sequence[int]],
+                          phases: Sequence[list[list[int]] | None], titles: Sequence[str], per_row: int = 4) -> Path:
+    """Several models' layer x layer distance matrices on one figure (one colour scale each, axes in fractions of
+    depth so that models of different depths line up), each with its phases as white boxes."""
+    n = len(matrices)
+    cols = min(per_row, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 3.3 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for ax, M, lay, ph, title in zip(axes.flat, matrices, layers, phases, titles):
+        L = len(lay)
+        ax.imshow(M, cmap="magma_r", origin="upper", interpolation="nearest", extent=(0, 1, 1, 0))
+        ticks = [0, 0.25, 0.5, 0.75, 1]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks], fontsize=7)
+        ax.set_yticks(ticks, [f"{t:g}" for t in ticks], fontsize=7)
+        ax.set_xlabel(f"depth (layers {lay[0]}..{lay[-1]})", fontsize=7)
+        ax.set_title(title, fontsize=8)
+        for p in ph or []:
+            a, b = lay.index(p[0]) / L, (lay.index(p[-1]) + 1) / L
+            ax.add_patch(plt.Rectangle((a, a), b - a, b - a, fill=False, edgecolor="white", lw=1.6))
+    save_figure(fig, path)
+    return Path(path)
+
+
 def phase_evidence(path: Path, M: np.ndarray, layers: Sequence[int], tests: dict, title: str) -> Path:
     """Left: the distance matrix with the chosen k's DP phases; right: for each k, how often a phase boundary falls
     before each layer in bootstrap re-segmentations, with each statistic's p against the lag-only null in the

@@ -4,6 +4,8 @@ file, CI) plain-text lines every ``PLAIN_EVERY_S`` seconds and at the end, so a 
 from __future__ import annotations
 
 import contextlib
+import logging
+import sys
 import time
 
 from rich.console import Console
@@ -101,3 +103,17 @@ def progress_bar(total: float, description: str, unit: str = "it", enabled: bool
     with Progress(*cols, console=console, transient=False) as p:
         task = p.add_task(description, total=total, loss="-")
         yield _Bar(p, task)
+
+
+def log_to_stdout() -> None:
+    """The ``raptor`` logger as the command shows it: library code logs to ``logging.getLogger("raptor")`` (a
+    notebook configures it as it likes; by default only warnings appear); the ``raptor`` command prints its INFO
+    lines (e.g. fit's chosen phases) plainly on stdout, once per process."""
+    log = logging.getLogger("raptor")
+    if not any(getattr(h, "_raptor_cli", False) for h in log.handlers):
+        h = logging.StreamHandler(sys.stdout)
+        h.setFormatter(logging.Formatter("%(message)s"))
+        h._raptor_cli = True
+        log.addHandler(h)
+        log.setLevel(logging.INFO)
+        log.propagate = False
