@@ -17,6 +17,7 @@ README = (ROOT / "README.md").read_text()
 SCALE = (ROOT / "docs" / "scale.md").read_text()
 SURROGATE = (ROOT / "docs" / "surrogate.md").read_text()  # the fidelity protocol's commands
 PHASES = (ROOT / "docs" / "phases.md").read_text()  # the zoo's commands
+SLURM = (ROOT / "docs" / "slurm.md").read_text()  # the cluster templates
 
 
 def blocks(lang: str, text: str = README) -> list[str]:
@@ -31,6 +32,8 @@ def command_lines(text: str) -> list[list[str]]:
         for ln in b.replace("\\\n", " ").splitlines():
             ln = ln.split("  #")[0].split(" # ")[0].strip()
             words = shlex.split(ln) if ln and not ln.startswith("#") else []
+            words = words[1:] if words[:1] == ["srun"] else words  # srun torchrun ... (docs/slurm.md)
+            words = words[:-1] if words[-1:] == ["&"] else words
             if words and words[0] in ("raptor", ".venv/bin/raptor"):
                 out.append(words[1:])
             elif words and words[0] == "torchrun" and "raptor.cli" in words:
@@ -66,7 +69,10 @@ def test_readme_command_lines_parse():
     assert sum(a[0] == "fit" for a in protocol) >= 6 and any(a[0] == "fit-report" for a in protocol)
     zoo = command_lines(PHASES)
     assert sum(a[0] == "zoo" for a in zoo) >= 2 and any(a[0] == "zoo" for a in commands)
-    for argv in commands + scale + protocol + zoo:
+    slurm = command_lines(SLURM)
+    assert [a[0] for a in slurm] == ["extract", "fit", "probe", "fit", "fit"]
+    assert all("--resume" in a for a in slurm if a[0] == "fit")
+    for argv in commands + scale + protocol + zoo + slurm:
         with group.make_context("raptor", list(argv), resilient_parsing=False) as ctx:
             name, sub, rest = group.resolve_command(ctx, list(argv))
             sub.make_context(name, rest, parent=ctx)  # raises on an unknown option or a bad value
