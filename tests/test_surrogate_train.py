@@ -103,7 +103,7 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path):
 
     with pytest.raises(Stop):
         run_fit(_cfg(tmp_path / "part"), progress=False, on_step=stop_at)
-    with pytest.raises(RaptorError, match="--resume"):
+    with pytest.raises(RaptorError, match="pass resume to continue it"):
         run_fit(_cfg(tmp_path / "part"), progress=False)
     with pytest.raises(RaptorError, match="other settings"):
         run_fit(_cfg(tmp_path / "part", lr=5e-4), resume=True, progress=False)

@@ -110,10 +110,24 @@ def log_to_stdout() -> None:
     notebook configures it as it likes; by default only warnings appear); the ``raptor`` command prints its INFO
     lines (e.g. fit's chosen phases) plainly on stdout, once per process."""
     log = logging.getLogger("raptor")
-    if not any(getattr(h, "_raptor_cli", False) for h in log.handlers):
-        h = logging.StreamHandler(sys.stdout)
+    if not any(isinstance(h, _StdoutHandler) for h in log.handlers):
+        h = _StdoutHandler()
         h.setFormatter(logging.Formatter("%(message)s"))
-        h._raptor_cli = True
         log.addHandler(h)
         log.setLevel(logging.INFO)
         log.propagate = False
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is at each message (a replaced or captured stdout included)."""
+
+    def __init__(self):
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass

@@ -14,6 +14,7 @@ from raptor.errors import RaptorError, check_positive
 from raptor.phases import PhaseSpec
 from raptor.surrogate.losses import KINDS, NORMS
 from raptor.teachers.base import check_autocast
+from raptor.tracking import check_log_to
 
 # Named training recipes: every hyper-parameter of the optimisation, resolved before a run starts and recorded in its
 # metrics.json. Explicit settings (CLI flags, FitConfig keywords) override the recipe's.
@@ -97,6 +98,8 @@ class FitConfig:
     compile: bool = False  # torch.compile the surrogate's blocks
     parallel_blocks: bool = False  # torchrun: train the stage-1 blocks at the same time, one rank group per block
     store_cache_gb: float = 6.0  # a store's training rows are cached in RAM (GPU memory on a GPU) up to this size
+    log_to: tuple[str, ...] = ("jsonl",)  # live tracking: any of jsonl (always), tensorboard, wandb (raptor.tracking)
+    log_every: int = 1  # tensorboard / wandb scalars every N steps (log.jsonl keeps every step: the loss history)
 
     @classmethod
     def from_recipe(cls, recipe: str = DEFAULT_RECIPE, **settings) -> "FitConfig":
@@ -118,6 +121,10 @@ class FitConfig:
         never "unset": a count or size of 0 is refused like any other impossible value."""
         if self.loss not in KINDS:
             raise RaptorError(f"unknown --loss {self.loss!r} (use {', '.join(KINDS)})")
+        check_log_to(self.log_to)
+        if "jsonl" not in self.log_to:  # log.jsonl is the run's loss history: always written
+            self.log_to = ("jsonl", *self.log_to)
+        check_positive(log_every=self.log_every)
         if self.loss_norm not in NORMS:
             raise RaptorError(f"unknown --loss-norm {self.loss_norm!r} (use {', '.join(NORMS)})")
         if self.stage not in ("1", "2", "both"):
@@ -178,7 +185,8 @@ class FitConfig:
 
 
 EVAL_ONLY = ("out", "probe_data", "probe_limit", "val_every", "ckpt_every",
-             "workers", "device", "compile", "store_cache_gb",  # none of these changes the training trajectory
+             "workers", "device", "compile", "store_cache_gb", "log_to", "log_every",  # none of these changes the
+             # training trajectory
              # (the device's kind does with --sigma > 0: checked on resume by check_noise_device)
              "recipe")  # a label: the hyper-parameters it resolved to are fingerprinted themselves
 

@@ -12,6 +12,7 @@ each checkpoint."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from raptor.surrogate.batches import step_generator
 from raptor.surrogate.checkpoint import latest_checkpoint, load_tensors, save_checkpoint
 from raptor.surrogate.config import EVAL_ONLY, FitConfig
 from raptor.surrogate.model import RaptorModel, SurrogateConfig
+from raptor.tracking import Tracker, history_from_log, read_log
 
 
 def check_existing_run(cfg: FitConfig, resume: bool) -> Path | None:
@@ -89,14 +91,55 @@ def check_noise_device(cfg: FitConfig, state: dict, device: torch.device, traini
                               f"run)")
 
 
-def save_progress(cfg: FitConfig, model: RaptorModel, opt, name: str, item: int, step: int, history: dict,
-                   train_seconds: float, device: torch.device | None = None) -> None:
-    """The run's checkpoint ``name``: training resumes at work item ``item``, step ``step``."""
+def save_progress(cfg: FitConfig, model: RaptorModel, opt, name: str, item: int, step: int,
+                  train_seconds: float, device: torch.device | None = None, tracking: dict | None = None) -> None:
+    """The run's checkpoint ``name``: training resumes at work item ``item``, step ``step``. The loss history is
+    not in it (OUT/log.jsonl holds it; ``tracking``: how far the logs go, the wandb run id)."""
     save_checkpoint(Path(cfg.out) / "checkpoints", name, model, opt,
-                    {"item": item, "step": step, "history": history, "fingerprint": cfg.training_fingerprint(),
+                    {"item": item, "step": step, "tracking": tracking, "fingerprint": cfg.training_fingerprint(),
                      "train_seconds": train_seconds,
                      "noise_device": noise_device_type(device or torch.device("cpu")),
                      "surrogate": model.cfg.to_dict()})
+
+
+def global_offsets(items: list) -> list[int]:
+    """The global step at which each work item starts (the x axis of the tracked curves)."""
+    return list(itertools.accumulate([0] + [it.steps for it in items]))[:-1]
+
+
+def open_tracker(cfg: FitConfig, items: list, state, st: dict | None) -> Tracker:
+    """Rank 0's tracker. The loss history lives in OUT/log.jsonl: a resumed run cuts it back to its checkpoint
+    (the steps after it are trained again) and reads the history from it; a new run starts it empty (checkpoints
+    written before log.jsonl carried the history themselves: it is written out from them)."""
+    tracker = Tracker(cfg.out, cfg.log_to, every=cfg.log_every, resume=(st or {}).get("tracking"),
+                      config=json.loads(json.dumps(to_dict(cfg))))
+    if st is None:
+        tracker.cut([])
+    elif "history" in st:
+        tracker.cut(records_of(state.history, items))
+    else:
+        order = {it.name: i for i, it in enumerate(items)}
+        keep = [r for r in read_log(cfg.out) if r["item"] in order and (
+            order[r["item"]] < state.item or (order[r["item"]] == state.item and (
+                r["step"] < state.step if r["kind"] == "step" else r["step"] <= state.step)))]
+        tracker.cut(keep)
+        state.history = history_from_log(keep)
+    return tracker
+
+
+def records_of(history: dict, items: list) -> list[dict]:
+    """log.jsonl lines for a history kept the older way (in the checkpoint)."""
+    offsets = dict(zip((it.name for it in items), global_offsets(items)))
+    out = []
+    for name, hist in history.items():
+        if name.startswith("val/"):
+            item = name[4:]
+            out += [{"kind": "val", "item": item, "step": s, "global_step": offsets.get(item, 0) + s - 1,
+                     "r2_image_specific": r2} for s, r2 in hist]
+        else:
+            out += [{"kind": "step", "item": name, "step": s, "global_step": offsets.get(name, 0) + s, "loss": v,
+                     "lr": lr, "images_per_s": None} for s, v, lr in hist]
+    return sorted(out, key=lambda r: (r["global_step"], r["kind"] == "val"))
 
 
 METRICS_SCHEMA = "schemas/metrics.schema.json"
@@ -255,10 +298,12 @@ class RunProgress(StepOutputs):
     """The run's checkpoint (rank 0, with the whole history and the training time so far) and the periodic
     held-out validation (rank 0; the other ranks wait on the CPU side group meanwhile)."""
 
-    def __init__(self, cfg, model, item, it_idx: int, state, dist, device, clock, validate_fn):
+    def __init__(self, cfg, model, item, it_idx: int, state, dist, device, clock, validate_fn, tracker=None,
+                 offset: int = 0):
         super().__init__(cfg, item)
         self.model, self.it_idx, self.state = model, it_idx, state
         self.dist, self.device, self.clock, self.validate_fn = dist, device, clock, validate_fn
+        self.tracker, self.offset = tracker, offset
 
     def checkpoint(self, done: int, opt) -> None:
         seconds = self.clock()  # the last step's checkpoint sets the run's final time
@@ -266,14 +311,17 @@ class RunProgress(StepOutputs):
             last = done >= self.item.steps
             nxt = (self.it_idx + 1, 0) if last else (self.it_idx, done)
             save_progress(self.cfg, self.model, None if last else opt, f"item{self.it_idx}-step{done:07d}", *nxt,
-                          self.state.history, seconds, self.device)
+                          seconds, self.device, self.tracker.state() if self.tracker is not None else None)
 
     def validate(self, done: int) -> None:
         if self.validate_fn is None:
             return
         if self.dist.main:
             self.model.eval()
-            self.state.history.setdefault(f"val/{self.item.name}", []).append([done, self.validate_fn(self.model)])
+            r2 = self.validate_fn(self.model)
+            self.state.history.setdefault(f"val/{self.item.name}", []).append([done, r2])
+            if self.tracker is not None:
+                self.tracker.log_val(self.item.name, done, self.offset + done - 1, r2)
             self.model.train()
         self.dist.wait_all()  # the other ranks wait on the CPU side group, not in the next step's all_reduce
 

@@ -40,11 +40,14 @@ from raptor.surrogate.run_dir import (
     block_checkpoints,
     check_existing_run,
     check_noise_device,
+    global_offsets,
     init_from_run,
+    open_tracker,
     save_progress,
 )
 from raptor.surrogate.stats import TrajectoryStats
 from raptor.teachers.base import autocast_context
+from raptor.tracking import Tracker
 
 
 @dataclass
@@ -212,20 +215,22 @@ def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, pro
         _load_weights(model, weights, ck)
         try:  # train_seconds: 0 in checkpoints written before it was recorded
             before = float(st.get("train_seconds", 0.0))
-            state = FitState(int(st["item"]), int(st["step"]), dict(st["history"]), before)
+            state = FitState(int(st["item"]), int(st["step"]), dict(st.get("history") or {}), before)
         except (KeyError, TypeError, ValueError) as e:
             raise RaptorError(f"checkpoint {ck} is damaged: state.json ({type(e).__name__}: {str(e)[:80]}); delete "
                               "the run or restore it") from None
         # a resume of a finished run (a re-evaluation) trains nothing and keeps exactly the recorded time
         opt_meta = st["optimizer"]
         check_noise_device(cfg, st, device, state.item < len(items))
+    tracker = open_tracker(cfg, items, state, st if ck is not None else None) if dist.main else None
     model.to(device)
     n1 = sum(1 for it in items if it.stage == 1)
     if cfg.parallel_blocks and n1 > 1 and state.item < n1:
         _parallel_stage1(cfg, model, items[:n1], data, layout, stats, dist, device, state, progress, on_step,
-                         clock)
+                         clock, tracker)
         opt_tensors = None
-    loop = StepLoop(cfg, model, layout, stats, device, progress and dist.main, on_step)
+    loop = StepLoop(cfg, model, layout, stats, device, progress and dist.main, on_step, tracker=tracker,
+                    offsets=global_offsets(items))
     keys = [BatchKey(items[i].name, s, items[i].start, items[i].end) for i in range(state.item, len(items))
             for s in range(state.step if i == state.item else 0, items[i].steps)]
     batches = data.stream(keys, cfg.batch_size, Share(dist.rank, dist.world))
@@ -233,10 +238,13 @@ def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, pro
         start = state.step if it_idx == state.item else 0
         resume_opt = (opt_tensors, opt_meta) if (opt_tensors is not None and it_idx == state.item) else None
         opt_tensors = None
-        outputs = RunProgress(cfg, model, items[it_idx], it_idx, state, dist, device, clock, validate_fn)
+        outputs = RunProgress(cfg, model, items[it_idx], it_idx, state, dist, device, clock, validate_fn, tracker,
+                              global_offsets(items)[it_idx])
         loop.run(items[it_idx], it_idx, start, batches, state.history.setdefault(items[it_idx].name, []),
                  RankGroup.of_run(dist), outputs, resume_opt)
     state.item, state.step = len(items), 0
+    if tracker is not None:
+        tracker.close()
     return state
 
 
@@ -253,11 +261,13 @@ class StepLoop:
     stage 1 is wrapped around it: ``group`` (a :class:`RankGroup`) wraps the objective in DDP and averages the
     logged loss over its ranks, and ``outputs`` (a :class:`StepOutputs`) writes the validation and checkpoints."""
 
-    def __init__(self, cfg, model, layout, stats, device, progress, on_step, read_every: int | None = None):
+    def __init__(self, cfg, model, layout, stats, device, progress, on_step, read_every: int | None = None,
+                 tracker: Tracker | None = None, offsets: list[int] | None = None):
         self.cfg, self.model, self.layout, self.stats = cfg, model, layout, stats
         self.device, self.progress, self.on_step = device, progress, on_step
         # losses are read back every step on the CPU (free there), every 32 steps on a GPU (a host sync each)
         self.read_every = read_every or (1 if device.type == "cpu" else 32)
+        self.tracker, self.offsets = tracker, offsets
 
     def run(self, item: WorkItem, it_idx: int, start: int, batches, hist: list, group: RankGroup,
             outputs: StepOutputs, resume_opt=None) -> None:
@@ -269,6 +279,8 @@ class StepLoop:
         if resume_opt is not None and resume_opt[0]:
             load_optimizer(opt, *resume_opt)
         model.train()
+        self._offset = self.offsets[it_idx] if self.offsets else 0
+        self._t_read = time.perf_counter()
         with progress_bar(item.steps, item.name, "step", enabled=self.progress,
                           extra="loss {task.fields[loss]}") as bar:
             bar.advance(start, loss="-")
@@ -298,18 +310,23 @@ class StepLoop:
         """The losses of the steps since the last read, in one device-to-host copy (a host sync per
         ``read_every`` steps, not per step); a non-finite one stops the run before its weights are saved."""
         values = torch.stack([v for _, v, _ in pending]).tolist()
+        now = time.perf_counter()
+        ips = round(len(pending) * cfg.batch_size / max(now - self._t_read, 1e-9), 2)
+        self._t_read = now
         for (step, _, lr), value in zip(pending, values):
             if not math.isfinite(value):
                 last = latest_checkpoint(Path(cfg.out) / "checkpoints")
                 raise RaptorError(f"loss became {value} at {item.name} step {step}; stopped. Last good "
                                   f"checkpoint: {last or 'none'} (lower --lr or use --autocast none)")
             hist.append([step, value, lr])
+            if self.tracker is not None:
+                self.tracker.log_step(item.name, step, self._offset + step, value, lr, ips)
         bar.advance(len(pending), loss=f"{values[-1]:.4g}")
         pending.clear()
 
 
 def _parallel_stage1(cfg: FitConfig, model: RaptorModel, items: list[WorkItem], data, layout, stats, dist, device,
-                     state: FitState, progress: bool, on_step, clock) -> None:
+                     state: FitState, progress: bool, on_step, clock, tracker: Tracker | None = None) -> None:
     """Stage 1 with the blocks trained at the same time: ``G = min(k, world)`` rank groups (rank r in group
     r % G), group g trains blocks g, g+G, ... (DDP within the group). Each block's batches are drawn from
     (seed, its work item, step) as in a sequential run, so the result is the same up to float rounding. Each
@@ -324,7 +341,9 @@ def _parallel_stage1(cfg: FitConfig, model: RaptorModel, items: list[WorkItem], 
     group = RankGroup(handles[g], members[g].index(dist.rank), len(members[g]))
     leader = group.rank == 0
     found = block_checkpoints(Path(cfg.out))
-    loop = StepLoop(cfg, model, layout, stats, device, progress and leader, on_step)
+    offsets = global_offsets(items)
+    mine = tracker if dist.main else None  # rank 0 logs its own group's blocks as they train, the others' at the end
+    loop = StepLoop(cfg, model, layout, stats, device, progress and leader, on_step, tracker=mine, offsets=offsets)
     for it_idx in range(g, len(items), n_groups):
         item = items[it_idx]
         hist: list = []
@@ -333,6 +352,8 @@ def _parallel_stage1(cfg: FitConfig, model: RaptorModel, items: list[WorkItem], 
             weights, opt_tensors, st = read_checkpoint(found[item.block])
             _load_weights(model.blocks[item.block], weights, found[item.block])  # copied into the device's weights
             start, hist, resume_opt = st["step"], st["history"][item.name], (opt_tensors, st["optimizer"])
+            for s, v, lr in hist if mine is not None else []:  # the block's steps before the resume
+                mine.log_step(item.name, s, offsets[it_idx] + s, v, lr, None)
         if start < item.steps:
             keys = [BatchKey(item.name, s, item.start, item.end) for s in range(start, item.steps)]
             loop.run(item, it_idx, start, data.stream(keys, cfg.batch_size, Share(group.rank, group.world)), hist,
@@ -345,11 +366,14 @@ def _parallel_stage1(cfg: FitConfig, model: RaptorModel, items: list[WorkItem], 
             for p in model.blocks[item.block].parameters():
                 torch.distributed.broadcast(p.data, src=src)
         state.history[item.name] = dist.broadcast(state.history.get(item.name), src)
+        if tracker is not None and it_idx % n_groups != g:  # another group's block: logged now, on rank 0
+            for s, v, lr in state.history[item.name]:
+                tracker.log_step(item.name, s, offsets[it_idx] + s, v, lr, None)
     state.item, state.step = len(items), 0
     seconds = clock()
     if dist.main:
-        save_progress(cfg, model, None, f"item{len(items)}-step0000000", state.item, 0, state.history, seconds,
-                       device)
+        save_progress(cfg, model, None, f"item{len(items)}-step0000000", state.item, 0, seconds, device,
+                      tracker.state() if tracker is not None else None)
     dist.barrier()
 
 
