@@ -296,10 +296,19 @@ class Teacher(nn.Module):
     def embed(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def block_kwargs(self, tokens: torch.Tensor) -> dict:
+        """Per-forward context the blocks need beside the tokens, as keyword arguments of every block call.
+
+        It must follow from ``tokens`` (and the layout) alone: :meth:`run_blocks` resumes stored trajectories with
+        no images at hand. None by default; DINOv3 gives the rotary position embeddings of the patch grid."""
+        return {}
+
     def run_block(self, index: int, tokens: torch.Tensor) -> torch.Tensor:
         """Apply block ``index`` (0-based; its output is layer ``index + 1``)."""
         blk = self.blocks[index]
-        out = blk(tokens, None) if _takes_mask(blk) else blk(tokens)  # DINOv2 layers of transformers 5.0: no mask
+        kw = self.block_kwargs(tokens)
+        # DINOv2 layers of transformers 5.0 take no mask
+        out = blk(tokens, None, **kw) if _takes_mask(blk) else blk(tokens, **kw)
         return out[0] if isinstance(out, tuple) else out
 
     def run_blocks(self, tokens: torch.Tensor, start_layer: int, end_layer: int | None = None) -> torch.Tensor:
