@@ -157,16 +157,28 @@ def _find_blocks(core: nn.Module) -> nn.ModuleList:
     raise RaptorError(f"cannot find the transformer layers of {type(core).__name__}")
 
 
-def _read_preprocessor(path: Path) -> tuple[tuple | None, tuple | None]:
+def _read_processor_config(path: Path) -> dict | None:
+    """The model's ``preprocessor_config.json`` as a dict (None where there is none or it is unreadable)."""
     f = path / "preprocessor_config.json"
     if not f.is_file():
-        return None, None
+        return None
     try:
         d = json.loads(f.read_text())
-        return tuple(d.get("image_mean")) if d.get("image_mean") else None, \
-            tuple(d.get("image_std")) if d.get("image_std") else None
     except (OSError, ValueError):
-        return None, None
+        return None
+    return d if isinstance(d, dict) else None
+
+
+def _hub_processor_config(target: str, offline: bool) -> dict | None:
+    """A hub model's processor config from the hub cache (fetched unless offline); None where there is none."""
+    try:
+        from transformers.utils import cached_file
+
+        f = cached_file(target, "preprocessor_config.json", local_files_only=offline,
+                        _raise_exceptions_for_missing_entries=False)
+    except Exception:  # noqa: BLE001 - no processor config: --transform model falls back to the paper's
+        return None
+    return _read_processor_config(Path(f).parent) if f else None
 
 
 def load_hf_teacher(target: str, spec: str) -> HFTeacher:
@@ -207,9 +219,12 @@ def load_hf_teacher(target: str, spec: str) -> HFTeacher:
         pooling = "cls+meanpatch" if family == "dinov2" else "cls"
         head = ClassifierHead(clf, pooling)
         model = backbone
-    mean, std = _read_preprocessor(path) if local else (None, None)
-    return make_hf_teacher(model.float().eval(), family, spec=spec, name=target, image_mean=mean, image_std=std,
-                           head=head)
+    processor = _read_processor_config(path) if local else _hub_processor_config(target, offline)
+    mean, std = (tuple(processor[k]) if (processor or {}).get(k) else None for k in ("image_mean", "image_std"))
+    t = make_hf_teacher(model.float().eval(), family, spec=spec, name=target, image_mean=mean, image_std=std,
+                        head=head)
+    t.processor_config = processor
+    return t
 
 
 # ---- tiny random teachers (tests, benchmarks, smoke runs) --------------------------------------------------------
