@@ -35,6 +35,7 @@ def field(valid: list, invalid: list):
 BAD_INT = ["-3", "-1", "0", "x", "", "1.5", "nan"]
 TEACHER = field(["tiny:dinov2"] * 4 + ["planted:2,base=tiny:dinov2"],
                 ["tiny:nope", "bogus", "bundled:nope", ":x", "dinov2-pth:/no/file.pth", "planted:0,base=tiny:dinov2"])
+TRANSFORM = field(["paper", "model"], ["foo", ""])
 DATA = field(["bundled:lfw"] * 3, ["bundled:nope", "/no/such/dir", "folder:", "classes:/", "", "x:y:z"])
 
 
@@ -80,15 +81,16 @@ def test_extract_arguments(capsys):
            chunk=field(["2", "8"], BAD_INT), size=field(["14", "28"], ["-14", "0", "13", "x"]),
            dtype=field(["bfloat16", "float32"], ["int8", ""]), compression=field(["lz4", "none"], ["gzip"]),
            autocast=field(["float32"], ["bogus", ""]), layers=field(["0-3", "0,2"], ["a-b", "3-1", "0-99", ""]),
-           workers=field(["0", "1"], ["-1"]), device=field(["cpu", "auto"], ["tpu"]),
+           workers=field(["0", "1"], ["-1"]), device=field(["cpu", "auto"], ["tpu"]), transform=TRANSFORM,
            same_out=st.booleans())
     def draw(teacher, data, limit, batch, chunk, size, dtype, compression, autocast, layers,
-             workers, device, same_out):
+             workers, device, transform, same_out):
         out = BASE / ("extract-shared" if same_out else f"extract-{next(_n)}")
         _check(_argv("extract", ["--out", str(out), "--no-progress"],
                      {"--teacher": teacher, "--data": data, "--limit": limit, "--batch-size": batch,
                       "--chunk-images": chunk, "--image-size": size, "--dtype": dtype, "--compression": compression,
-                      "--autocast": autocast, "--layers": layers, "--workers": workers, "--device": device},
+                      "--autocast": autocast, "--layers": layers, "--workers": workers, "--device": device,
+                      "--transform": transform},
                      {"--teacher": "tiny:dinov2", "--data": "bundled:lfw", "--limit": "3"}), capsys, codes)
 
     draw()
@@ -104,13 +106,15 @@ def test_analyze_arguments(capsys):
            layers=field(["1-3", "0-3"], ["2", "a", "3-1", "1-9"]), k_max=field(["2", "3"], BAD_INT),
            k_rule=field(["gain", "elbow"], ["magic"]), k_frac=field(["0.1", "0.3"], ["-1", "2", "x"]),
            groups=field(["auto", "cls", "patches,all"], ["cls,bogus", ""]),
-           variant=field(["official", "balanced"], ["other"]), nulls=field(["0", "20"], ["-1", "x"]))
-    def draw(teacher, data, limit, batch, layers, k_max, k_rule, k_frac, groups, variant, nulls):
+           variant=field(["official", "balanced"], ["other"]), nulls=field(["0", "20"], ["-1", "x"]),
+           transform=TRANSFORM)
+    def draw(teacher, data, limit, batch, layers, k_max, k_rule, k_frac, groups, variant, nulls, transform):
         out = BASE / f"analyze-{next(_n)}"
         _check(_argv("analyze", ["--out", str(out), "--no-progress"],
                      {"--teacher": teacher, "--data": data, "--limit": limit, "--batch-size": batch,
                       "--layers": layers, "--k-max": k_max, "--k-rule": k_rule, "--k-frac": k_frac,
-                      "--cka-groups": groups, "--maxcut-variant": variant, "--null-resamples": nulls},
+                      "--cka-groups": groups, "--maxcut-variant": variant, "--null-resamples": nulls,
+                      "--transform": transform},
                      {"--teacher": "tiny:dinov2", "--data": "bundled:lfw", "--limit": "6"}), capsys, codes)
 
     draw()

@@ -13,7 +13,7 @@ from raptor.teachers import load_teacher
 from raptor.teachers.dinov2_pth import hf_to_official, official_to_hf
 from raptor.teachers.hf import build_tiny_teacher
 
-FAMILIES = ["dinov2", "dinov2_with_registers", "vit", "deit", "clip", "siglip"]
+FAMILIES = ["dinov2", "dinov2_with_registers", "vit", "deit", "clip", "siglip", "dinov3"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -32,7 +32,7 @@ def test_hf_family_trajectory_matches_output_hidden_states(family, size):
 
 def test_layout_counts_tokens_per_family():
     expect = {"dinov2": (1, 0), "dinov2_with_registers": (1, 2), "vit": (1, 0), "deit": (2, 0), "clip": (1, 0),
-              "siglip": (0, 0)}
+              "siglip": (0, 0), "dinov3": (1, 2)}
     for fam, (n_cls, n_reg) in expect.items():
         t = build_tiny_teacher(fam)
         lay = t.layout(42)
@@ -65,6 +65,44 @@ def test_run_blocks_splices_back_to_the_same_output():
     assert torch.allclose(resumed, full[:, -1], atol=1e-6)
 
 
+def test_dinov3_layout_final_norm_and_resume_from_stored_layers():
+    """DINOv3: [cls, registers, patches] as the HF embeddings lay them out, the final norm is the model's ``norm``,
+    and ``run_blocks`` on stored tokens (a fresh teacher that never saw the images: the RoPE grid comes from the
+    token count) gives the trajectory's later layers."""
+    t = build_tiny_teacher("dinov3", seed=5)
+    emb = t.core.embeddings
+    x = torch.randn(2, 3, 42, 42)
+    lay = t.layout(42)
+    assert (lay.n_cls, lay.n_registers, lay.grid) == (1, t.model.config.num_register_tokens, (3, 3))
+    x0 = t.embed(x)
+    assert torch.equal(x0[:, lay.cls], emb.cls_token.expand(2, -1, -1))
+    assert torch.equal(x0[:, lay.registers], emb.register_tokens.expand(2, -1, -1))
+    assert torch.allclose(x0[:, lay.patches], emb.patch_embeddings(x).flatten(2).transpose(1, 2))
+    full = t.trajectory(x)
+    with torch.no_grad():
+        ref = t.model(pixel_values=x)
+    assert t.final_norm is t.model.norm
+    assert torch.allclose(t.final_norm(full[:, -1]), ref.last_hidden_state, atol=1e-5)
+    fresh = build_tiny_teacher("dinov3", seed=5)
+    for start in (1, 2):
+        with torch.no_grad():
+            resumed = fresh.run_blocks(full[:, start], start)
+        assert (resumed - full[:, -1]).abs().max().item() <= 1e-5, start
+
+
+def test_dinov3_non_square_grid_needs_the_images_once():
+    t = build_tiny_teacher("dinov3", seed=6)
+    x = torch.randn(2, 3, 28, 42)  # a 2 x 3 grid: 6 patches, not a square
+    traj = t.trajectory(x)
+    with torch.no_grad():
+        hs = t.hf_hidden_states(x)
+    assert max((traj[:, k] - hs[k]).abs().max().item() for k in range(t.depth + 1)) <= 1e-5
+    with torch.no_grad():
+        assert torch.allclose(t.run_blocks(traj[:, 1], 1), traj[:, -1], atol=1e-5)
+    with pytest.raises(RaptorError, match="cannot tell the patch grid of 6 patch tokens"):
+        build_tiny_teacher("dinov3", seed=6).run_blocks(traj[:, 1], 1)
+
+
 def test_hf_local_dir_loads_and_matches(tmp_path):
     t = build_tiny_teacher("dinov2_with_registers", seed=4)
     t.model.save_pretrained(tmp_path / "m")
@@ -72,6 +110,19 @@ def test_hf_local_dir_loads_and_matches(tmp_path):
     assert loaded.family == "dinov2_with_registers" and loaded.n_registers == 2
     x = torch.randn(2, 3, 28, 28)
     assert torch.allclose(loaded.trajectory(x), t.trajectory(x), atol=1e-6)
+
+
+def test_hf_local_dinov3_dir_is_detected(tmp_path):
+    from raptor.teachers.hf import DINOv3Teacher
+
+    t = build_tiny_teacher("dinov3", seed=7)
+    t.model.save_pretrained(tmp_path / "d3")
+    loaded = load_teacher(f"hf:{tmp_path / 'd3'}")
+    assert isinstance(loaded, DINOv3Teacher) and loaded.family == "dinov3"
+    assert (loaded.n_cls, loaded.n_registers) == (1, 2)
+    x = torch.randn(2, 3, 28, 28)
+    assert torch.allclose(loaded.trajectory(x), t.trajectory(x), atol=1e-6)
+    assert isinstance(load_teacher("tiny:dinov3"), DINOv3Teacher)
 
 
 def test_hf_image_classification_checkpoint_gives_head(tmp_path):

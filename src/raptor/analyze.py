@@ -19,6 +19,7 @@ from raptor import plots
 from raptor.config import atomic_write_text, save_config, to_dict
 from raptor.data import open_source
 from raptor.data.sampling import check_sample_order
+from raptor.data.transforms import check_transform
 from raptor.errors import RaptorError, check_positive
 from raptor.lifecycle import command_run
 from raptor.phases import (
@@ -53,6 +54,7 @@ class AnalyzeConfig:
     sample_seed: int = 1
     batch_size: int = 16
     image_size: int | None = None
+    transform: str = "paper"  # paper | model (the teacher's own processor config; Teacher.eval_transform)
     layers: list[int] | None = None  # default: 1..L (block outputs; the paper's convention)
     cka_groups: tuple[str, ...] = ("auto",)  # auto = cls and registers where the teacher has them
     cka_dtype: str = "float64"
@@ -74,6 +76,10 @@ class AnalyzeConfig:
                        k_max=self.k_max, k_min=self.k_min, maxcut_min_size=self.maxcut_min_size)
         if self.k_max < self.k_min:
             raise RaptorError(f"bad k range {self.k_min}..{self.k_max}")
+        check_transform(self.transform)
+        if self.store and self.transform != "paper":
+            raise RaptorError("--transform is for live data (--data); a --store keeps the transform it was "
+                             "extracted with")
         if not 0 <= self.null_resamples <= 100_000:
             raise RaptorError(f"--null-resamples must lie in 0..100000, got {self.null_resamples}")
         if self.k_rule not in ("gain", "elbow"):
@@ -189,7 +195,8 @@ def _run_analyze(cfg: AnalyzeConfig, st, src, stage: Path, progress: bool) -> An
     else:
         teacher = load_teacher(cfg.teacher, head=cfg.head)
         layers = teacher.resolve_layers(cfg.layers or range(1, teacher.depth + 1))
-        acc, info = _accumulate(cfg, LiveTrajectories(teacher, src, cfg.image_size, cfg.autocast), layers, progress)
+        acc, info = _accumulate(cfg, LiveTrajectories(teacher, src, cfg.image_size, cfg.autocast, cfg.transform),
+                                 layers, progress)
     if len(layers) < 2:
         raise RaptorError("need at least 2 layers to analyze")
     res = acc.result()

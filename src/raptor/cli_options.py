@@ -34,6 +34,11 @@ SAMPLE_SEED = typer.Option(1, help="Seed of the --limit sample")
 BATCH_SIZE = typer.Option(16, help="Batch size")  # analyze, dynamics
 IMAGE_SIZE_ONLINE = typer.Option(None, help="Crop size for online data (default: the teacher's)")  # fit, ablation
 AUTOCAST_TRAIN = typer.Option(None, help="bfloat16 autocast for training")  # fit, ablation
+TRANSFORM_HELP = ("Eval transform: paper (resize the shorter side to crop x 256/224 bicubic, center crop, the "
+                  "teacher's mean/std) | model (the teacher's own preprocessor_config.json: size, crop, resample, "
+                  "rescale, mean/std; scaled to --image-size if given; equals paper for teachers without one: "
+                  "bundled, tiny, planted, dinov2-pth, timm, open_clip)")
+TRANSFORM = typer.Option("paper", help=TRANSFORM_HELP)  # extract, analyze, fit, dynamics, probe
 VAL_IMAGES = typer.Option(128, help="Whole images held out for validation")  # fit, ablation
 SEED = typer.Option(0)  # fit, ablation
 DEVICE = typer.Option("auto", help=DEVICE_HELP)  # extract, fit

@@ -106,14 +106,16 @@ class StoreTrajectories:
 
 class LiveTrajectories:
     """An image source (already ``--limit``-ed) run through ``teacher`` at ``image_size`` (default: the teacher's),
-    with its evaluation transform, optionally under ``autocast``."""
+    with its evaluation transform (``transform``: paper | model, :meth:`Teacher.eval_transform`), optionally under
+    ``autocast``."""
 
     source = "live"
 
-    def __init__(self, teacher, images, image_size: int | None = None, autocast: str | None = None):
+    def __init__(self, teacher, images, image_size: int | None = None, autocast: str | None = None,
+                 transform: str = "paper"):
         self.teacher, self.images, self.autocast = teacher, images, autocast
-        self.size = teacher.image_size(image_size)
-        self.transform = teacher.eval_transform(self.size)
+        self.transform = teacher.eval_transform(image_size, transform)
+        self.size = self.transform.size
         self.skipped: list[str] = []
 
     @property

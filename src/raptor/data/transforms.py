@@ -3,13 +3,15 @@
 ``EvalTransform`` is the paper's eval transform: resize the shorter side to 256 (bicubic), center crop 224,
 ImageNet mean/std -- parametrised by crop size (resize = crop * 256 / 224) and mean/std so it serves any teacher.
 PIL's bicubic resize is what torchvision's ``Resize`` uses on PIL images, so results match it.
+``ModelTransform`` is a model's own preprocessing as its HF processor config (``preprocessor_config.json``) states
+it (``--transform model``), with the arithmetic of transformers' PIL image processors.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -96,9 +98,125 @@ class EvalTransform:
         img = center_crop(resize_shorter(to_rgb(img), self.resize), self.crop)
         return to_tensor(img, self.mean, self.std)
 
+    @property
+    def size(self) -> int:
+        """The side of the (square) output."""
+        return self.crop
+
     def describe(self) -> dict:
         return {"kind": "eval", "resize_shorter": self.resize, "interpolation": "bicubic",
                 "center_crop": self.crop, "mean": list(self.mean), "std": list(self.std)}
+
+
+TRANSFORM_KINDS = ("paper", "model")
+RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}  # PIL codes
+
+
+def check_transform(kind: str) -> None:
+    """Refuse an unknown ``--transform`` up front."""
+    if kind not in TRANSFORM_KINDS:
+        raise RaptorError(f"unknown --transform {kind!r} (use {' or '.join(TRANSFORM_KINDS)})")
+
+
+def _hw(value, what: str) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value, value
+    if isinstance(value, dict) and set(value) >= {"height", "width"}:
+        return int(value["height"]), int(value["width"])
+    raise RaptorError(f"--transform model: unsupported processor {what} {value!r} (use --transform paper)")
+
+
+@dataclass(frozen=True)
+class ModelTransform:
+    """An HF image processor's eval preprocessing: resize (the shorter side to ``shortest_edge``, aspect kept, or to
+    exactly ``resize_hw``), center crop ``crop_hw`` (offsets rounded down, as transformers), ``x * rescale_factor``
+    then ``(x - mean) / std``. The output must be square (the token layout is a square grid)."""
+
+    shortest_edge: int | None = None
+    resize_hw: tuple[int, int] | None = None
+    crop_hw: tuple[int, int] | None = None
+    resample: int = 3
+    rescale_factor: float | None = 1 / 255
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    source: str = "preprocessor_config.json"
+
+    def __post_init__(self):
+        if self.resample not in RESAMPLE_NAMES:
+            raise RaptorError(f"--transform model: unknown processor resample code {self.resample!r}")
+        out = self.crop_hw or self.resize_hw
+        if out is None:
+            raise RaptorError("--transform model: the processor keeps the aspect ratio without a center crop, so "
+                              "its outputs are not square (use --transform paper)")
+        if out[0] != out[1] or out[0] <= 0:
+            raise RaptorError(f"--transform model: the processor's output {out[0]} x {out[1]} is not a square "
+                              f"(use --transform paper)")
+
+    @classmethod
+    def from_processor(cls, d: dict, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                       source: str = "preprocessor_config.json") -> "ModelTransform":
+        """Read a processor config (``size``, ``crop_size``, ``do_center_crop``, ``resample``, ``do_rescale`` /
+        ``rescale_factor``, ``do_normalize`` / ``image_mean`` / ``image_std``); ``mean``/``std`` where it names
+        none."""
+        shortest = hw = crop = None
+        size = d.get("size")
+        if d.get("do_resize", True) and size is not None:
+            if isinstance(size, dict) and "shortest_edge" in size and not size.get("longest_edge"):
+                shortest = int(size["shortest_edge"])
+            else:
+                hw = _hw(size, "size")  # an int is a square, as transformers' get_size_dict
+        if d.get("do_center_crop", "crop_size" in d) and d.get("crop_size") is not None:
+            crop = _hw(d["crop_size"], "crop_size")
+        rescale = float(d.get("rescale_factor", 1 / 255)) if d.get("do_rescale", True) else None
+        if d.get("do_normalize", True):
+            mean, std = tuple(d.get("image_mean") or mean), tuple(d.get("image_std") or std)
+        else:
+            mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+        return cls(shortest, hw, crop, int(d.get("resample", 3)), rescale, tuple(float(x) for x in mean),
+                   tuple(float(x) for x in std), source)
+
+    @property
+    def size(self) -> int:
+        """The side of the (square) output."""
+        return (self.crop_hw or self.resize_hw)[0]
+
+    def at_size(self, size: int) -> "ModelTransform":
+        """The same preprocessing scaled to another output side (resize and crop in the same proportion)."""
+        if size == self.size:
+            return self
+        f = size / self.size
+        scale = (lambda hw: None if hw is None else (int(round(hw[0] * f)), int(round(hw[1] * f))))  # noqa: E731
+        return replace(self, shortest_edge=None if self.shortest_edge is None else int(round(self.shortest_edge * f)),
+                       resize_hw=scale(self.resize_hw), crop_hw=None if self.crop_hw is None else (size, size))
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        img = to_rgb(img)
+        if self.shortest_edge is not None:
+            img = resize_shorter(img, self.shortest_edge, self.resample)
+        elif self.resize_hw is not None:
+            img = img.resize((self.resize_hw[1], self.resize_hw[0]), self.resample)
+        if self.crop_hw is not None:
+            ch, cw = self.crop_hw
+            w, h = img.size
+            if w < cw or h < ch:  # pad (zeros) around the image first
+                canvas = Image.new("RGB", (max(w, cw), max(h, ch)))
+                canvas.paste(img, ((max(w, cw) - w) // 2, (max(h, ch) - h) // 2))
+                img, (w, h) = canvas, canvas.size
+            top, left = (h - ch) // 2, (w - cw) // 2
+            img = img.crop((left, top, left + cw, top + ch))
+        a = np.asarray(img, dtype=np.uint8)
+        a = (a.astype(np.float64) * self.rescale_factor if self.rescale_factor is not None else a).astype(np.float32)
+        a = (a - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
+        return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
+
+    def describe(self) -> dict:
+        d = {"kind": "model", "source": self.source, "interpolation": RESAMPLE_NAMES[self.resample]}
+        if self.shortest_edge is not None:
+            d["resize_shorter"] = self.shortest_edge
+        if self.resize_hw is not None:
+            d["resize"] = list(self.resize_hw)
+        return {**d, "center_crop": self.size, "crop": self.crop_hw is not None,
+                "rescale_factor": self.rescale_factor, "mean": list(self.mean), "std": list(self.std)}
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from raptor.analyze import PRIMARY, AnalyzeConfig
 from raptor.config import atomic_write_text, save_config, to_dict
 from raptor.data import open_source
 from raptor.data.sampling import check_sample_order
+from raptor.data.transforms import check_transform
 from raptor.dynamics import criteria, report
 from raptor.dynamics.accumulate import DynamicsAccumulator
 from raptor.dynamics.metrics import boundary_jump_ratio, cosine_silhouette, knn_accuracy, knn_correct, s_shape
@@ -56,6 +57,7 @@ class DynamicsConfig:
     sample_seed: int = 1
     batch_size: int = 16
     image_size: int | None = None
+    transform: str = "paper"                   # paper | model (the teacher's own processor config)
     eps: tuple[float, ...] = (0.05, 0.2)       # relative noise sizes for perturbation recovery
     inject: list[int] | None = None            # injection layers (default: each phase's entry layer)
     perturb_images: int = 64
@@ -74,6 +76,10 @@ class DynamicsConfig:
                               f"test), got {self.null_draws}")
         if not self.eps:
             raise RaptorError("--eps is empty: give e.g. 0.05,0.2")
+        check_transform(self.transform)
+        if self.store and self.transform != "paper":
+            raise RaptorError("--transform is for live data (--data); a --store keeps the transform it was "
+                             "extracted with")
         bad = [e for e in self.eps if not (np.isfinite(e) and e > 0)]
         if bad:
             raise RaptorError(f"--eps must be > 0 (a relative noise size), got {bad[0]}")
@@ -210,7 +216,7 @@ def _run(cfg: DynamicsConfig, sur, st, src, stage: Path, progress: bool) -> dict
     teacher = load_teacher(cfg.teacher)
     if st is not None:
         st.store.check_teacher(teacher)
-    trajs = st if st is not None else LiveTrajectories(teacher, src, cfg.image_size, cfg.autocast)
+    trajs = st if st is not None else LiveTrajectories(teacher, src, cfg.image_size, cfg.autocast, cfg.transform)
     layout = trajs.layout
     model = sur.model(teacher) if sur is not None else None
     L = teacher.depth

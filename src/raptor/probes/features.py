@@ -78,10 +78,14 @@ class DenseTransform:
                 "padding": "centre, zeros after normalisation"}
 
 
-def transform_for(task: str, data: ProbeData, teacher, size: int | None):
-    """The input transform of a task: the eval crop for ``cls``, :class:`DenseTransform` for dense tasks."""
+def transform_for(task: str, data: ProbeData, teacher, size: int | None, kind: str = "paper"):
+    """The input transform of a task: the eval crop for ``cls`` (``kind``: paper | model, as
+    :meth:`Teacher.eval_transform`; at the data set's size unless ``size``), :class:`DenseTransform` for dense
+    tasks."""
     if task == "cls":
         crop = teacher.image_size(size if size is not None else data.image_size)
+        if hasattr(teacher, "eval_transform"):  # not the raw-pixel baseline
+            return teacher.eval_transform(crop, kind)
         return EvalTransform.for_size(crop, teacher.image_mean, teacher.image_std)
     size = size if size is not None else data.image_size
     if size is not None:

@@ -19,6 +19,7 @@ import numpy as np
 from raptor import plots
 from raptor.config import FILE_MODE, save_config, to_dict
 from raptor.data.sampling import check_sample_order, sample_positions
+from raptor.data.transforms import check_transform
 from raptor.distributed import Dist
 from raptor.errors import RaptorError, check_positive
 from raptor.lifecycle import command_run
@@ -43,6 +44,7 @@ class ProbeConfig:
     layer: int | None = None
     splice: str | None = None
     image_size: int | None = None
+    transform: str = "paper"                    # cls: paper | model (the teacher's own processor config)
     lrs: tuple[float, ...] | None = None        # default: the task's grid
     epochs: int | None = None                   # default: the data set's recipe, else the paper's
     batch_size: int | None = None
@@ -70,6 +72,9 @@ class ProbeConfig:
                        feature_batch=self.feature_batch)
 
         check_sample_order(self.sample)
+        check_transform(self.transform)
+        if self.transform != "paper" and self.task != "cls":
+            raise RaptorError("--transform model is for --task cls (dense tasks keep the whole image, padded)")
         if self.weight_decay is not None and not self.weight_decay >= 0:
             raise RaptorError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if self.init_head is not None:
@@ -172,7 +177,7 @@ def _run(cfg: ProbeConfig, spec, data, recipe: Recipe, out: Path, progress: bool
     dist = dist or Dist()
     bb = (bb or Backbone.load(spec)).to(device or "cpu")
     teacher = bb.teacher
-    transform = transform_for(cfg.task, data, teacher, cfg.image_size)
+    transform = transform_for(cfg.task, data, teacher, cfg.image_size, cfg.transform)
     ident = bb.identity()
     settings = {"task": cfg.task, "data": data.spec, "backbone_id": ident["id"], "recipe": to_dict(recipe),
                 "transform": transform.describe(), "init_head": cfg.init_head, "limit": cfg.limit}

@@ -20,6 +20,7 @@ import torch
 from raptor.data.sampling import check_sample_order
 from raptor.data.sources import open_source
 from raptor.data.stream import ChunkDataset, _put_until, loader
+from raptor.data.transforms import check_transform
 from raptor.distributed import claim_on_main, current, setup
 from raptor.errors import RaptorError, check_positive
 from raptor.outputs import LOCK_NAME, only_lock_inside
@@ -196,14 +197,15 @@ def extract(teacher, source, out: str | Path, *, dtype: str = "bfloat16", layers
             batch_size: int | None = None, chunk_images: int | None = None, image_size: int | None = None,
             compression: str = "lz4", autocast: str | None = None, progress: bool = True,
             stop_after_chunks: int | None = None, workers: int | None = 0, device: torch.device | None = None,
-            dist=None) -> ExtractSummary:
+            dist=None, transform: str = "paper") -> ExtractSummary:
     """Write (or resume writing) the trajectories of every image of ``source`` into a store at ``out``.
 
     The directory is locked for the run (a second writer is refused); a run that fails before extracting any
     image removes the store it created; a source none of whose images can be read is refused, never "complete".
     ``workers``: image-decoding processes (0: a thread; None: :func:`io_plan`'s for the device). Under torchrun
     (``dist``, default: the current process group) rank ``r`` extracts the chunks ``c`` with ``c % world == r``
-    into the same store (see :mod:`raptor.distributed`)."""
+    into the same store (see :mod:`raptor.distributed`). ``transform``: the eval transform, paper | model
+    (:meth:`Teacher.eval_transform`); the store's settings record it."""
     dist = dist or current()
     device = device or torch.device("cpu")
     if workers is None:
@@ -212,8 +214,9 @@ def extract(teacher, source, out: str | Path, *, dtype: str = "bfloat16", layers
     check_extract_args(dtype=dtype, compression=compression, batch_size=batch_size, chunk_images=chunk_images,
                        image_size=image_size, autocast=autocast, workers=workers)
     out = Path(out)
-    size = teacher.image_size(image_size)
-    transform = teacher.eval_transform(size)
+    tf_kind = transform
+    transform = teacher.eval_transform(image_size, tf_kind)
+    size = transform.size
     layer_list = teacher.resolve_layers(layers)
     layout = teacher.layout(size)
     n = len(source)
@@ -407,6 +410,7 @@ class ExtractConfig:
     chunk_images: int | None = None
     layers: list[int] | None = None
     image_size: int | None = None
+    transform: str = "paper"
     compression: str = "lz4"
     autocast: str | None = None
     head: str | None = None
@@ -420,6 +424,7 @@ class ExtractConfig:
         check_extract_args(dtype=self.dtype, compression=self.compression, batch_size=batch_size,
                            chunk_images=chunk_images, image_size=self.image_size, autocast=self.autocast,
                            limit=self.limit, workers=1 if self.workers is None else self.workers)
+        check_transform(self.transform)
         return batch_size, chunk_images
 
 
@@ -437,7 +442,8 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> dict | None:
     teacher = load_teacher(cfg.teacher, head=cfg.head)
     s = extract(teacher, source, cfg.out, dtype=cfg.dtype, layers=cfg.layers, batch_size=batch_size,
                 chunk_images=chunk_images, image_size=cfg.image_size, compression=cfg.compression,
-                autocast=cfg.autocast, progress=progress and dist.main, workers=cfg.workers, device=dev)
+                autocast=cfg.autocast, progress=progress and dist.main, workers=cfg.workers, device=dev,
+                transform=cfg.transform)
     if not dist.main:
         return None
     info = TrajectoryStore(cfg.out).summary()

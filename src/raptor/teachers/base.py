@@ -289,17 +289,37 @@ class Teacher(nn.Module):
             raise RaptorError(f"image size {size} is not a positive multiple of the patch size {self.patch_size}")
         return size
 
-    def eval_transform(self, size: int | None = None):
-        """The paper's eval transform at this teacher's crop size, mean and std."""
+    processor_config: dict | None = None  # the HF processor config the teacher came with (``--transform model``)
+
+    def eval_transform(self, size: int | None = None, kind: str = "paper"):
+        """The eval transform every command runs images through (``--transform``): ``paper`` (the paper's, at this
+        teacher's crop size, mean and std) or ``model`` (the teacher's own processor config, scaled to ``size``
+        when one is given; the paper's where the teacher came without one). Its ``size`` is the output side."""
+        from raptor.data.transforms import ModelTransform, check_transform
+
+        check_transform(kind)
+        if kind == "model" and self.processor_config is not None:
+            tf = ModelTransform.from_processor(self.processor_config, self.image_mean, self.image_std)
+            tf = tf.at_size(self.image_size(size if size is not None else tf.size))
+            return tf
         return EvalTransform.for_size(self.image_size(size), self.image_mean, self.image_std)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def block_kwargs(self, tokens: torch.Tensor) -> dict:
+        """Per-forward context the blocks need beside the tokens, as keyword arguments of every block call.
+
+        It must follow from ``tokens`` (and the layout) alone: :meth:`run_blocks` resumes stored trajectories with
+        no images at hand. None by default; DINOv3 gives the rotary position embeddings of the patch grid."""
+        return {}
+
     def run_block(self, index: int, tokens: torch.Tensor) -> torch.Tensor:
         """Apply block ``index`` (0-based; its output is layer ``index + 1``)."""
         blk = self.blocks[index]
-        out = blk(tokens, None) if _takes_mask(blk) else blk(tokens)  # DINOv2 layers of transformers 5.0: no mask
+        kw = self.block_kwargs(tokens)
+        # DINOv2 layers of transformers 5.0 take no mask
+        out = blk(tokens, None, **kw) if _takes_mask(blk) else blk(tokens, **kw)
         return out[0] if isinstance(out, tuple) else out
 
     def run_blocks(self, tokens: torch.Tensor, start_layer: int, end_layer: int | None = None) -> torch.Tensor:

@@ -31,11 +31,17 @@ FAMILIES = {
     "clip_vision_model": ("clip", CLIP_MEAN, CLIP_STD),
     "siglip": ("siglip", HALF, HALF),
     "siglip_vision_model": ("siglip", HALF, HALF),
+    "dinov3_vit": ("dinov3", IMAGENET_MEAN, IMAGENET_STD),
 }
+# family -> the transformers class of its bare model
+MODEL_CLASSES = {"dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel", "vit": "ViTModel",
+                 "deit": "DeiTModel", "clip": "CLIPVisionModel", "siglip": "SiglipVisionModel",
+                 "dinov3": "DINOv3ViTModel"}
 
 
 class HFTeacher(Teacher):
-    """A teacher backed by an HF vision model (Dinov2, Dinov2WithRegisters, ViT, DeiT, CLIP vision, SigLIP vision)."""
+    """A teacher backed by an HF vision model (Dinov2, Dinov2WithRegisters, ViT, DeiT, CLIP vision, SigLIP vision;
+    DINOv3 ViT through :class:`DINOv3Teacher`)."""
 
     def __init__(self, model: nn.Module, family: str, *, spec: str = "", name: str = "",
                  image_mean=None, image_std=None, head: ClassifierHead | None = None):
@@ -49,10 +55,11 @@ class HFTeacher(Teacher):
             n_cls = 1 if family == "clip" else 0
         else:
             core = model
-            final_norm = core.layernorm
+            final_norm = core.norm if family == "dinov3" else core.layernorm
             n_cls = 2 if family == "deit" else 1
         blocks = _find_blocks(core)
-        n_reg = int(getattr(cfg, "num_register_tokens", 0) or 0) if family == "dinov2_with_registers" else 0
+        with_registers = family in ("dinov2_with_registers", "dinov3")
+        n_reg = int(getattr(cfg, "num_register_tokens", 0) or 0) if with_registers else 0
         patch = cfg.patch_size if isinstance(cfg.patch_size, int) else cfg.patch_size[0]
         img = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
         dmean, dstd = next((m, s) for f, m, s in FAMILIES.values() if f == family)
@@ -73,7 +80,7 @@ class HFTeacher(Teacher):
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         emb = self.core.embeddings
-        if self.family in ("dinov2", "dinov2_with_registers"):
+        if self.family in ("dinov2", "dinov2_with_registers", "dinov3"):
             return emb(images)
         interp = tuple(images.shape[-2:]) != (self._config_image_size, self._config_image_size)
         x = emb(images, interpolate_pos_encoding=interp)
@@ -84,15 +91,61 @@ class HFTeacher(Teacher):
     def hf_hidden_states(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The model's own ``output_hidden_states`` (used by parity tests)."""
         kwargs = {"output_hidden_states": True}
-        if self.family not in ("dinov2", "dinov2_with_registers"):
+        if self.family not in ("dinov2", "dinov2_with_registers", "dinov3"):
             kwargs["interpolate_pos_encoding"] = tuple(images.shape[-2:]) != (self._config_image_size,) * 2
         out = self.model(pixel_values=images, **kwargs)
         return out.hidden_states
 
 
+class DINOv3Teacher(HFTeacher):
+    """transformers' DINOv3 ViT: [cls, registers ("storage" tokens), patches], no position embedding added to the
+    tokens; every layer gets the rotary position embeddings (cos, sin) of the patch grid instead.
+
+    The grid follows from the token count: the grid of the images this teacher last embedded with that many patches,
+    else the square grid. So :meth:`run_blocks` resumes stored trajectories (square crops) with no images at hand;
+    tokens of a non-square grid need an ``embed`` of such images first."""
+
+    def __init__(self, model: nn.Module, family: str = "dinov3", **kw):
+        super().__init__(model, family, **kw)
+        self._grids: dict[int, tuple[int, int]] = {}  # n patches -> the grid last embedded with that many
+        self._rope: dict = {}  # (rows, cols, device) -> (cos, sin)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        h, w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
+        self._grids[h * w] = (h, w)
+        return self.core.embeddings(images)
+
+    def patch_grid(self, n_patches: int) -> tuple[int, int]:
+        if n_patches in self._grids:
+            return self._grids[n_patches]
+        side = int(round(n_patches ** 0.5))
+        if side * side != n_patches or n_patches <= 0:
+            raise RaptorError(f"cannot tell the patch grid of {n_patches} patch tokens (not a square; embed images "
+                              f"of that size with this teacher first)")
+        return side, side
+
+    def block_kwargs(self, tokens: torch.Tensor) -> dict:
+        h, w = self.patch_grid(tokens.shape[1] - self.n_cls - self.n_registers)
+        key = (h, w, tokens.device)
+        if key not in self._rope:
+            if len(self._rope) >= 16:
+                self._rope.clear()
+            # the RoPE module reads only the shape, device and dtype of its input: an empty (1, 0, H, W) tensor
+            weight = self.core.embeddings.patch_embeddings.weight
+            probe = torch.empty((1, 0, h * self.patch_size, w * self.patch_size), dtype=weight.dtype,
+                                device=tokens.device)
+            self._rope[key] = self.core.rope_embeddings(probe)
+        return {"position_embeddings": self._rope[key]}
+
+
+def make_hf_teacher(model: nn.Module, family: str, **kw) -> HFTeacher:
+    """The teacher class of ``family`` around an HF model."""
+    return (DINOv3Teacher if family == "dinov3" else HFTeacher)(model, family, **kw)
+
+
 def _find_blocks(core: nn.Module) -> nn.ModuleList:
     """The ordered transformer layers, wherever this transformers version keeps them."""
-    for path in ("encoder.layer", "encoder.layers", "layers", "layer"):
+    for path in ("encoder.layer", "encoder.layers", "model.layer", "layers", "layer"):
         obj = core
         try:
             for part in path.split("."):
@@ -104,16 +157,28 @@ def _find_blocks(core: nn.Module) -> nn.ModuleList:
     raise RaptorError(f"cannot find the transformer layers of {type(core).__name__}")
 
 
-def _read_preprocessor(path: Path) -> tuple[tuple | None, tuple | None]:
+def _read_processor_config(path: Path) -> dict | None:
+    """The model's ``preprocessor_config.json`` as a dict (None where there is none or it is unreadable)."""
     f = path / "preprocessor_config.json"
     if not f.is_file():
-        return None, None
+        return None
     try:
         d = json.loads(f.read_text())
-        return tuple(d.get("image_mean")) if d.get("image_mean") else None, \
-            tuple(d.get("image_std")) if d.get("image_std") else None
     except (OSError, ValueError):
-        return None, None
+        return None
+    return d if isinstance(d, dict) else None
+
+
+def _hub_processor_config(target: str, offline: bool) -> dict | None:
+    """A hub model's processor config from the hub cache (fetched unless offline); None where there is none."""
+    try:
+        from transformers.utils import cached_file
+
+        f = cached_file(target, "preprocessor_config.json", local_files_only=offline,
+                        _raise_exceptions_for_missing_entries=False)
+    except Exception:  # noqa: BLE001 - no processor config: --transform model falls back to the paper's
+        return None
+    return _read_processor_config(Path(f).parent) if f else None
 
 
 def load_hf_teacher(target: str, spec: str) -> HFTeacher:
@@ -137,11 +202,7 @@ def load_hf_teacher(target: str, spec: str) -> HFTeacher:
         raise RaptorError(f"unsupported HF model_type {mtype!r} (supported: {sorted(FAMILIES)})")
     family = FAMILIES[mtype][0]
     archs = getattr(cfg, "architectures", None) or []
-    classes = {
-        "dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel", "vit": "ViTModel",
-        "deit": "DeiTModel", "clip": "CLIPVisionModel", "siglip": "SiglipVisionModel",
-    }
-    cls_name = classes[family]
+    cls_name = MODEL_CLASSES[family]
     with_head = any(a.endswith("ForImageClassification") for a in archs) and family in ("dinov2", "vit", "deit")
     if with_head:
         cls_name = {"dinov2": "Dinov2ForImageClassification", "vit": "ViTForImageClassification",
@@ -158,9 +219,12 @@ def load_hf_teacher(target: str, spec: str) -> HFTeacher:
         pooling = "cls+meanpatch" if family == "dinov2" else "cls"
         head = ClassifierHead(clf, pooling)
         model = backbone
-    mean, std = _read_preprocessor(path) if local else (None, None)
-    return HFTeacher(model.float().eval(), family, spec=spec, name=target, image_mean=mean, image_std=std,
-                     head=head)
+    processor = _read_processor_config(path) if local else _hub_processor_config(target, offline)
+    mean, std = (tuple(processor[k]) if (processor or {}).get(k) else None for k in ("image_mean", "image_std"))
+    t = make_hf_teacher(model.float().eval(), family, spec=spec, name=target, image_mean=mean, image_std=std,
+                        head=head)
+    t.processor_config = processor
+    return t
 
 
 # ---- tiny random teachers (tests, benchmarks, smoke runs) --------------------------------------------------------
@@ -182,7 +246,10 @@ def tiny_config(family: str, *, dim: int = 32, depth: int = 3, heads: int = 2, i
         return T.CLIPVisionConfig(**common, intermediate_size=2 * dim)
     if family == "siglip":
         return T.SiglipVisionConfig(**common, intermediate_size=2 * dim)
-    raise RaptorError(f"unknown tiny family {family!r} (dinov2, dinov2_with_registers, vit, deit, clip, siglip)")
+    if family == "dinov3":
+        return T.DINOv3ViTConfig(**common, intermediate_size=2 * dim, num_register_tokens=registers,
+                                 layerscale_value=0.5)
+    raise RaptorError(f"unknown tiny family {family!r} ({', '.join(MODEL_CLASSES)})")
 
 
 def build_tiny_teacher(family: str, seed: int = 0, **kw) -> HFTeacher:
@@ -190,10 +257,9 @@ def build_tiny_teacher(family: str, seed: int = 0, **kw) -> HFTeacher:
     import transformers as T
 
     cfg = tiny_config(family, **kw)
-    cls = {"dinov2": T.Dinov2Model, "dinov2_with_registers": T.Dinov2WithRegistersModel, "vit": T.ViTModel,
-           "deit": T.DeiTModel, "clip": T.CLIPVisionModel, "siglip": T.SiglipVisionModel}[family]
+    cls = getattr(T, MODEL_CLASSES[family])
     g = torch.random.fork_rng()
     with g:
         torch.manual_seed(seed)
         model = cls(cfg)
-    return HFTeacher(model.eval(), family, spec=f"tiny:{family}", name=f"tiny random {family}")
+    return make_hf_teacher(model.eval(), family, spec=f"tiny:{family}", name=f"tiny random {family}")
