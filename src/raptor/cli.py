@@ -19,6 +19,7 @@ from raptor.phases.spec import parse_layers
 from raptor.progress import log_to_stdout
 from raptor.runtime import tune_malloc
 from raptor.surrogate.report import load_run, report
+from raptor.tracking import parse_log_to
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Raptor: phases, block-recurrent surrogates and dynamics of Vision Transformers.")
@@ -84,14 +85,15 @@ def fit(teacher: str = o.TEACHER, data: str | None = o.DATA_ONLINE, store: Path 
         probe_limit: int = o.Fit.probe_limit, seed: int = o.SEED, ckpt_every: int = o.Fit.ckpt_every,
         val_every: int = o.Fit.val_every, resume: bool = o.Fit.resume, workers: int = o.Fit.workers,
         device: str = o.DEVICE, compile: bool = o.Fit.compile, parallel_blocks: bool = o.Fit.parallel_blocks,
-        store_cache_gb: float = o.Fit.store_cache_gb, progress: bool = o.PROGRESS_BARS):
+        store_cache_gb: float = o.Fit.store_cache_gb, log_to: str = o.LOG_TO, log_every: int = o.LOG_EVERY,
+        progress: bool = o.PROGRESS_BARS):
     """Train a Raptor surrogate (stage 1 per block, stage 2 joint) and validate it against the teacher.
     Runs under torchrun --nproc-per-node N (data-parallel, DDP; gloo on CPU, NCCL on GPU)."""
     options = dict(locals())  # each option named like a FitConfig field goes into the config (o.fit_config)
     from raptor.surrogate.fit import run_fit
     from raptor.surrogate.report import console_summary
 
-    cfg = o.fit_config(options, **o.loss_weights(stage1_weights, stage2_weights),
+    cfg = o.fit_config(options, **o.loss_weights(stage1_weights, stage2_weights), log_to=parse_log_to(log_to),
                        probe_data=None if probe_data in (None, "none") else probe_data)
     m = run_fit(cfg, resume=resume, progress=progress)
     if m:  # else a torchrun rank other than 0: rank 0 reports

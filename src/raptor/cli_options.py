@@ -39,6 +39,10 @@ TRANSFORM_HELP = ("Eval transform: paper (resize the shorter side to crop x 256/
                   "rescale, mean/std; scaled to --image-size if given; equals paper for teachers without one: "
                   "bundled, tiny, planted, dinov2-pth, timm, open_clip)")
 TRANSFORM = typer.Option("paper", help=TRANSFORM_HELP)  # extract, analyze, fit, dynamics, probe
+LOG_TO = typer.Option("jsonl", help="Live tracking, any of jsonl,tensorboard,wandb: OUT/log.jsonl (always: the loss "
+                      "history), TensorBoard events in OUT/tensorboard (needs tensorboardX), a wandb run (needs wandb; "
+                      "WANDB_MODE=offline works offline); a resumed run continues the same logs")  # fit
+LOG_EVERY = typer.Option(1, help="TensorBoard / wandb scalars every N steps (log.jsonl keeps every step)")  # fit
 VAL_IMAGES = typer.Option(128, help="Whole images held out for validation")  # fit, ablation
 SEED = typer.Option(0)  # fit, ablation
 DEVICE = typer.Option("auto", help=DEVICE_HELP)  # extract, fit

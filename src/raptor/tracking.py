@@ -17,6 +17,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import secrets
+import string
+import sys
 from pathlib import Path
 
 from raptor.errors import RaptorError
@@ -85,12 +88,14 @@ class Tracker:
         if "tensorboard" in self.kinds:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.out / "tensorboard"),
+            # one file per (re)start: a resume within the same second must not reuse (truncate) the last file's name
+            self._tb = SummaryWriter(str(self.out / "tensorboard"), filename_suffix=f".{secrets.token_hex(3)}",
                                      purge_step=self.global_step if self.global_step else None)
         if "wandb" in self.kinds:
             import wandb
 
-            self.wandb_id = self.wandb_id or wandb.util.generate_id()
+            self.wandb_id = self.wandb_id or "".join(secrets.choice(string.ascii_lowercase + string.digits)
+                                                     for _ in range(8))
             self._wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", project), id=self.wandb_id,
                                      resume="allow", dir=str(self.out), name=name or self.out.name, config=config,
                                      reinit=True)
@@ -132,10 +137,17 @@ class Tracker:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
         os.replace(tmp, self.out / LOG)
 
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.close()
+        return False
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
         if self._wandb is not None:
-            self._wandb.finish()
+            self._wandb.finish(exit_code=0 if sys.exc_info()[0] is None else 1)
             self._wandb = None

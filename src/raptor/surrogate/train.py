@@ -16,6 +16,7 @@ exactly the batches an uninterrupted run sees and ends with the same weights.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -223,28 +224,27 @@ def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, pro
         opt_meta = st["optimizer"]
         check_noise_device(cfg, st, device, state.item < len(items))
     tracker = open_tracker(cfg, items, state, st if ck is not None else None) if dist.main else None
-    model.to(device)
-    n1 = sum(1 for it in items if it.stage == 1)
-    if cfg.parallel_blocks and n1 > 1 and state.item < n1:
-        _parallel_stage1(cfg, model, items[:n1], data, layout, stats, dist, device, state, progress, on_step,
-                         clock, tracker)
-        opt_tensors = None
-    loop = StepLoop(cfg, model, layout, stats, device, progress and dist.main, on_step, tracker=tracker,
-                    offsets=global_offsets(items))
-    keys = [BatchKey(items[i].name, s, items[i].start, items[i].end) for i in range(state.item, len(items))
-            for s in range(state.step if i == state.item else 0, items[i].steps)]
-    batches = data.stream(keys, cfg.batch_size, Share(dist.rank, dist.world))
-    for it_idx in range(state.item, len(items)):  # each work item: its steps, then the next item from step 0
-        start = state.step if it_idx == state.item else 0
-        resume_opt = (opt_tensors, opt_meta) if (opt_tensors is not None and it_idx == state.item) else None
-        opt_tensors = None
-        outputs = RunProgress(cfg, model, items[it_idx], it_idx, state, dist, device, clock, validate_fn, tracker,
-                              global_offsets(items)[it_idx])
-        loop.run(items[it_idx], it_idx, start, batches, state.history.setdefault(items[it_idx].name, []),
-                 RankGroup.of_run(dist), outputs, resume_opt)
+    with tracker if tracker is not None else contextlib.nullcontext():  # the logs are closed even on a failure
+        model.to(device)
+        n1 = sum(1 for it in items if it.stage == 1)
+        if cfg.parallel_blocks and n1 > 1 and state.item < n1:
+            _parallel_stage1(cfg, model, items[:n1], data, layout, stats, dist, device, state, progress, on_step,
+                             clock, tracker)
+            opt_tensors = None
+        loop = StepLoop(cfg, model, layout, stats, device, progress and dist.main, on_step, tracker=tracker,
+                        offsets=global_offsets(items))
+        keys = [BatchKey(items[i].name, s, items[i].start, items[i].end) for i in range(state.item, len(items))
+                for s in range(state.step if i == state.item else 0, items[i].steps)]
+        batches = data.stream(keys, cfg.batch_size, Share(dist.rank, dist.world))
+        for it_idx in range(state.item, len(items)):  # each work item: its steps, then the next item from step 0
+            start = state.step if it_idx == state.item else 0
+            resume_opt = (opt_tensors, opt_meta) if (opt_tensors is not None and it_idx == state.item) else None
+            opt_tensors = None
+            outputs = RunProgress(cfg, model, items[it_idx], it_idx, state, dist, device, clock, validate_fn, tracker,
+                                  global_offsets(items)[it_idx])
+            loop.run(items[it_idx], it_idx, start, batches, state.history.setdefault(items[it_idx].name, []),
+                     RankGroup.of_run(dist), outputs, resume_opt)
     state.item, state.step = len(items), 0
-    if tracker is not None:
-        tracker.close()
     return state
 
 
