@@ -156,7 +156,7 @@ def test_the_ablation_runs_its_cumulative_rows_and_resumes(tmp_path):
     with pytest.raises(RaptorError, match="ablation row 1_tf_only: cannot resume .*steps1 3 -> 4"):
         run_ablation(AblationConfig(out=str(tmp_path / "a"), fit=dataclasses.replace(fit, steps1=4)), progress=False)
     for bad, msg in ((AblationConfig(out=str(tmp_path / "b"), fit=fit, probe_data="bundled:digits"),
-                      "needs both --probe-data and --init-head"),
+                      "needs both probe_data and init_head"),
                      (AblationConfig(out=str(tmp_path / "b"), fit=fit, probe_data="bundled:digits",
                                      init_head=str(tmp_path / "no_head.pth")), "no_head.pth"),
                      (AblationConfig(out=str(tmp_path / "b"), fit=dataclasses.replace(fit, data="folder:/no/such")),
