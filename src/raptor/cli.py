@@ -33,7 +33,8 @@ def extract(teacher: str = o.TEACHER, data: str = o.Extract.data, out: Path = o.
             image_size: int | None = o.Extract.image_size, transform: str = o.TRANSFORM,
             compression: str = o.Extract.compression,
             autocast: str | None = o.Extract.autocast, head: str | None = o.Extract.head,
-            workers: int | None = o.Extract.workers, device: str = o.DEVICE, progress: bool = o.PROGRESS_BAR):
+            workers: int | None = o.Extract.workers, device: str = o.DEVICE, config: Path | None = o.CONFIG,
+            progress: bool = o.PROGRESS_BAR):
     """Store every image's trajectory (layers 0..L, all tokens) in a resumable zarr v3 store. Runs under
     torchrun --nproc-per-node N: the ranks extract disjoint chunks into the one store."""
     from raptor.store.extraction import ExtractConfig, run_extract
@@ -41,7 +42,7 @@ def extract(teacher: str = o.TEACHER, data: str = o.Extract.data, out: Path = o.
     options = dict(locals())
     cfg = o.config_from(ExtractConfig, options, layers=None)
     cfg.check()  # the settings first, then --layers (as before), then run_extract's checks of data and output
-    cfg.layers = parse_layers(layers)
+    cfg.layers = parse_layers(layers) if layers is not None else cfg.layers
     info = run_extract(cfg, progress=progress)
     if info is not None:  # else a torchrun rank other than 0: rank 0 reports
         typer.echo(json.dumps(info, indent=2, default=str))
@@ -56,7 +57,8 @@ def analyze(teacher: str = o.TEACHER, data: str = o.DATA_PHOTOS, out: Path = o.O
             cka_groups: str = o.Analyze.cka_groups, k_max: int = o.Analyze.k_max, k_rule: str = o.Analyze.k_rule,
             k_frac: float = o.Analyze.k_frac, maxcut_variant: str = o.Analyze.maxcut_variant,
             autocast: str | None = o.Analyze.autocast, head: str | None = o.Analyze.head,
-            null_resamples: int = o.Analyze.null_resamples, progress: bool = o.PROGRESS_BAR):
+            null_resamples: int = o.Analyze.null_resamples, config: Path | None = o.CONFIG,
+            progress: bool = o.PROGRESS_BAR):
     """Layer x layer similarity (paper metric, MSE, CKA, token cosine) and phases of depth (DP + max-cut)."""
     options = dict(locals())
     from raptor.analyze import AnalyzeConfig, console_summary, run_analyze
@@ -86,7 +88,7 @@ def fit(teacher: str = o.TEACHER, data: str | None = o.DATA_ONLINE, store: Path 
         val_every: int = o.Fit.val_every, resume: bool = o.Fit.resume, workers: int = o.Fit.workers,
         device: str = o.DEVICE, compile: bool = o.Fit.compile, parallel_blocks: bool = o.Fit.parallel_blocks,
         store_cache_gb: float = o.Fit.store_cache_gb, log_to: str = o.LOG_TO, log_every: int = o.LOG_EVERY,
-        progress: bool = o.PROGRESS_BARS):
+        config: Path | None = o.CONFIG, progress: bool = o.PROGRESS_BARS):
     """Train a Raptor surrogate (stage 1 per block, stage 2 joint) and validate it against the teacher.
     Runs under torchrun --nproc-per-node N (data-parallel, DDP; gloo on CPU, NCCL on GPU)."""
     options = dict(locals())  # each option named like a FitConfig field goes into the config (o.fit_config)
@@ -117,7 +119,7 @@ def probe(task: str = o.Probe.task, backbone: str = o.Probe.backbone, data: str 
           weight_decay: float | None = o.Probe.weight_decay, init_head: str | None = o.Probe.init_head,
           cache: Path | None = o.Probe.cache, limit: int | None = o.Probe.limit, sample: str = o.SAMPLE,
           sample_seed: int = o.SAMPLE_SEED, standardize: bool = o.Probe.standardize, device: str = o.Probe.device,
-          progress: bool = o.PROGRESS_BARS):
+          config: Path | None = o.CONFIG, progress: bool = o.PROGRESS_BARS):
     """Linear probes (the paper's Table-1 protocols) on cached features of a teacher, a surrogate or a splice.
     Runs under torchrun --nproc-per-node N: the ranks share the feature passes."""
     options = dict(locals())
@@ -139,7 +141,7 @@ def dynamics(teacher: str = o.TEACHER, surrogate: Path | None = o.Dynamics.surro
              inject: str | None = o.Dynamics.inject, perturb_images: int = o.Dynamics.perturb_images,
              rank_images: int = o.Dynamics.rank_images, knn_k: int = o.Dynamics.knn_k, seed: int = o.Dynamics.seed,
              space: str = o.Dynamics.space, autocast: str | None = o.Dynamics.autocast,
-             null_draws: int = o.Dynamics.null_draws, progress: bool = o.PROGRESS_BARS):
+             null_draws: int = o.Dynamics.null_draws, config: Path | None = o.CONFIG, progress: bool = o.PROGRESS_BARS):
     """Dynamical interpretability (docs/method.md §9): convergence, speed, coherence, update ranks, class basins and
     perturbation recovery, with the paper's three findings stated as holds / does not hold."""
     options = dict(locals())
@@ -205,7 +207,8 @@ def zoo(teachers: str = o.Zoo.teachers, data: str = o.DATA_PHOTOS, out: Path = o
         limit: int | None = o.LIMIT_ROWS, sample: str = o.SAMPLE, sample_seed: int = o.SAMPLE_SEED,
         batch_size: int = o.BATCH_SIZE, image_size: int | None = o.Zoo.image_size, k_max: int = o.Analyze.k_max,
         k_rule: str = o.Analyze.k_rule, k_frac: float = o.Analyze.k_frac, autocast: str | None = o.Analyze.autocast,
-        null_resamples: int = o.Analyze.null_resamples, progress: bool = o.PROGRESS_BAR):
+        null_resamples: int = o.Analyze.null_resamples, config: Path | None = o.CONFIG,
+        progress: bool = o.PROGRESS_BAR):
     """The paper's Figure 1 across models: similarity matrices side by side, phases with the null test, a table."""
     options = dict(locals())
     from raptor.zoo import ZooConfig, console_summary, run_zoo, split_teachers

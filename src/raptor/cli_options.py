@@ -7,6 +7,8 @@ fast); what needs torch is imported where it is used."""
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -279,9 +281,11 @@ def ints(text: str, name: str) -> tuple[int, ...]:
 
 def config_from(cls: type, options: dict[str, Any], **converted: Any) -> Any:
     """The dataclass ``cls`` from a command's options (its ``locals()``): each option named like a field of ``cls``
-    as given (a path as a string, as configs hold paths), ``converted`` (the options parsed or renamed) over them."""
+    as given (a path as a string, as configs hold paths), ``converted`` (the options parsed or renamed) over them;
+    then the settings of ``--config`` (``options["config"]``) where the command line did not give them."""
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{**{n: _plain(v) for n, v in options.items() if n in names}, **converted})
+    cfg = cls(**{**{n: _plain(v) for n, v in options.items() if n in names}, **converted})
+    return with_config_file(cfg, options.get("config"))
 
 
 def fit_config(options: dict[str, Any], **converted: Any) -> Any:
@@ -293,7 +297,9 @@ def fit_config(options: dict[str, Any], **converted: Any) -> Any:
     names = {f.name for f in dataclasses.fields(FitConfig)} - {"recipe"}
     given = {n: _plain(v) for n, v in options.items() if n in names and not (n in RECIPE_FIELDS and v is None)}
     phases = PhaseSpec.parse(options["phases"], options["k"]).fields()
-    return FitConfig.from_recipe(options["recipe"], **{**given, **phases, **converted})
+    cfg = FitConfig.from_recipe(options["recipe"], **{**given, **phases, **converted})
+    return with_config_file(cfg, options.get("config"), {"recipe": ("recipe", *RECIPE_FIELDS),
+                                                         "log_to": ("log_to",)})
 
 
 def loss_weights(stage1: str | None, stage2: str | None) -> dict[str, Any]:
@@ -307,3 +313,88 @@ def loss_weights(stage1: str | None, stage2: str | None) -> dict[str, Any]:
 
 def _plain(v: Any) -> Any:
     return str(v) if isinstance(v, Path) else v
+
+
+CONFIG = typer.Option(None, "--config", help="Settings from a config.yaml this project wrote (or a hand-written "
+                      "subset of its keys); the flags given on the command line override them")
+# options that set other (or more) config fields than their own name
+_SETS = {"phases": ("phases", "phases_file", "k", "phase_method"), "k": ("phases", "phases_file", "k", "phase_method"),
+         "stage1_weights": ("stage1_last_weights",)}
+
+
+def given_on_command_line() -> set[str]:
+    """The options of the running command that were typed on its command line (not defaults, not a config)."""
+    try:  # typer >= 0.20 runs its own copy of click
+        from typer._click.globals import get_current_context
+    except ImportError:  # pragma: no cover - older typer runs click
+        from click import get_current_context
+    ctx = get_current_context(silent=True)
+    if ctx is None:
+        return set()
+    return {p.name for p in ctx.command.params if p.name and ctx.get_parameter_source(p.name) is not None
+            and ctx.get_parameter_source(p.name).name == "COMMANDLINE"}
+
+
+def with_config_file(cfg: Any, path: str | Path | None, extra_sets: dict[str, tuple[str, ...]] | None = None) -> Any:
+    """``cfg`` with the settings of the YAML file ``path`` over it, except those the command line gave: every key
+    must be a setting of ``cfg``'s class with a value of its type (one error line naming the key otherwise)."""
+    if path is None:
+        return cfg
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise RaptorError(f"--config {path}: no such file") from None
+    except (OSError, yaml.YAMLError) as e:
+        raise RaptorError(f"--config {path}: not readable YAML ({type(e).__name__})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RaptorError(f"--config {path}: a mapping of settings is needed, got a {type(data).__name__}")
+    hints = typing.get_type_hints(type(cfg))
+    unknown = sorted(set(data) - set(hints))
+    if unknown:
+        raise RaptorError(f"--config {path}: unknown key {unknown[0]!r} (the settings are: {', '.join(hints)})")
+    values = {k: _typed(path, k, v, hints[k]) for k, v in data.items()}
+    sets = {**_SETS, **(extra_sets or {})}
+    keep = {f for name in given_on_command_line() for f in sets.get(name, (name,))}
+    return dataclasses.replace(cfg, **{k: v for k, v in values.items() if k not in keep})
+
+
+def _typed(path, key: str, value: Any, hint: Any) -> Any:
+    """``value`` as the type ``hint`` (YAML lists become tuples where the setting is a tuple), or one error line."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for a in (a for a in args if a is not type(None)):
+            try:
+                return _typed(path, key, value, a)
+            except RaptorError:
+                pass
+    elif hint is bool and isinstance(value, bool):
+        return value
+    elif hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif hint is str and isinstance(value, str):
+        return value
+    elif origin in (tuple, list) and isinstance(value, (list, tuple)):
+        inner = args[0] if args else Any
+        items = [_typed(path, key, v, inner) for v in value]
+        return tuple(items) if origin is tuple else items
+    elif origin is dict and isinstance(value, dict) or hint is Any:
+        return value
+    raise RaptorError(f"--config {path}: {key} must be {_type_name(hint)}, got {value!r}")
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin in (tuple, list):
+        return f"a list of {_type_name(args[0]) if args else 'values'}"
+    return {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "text",
+            dict: "a mapping"}.get(hint, getattr(hint, "__name__", str(hint)))
