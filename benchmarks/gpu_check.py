@@ -10,6 +10,8 @@ Writes ``OUT/gpu_check.json`` and ``OUT/gpu_check.md`` (a summary for docs/bench
 Checks:
 - ``extract``: the teacher on the device under bf16 autocast; img/s; an fp32 device store equals the CPU store
   (tolerance 1e-3 relative on a real GPU: TF32 and kernel choice; exact on the CPU);
+- ``analyze``: ``analyze --device`` from a store and live: every similarity matrix against the CPU run's (1e-4
+  absolute on a GPU: TF32 and kernel choice in the float32 products; exact on the CPU);
 - ``fit_store`` / ``fit_online``: training on the device from a store and with the online teacher; steps/s; the
   device run's losses against the CPU run's (relative 5e-2 on a GPU, 1e-5 on the CPU);
 - ``compile``: ``--compile`` on the device, and the number of graphs dynamo compiled (one per block is the goal);
@@ -135,6 +137,28 @@ class Checker:
         if not rel <= tol:
             raise AssertionError(f"device store differs from the CPU store: relative {rel:.2e} > {tol:g}")
         return {"images_per_s_bf16_incl_startup": round(ips, 1), "store_relative_diff_vs_cpu": rel}
+
+    def analyze(self) -> dict:
+        """``analyze --device``: the teacher and the similarity products on the device (float64 sums), from the
+        extract check's CPU store and live; every matrix against the CPU's."""
+        res = {}
+        for how, src in (("store", ["--store", self.tmp / "cpu.zarr"]),
+                         ("live", ["--data", "bundled:digits", "--limit", self.n, "--image-size", self.size])):
+            runs = {}
+            for dev in (self.device, "cpu"):
+                out = self.tmp / f"an_{how}_{dev}"
+                t0 = time.perf_counter()
+                _cli(["analyze", "--teacher", self.teacher, *src, "--device", dev, "--null-resamples", "20",
+                      "--no-progress", "--out", out])
+                res[f"{how}_{dev}_s"] = round(time.perf_counter() - t0, 2)
+                runs[dev] = json.loads((out / "analysis.json").read_text())
+            worst = max(float(np.abs(np.array(m["matrix"]) - np.array(runs["cpu"]["metrics"][k]["matrix"])).max())
+                        for k, m in runs[self.device]["metrics"].items())
+            tol = 0.0 if self.device == "cpu" else 1e-4
+            if not worst <= tol:
+                raise AssertionError(f"analyze ({how}) on the device differs from the CPU by {worst:.2e} > {tol:g}")
+            res[f"{how}_max_abs_diff"] = worst
+        return res
 
     def _fit(self, out: str, device: str, *extra) -> dict:
         _cli(["fit", "--teacher", self.teacher, "--store", self.tmp / "cpu.zarr", "--phases", "1/2-3" if self.dry
@@ -401,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="raptor-gpu-check-") as tmp:
         c = Checker(device, a.dry_run, Path(tmp))
         c.run("extract", c.extract)
+        c.run("analyze", c.analyze)
         c.run("fit_store", c.fit_store)
         c.run("fit_online", c.fit_online)
         c.run("compile", c.compile)

@@ -212,3 +212,18 @@ def test_a_shared_surrogate_is_a_probe_backbone_and_a_dynamics_surrogate(tmp_pat
     dy = raptor.dynamics("tiny:dinov2", surrogate=f"hf-raptor:{tmp_path / 'shared'}", data="bundled:lfw", limit=16,
                          null_draws=0, perturb_images=8, rank_images=8)
     assert "surrogate" in dy.findings and dy.data["surrogate"]["phases"] == [[1, 2], [3]]
+
+
+def test_a_missing_device_is_one_clear_refusal(tmp_path, capsys):
+    """--device on analyze (and the notebook's device=): a GPU that is not there is refused before anything is read
+    or written; mps likewise where torch sees no Apple GPU."""
+    from raptor import cli
+
+    for dev, needle in (("cuda", "sees no CUDA GPU"), ("mps", "sees no Apple GPU"), ("tpu", "bad --device 'tpu'")):
+        assert cli.run(["analyze", "--teacher", "tiny:dinov2", "--data", "bundled:lfw", "--device", dev, "--out",
+                        str(tmp_path / dev)]) == 2
+        assert needle in capsys.readouterr().err and not (tmp_path / dev).exists()
+    with pytest.raises(RaptorError, match="sees no CUDA GPU"):
+        raptor.load_teacher("tiny:dinov2", device="cuda")
+    x = raptor.load_teacher("tiny:dinov2").trace(torch.randn(4, 3, 28, 28))
+    np.testing.assert_array_equal(raptor.similarity(x, device="cpu").matrix(), raptor.similarity(x).matrix())

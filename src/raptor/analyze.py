@@ -20,6 +20,7 @@ from raptor.config import atomic_write_text, save_config, to_dict
 from raptor.data import open_source
 from raptor.data.sampling import check_sample_order
 from raptor.data.transforms import check_transform
+from raptor.distributed import resolve_device
 from raptor.errors import RaptorError, check_positive
 from raptor.lifecycle import command_run
 from raptor.phases import (
@@ -68,6 +69,7 @@ class AnalyzeConfig:
     autocast: str | None = None
     head: str | None = None
     null_resamples: int = 200  # bootstrap / null resamples of the phase test (0: no test)
+    device: str = "auto"  # the teacher's forward and the similarity products (float64 sums; on mps: on the CPU)
     null_seed: int = 0
 
     def check(self) -> None:
@@ -118,7 +120,7 @@ def _accumulate(cfg: AnalyzeConfig, trajs, layers, progress: bool):
     """One pass over the trajectories (a store's or a live teacher's) into the similarity accumulator."""
     layout = trajs.layout
     acc = SimilarityAccumulator(layout, layers, cka_groups=resolve_cka_groups(cfg.cka_groups, layout),
-                                cka_dtype=getattr(torch, cfg.cka_dtype))
+                                cka_dtype=getattr(torch, cfg.cka_dtype), device=resolve_device(cfg.device))
     name = "analyze" if trajs.source == "live" else "analyze (store)"
     with progress_bar(len(trajs), name, "img", enabled=progress) as bar:
         for b in trajs.batches(cfg.batch_size, layers, bar):
@@ -175,6 +177,7 @@ def run_analyze(cfg: AnalyzeConfig, progress: bool = True) -> AnalysisOutputs:
     """Validate, lock ``cfg.out``, compute, and move the results in (``analysis.json`` last): a failed run leaves
     an earlier run's results in ``cfg.out`` untouched and never a directory it created."""
     cfg.check()
+    resolve_device(cfg.device)  # a missing GPU is refused before anything is read or written
     out = Path(cfg.out)
     st = src = None
     if cfg.store:  # cheap checks first: the store or the data, then the output directory, then the teacher
@@ -193,7 +196,7 @@ def _run_analyze(cfg: AnalyzeConfig, st, src, stage: Path, progress: bool) -> An
         st.require_layers(layers)
         acc, info = _accumulate(cfg, st, layers, progress)
     else:
-        teacher = load_teacher(cfg.teacher, head=cfg.head)
+        teacher = load_teacher(cfg.teacher, head=cfg.head).to(resolve_device(cfg.device))
         layers = teacher.resolve_layers(cfg.layers or range(1, teacher.depth + 1))
         acc, info = _accumulate(cfg, LiveTrajectories(teacher, src, cfg.image_size, cfg.autocast, cfg.transform),
                                  layers, progress)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from raptor.distributed import resolve_device
 from raptor.errors import RaptorError
 from raptor.phases import PhaseSpec, choose_k, contiguous_segmentation, phase_null_test
 from raptor.similarity import BASE_GROUPS, SimilarityAccumulator, SimilarityResult
@@ -63,7 +64,7 @@ def load_teacher(spec_or_module, *, device: str | torch.device | None = None, dt
                           "raptor.Teacher.from_modules(embed, blocks, final_norm, ...)")
     teacher.eval().requires_grad_(False)
     if device is not None:
-        teacher.to(torch.device(device))
+        teacher.to(resolve_device(str(device)))  # a missing GPU is one clear error
     if dtype is not None:
         teacher.to(dtype)
     return teacher
@@ -184,11 +185,10 @@ def similarity(source, *, layers: Iterable[int] | str | None = None, cka_groups:
     the embedding, layer 0). ``cka_groups``: the token groups whose CKA is computed (``auto``: cls and registers
     where the teacher has them, as analyze; ``patches`` and ``all`` cost about a forward pass each). The
     accumulation is exact (float64 sums of per-batch float32 products: analyze's numbers to 1e-12 at analyze's batch
-    size, 16) and on the CPU; ``device`` must be the CPU in this version."""
-    if device is not None and torch.device(device).type != "cpu":
-        raise RaptorError("similarity accumulates on the CPU in this version (device='cpu')")
+    size, 16); ``device``: where the products and the float64 sums are computed (default: the CPU; on Apple mps
+    the float64 sums stay on the CPU)."""
     if isinstance(source, (str, Path)) or type(source).__name__ == "TrajectoryStore":
-        return _similarity_of_store(source, layers, cka_groups, batch_size, limit)
+        return _similarity_of_store(source, layers, cka_groups, batch_size, limit, device)
     trajs = [source] if isinstance(source, Trajectory) else source
     acc = None
     for t in trajs:
@@ -199,7 +199,7 @@ def similarity(source, *, layers: Iterable[int] | str | None = None, cka_groups:
         if missing:
             raise RaptorError(f"layers {missing} are not in the trajectory (it has {list(t.layers)})")
         if acc is None:
-            acc = SimilarityAccumulator(t.layout, want, cka_groups=_groups(cka_groups, t.layout))
+            acc = SimilarityAccumulator(t.layout, want, cka_groups=_groups(cka_groups, t.layout), device=device)
         elif t.layout != acc.layout or list(want) != acc.layers:
             raise RaptorError("every trajectory of one similarity must have the same layout and layers")
         sel = t.select(want).tensor.detach().cpu()
@@ -226,7 +226,7 @@ def _groups(groups, layout) -> tuple[str, ...]:
     return resolve_cka_groups(tuple(groups), layout)
 
 
-def _similarity_of_store(path, layers, cka_groups, batch_size: int, limit: int | None) -> Similarity:
+def _similarity_of_store(path, layers, cka_groups, batch_size: int, limit: int | None, device=None) -> Similarity:
     from raptor.trajectories import StoreTrajectories
 
     if isinstance(path, (str, Path)):
@@ -235,7 +235,7 @@ def _similarity_of_store(path, layers, cka_groups, batch_size: int, limit: int |
         st = StoreTrajectories(path, limit=limit)
     want = _layers_of(layers, list(range(st.depth + 1)))
     st.require_layers(want)
-    acc = SimilarityAccumulator(st.layout, want, cka_groups=_groups(cka_groups, st.layout))
+    acc = SimilarityAccumulator(st.layout, want, cka_groups=_groups(cka_groups, st.layout), device=device)
     for b in st.batches(batch_size, want):
         acc.update(b.traj)
     return Similarity(acc.result())

@@ -57,7 +57,7 @@ def analyze(teacher: str = o.TEACHER, data: str = o.DATA_PHOTOS, out: Path = o.O
             cka_groups: str = o.Analyze.cka_groups, k_max: int = o.Analyze.k_max, k_rule: str = o.Analyze.k_rule,
             k_frac: float = o.Analyze.k_frac, maxcut_variant: str = o.Analyze.maxcut_variant,
             autocast: str | None = o.Analyze.autocast, head: str | None = o.Analyze.head,
-            null_resamples: int = o.Analyze.null_resamples, config: Path | None = o.CONFIG,
+            null_resamples: int = o.Analyze.null_resamples, device: str = o.DEVICE, config: Path | None = o.CONFIG,
             progress: bool = o.PROGRESS_BAR):
     """Layer x layer similarity (paper metric, MSE, CKA, token cosine) and phases of depth (DP + max-cut)."""
     options = dict(locals())
@@ -207,7 +207,7 @@ def zoo(teachers: str = o.Zoo.teachers, data: str = o.DATA_PHOTOS, out: Path = o
         limit: int | None = o.LIMIT_ROWS, sample: str = o.SAMPLE, sample_seed: int = o.SAMPLE_SEED,
         batch_size: int = o.BATCH_SIZE, image_size: int | None = o.Zoo.image_size, k_max: int = o.Analyze.k_max,
         k_rule: str = o.Analyze.k_rule, k_frac: float = o.Analyze.k_frac, autocast: str | None = o.Analyze.autocast,
-        null_resamples: int = o.Analyze.null_resamples, config: Path | None = o.CONFIG,
+        null_resamples: int = o.Analyze.null_resamples, device: str = o.DEVICE, config: Path | None = o.CONFIG,
         progress: bool = o.PROGRESS_BAR):
     """The paper's Figure 1 across models: similarity matrices side by side, phases with the null test, a table."""
     options = dict(locals())

@@ -20,7 +20,8 @@ from raptor.phases import PhaseSpec
 from raptor.teachers import SPEC_HELP
 
 TEACHER_HELP = "Teacher spec: " + SPEC_HELP  # written from the teacher kinds table
-DEVICE_HELP = "auto (a CUDA GPU when there is one) | cpu | cuda | cuda:N (under torchrun: cuda = the local rank's GPU)"
+DEVICE_HELP = ("auto (a CUDA GPU when there is one) | cpu | cuda | cuda:N (under torchrun: cuda = the local rank's "
+               "GPU) | mps (Apple GPU, one process)")
 DATA_HELP = "Data spec: " + DATA_SPEC_HELP  # the image sources' own help
 
 # --- options several commands take alike
@@ -47,7 +48,7 @@ LOG_TO = typer.Option("jsonl", help="Live tracking, any of jsonl,tensorboard,wan
 LOG_EVERY = typer.Option(1, help="TensorBoard / wandb scalars every N steps (log.jsonl keeps every step)")  # fit
 VAL_IMAGES = typer.Option(128, help="Whole images held out for validation")  # fit, ablation
 SEED = typer.Option(0)  # fit, ablation
-DEVICE = typer.Option("auto", help=DEVICE_HELP)  # extract, fit
+DEVICE = typer.Option("auto", help=DEVICE_HELP)  # extract, fit, analyze, zoo
 PROGRESS_BAR = typer.Option(True, help="Show a progress bar")  # extract, analyze
 PROGRESS_BARS = typer.Option(True, help="Show progress bars")  # fit, probe, dynamics
 PROGRESS = typer.Option(True, help="Show progress")  # study, ablation

@@ -239,7 +239,13 @@ def resolve_device(device: str | None, dist: Dist | None = None) -> torch.device
         if not 0 <= idx < torch.cuda.device_count():
             raise RaptorError(f"--device {device}: GPU {idx} does not exist ({torch.cuda.device_count()} visible)")
         return torch.device("cuda", idx)
-    raise RaptorError(f"bad --device {device!r} (use auto, cpu, cuda or cuda:N)")
+    if text == "mps":  # Apple silicon: one process (torchrun's gloo/NCCL groups do not cover it)
+        if dist.world > 1:
+            raise RaptorError("--device mps runs in one process, not under torchrun")
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise RaptorError(f"--device mps: this torch ({torch.__version__}) sees no Apple GPU")
+        return torch.device("mps")
+    raise RaptorError(f"bad --device {device!r} (use auto, cpu, cuda, cuda:N or mps)")
 
 
 TRACED = ("all_reduce", "broadcast", "barrier", "all_gather", "all_gather_object", "gather_object",

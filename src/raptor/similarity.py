@@ -89,11 +89,12 @@ class _CKAStats:
         g = z.T @ z
         xs = torch.einsum("nld,nm->ldm", x.to(dtype), q.to(dtype)).to(torch.float64)
         if self.gram is None:
-            self.gram = torch.zeros(L * D, L * D, dtype=torch.float64)
-            self.sums = torch.zeros(L, D, dtype=torch.float64)
-            self.sqn_sum = torch.zeros(L, dtype=torch.float64)
-            self.sqn_cross = torch.zeros(L, L, dtype=torch.float64)
-            self.x_by_sqn = torch.zeros(L, D, L, dtype=torch.float64)
+            zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=x.device)  # noqa: E731
+            self.gram = zeros(L * D, L * D)
+            self.sums = zeros(L, D)
+            self.sqn_sum = zeros(L)
+            self.sqn_cross = zeros(L, L)
+            self.x_by_sqn = zeros(L, D, L)
         self.gram += g.to(torch.float64)
         self.sums += x.to(torch.float64).sum(0)
         self.sqn_sum += q.sum(0)
@@ -121,9 +122,9 @@ class _CKAStats:
         G4 = self.gram.view(L, D, L, D)  # G4[i, :, j, :] = X_i^T X_j (a view: no (L, L, D, D) temporaries)
         mean = self.sums / n
         s = self.sums
-        gsq = torch.empty(L, L, dtype=torch.float64)   # ||X_i^T X_j||_F^2
-        mCm = torch.empty(L, L, dtype=torch.float64)   # m_i^T X_i^T X_j m_j
-        sCs = torch.empty(L, L, dtype=torch.float64)   # s_i^T X_i^T X_j s_j
+        gsq = torch.empty(L, L, dtype=torch.float64, device=s.device)   # ||X_i^T X_j||_F^2
+        mCm = torch.empty(L, L, dtype=torch.float64, device=s.device)   # m_i^T X_i^T X_j m_j
+        sCs = torch.empty(L, L, dtype=torch.float64, device=s.device)   # s_i^T X_i^T X_j s_j
         for i in range(L):  # one block row at a time keeps temporaries at D*L*D
             Gi = G4[i]  # (D, L, D)
             gsq[i] = Gi.pow(2).sum((0, 2))
@@ -148,7 +149,7 @@ class _CKAStats:
                                   f"samples at layer(s) {bad} (e.g. cls/registers at layer 0); exclude those "
                                   f"layers (--layers) or drop the group (--cka-groups)")
             m = h / torch.sqrt(torch.outer(d, d))
-            out.append(m.numpy())
+            out.append(m.cpu().numpy())
         return out[0], out[1]
 
 
@@ -175,8 +176,13 @@ class SimilarityAccumulator:
     """Exact, one-pass accumulation of every layer-pair similarity metric over a stream of trajectories."""
 
     def __init__(self, layout: TokenLayout, layers: Sequence[int], *, cka_groups: Iterable[str] = ("cls", "registers"),
-                 token_groups: Iterable[str] = GROUPS, cka_dtype: torch.dtype = torch.float64):
+                 token_groups: Iterable[str] = GROUPS, cka_dtype: torch.dtype = torch.float64,
+                 device: str | torch.device | None = None):
         self.layout = layout
+        # the products run on ``device``; the float64 sums live there too, except on a device without float64
+        # (Apple mps), where they stay on the CPU
+        self.device = torch.device(device or "cpu")
+        self.sum_device = self.device if self.device.type != "mps" else torch.device("cpu")
         self.layers = list(layers)
         self.cka_groups = [g for g in cka_groups]
         self.token_groups = [g for g in token_groups]
@@ -190,11 +196,12 @@ class SimilarityAccumulator:
         self.cka_dtype = cka_dtype
         L = len(self.layers)
         self.n = 0
-        self.cos_sum = torch.zeros(L, L, dtype=torch.float64)
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=self.sum_device)  # noqa: E731
+        self.cos_sum = zeros(L, L)
         self.cos_images: list[torch.Tensor] = []
-        self.mse_sum = torch.zeros(L, L, dtype=torch.float64)
+        self.mse_sum = zeros(L, L)
         self.n_summary = 0
-        self.tok_sum = {g: torch.zeros(L, L, dtype=torch.float64) for g in BASE_GROUPS}
+        self.tok_sum = {g: zeros(L, L) for g in BASE_GROUPS}
         self.tok_count = {g: 0 for g in BASE_GROUPS}
         need = set()
         for g in self.cka_groups:
@@ -213,15 +220,15 @@ class SimilarityAccumulator:
         if traj.ndim != 4 or traj.shape[1] != len(self.layers) or traj.shape[2] != self.layout.n_tokens:
             raise RaptorError(f"trajectory shape {tuple(traj.shape)} does not match {len(self.layers)} layers x "
                               f"{self.layout.n_tokens} tokens")
-        traj = traj.float()
+        traj = traj.to(self.device).float()
         B = traj.shape[0]
-        # paper metric + MSE twin on the 2-token summary
-        s = paper_summary(traj, self.layout).to(torch.float64)  # (B, L, S, D)
+        # paper metric + MSE twin on the 2-token summary (float64 where the device has it)
+        s = paper_summary(traj, self.layout).to(self.sum_device, torch.float64)  # (B, L, S, D)
         S, D = s.shape[2], s.shape[3]
         sn = s / s.norm(dim=-1, keepdim=True).clamp_min(1e-8)
         cos = torch.einsum("bisd,bjsd->bsij", sn, sn).clamp(-1, 1)
         self.cos_sum += (1 - cos).sum((0, 1))
-        self.cos_images.append((1 - cos).mean(1).to(torch.float32))  # (B, L, L): 4 L^2 bytes per image
+        self.cos_images.append((1 - cos).mean(1).to("cpu", torch.float32))  # (B, L, L): 4 L^2 bytes per image
         sq = s.pow(2).sum(-1)  # (B, L, S)
         dots = torch.einsum("bisd,bjsd->bsij", s, s)
         mse = (sq.permute(0, 2, 1).unsqueeze(-1) + sq.permute(0, 2, 1).unsqueeze(-2) - 2 * dots) / D
@@ -237,7 +244,7 @@ class SimilarityAccumulator:
             # sum over tokens and features of xn_i * xn_j: per image one (L x T_g*D) Gram (a view, no copy),
             # float32 GEMM per image, summed over images in float64
             xg = xn[:, :, sl].reshape(B, len(self.layers), -1)
-            self.tok_sum[g] += torch.bmm(xg, xg.transpose(1, 2)).to(torch.float64).sum(0)
+            self.tok_sum[g] += torch.bmm(xg, xg.transpose(1, 2)).to(self.sum_device, torch.float64).sum(0)
             self.tok_count[g] += B * t
         # CKA statistics (shift by the first batch's per-layer mean token: CKA is shift-invariant, and this
         # keeps the float accumulation far from catastrophic cancellation)
@@ -248,14 +255,14 @@ class SimilarityAccumulator:
                 sl = self.layout.group(g)
                 x = (traj[:, :, sl] - self.shift.unsqueeze(0)).permute(0, 2, 1, 3).reshape(-1, len(self.layers),
                                                                                        traj.shape[-1])
-                self.cka_stats[g].add(x, self.cka_dtype)
+                self.cka_stats[g].add(x.to(self.sum_device), self.cka_dtype)
         self.n += B
 
     def result(self) -> SimilarityResult:
         if self.n == 0:
             raise RaptorError("no images were accumulated")
         r = SimilarityResult(self.layers, self.n)
-        cos = (self.cos_sum / self.n_summary).numpy()
+        cos = (self.cos_sum / self.n_summary).cpu().numpy()
         np.fill_diagonal(cos, 0.0)
         r.matrices["paper_cosine_distance"] = cos
         r.kinds["paper_cosine_distance"] = "distance"
@@ -265,7 +272,7 @@ class SimilarityAccumulator:
         for m in per:
             np.fill_diagonal(m, 0.0)
         r.per_image["paper_cosine_distance"] = per
-        r.matrices["paper_mse"] = (self.mse_sum / self.n).numpy()
+        r.matrices["paper_mse"] = (self.mse_sum / self.n).cpu().numpy()
         r.kinds["paper_mse"] = "distance"
         r.descriptions["paper_mse"] = ("per image mean over summary tokens and features of (s_i - s_j)^2, averaged "
                                        "over images")
@@ -275,7 +282,7 @@ class SimilarityAccumulator:
                 cnt = sum(self.tok_count[b] for b in BASE_GROUPS)
             else:
                 num, cnt = self.tok_sum[g], self.tok_count[g]
-            m = (num / cnt).numpy()
+            m = (num / cnt).cpu().numpy()
             r.matrices[f"token_cosine/{g}"] = m
             r.kinds[f"token_cosine/{g}"] = "score"
             r.descriptions[f"token_cosine/{g}"] = f"mean cos(x_i^t, x_j^t) over images and {g} tokens t"

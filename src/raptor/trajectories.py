@@ -142,8 +142,9 @@ class LiveTrajectories:
             for w in caught:
                 bar.warn(str(w.message))
             self.skipped += bad
-            if tensors:
-                buf = self.teacher.trajectory(torch.stack(tensors), layers, autocast=self.autocast, out=buf)
+            if tensors:  # on the teacher's device
+                x = torch.stack(tensors).to(next(self.teacher.parameters(), torch.empty(0)).device)
+                buf = self.teacher.trajectory(x, layers, autocast=self.autocast, out=buf)
                 pos = s + np.asarray(kept, dtype=np.int64)
                 yield TrajectoryBatch(buf[: len(tensors)], None if labels is None else labels[pos], pos)
             bar.advance(len(tensors) + len(bad))

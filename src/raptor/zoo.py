@@ -45,6 +45,7 @@ class ZooConfig:
     k_frac: float = 0.1
     null_resamples: int = 200
     autocast: str | None = None
+    device: str = "auto"
 
     def check(self) -> None:
         check_positive(limit=self.limit, batch_size=self.batch_size, image_size=self.image_size, k_max=self.k_max)
@@ -66,7 +67,7 @@ class ZooConfig:
                              limit=self.limit, sample=self.sample, sample_seed=self.sample_seed,
                              batch_size=self.batch_size, image_size=self.image_size, k_min=2, k_max=self.k_max,
                              k_rule=self.k_rule, k_frac=self.k_frac, autocast=self.autocast,
-                             null_resamples=self.null_resamples)
+                             null_resamples=self.null_resamples, device=self.device)
 
 
 def split_teachers(text: str) -> tuple[str, ...]:
@@ -84,8 +85,11 @@ def split_teachers(text: str) -> tuple[str, ...]:
     return tuple(specs)
 
 
+_NOT_COMPARED = ("out", "device")  # where a teacher's analysis is, and the device: not what it computed
+
+
 def _settings(cfg: AnalyzeConfig) -> dict:
-    return {k: v for k, v in json.loads(json.dumps(to_dict(cfg))).items() if k != "out"}
+    return {k: v for k, v in json.loads(json.dumps(to_dict(cfg))).items() if k not in _NOT_COMPARED}
 
 
 def _finished(acfg: AnalyzeConfig) -> dict | None:
@@ -95,7 +99,7 @@ def _finished(acfg: AnalyzeConfig) -> dict | None:
         return None
     try:
         a = json.loads(path.read_text())
-        have = {k: v for k, v in a["config"].items() if k != "out"}
+        have = {k: v for k, v in a["config"].items() if k not in _NOT_COMPARED}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise RaptorError(f"{path} is damaged ({type(e).__name__}); delete that folder to analyse it again") from None
     want = _settings(acfg)
