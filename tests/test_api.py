@@ -192,6 +192,10 @@ def test_save_pretrained_round_trips_bit_identically_and_the_card_shows_the_base
     bare = raptor.RaptorModel(model.cfg)
     with pytest.raises(RaptorError, match="does not know its teacher"):
         bare.save_pretrained(tmp_path / "bare")
+    bare.teacher_spec = "tiny:dinov2"  # a model without fit metrics: the folder's old metrics.json goes
+    bare.save_pretrained(tmp_path / "shared")
+    assert not (tmp_path / "shared" / "metrics.json").exists()
+    assert raptor.RaptorModel.from_pretrained(tmp_path / "shared").fit_metrics is None
     (tmp_path / "shared" / "model.safetensors").write_bytes(b"junk")
     with pytest.raises(RaptorError, match="not a valid safetensors file"):
         raptor.RaptorModel.from_pretrained(tmp_path / "shared")
@@ -227,3 +231,11 @@ def test_a_missing_device_is_one_clear_refusal(tmp_path, capsys):
         raptor.load_teacher("tiny:dinov2", device="cuda")
     x = raptor.load_teacher("tiny:dinov2").trace(torch.randn(4, 3, 28, 28))
     np.testing.assert_array_equal(raptor.similarity(x, device="cpu").matrix(), raptor.similarity(x).matrix())
+
+
+def test_a_teacher_cast_by_load_teacher_traces_in_its_dtype(tmp_path):
+    t = raptor.load_teacher("tiny:dinov2", dtype=torch.float64)
+    traj = t.trace(torch.randn(2, 3, 28, 28))
+    assert traj.tensor.dtype == torch.float32 and torch.isfinite(traj.tensor).all()
+    with pytest.raises(RaptorError, match="sees no CUDA GPU"):
+        raptor.similarity(traj, device="cuda")

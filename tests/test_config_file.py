@@ -61,3 +61,26 @@ def test_a_hand_written_subset_and_its_refusals(tmp_path, capsys):
     assert cli.run([*FIT, "--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "never")]) == 2
     one_error_line(capsys.readouterr().err, "no such file")
     assert not (tmp_path / "never").exists()
+
+
+def test_a_recipe_in_the_file_sets_its_hyper_parameters_and_values_are_checked(tmp_path, capsys):
+    """recipe: paper in a hand-written file gives the paper recipe's hyper-parameters where the file and the
+    command line set none; fixed-length settings and numbers written as YAML text are checked."""
+    f = tmp_path / "paper.yaml"
+    f.write_text("recipe: paper\nsteps1: 2\nsteps2: 1\nbatch_size: 4\nlr2: 1e-4\n")
+    argv = ["fit", "--teacher", "tiny:dinov2", "--data", "bundled:lfw", "--limit", "30", "--phases", "1-2/3",
+            "--val-images", "5", "--stats-images", "8", "--probe-data", "none", "--no-progress", "--lr", "2e-3"]
+    assert cli.run([*argv, "--config", str(f), "--out", str(tmp_path / "p")]) == 0
+    capsys.readouterr()
+    cfg = yaml.safe_load((tmp_path / "p" / "config.yaml").read_text())
+    assert cfg["recipe"] == "paper" and cfg["steps1"] == 2 and cfg["batch_size"] == 4 and cfg["lr2"] == 1e-4
+    assert cfg["loss_norm"] == "none" and cfg["stage2_weights"] == [0.45, 0.1, 0.45]  # the paper recipe's
+    assert cfg["lr"] == 2e-3  # given on the command line (FIT): the command line wins over the recipe
+    for text, needle in (("stage2_weights: [0.5, 0.5]\n", "stage2_weights must be a list of 3 values"),
+                         ("stage2_weights: [-1, 1, 1]\n", "bad stage2_weights [-1.0, 1.0, 1.0]")):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        assert cli.run([*FIT, "--config", str(bad), "--out", str(tmp_path / "never")]) == 2
+        one_error_line(capsys.readouterr().err, needle)
+    assert cli.run(["probe", "--out", str(tmp_path / "pr")]) == 2
+    one_error_line(capsys.readouterr().err, "--task is required (on the command line or in --config)")

@@ -104,3 +104,16 @@ def test_log_to_is_checked_and_jsonl_always_kept(monkeypatch):
         parse_log_to("jsonl,wandb")
     with pytest.raises(RaptorError, match="log_every must be >= 1"):
         FitConfig(k=2, log_every=0).check()
+
+
+@pytest.mark.slow
+def test_parallel_blocks_log_every_block_in_global_step_order(tmp_path):
+    """--parallel-blocks: the blocks' steps reach log.jsonl (and TensorBoard) at the end of stage 1, in global-step
+    order, equal to the run's loss history."""
+    m = run_fit(_cfg(tmp_path / "par", parallel_blocks=True, log_to=("jsonl", "tensorboard")), progress=False)
+    records = [r for r in read_log(tmp_path / "par") if r["kind"] == "step"]
+    assert [r["global_step"] for r in records] == list(range(4 + 4 + 3))
+    assert {k: [[r["step"], r["loss"], r["lr"]] for r in records if r["item"] == k] for k in m["loss_history"]} \
+        == m["loss_history"]
+    tb = _tb_scalars(tmp_path / "par" / "tensorboard")
+    assert sorted(tb["loss/stage1/block1"]) == [4, 5, 6, 7]

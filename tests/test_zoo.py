@@ -39,6 +39,11 @@ def test_zoo_tables_each_model_with_its_null_test_and_resumes_per_teacher(tmp_pa
     again = run_zoo(ZooConfig(**{**cfg.__dict__, "teachers": (PLANTED, "tiny:vit", "tiny:deit")}), progress=False)
     assert [m["teacher"] for m in again["models"]] == [PLANTED, "tiny:vit", "tiny:deit"]
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp  # the two done already were not analysed again
+    # replayed from its own config.yaml into another folder: the same table (each teacher analysed again there)
+    assert cli.run(["zoo", "--config", str(tmp_path / "z" / "config.yaml"), "--out", str(tmp_path / "z2"),
+                    "--no-progress"]) == 0
+    replay = json.loads((tmp_path / "z2" / "zoo.json").read_text())
+    assert [m["phases"] for m in replay["models"]] == [m["phases"] for m in again["models"]]
     with pytest.raises(RaptorError, match="was analysed with other settings .*limit"):
         run_zoo(ZooConfig(**{**cfg.__dict__, "limit": 20}), progress=False)
 

@@ -187,6 +187,7 @@ def similarity(source, *, layers: Iterable[int] | str | None = None, cka_groups:
     accumulation is exact (float64 sums of per-batch float32 products: analyze's numbers to 1e-12 at analyze's batch
     size, 16); ``device``: where the products and the float64 sums are computed (default: the CPU; on Apple mps
     the float64 sums stay on the CPU)."""
+    device = None if device is None else resolve_device(str(device))  # a missing GPU is one clear error
     if isinstance(source, (str, Path)) or type(source).__name__ == "TrajectoryStore":
         return _similarity_of_store(source, layers, cka_groups, batch_size, limit, device)
     trajs = [source] if isinstance(source, Trajectory) else source
@@ -355,9 +356,10 @@ def dynamics(teacher: str = "bundled:dinov2-s", *, surrogate: str | Path | None 
     if bad:
         raise RaptorError(f"unknown dynamics option {bad[0]!r} (DynamicsConfig fields: {', '.join(sorted(fields))})")
     if isinstance(options.get("phases"), str):
-        options.update(PhaseSpec.parse(options.pop("phases")).fields())
-        options.pop("k", None)
-        options.pop("phase_method", None)
+        spec = PhaseSpec.parse(options.pop("phases"))
+        if spec.method != "dp" or spec.k is not None:
+            raise RaptorError("dynamics takes phases as layers (e.g. '1-6/7-12') or an analysis.json")
+        options.update(phases=spec.layers, phases_file=spec.file)
     with tempfile.TemporaryDirectory(prefix="raptor-dynamics-") if out is None else _nullcontext(out) as where:
         result = run_dynamics(DynamicsConfig(teacher=str(teacher), surrogate=None if surrogate is None else
                                              str(surrogate), data=data, out=str(where), **options),

@@ -112,7 +112,8 @@ def fit_report(runs: list[Path] = o.FitReport.runs, out: Path | None = o.FitRepo
 
 
 @app.command()
-def probe(task: str = o.Probe.task, backbone: str = o.Probe.backbone, data: str = o.Probe.data, out: Path = o.Probe.out,
+def probe(task: str | None = o.Probe.task, backbone: str | None = o.Probe.backbone, data: str | None = o.Probe.data,
+          out: Path = o.Probe.out,
           seeds: str = o.Probe.seeds, splice: str | None = o.Probe.splice, layer: int | None = o.Probe.layer,
           image_size: int | None = o.Probe.image_size, transform: str = o.TRANSFORM, lrs: str | None = o.Probe.lrs,
           epochs: int | None = o.Probe.epochs, batch_size: int | None = o.Probe.batch_size,
@@ -127,6 +128,7 @@ def probe(task: str = o.Probe.task, backbone: str = o.Probe.backbone, data: str 
     from raptor.probes.table import console_summary
 
     cfg = o.config_from(ProbeConfig, options, seeds=parse_seeds(seeds), lrs=parse_lrs(lrs))
+    o.require(cfg, "task", "backbone", "data")
     recs = run_probe(cfg, progress=progress)
     if recs:  # else a torchrun rank other than 0 (it shared the feature passes): rank 0 reports
         typer.echo("\n".join(console_summary(recs, task, out)))
@@ -203,7 +205,7 @@ def ablation(teacher: str = o.TEACHER, data: str | None = o.DATA_ONLINE, store: 
 
 
 @app.command()
-def zoo(teachers: str = o.Zoo.teachers, data: str = o.DATA_PHOTOS, out: Path = o.OUT_DIR,
+def zoo(teachers: str | None = o.Zoo.teachers, data: str = o.DATA_PHOTOS, out: Path = o.OUT_DIR,
         limit: int | None = o.LIMIT_ROWS, sample: str = o.SAMPLE, sample_seed: int = o.SAMPLE_SEED,
         batch_size: int = o.BATCH_SIZE, image_size: int | None = o.Zoo.image_size, k_max: int = o.Analyze.k_max,
         k_rule: str = o.Analyze.k_rule, k_frac: float = o.Analyze.k_frac, autocast: str | None = o.Analyze.autocast,
@@ -213,7 +215,7 @@ def zoo(teachers: str = o.Zoo.teachers, data: str = o.DATA_PHOTOS, out: Path = o
     options = dict(locals())
     from raptor.zoo import ZooConfig, console_summary, run_zoo, split_teachers
 
-    cfg = o.config_from(ZooConfig, options, teachers=split_teachers(teachers))
+    cfg = o.config_from(ZooConfig, options, teachers=split_teachers(teachers or ""))
     typer.echo("\n".join(console_summary(run_zoo(cfg, progress), out)))
 
 

@@ -88,8 +88,9 @@ class Analyze:
 
 
 class Zoo:
-    teachers = typer.Option(..., help="Comma-separated teacher specs, e.g. hf:facebook/dinov2-small,hf:openai/"
-                            "clip-vit-base-patch16,timm:deit_small_patch16_224 (each analysed on the same images)")
+    teachers = typer.Option(None, help="(Required, here or in --config.) Comma-separated teacher specs, e.g. "
+                            "hf:facebook/dinov2-small,hf:openai/clip-vit-base-patch16,timm:deit_small_patch16_224 "
+                            "(each analysed on the same images)")
     image_size = typer.Option(None, help="Crop size for every model (default: each teacher's own)")
 
 
@@ -159,11 +160,12 @@ class FitReport:
 
 
 class Probe:
-    task = typer.Option(..., "--task", help="cls (top-1) | seg (mIoU) | depth (RMSE)")
-    backbone = typer.Option(..., "--backbone", "-b", help="Teacher spec or a raptor fit run directory")
-    data = typer.Option(..., "--data", "-d", help="cls: bundled:digits | bundled:lfw | imagenet:<root>; seg: "
-                        "bundled:digit-seg | ade20k:<root>; depth: bundled:motorcycle | bundled:scenes | nyud:<root> | "
-                        "paired:<root>")
+    task = typer.Option(None, "--task", help="(Required, here or in --config.) cls (top-1) | seg (mIoU) | depth (RMSE)")
+    backbone = typer.Option(None, "--backbone", "-b", help="(Required, here or in --config.) Teacher spec or a raptor "
+                            "fit run directory")
+    data = typer.Option(None, "--data", "-d", help="(Required, here or in --config.) cls: bundled:digits | "
+                        "bundled:lfw | imagenet:<root>; seg: bundled:digit-seg | ade20k:<root>; depth: "
+                        "bundled:motorcycle | bundled:scenes | nyud:<root> | paired:<root>")
     out = typer.Option(..., "--out", "-o", help="Results directory (results.jsonl is appended to)")
     seeds = typer.Option("0,1,2", help="Probe seeds, e.g. 0,1,2 (one results line each)")
     splice = typer.Option(None, help="With a run: teacher 0..i, surrogate i..j, teacher j..L (i:j)")
@@ -299,8 +301,14 @@ def fit_config(options: dict[str, Any], **converted: Any) -> Any:
     given = {n: _plain(v) for n, v in options.items() if n in names and not (n in RECIPE_FIELDS and v is None)}
     phases = PhaseSpec.parse(options["phases"], options["k"]).fields()
     cfg = FitConfig.from_recipe(options["recipe"], **{**given, **phases, **converted})
-    return with_config_file(cfg, options.get("config"), {"recipe": ("recipe", *RECIPE_FIELDS),
-                                                         "log_to": ("log_to",)})
+    merged = with_config_file(cfg, options.get("config"), {"recipe": ("recipe", *RECIPE_FIELDS)})
+    if merged.recipe != cfg.recipe:  # the file names another recipe: its hyper-parameters where nothing set them
+        file_keys = set(_read_config(options["config"]))
+        typed = {f.name for f in dataclasses.fields(FitConfig) if f.name in given_on_command_line()}
+        unset = [f for f in RECIPE_FIELDS if f not in file_keys and f not in typed and
+                 not (f == "stage1_last_weights" and "stage1_weights" in given_on_command_line())]
+        merged = dataclasses.replace(merged, **{f: FitConfig.from_recipe(merged.recipe).__dict__[f] for f in unset})
+    return merged
 
 
 def loss_weights(stage1: str | None, stage2: str | None) -> dict[str, Any]:
@@ -341,6 +349,18 @@ def with_config_file(cfg: Any, path: str | Path | None, extra_sets: dict[str, tu
     must be a setting of ``cfg``'s class with a value of its type (one error line naming the key otherwise)."""
     if path is None:
         return cfg
+    data = _read_config(path)
+    hints = typing.get_type_hints(type(cfg))
+    unknown = sorted(set(data) - set(hints))
+    if unknown:
+        raise RaptorError(f"--config {path}: unknown key {unknown[0]!r} (the settings are: {', '.join(hints)})")
+    values = {k: _typed(path, k, v, hints[k]) for k, v in data.items()}
+    sets = {**_SETS, **(extra_sets or {})}
+    keep = {f for name in given_on_command_line() for f in sets.get(name, (name,))}
+    return dataclasses.replace(cfg, **{k: v for k, v in values.items() if k not in keep})
+
+
+def _read_config(path) -> dict:
     import yaml
 
     try:
@@ -353,14 +373,15 @@ def with_config_file(cfg: Any, path: str | Path | None, extra_sets: dict[str, tu
         data = {}
     if not isinstance(data, dict):
         raise RaptorError(f"--config {path}: a mapping of settings is needed, got a {type(data).__name__}")
-    hints = typing.get_type_hints(type(cfg))
-    unknown = sorted(set(data) - set(hints))
-    if unknown:
-        raise RaptorError(f"--config {path}: unknown key {unknown[0]!r} (the settings are: {', '.join(hints)})")
-    values = {k: _typed(path, k, v, hints[k]) for k, v in data.items()}
-    sets = {**_SETS, **(extra_sets or {})}
-    keep = {f for name in given_on_command_line() for f in sets.get(name, (name,))}
-    return dataclasses.replace(cfg, **{k: v for k, v in values.items() if k not in keep})
+    return data
+
+
+def require(cfg: Any, *names: str) -> None:
+    """Settings a command needs from its flags or its ``--config`` (typer cannot require them: a config may hold
+    them)."""
+    for n in names:
+        if getattr(cfg, n) in (None, (), ""):
+            raise RaptorError(f"--{n.replace('_', '-')} is required (on the command line or in --config)")
 
 
 def _typed(path, key: str, value: Any, hint: Any) -> Any:
@@ -369,7 +390,10 @@ def _typed(path, key: str, value: Any, hint: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for a in (a for a in args if a is not type(None)):
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:  # X | None: X's own error
+            return _typed(path, key, value, rest[0])
+        for a in rest:
             try:
                 return _typed(path, key, value, a)
             except RaptorError:
@@ -380,9 +404,18 @@ def _typed(path, key: str, value: Any, hint: Any) -> Any:
         return value
     elif hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    elif hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as text
+        try:
+            return float(value)
+        except ValueError:
+            pass
     elif hint is str and isinstance(value, str):
         return value
     elif origin in (tuple, list) and isinstance(value, (list, tuple)):
+        if origin is tuple and args and Ellipsis not in args:  # a fixed length, e.g. tuple[float, float, float]
+            if len(value) != len(args):
+                raise RaptorError(f"--config {path}: {key} must be a list of {len(args)} values, got {value!r}")
+            return tuple(_typed(path, key, v, a) for v, a in zip(value, args))
         inner = args[0] if args else Any
         items = [_typed(path, key, v, inner) for v in value]
         return tuple(items) if origin is tuple else items
@@ -396,6 +429,8 @@ def _type_name(hint: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in args)
     if origin in (tuple, list):
-        return f"a list of {_type_name(args[0]) if args else 'values'}"
+        if origin is tuple and args and Ellipsis not in args:
+            return f"a list of {len(args)} values"
+        return f"a list ({_type_name(args[0])} each)" if args else "a list"
     return {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "text",
             dict: "a mapping"}.get(hint, getattr(hint, "__name__", str(hint)))

@@ -17,9 +17,24 @@ _FOREIGN = frozenset({"no-deps", "upgrade", "index-url", "extra-index-url", "npr
 _cli_depth = 0
 
 
+# flags whose Python keyword is not the flag's own name
+_KEYWORD = {"stage1-weights": "stage1_last_weights", "stage2-weights": "stage2_weights", "random": "random_partitions"}
+# a command line quoted in a message ("run raptor probe --out X first") keeps its flags
+_COMMAND_LINE = re.compile(r"raptor [a-z][a-z-]* --[^();]*")
+
+
 def python_spelling(message: str) -> str:
-    """``message`` with each raptor option written as its Python keyword: ``--val-data`` -> ``val_data``."""
-    return _FLAG.sub(lambda m: m.group(0) if m.group(1) in _FOREIGN else m.group(1).replace("-", "_"), message)
+    """``message`` with each raptor option written as its Python keyword: ``--val-data`` -> ``val_data`` (a quoted
+    ``raptor <command> ...`` line is left as it is)."""
+    def keyword(m: re.Match) -> str:
+        flag = m.group(1)
+        return m.group(0) if flag in _FOREIGN else _KEYWORD.get(flag, flag.replace("-", "_"))
+
+    out, last = [], 0
+    for cmd in _COMMAND_LINE.finditer(message):
+        out += [_FLAG.sub(keyword, message[last:cmd.start()]), cmd.group(0)]
+        last = cmd.end()
+    return "".join(out) + _FLAG.sub(keyword, message[last:])
 
 
 @contextmanager

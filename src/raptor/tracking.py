@@ -27,6 +27,14 @@ from raptor.errors import RaptorError
 KINDS = ("jsonl", "tensorboard", "wandb")
 _NEEDS = {"tensorboard": ("tensorboardX", "tensorboardX"), "wandb": ("wandb", "wandb")}
 LOG = "log.jsonl"
+WANDB_ID = "wandb_id.txt"
+
+
+def _saved_wandb_id(out: Path) -> str | None:
+    try:
+        return (out / WANDB_ID).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def parse_log_to(text: str | tuple | list | None) -> tuple[str, ...]:
@@ -94,8 +102,9 @@ class Tracker:
         if "wandb" in self.kinds:
             import wandb
 
-            self.wandb_id = self.wandb_id or "".join(secrets.choice(string.ascii_lowercase + string.digits)
-                                                     for _ in range(8))
+            self.wandb_id = self.wandb_id or _saved_wandb_id(self.out) or "".join(
+                secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+            (self.out / WANDB_ID).write_text(self.wandb_id + "\n")  # a run resumed before its first checkpoint
             self._wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", project), id=self.wandb_id,
                                      resume="allow", dir=str(self.out), name=name or self.out.name, config=config,
                                      reinit=True)
@@ -109,7 +118,7 @@ class Tracker:
 
     def log_step(self, item: str, step: int, global_step: int, loss: float, lr: float,
                  images_per_s: float | None) -> None:
-        self.global_step = global_step + 1
+        self.global_step = max(self.global_step, global_step + 1)
         self._write({"kind": "step", "item": item, "step": step, "global_step": global_step, "loss": loss, "lr": lr,
                      "images_per_s": images_per_s})
         if global_step % self.every:

@@ -143,7 +143,8 @@ class LiveTrajectories:
                 bar.warn(str(w.message))
             self.skipped += bad
             if tensors:  # on the teacher's device
-                x = torch.stack(tensors).to(next(self.teacher.parameters(), torch.empty(0)).device)
+                param = next(self.teacher.parameters(), torch.empty(0))
+                x = torch.stack(tensors).to(param.device, param.dtype)
                 buf = self.teacher.trajectory(x, layers, autocast=self.autocast, out=buf)
                 pos = s + np.asarray(kept, dtype=np.int64)
                 yield TrajectoryBatch(buf[: len(tensors)], None if labels is None else labels[pos], pos)

@@ -124,6 +124,10 @@ class FitConfig:
         if self.loss not in KINDS:
             raise RaptorError(f"unknown --loss {self.loss!r} (use {', '.join(KINDS)})")
         check_log_to(self.log_to)
+        for name in ("stage1_last_weights", "stage2_weights"):  # as --stage1-weights / --stage2-weights check them
+            w = getattr(self, name)
+            if w is not None and (len(w) != 3 or any(x < 0 for x in w) or not sum(w) > 0):
+                raise RaptorError(f"bad {name} {list(w)}: three non-negative numbers cls, registers, patches")
         if "jsonl" not in self.log_to:  # log.jsonl is the run's loss history: always written
             self.log_to = ("jsonl", *self.log_to)
         check_positive(log_every=self.log_every)

@@ -39,6 +39,8 @@ def save_pretrained(model, directory: str | Path) -> Path:
     metrics = getattr(model, "fit_metrics", None)
     if metrics:
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1, default=_jsonable))
+    else:  # an earlier model's metrics must not be read as this one's
+        (out / "metrics.json").unlink(missing_ok=True)
     atomic_write_text(out / "README.md", model_card(model))
     atomic_write_text(out / "surrogate.json", json.dumps({"surrogate": model.cfg.to_dict(), "teacher": spec,
                                                           "raptor_version": __version__}, indent=1))

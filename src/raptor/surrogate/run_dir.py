@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -111,7 +112,13 @@ def open_tracker(cfg: FitConfig, items: list, state, st: dict | None) -> Tracker
     """Rank 0's tracker. The loss history lives in OUT/log.jsonl: a resumed run cuts it back to its checkpoint
     (the steps after it are trained again) and reads the history from it; a new run starts it empty (checkpoints
     written before log.jsonl carried the history themselves: it is written out from them)."""
-    tracker = Tracker(cfg.out, cfg.log_to, every=cfg.log_every, resume=(st or {}).get("tracking"),
+    resumed = (st or {}).get("tracking")
+    if st is None and not block_checkpoints(Path(cfg.out)):
+        (Path(cfg.out) / "wandb_id.txt").unlink(missing_ok=True)  # a new run: a new wandb run
+    elif st is not None and resumed and resumed.get("global_step") and not (Path(cfg.out) / "log.jsonl").is_file():
+        warnings.warn(f"{cfg.out}/log.jsonl is missing: the loss history before the checkpoint is lost, and "
+                      f"metrics.json's loss_history will start at step {state.step} of item {state.item}")
+    tracker = Tracker(cfg.out, cfg.log_to, every=cfg.log_every, resume=resumed,
                       config=json.loads(json.dumps(to_dict(cfg))))
     if st is None:
         tracker.cut([])

@@ -341,9 +341,9 @@ def _parallel_stage1(cfg: FitConfig, model: RaptorModel, items: list[WorkItem], 
     group = RankGroup(handles[g], members[g].index(dist.rank), len(members[g]))
     leader = group.rank == 0
     found = block_checkpoints(Path(cfg.out))
-    offsets = global_offsets(items)
-    mine = tracker if dist.main else None  # rank 0 logs its own group's blocks as they train, the others' at the end
-    loop = StepLoop(cfg, model, layout, stats, device, progress and leader, on_step, tracker=mine, offsets=offsets)
+    # the blocks' steps reach log.jsonl / TensorBoard / wandb at the end of stage 1, all blocks in global-step order
+    # (wandb drops a step lower than one it has seen; the block checkpoints hold their histories meanwhile)
+    loop = StepLoop(cfg, model, layout, stats, device, progress and leader, on_step)
     for it_idx in range(g, len(items), n_groups):
         item = items[it_idx]
         hist: list = []
@@ -352,8 +352,6 @@ def _parallel_stage1(cfg: FitConfig, model: RaptorModel, items: list[WorkItem], 
             weights, opt_tensors, st = read_checkpoint(found[item.block])
             _load_weights(model.blocks[item.block], weights, found[item.block])  # copied into the device's weights
             start, hist, resume_opt = st["step"], st["history"][item.name], (opt_tensors, st["optimizer"])
-            for s, v, lr in hist if mine is not None else []:  # the block's steps before the resume
-                mine.log_step(item.name, s, offsets[it_idx] + s, v, lr, None)
         if start < item.steps:
             keys = [BatchKey(item.name, s, item.start, item.end) for s in range(start, item.steps)]
             loop.run(item, it_idx, start, data.stream(keys, cfg.batch_size, Share(group.rank, group.world)), hist,
@@ -366,9 +364,10 @@ def _parallel_stage1(cfg: FitConfig, model: RaptorModel, items: list[WorkItem], 
             for p in model.blocks[item.block].parameters():
                 torch.distributed.broadcast(p.data, src=src)
         state.history[item.name] = dist.broadcast(state.history.get(item.name), src)
-        if tracker is not None and it_idx % n_groups != g:  # another group's block: logged now, on rank 0
-            for s, v, lr in state.history[item.name]:
-                tracker.log_step(item.name, s, offsets[it_idx] + s, v, lr, None)
+    offsets = global_offsets(items)
+    for it_idx, item in enumerate(items if tracker is not None else []):
+        for s, v, lr in state.history[item.name]:
+            tracker.log_step(item.name, s, offsets[it_idx] + s, v, lr, None)
     state.item, state.step = len(items), 0
     seconds = clock()
     if dist.main:

@@ -391,10 +391,10 @@ class Teacher(nn.Module):
         index = torch.cat([torch.arange(layout.n_tokens)[layout.group(g)] for g in keep]) if keep else None
         if index is None:
             raise RaptorError("groups must name at least one of cls, registers, patches")
-        device = next(self.parameters(), torch.empty(0)).device
+        param = next(self.parameters(), torch.empty(0))  # the teacher's device and (floating) dtype
         parts = []
         for i in range(0, x.shape[0], batch_size):
-            t = self.trajectory(x[i:i + batch_size].to(device), want, autocast=autocast)
+            t = self.trajectory(x[i:i + batch_size].to(param.device, param.dtype), want, autocast=autocast)
             parts.append(t if len(index) == layout.n_tokens else t[:, :, index.to(t.device)])
         kept = TokenLayout(layout.n_cls if "cls" in keep else 0, layout.n_registers if "registers" in keep else 0,
                            layout.grid if "patches" in keep else (0, 0))
