@@ -107,7 +107,9 @@ def test_cli_transform_option(clip_dir, tmp_path, capsys):
     for argv, needle in [(["analyze", "--teacher", "tiny:dinov2", "--data", "bundled:lfw", "--out",
                            str(tmp_path / "x"), "--transform", "foo"], "--transform"),
                          (["analyze", "--store", str(out), "--out", str(tmp_path / "y"), "--transform", "model"],
-                          "--transform is for live data")]:
+                          "--transform is for live data"),
+                         (["ablation", "--teacher", "tiny:dinov2", "--data", "bundled:lfw", "--k", "2", "--out",
+                           str(tmp_path / "z"), "--transform", "foo"], "--transform")]:
         capsys.readouterr()
         assert run(argv) == 2
         one_error_line(capsys.readouterr().err, needle)

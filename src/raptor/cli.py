@@ -192,7 +192,7 @@ def ablation(teacher: str = o.TEACHER, data: str | None = o.DATA_ONLINE, store: 
              val_images: int = o.VAL_IMAGES, val_data: str | None = o.Ablation.val_data,
              val_crops: int = o.Ablation.val_crops, limit: int | None = o.Ablation.limit, seed: int = o.SEED,
              probe_data: str | None = o.Ablation.probe_data, init_head: str | None = o.Ablation.init_head,
-             progress: bool = o.PROGRESS):
+             transform: str = o.TRANSFORM, progress: bool = o.PROGRESS):
     """The paper's training ablation (its Table 1) as one command: teacher forcing only, + autoregressive anneal,
     + depth scaling, + cls weighting, + stage 2 (+ a fine-tuned probe), each scored on held-out images."""
     options = dict(locals())  # the options named like FitConfig fields make the full model's (o.fit_config)
