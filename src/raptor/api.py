@@ -15,6 +15,7 @@ command's). Messages go to the ``raptor`` logger (``logging.getLogger("raptor")`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import tempfile
@@ -169,6 +170,20 @@ class Similarity:
         return f"Similarity({self.n_images} images, layers {self.layers}, {len(self.metrics)} metrics)"
 
 
+def _check_options(cls: type, options: dict, what: str) -> None:
+    """Every keyword in ``options`` is a field of the command's config ``cls`` (one error naming the first that is
+    not)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(options) - fields)
+    if bad:
+        raise RaptorError(f"unknown {what} option {bad[0]!r} ({cls.__name__} fields: {', '.join(sorted(fields))})")
+
+
+def _output(out, prefix: str):
+    """``out`` itself, or a temporary folder that is removed afterwards (a library call leaves nothing behind)."""
+    return tempfile.TemporaryDirectory(prefix=prefix) if out is None else contextlib.nullcontext(out)
+
+
 def _maxcut_k(D: np.ndarray, k: int) -> list[list[int]]:
     from raptor.analyze import maxcut_by_k
 
@@ -255,10 +270,7 @@ def fit(teacher, *, data: str | None = None, store: str | Path | None = None, ph
     from raptor.surrogate.fit import run_fit
     from raptor.surrogate.run_dir import FitRun
 
-    fields = {f.name for f in dataclasses.fields(FitConfig)}
-    bad = sorted(set(options) - fields)
-    if bad:
-        raise RaptorError(f"unknown fit option {bad[0]!r} (FitConfig fields: {', '.join(sorted(fields))})")
+    _check_options(FitConfig, options, "fit")
     loaded = teacher if isinstance(teacher, Teacher) else None
     spec = loaded.spec if loaded is not None else str(teacher)
     if not spec:
@@ -270,24 +282,13 @@ def fit(teacher, *, data: str | None = None, store: str | Path | None = None, ph
     if data is None and store is None:
         raise RaptorError("give data (an image source such as bundled:natural) or store (a trajectory store)")
     base = {"probe_data": None}  # the command's default probe pass is opt-in here: probe_data="bundled:digits"
-    with tempfile.TemporaryDirectory(prefix="raptor-fit-") if out is None else _nullcontext(out) as where:
+    with _output(out, "raptor-fit-") as where:
         cfg = FitConfig(**{**base, **options, **phase_fields, "teacher": spec, "data": data if store is None else None,
                            "store": None if store is None else str(store), "out": str(where)})
         metrics = run_fit(cfg, resume=resume, progress=progress, teacher=loaded)
         model = FitRun(where).model(loaded)
     model.fit_metrics = metrics
     return model
-
-
-class _nullcontext:
-    def __init__(self, value):
-        self.value = value
-
-    def __enter__(self):
-        return self.value
-
-    def __exit__(self, *exc):
-        return False
 
 
 class ProbeResult:
@@ -317,13 +318,10 @@ def probe(backbone: str | Path, *, task: str = "cls", data: str = "bundled:digit
     ``options``: any other :class:`~raptor.probes.run.ProbeConfig` field (``seeds``, ``limit``, ``layer``, ...)."""
     from raptor.probes.run import ProbeConfig, run_probe
 
-    fields = {f.name for f in dataclasses.fields(ProbeConfig)}
-    bad = sorted(set(options) - fields)
-    if bad:
-        raise RaptorError(f"unknown probe option {bad[0]!r} (ProbeConfig fields: {', '.join(sorted(fields))})")
+    _check_options(ProbeConfig, options, "probe")
     if "seeds" in options:
         options["seeds"] = tuple(options["seeds"])
-    with tempfile.TemporaryDirectory(prefix="raptor-probe-") if out is None else _nullcontext(out) as where:
+    with _output(out, "raptor-probe-") as where:
         records = run_probe(ProbeConfig(task=task, backbone=str(backbone), data=data, out=str(where), **options),
                             progress=progress)
     return ProbeResult(records, None if out is None else Path(out))
@@ -351,16 +349,13 @@ def dynamics(teacher: str = "bundled:dinov2-s", *, surrogate: str | Path | None 
     :class:`~raptor.dynamics.run.DynamicsConfig` field (``limit``, ``phases``, ``null_draws``, ...)."""
     from raptor.dynamics.run import DynamicsConfig, run_dynamics
 
-    fields = {f.name for f in dataclasses.fields(DynamicsConfig)}
-    bad = sorted(set(options) - fields)
-    if bad:
-        raise RaptorError(f"unknown dynamics option {bad[0]!r} (DynamicsConfig fields: {', '.join(sorted(fields))})")
+    _check_options(DynamicsConfig, options, "dynamics")
     if isinstance(options.get("phases"), str):
         spec = PhaseSpec.parse(options.pop("phases"))
         if spec.method != "dp" or spec.k is not None:
             raise RaptorError("dynamics takes phases as layers (e.g. '1-6/7-12') or an analysis.json")
         options.update(phases=spec.layers, phases_file=spec.file)
-    with tempfile.TemporaryDirectory(prefix="raptor-dynamics-") if out is None else _nullcontext(out) as where:
+    with _output(out, "raptor-dynamics-") as where:
         result = run_dynamics(DynamicsConfig(teacher=str(teacher), surrogate=None if surrogate is None else
                                              str(surrogate), data=data, out=str(where), **options),
                               progress=progress)

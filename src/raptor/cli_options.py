@@ -301,13 +301,15 @@ def fit_config(options: dict[str, Any], **converted: Any) -> Any:
     given = {n: _plain(v) for n, v in options.items() if n in names and not (n in RECIPE_FIELDS and v is None)}
     phases = PhaseSpec.parse(options["phases"], options["k"]).fields()
     cfg = FitConfig.from_recipe(options["recipe"], **{**given, **phases, **converted})
-    merged = with_config_file(cfg, options.get("config"), {"recipe": ("recipe", *RECIPE_FIELDS)})
+    if options.get("config") is None:
+        return cfg
+    data = _read_config(options["config"])
+    sets = {"recipe": ("recipe", *RECIPE_FIELDS)}
+    merged = with_config_file(cfg, options["config"], sets, data)
     if merged.recipe != cfg.recipe:  # the file names another recipe: its hyper-parameters where nothing set them
-        file_keys = set(_read_config(options["config"]))
-        typed = {f.name for f in dataclasses.fields(FitConfig) if f.name in given_on_command_line()}
-        unset = [f for f in RECIPE_FIELDS if f not in file_keys and f not in typed and
-                 not (f == "stage1_last_weights" and "stage1_weights" in given_on_command_line())]
-        merged = dataclasses.replace(merged, **{f: FitConfig.from_recipe(merged.recipe).__dict__[f] for f in unset})
+        recipe = FitConfig.from_recipe(merged.recipe)
+        keep = set(data) | _given_fields(sets)
+        merged = dataclasses.replace(merged, **{f: getattr(recipe, f) for f in RECIPE_FIELDS if f not in keep})
     return merged
 
 
@@ -344,20 +346,26 @@ def given_on_command_line() -> set[str]:
             and ctx.get_parameter_source(p.name).name == "COMMANDLINE"}
 
 
-def with_config_file(cfg: Any, path: str | Path | None, extra_sets: dict[str, tuple[str, ...]] | None = None) -> Any:
+def with_config_file(cfg: Any, path: str | Path | None, extra_sets: dict[str, tuple[str, ...]] | None = None,
+                     data: dict | None = None) -> Any:
     """``cfg`` with the settings of the YAML file ``path`` over it, except those the command line gave: every key
     must be a setting of ``cfg``'s class with a value of its type (one error line naming the key otherwise)."""
     if path is None:
         return cfg
-    data = _read_config(path)
+    data = _read_config(path) if data is None else data
     hints = typing.get_type_hints(type(cfg))
     unknown = sorted(set(data) - set(hints))
     if unknown:
         raise RaptorError(f"--config {path}: unknown key {unknown[0]!r} (the settings are: {', '.join(hints)})")
     values = {k: _typed(path, k, v, hints[k]) for k, v in data.items()}
-    sets = {**_SETS, **(extra_sets or {})}
-    keep = {f for name in given_on_command_line() for f in sets.get(name, (name,))}
+    keep = _given_fields(extra_sets)
     return dataclasses.replace(cfg, **{k: v for k, v in values.items() if k not in keep})
+
+
+def _given_fields(extra_sets: dict[str, tuple[str, ...]] | None = None) -> set[str]:
+    """The config fields that the options typed on the command line set."""
+    sets = {**_SETS, **(extra_sets or {})}
+    return {f for name in given_on_command_line() for f in sets.get(name, (name,))}
 
 
 def _read_config(path) -> dict:

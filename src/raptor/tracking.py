@@ -91,7 +91,7 @@ class Tracker:
         self.out, self.kinds, self.every = Path(out), tuple(kinds), max(1, int(every))
         resume = resume or {}
         self.global_step = int(resume.get("global_step", 0))
-        self._tb = self._wandb = None
+        self._tb = self._wandb = self._log = None
         self.wandb_id = resume.get("wandb_id")
         if "tensorboard" in self.kinds:
             from tensorboardX import SummaryWriter
@@ -113,8 +113,9 @@ class Tracker:
         return {"global_step": self.global_step, "wandb_id": self.wandb_id}
 
     def _write(self, record: dict) -> None:
-        with open(self.out / LOG, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self._log is None:  # opened once (not per step); a line reaches the file when written (line-buffered)
+            self._log = open(self.out / LOG, "a", buffering=1)
+        self._log.write(json.dumps(record) + "\n")
 
     def log_step(self, item: str, step: int, global_step: int, loss: float, lr: float,
                  images_per_s: float | None) -> None:
@@ -142,6 +143,7 @@ class Tracker:
 
     def cut(self, keep: list[dict]) -> None:
         """Rewrite log.jsonl to ``keep`` (what the resumed checkpoint had seen), atomically."""
+        self._close_log()
         tmp = self.out / (LOG + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
         os.replace(tmp, self.out / LOG)
@@ -153,7 +155,13 @@ class Tracker:
         self.close()
         return False
 
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
     def close(self) -> None:
+        self._close_log()
         if self._tb is not None:
             self._tb.close()
             self._tb = None

@@ -25,7 +25,7 @@ from raptor.surrogate.batches import step_generator
 from raptor.surrogate.checkpoint import latest_checkpoint, load_tensors, save_checkpoint
 from raptor.surrogate.config import EVAL_ONLY, FitConfig
 from raptor.surrogate.model import RaptorModel, SurrogateConfig
-from raptor.tracking import Tracker, history_from_log, read_log
+from raptor.tracking import LOG, WANDB_ID, Tracker, history_from_log, read_log
 
 
 def check_existing_run(cfg: FitConfig, resume: bool) -> Path | None:
@@ -114,8 +114,8 @@ def open_tracker(cfg: FitConfig, items: list, state, st: dict | None) -> Tracker
     written before log.jsonl carried the history themselves: it is written out from them)."""
     resumed = (st or {}).get("tracking")
     if st is None and not block_checkpoints(Path(cfg.out)):
-        (Path(cfg.out) / "wandb_id.txt").unlink(missing_ok=True)  # a new run: a new wandb run
-    elif st is not None and resumed and resumed.get("global_step") and not (Path(cfg.out) / "log.jsonl").is_file():
+        (Path(cfg.out) / WANDB_ID).unlink(missing_ok=True)  # a new run: a new wandb run
+    elif st is not None and resumed and resumed.get("global_step") and not (Path(cfg.out) / LOG).is_file():
         warnings.warn(f"{cfg.out}/log.jsonl is missing: the loss history before the checkpoint is lost, and "
                       f"metrics.json's loss_history will start at step {state.step} of item {state.item}")
     tracker = Tracker(cfg.out, cfg.log_to, every=cfg.log_every, resume=resumed,

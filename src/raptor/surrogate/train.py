@@ -231,8 +231,9 @@ def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, pro
             _parallel_stage1(cfg, model, items[:n1], data, layout, stats, dist, device, state, progress, on_step,
                              clock, tracker)
             opt_tensors = None
+        offsets = global_offsets(items)
         loop = StepLoop(cfg, model, layout, stats, device, progress and dist.main, on_step, tracker=tracker,
-                        offsets=global_offsets(items))
+                        offsets=offsets)
         keys = [BatchKey(items[i].name, s, items[i].start, items[i].end) for i in range(state.item, len(items))
                 for s in range(state.step if i == state.item else 0, items[i].steps)]
         batches = data.stream(keys, cfg.batch_size, Share(dist.rank, dist.world))
@@ -241,7 +242,7 @@ def train(cfg: FitConfig, model: RaptorModel, data, layout, *, resume: bool, pro
             resume_opt = (opt_tensors, opt_meta) if (opt_tensors is not None and it_idx == state.item) else None
             opt_tensors = None
             outputs = RunProgress(cfg, model, items[it_idx], it_idx, state, dist, device, clock, validate_fn, tracker,
-                                  global_offsets(items)[it_idx])
+                                  offsets[it_idx])
             loop.run(items[it_idx], it_idx, start, batches, state.history.setdefault(items[it_idx].name, []),
                      RankGroup.of_run(dist), outputs, resume_opt)
     state.item, state.step = len(items), 0

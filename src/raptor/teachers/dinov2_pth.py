@@ -86,8 +86,9 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as e:  # noqa: BLE001 - torch/safetensors raise many kinds on a damaged file
         raise RaptorError(f"cannot read weights from {path} ({kind}, damaged: {type(e).__name__}: "
                           f"{str(e).splitlines()[0][:120] if str(e) else ''}): {EXPECTED}") from None
-    if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
-        sd = sd["model"]
+    for key in ("model", "state_dict"):  # training checkpoints wrap the weights
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise RaptorError(f"{path} is not a state dict of tensors: {EXPECTED}")
     return sd

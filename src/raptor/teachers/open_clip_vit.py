@@ -22,6 +22,7 @@ from torch import nn
 
 from raptor.errors import RaptorError
 from raptor.teachers.base import Teacher
+from raptor.teachers.dinov2_pth import load_state_file
 from raptor.teachers.hf import CLIP_MEAN, CLIP_STD
 from raptor.teachers.modules import resample_pos_embed, square_grid
 
@@ -94,22 +95,9 @@ class OpenClipTeacher(Teacher):
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A checkpoint's tensors without unpickling code: safetensors, or torch.load with weights_only=True."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(str(path))
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - one line
-        raise RaptorError(f"cannot read open_clip weights {path}: {str(e).splitlines()[0][:200] if str(e) else e!r}"
-                          ) from None
-    for key in ("state_dict", "model"):
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-    if not isinstance(sd, dict):
-        raise RaptorError(f"{path} holds no state dict")
+    """A checkpoint's tensors (:func:`load_state_file`: safetensors, or torch.load with weights_only=True), without
+    a DataParallel ``module.`` prefix."""
+    sd = load_state_file(path)
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
 
 
