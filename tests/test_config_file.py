@@ -58,6 +58,9 @@ def test_a_hand_written_subset_and_its_refusals(tmp_path, capsys):
         bad.write_text(text)
         assert cli.run([*FIT, "--config", str(bad), "--out", str(tmp_path / "never")]) == 2
         one_error_line(capsys.readouterr().err, needle)
+    (tmp_path / "weights.bin").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")  # a wrong kind of file
+    assert cli.run([*FIT, "--config", str(tmp_path / "weights.bin"), "--out", str(tmp_path / "never")]) == 2
+    one_error_line(capsys.readouterr().err, "not readable YAML (UnicodeDecodeError)")
     assert cli.run([*FIT, "--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "never")]) == 2
     one_error_line(capsys.readouterr().err, "no such file")
     assert not (tmp_path / "never").exists()

@@ -375,7 +375,7 @@ def _read_config(path) -> dict:
         data = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
         raise RaptorError(f"--config {path}: no such file") from None
-    except (OSError, yaml.YAMLError) as e:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:  # a binary file: not text at all
         raise RaptorError(f"--config {path}: not readable YAML ({type(e).__name__})") from None
     if data is None:
         data = {}
