@@ -38,7 +38,8 @@ def _phases(ph) -> str:
 def phases_v2() -> str:
     """The phase null tests of every analyze run in docs/results/phases_v2."""
     rows = ["| data | images | k | DP phases | lag contrast [95 % CI] | null | p | boundary jump [95 % CI] | null | "
-            "p | held out: lag / jump | boundary frequency | verdict |", "|" + "---|" * 13]
+            "p | variable-speed null: p lag / p jump | held out: lag / jump | boundary frequency | verdict (lag-only "
+            "null) | verdict (variable-speed null) |", "|" + "---|" * 15]
     root = RESULTS / "phases_v2"
     for d in sorted(root.iterdir()) if root.is_dir() else []:
         f = d / "analysis.json"
@@ -54,18 +55,25 @@ def phases_v2() -> str:
             j = t["alternatives"]["boundary_jump"]
             half = t.get("split_half") or {}
             st = a["boundary_stability"][k]
-            sig = [t["p_value"] < 0.05, j["p_value"] < 0.05]
-            verdict = "both significant" if all(sig) else "neither" if not any(sig) else \
-                ("lag only" if sig[0] else "jump only")
+            vs = t.get("variable_speed_null") or {}
+            verdict = _verdict(t["p_value"], j["p_value"])
+            vverdict = _verdict(vs["lag_contrast"]["p_value"], vs["boundary_jump"]["p_value"]) if vs else "–"
+            vcell = f"{vs['lag_contrast']['p_value']:.3f} / {vs['boundary_jump']['p_value']:.3f}" if vs else "–"
             rows.append(
                 f"| [{label}](results/phases_v2/{d.name}/report.md) | {a['data']['n_images']} | {k} | "
                 f"{_phases(t['phases'])} | {_n(t['value'])} [{_n(t['ci95'][0])}, {_n(t['ci95'][1])}] | "
                 f"{_n(t['null_mean'])} | {t['p_value']:.3f} | {_n(j['value'], 3)} [{_n(j['ci95'][0], 3)}, "
-                f"{_n(j['ci95'][1], 3)}] | {_n(j['null_mean'], 3)} | {j['p_value']:.3f} | "
+                f"{_n(j['ci95'][1], 3)}] | {_n(j['null_mean'], 3)} | {j['p_value']:.3f} | {vcell} | "
                 f"{_n((half.get('lag_contrast') or {}).get('value'))} / "
                 f"{_n((half.get('boundary_jump') or {}).get('value'), 3)} | "
-                f"{', '.join(f'{b}: {fr:.2f}' for b, fr in zip(st['boundaries'], st['frequency']))} | {verdict} |")
+                f"{', '.join(f'{b}: {fr:.2f}' for b, fr in zip(st['boundaries'], st['frequency']))} | {verdict} | "
+                f"{vverdict} |")
     return "\n".join(rows)
+
+
+def _verdict(p_lag: float, p_jump: float, alpha: float = 0.05) -> str:
+    sig = [p_lag < alpha, p_jump < alpha]
+    return "both significant" if all(sig) else "neither" if not any(sig) else ("lag only" if sig[0] else "jump only")
 
 
 # natural_v1: which runs answer which question (scripts/natural_protocol.sh defines and runs them)

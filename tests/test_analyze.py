@@ -43,7 +43,9 @@ def test_analysis_json_validates_and_files_exist(live, schema):
     assert seg["maxcut"] and all(len(v["phases"]) == int(k) for k, v in seg["maxcut"].items())
     assert set(seg["maxcut_paper_fracs"]) == {"0.2", "0.1", "0.09"}
     assert set(a["null_tests"]) == set(a["boundary_stability"]) == {"2", "3", "4", "5", "6"}
-    assert "## Is there more than a stationary drift?" in (live.out / "report.md").read_text()
+    assert all(set(t["variable_speed_null"]) == {"lag_contrast", "boundary_jump"} for t in a["null_tests"].values())
+    report = (live.out / "report.md").read_text()
+    assert "## Is there more than a drift?" in report and "(variable-speed null)" in report
 
 
 def test_a_planted_block_recurrent_teacher_passes_the_null_test(tmp_path, schema):
@@ -60,6 +62,8 @@ def test_a_planted_block_recurrent_teacher_passes_the_null_test(tmp_path, schema
                                              "all": {str(i): float(i == 5) for i in range(2, 9)}}
     jump = t["alternatives"]["boundary_jump"]
     assert jump["p_value"] < 0.01 and jump["ci95"][0] > jump["null_ci95"][1]
+    # a change point is not a smooth slow-down: the jump rejects the variable-speed null as well
+    assert t["variable_speed_null"]["boundary_jump"]["p_value"] < 0.01
     assert t["split_half"]["boundary_jump"]["value"] > 0 and t["split_half"]["phases"] == t["phases"]
     assert 0 < t["p_value"] <= 1 and t["n_resamples"] == 200
     assert "phase structure at k=2" in (tmp_path / "p" / "report.md").read_text()

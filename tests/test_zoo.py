@@ -23,7 +23,7 @@ def test_zoo_tables_each_model_with_its_null_test_and_resumes_per_teacher(tmp_pa
     assert planted["teacher"] == PLANTED and planted["depth"] == 8 and vit["depth"] == 3
     # a teacher that is 2 tied blocks: its cut beats the lag-only null under the boundary jump (test_analyze)
     assert planted["null_test_k2"]["boundary_jump"]["p_value"] < 0.05
-    assert set(planted["null_test_k2"]) == {"lag_contrast", "boundary_jump"}
+    assert set(planted["null_test_k2"]) == set(planted["variable_speed_null"]) == {"lag_contrast", "boundary_jump"}
     analysis = json.loads((tmp_path / "z" / "teachers" / "planted_2_depth_8_base_tiny_dinov2" / "analysis.json")
                           .read_text())
     assert analysis["null_tests"]["2"]["phases"] == [[1, 2, 3, 4], [5, 6, 7, 8]]
@@ -33,6 +33,7 @@ def test_zoo_tables_each_model_with_its_null_test_and_resumes_per_teacher(tmp_pa
     assert planted["cuts_frac"] == [round(b / 8, 3) for b in planted["cuts_after"]]
     md = (tmp_path / "z" / "zoo.md").read_text()
     assert "![similarity matrices](zoo.png)" in md and f"`{PLANTED}`" in md and "`tiny:vit`" in md
+    assert "| variable-speed null: p lag / jump |" in md
     assert (tmp_path / "z" / "zoo.png").stat().st_size > 10_000
 
     stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "z" / "teachers").glob("*/analysis.json")}

@@ -328,9 +328,21 @@ def null_verdict(t: dict, alpha: float = 0.05) -> str:
                 and np.isfinite(half["value"]) else "")
         parts.append(f"{r['statistic']} {_num(v)} [95 % CI {_num(lo)}, {_num(hi)}] vs null {_num(r['null_mean'])}, "
                      f"p = {r['p_value']:.3f}{held}")
-    word = "significant" if all(sigs) else "not significant" if not any(sigs) else \
+    out = f"phase structure at k={k}: **{_word(sigs)}** against the lag-only null ({t['n_resamples']} resamples): " \
+        + "; ".join(parts)
+    vs = t.get("variable_speed_null")
+    if vs:
+        vsig = [r["value"] is not None and r["p_value"] < alpha for r in vs.values()]
+        fit = (t.get("null_fit_r2") or {}).get("variable_speed")
+        out += ("; against a drift that may slow down smoothly (variable-speed null"
+                + (f", which explains {fit:.0%} of the matrix" if fit is not None else "") + f"): **{_word(vsig)}** ("
+                + ", ".join(f"{m} null {_num(r['null_mean'])}, p = {r['p_value']:.3f}" for m, r in vs.items()) + ")")
+    return out
+
+
+def _word(sigs: list[bool]) -> str:
+    return "significant" if all(sigs) else "not significant" if not any(sigs) else \
         "significant under one statistic only (the verdict flips)"
-    return f"phase structure at k={k}: **{word}** ({t['n_resamples']} resamples): " + "; ".join(parts)
 
 
 def _num(x) -> str:
@@ -341,17 +353,20 @@ def null_test_lines(a: dict) -> list[str]:
     tests = a.get("null_tests") or {}
     if not tests:
         return []
-    out = ["", "## Is there more than a stationary drift? (phases against the lag-only null)", "",
-           "The null keeps each lag's mean distance and removes any block structure (a Toeplitz matrix: every "
-           "partition scores 0 on both statistics). A drift whose speed changes smoothly with depth is not in this "
-           "null: the lag contrast can reject it without any blocks, the boundary jump (a change-point statistic) "
-           "is insensitive to it. Because the phases are chosen on the data, the null "
-           "is re-segmented too, with the data's own sampling noise (bootstrap over images). The usual phase "
-           "metrics do not discriminate: on the null matrix they score as shown in the last column.", ""]
+    out = ["", "## Is there more than a drift? (phases against the lag-only and the variable-speed null)", "",
+           "The lag-only null keeps each lag's mean distance and removes any block structure (a Toeplitz matrix: "
+           "every partition scores 0 on both statistics). A drift whose speed changes smoothly with depth is not in "
+           "that null: the lag contrast can reject it without any blocks. The variable-speed null covers it: a "
+           "monotone function of the gap in warped depth, the speed a smooth (degree-2 log-polynomial) function of "
+           "depth, fitted to the whole matrix (`raptor.phases.variable_speed_null`). Because the phases are chosen on "
+           "the data, each null is re-segmented too, with the data's own sampling noise (bootstrap over images). "
+           "The usual phase metrics do not discriminate: on the lag-only null matrix they score as shown in the last "
+           "column.", ""]
     for k, t in tests.items():
         out.append(f"- {null_verdict(t)}.")
     out += ["", "| k | DP phases | lag contrast [95 % CI] | null | p | boundary jump [95 % CI] | null | p | "
-            "boundaries: bootstrap frequency | contrast of the null matrix |", "|" + "---|" * 10]
+            "variable-speed null: p lag / p jump | boundaries: bootstrap frequency | contrast of the null matrix |",
+            "|" + "---|" * 11]
     for k, t in tests.items():
         st = a["boundary_stability"][k]
         bf = ", ".join(f"{b}: {f:.2f}" for b, f in zip(st["boundaries"], st["frequency"]))
@@ -360,8 +375,10 @@ def null_test_lines(a: dict) -> list[str]:
         for r in (t, j):
             cells += [f"{_num(r['value'])} [{_num(r['ci95'][0])}, {_num(r['ci95'][1])}]", _num(r["null_mean"]),
                       f"{r['p_value']:.3f}"]
+        vs = t.get("variable_speed_null") or {}
+        vcell = " / ".join(f"{r['p_value']:.3f}" for r in vs.values()) or "–"
         out.append(f"| {k} | {format_phases(t['phases'])} | " + " | ".join(cells) +
-                   f" | {bf} | {_num(t['null_phase_metrics']['contrast'])} |")
+                   f" | {vcell} | {bf} | {_num(t['null_phase_metrics']['contrast'])} |")
     return out
 
 

@@ -124,6 +124,7 @@ def row_of(a: dict) -> dict:
             "n_images": a["data"]["n_images"], "layers": layers, "k": k, "phases": phases,
             "cuts_after": bounds, "cuts_frac": [round(b / depth, 3) for b in bounds],
             "null_test": _statistics(tests.get(str(k))), "null_test_k2": _statistics(tests.get("2")),
+            "variable_speed_null": _statistics_vs(tests.get(str(k))),
             "phases_k2": (seg["dp"].get("2") or {}).get("phases"),
             "boundary_frequency": ((a.get("boundary_stability") or {}).get(str(k)) or {}).get("frequency")}
 
@@ -136,6 +137,13 @@ def _statistics(test: dict | None) -> dict:
     for name, alt in (test.get("alternatives") or {}).items():
         out[name] = {k: alt.get(k) for k in ("value", "null_mean", "p_value")}
     return out
+
+
+def _statistics_vs(test: dict | None) -> dict:
+    """{statistic: {value, null_mean, p_value}} of the same test against the variable-speed null (absent in
+    analyses written before it)."""
+    return {name: {k: r.get(k) for k in ("value", "null_mean", "p_value")}
+            for name, r in ((test or {}).get("variable_speed_null") or {}).items()}
 
 
 STATISTICS = ("lag_contrast", "boundary_jump")
@@ -153,11 +161,12 @@ def render(rows: list[dict], cfg: ZooConfig, figure: str) -> str:
              f"({cfg.null_resamples} resamples; docs/phases.md) under two statistics that can disagree: the lag "
              f"contrast (across-phase minus within-phase distance at the same lag; smooth drift whose speed changes "
              f"with depth also raises it) and the boundary jump (log of the step across each cut over the steps "
-             f"beside it: a change point). A cut after layer b at fraction b / depth.", "",
+             f"beside it: a change point); the variable-speed null (a drift that may slow down smoothly, no blocks) "
+             f"is tested with both. A cut after layer b at fraction b / depth.", "",
              f"![similarity matrices]({figure})", "",
              "| model | depth | width | tokens | k | phases | cuts after (fraction of depth) | lag contrast (null), "
-             "p | boundary jump (null), p | k = 2: phases, p lag / jump |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "p | boundary jump (null), p | variable-speed null: p lag / jump | k = 2: phases, p lag / jump |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cuts = ", ".join(f"{b} ({f:.2f})" for b, f in zip(r["cuts_after"], r["cuts_frac"])) or "–"
         stats = []
@@ -165,6 +174,8 @@ def render(rows: list[dict], cfg: ZooConfig, figure: str) -> str:
             t = r["null_test"].get(name) or {}
             stats.append(f"{_num(t.get('value'))} ({_num(t.get('null_mean'))}), {_num(t.get('p_value'))}" if t
                          else "–")
+        vs = r.get("variable_speed_null") or {}
+        stats.append(" / ".join(_num((vs.get(name) or {}).get("p_value")) for name in STATISTICS) if vs else "–")
         k2 = r["null_test_k2"]
         at2 = (f"{format_phases(r['phases_k2'])}, {_num((k2.get('lag_contrast') or {}).get('p_value'))} / "
                f"{_num((k2.get('boundary_jump') or {}).get('p_value'))}" if r["phases_k2"] else "–")

@@ -1,6 +1,7 @@
 """Is there more than smooth drift? Phase statistics that a lag-only (Toeplitz) matrix cannot pass, and the test of
-a data set's DP phases against that null (bootstrap CI over images, resampling p-value, boundary stability,
-split-half choice and test). Formulas in :func:`lag_contrast`, :func:`boundary_jump` and :func:`phase_null_test`."""
+a data set's DP phases against that null and against a null whose drift may speed up or slow down smoothly with depth
+(bootstrap CI over images, resampling p-value, boundary stability, split-half choice and test). Formulas in
+:func:`lag_contrast`, :func:`boundary_jump`, :func:`variable_speed_null` and :func:`phase_null_test`."""
 
 from __future__ import annotations
 
@@ -19,6 +20,66 @@ def toeplitz_null(D: np.ndarray) -> np.ndarray:
     lag = np.abs(np.subtract.outer(np.arange(n), np.arange(n)))
     means = np.array([np.diagonal(D, h).mean() for h in range(n)])
     return means[lag]
+
+
+SPEED_DEGREE = 2
+
+
+def variable_speed_null(D: np.ndarray, degree: int = SPEED_DEGREE) -> np.ndarray:
+    """The variable-speed null of a distance matrix: a drift with no blocks and no change point whose speed may change
+    smoothly with depth (the representation may slow down, as trained ViTs do in late layers).
+
+    - speed: ``v_i = exp(poly(x_i))``, a log-polynomial of ``degree`` (2: it may speed up, then slow down, once) in
+      the depth ``x`` of step i -> i+1 scaled to [-1, 1];
+    - warped depth: ``tau_0 = 0``, ``tau_(i+1) = tau_i + v_i``, rescaled to end at 1 (where the layer sits along the
+      path);
+    - distance as a function of the warped gap only: ``g`` continuous, non-decreasing and piecewise linear with knots
+      at 0, 1/(L-1), ..., 1 (a floor plus non-negative ramps, fitted by non-negative least squares to every d(i, j),
+      i < j); the null is ``g(|tau_i - tau_j|)``;
+    - the speed's coefficients minimise the squared error of that fit over the whole matrix (Nelder-Mead from a
+      constant speed and from the log of the adjacent distances; the better is kept), so a distance floor from
+      noise does not flatten the speed.
+
+    A matrix of this form is reproduced up to the optimiser's tolerance and the knots' resolution; ``degree=0``
+    (constant speed) gives the best monotone piecewise-linear function of the lag."""
+    from scipy.optimize import minimize, nnls
+
+    D = _sym(np.asarray(D, dtype=np.float64))
+    n = D.shape[0]
+    if n < 3:
+        return D.copy()
+    deg = max(0, min(int(degree), n - 2))
+    x = np.linspace(-1.0, 1.0, n - 1)
+    iu = np.triu_indices(n, 1)
+    target = D[iu]
+    knots = np.linspace(0.0, 1.0, n)
+
+    def fit(c):
+        logv = np.polyval(np.concatenate([c, [0.0]]), x) if deg else np.zeros_like(x)
+        logv = np.clip(logv - logv.max(), -30.0, 0.0)
+        tau = np.concatenate([[0.0], np.cumsum(np.exp(logv))])
+        gap = np.abs(np.subtract.outer(tau, tau))[iu] / tau[-1]
+        basis = np.column_stack([np.ones_like(gap)] + [np.clip((gap - a) / (b - a), 0.0, 1.0)
+                                                       for a, b in zip(knots[:-1], knots[1:])])
+        coef, _ = nnls(basis, target)
+        g = basis @ coef
+        return g, float(np.sum((g - target) ** 2))
+
+    best = np.zeros(deg)
+    if deg:
+        adj = np.log(np.clip(np.diagonal(D, 1), 1e-12, None))
+        starts = [np.zeros(deg), np.polyfit(x, adj, deg)[:-1]]
+        runs = [minimize(lambda c: fit(c)[1], s0, method="Nelder-Mead",
+                         options={"xatol": 1e-4, "fatol": 1e-14, "maxiter": 400 * deg}) for s0 in starts]
+        best = min(runs, key=lambda r: r.fun).x
+    W = np.zeros_like(D)
+    W[iu] = fit(best)[0]
+    return W + W.T
+
+
+NULLS = {"toeplitz": "lag-only (Toeplitz): the same mean distance at every depth for a given lag",
+         "variable_speed": f"variable speed: a monotone function of the gap in warped depth, whose speed is a degree-"
+                           f"{SPEED_DEGREE} log-polynomial of depth (a drift that may slow down smoothly, no blocks)"}
 
 
 def lag_contrast(D: np.ndarray, phases: list[list[int]]) -> float:
@@ -73,6 +134,9 @@ def phase_null_test(per_image: np.ndarray, k: int, n_resamples: int = 200, seed:
     - ``p_value``: the phases are chosen on the data, so the null must choose too. Each null sample is the Toeplitz
       null of D plus one bootstrap fluctuation (D* - D), re-segmented at k and scored; p = (1 + #{null >= value}) /
       (1 + n_resamples). ``null_mean``: the mean null statistic (above 0: what selection alone gives);
+    - ``variable_speed_null``: both statistics tested the same way against :func:`variable_speed_null` (a drift that
+      may slow down smoothly: the lag contrast's known confound), with the same bootstrap fluctuations;
+      ``null_fit_r2``: the share of D's off-diagonal variation each null matrix explains;
     - ``boundary_stability``: how often each of D's boundaries recurs in the bootstrap segmentations, and the
       frequency of every boundary position;
     - ``split_half``: phases chosen on the even-numbered images and scored on the odd-numbered ones (fixed
@@ -93,31 +157,35 @@ def phase_null_test(per_image: np.ndarray, k: int, n_resamples: int = 200, seed:
     phases = seg(D)
     names = list(PHASE_STATISTICS)
     value = {m: PHASE_STATISTICS[m](D, phases) for m in names}
-    T0 = toeplitz_null(D)
+    T0, V0 = toeplitz_null(D), variable_speed_null(D)
     rng = np.random.default_rng(seed)
     boot, null, bounds = {m: [] for m in names}, {m: [] for m in names}, []
+    vnull = {m: [] for m in names}
     for _ in range(n_resamples):
         Db = X[rng.integers(0, N, N)].mean(0)
         pb = seg(Db)
         bounds.append(boundaries_of(pb))
         Dn = _sym(T0 + (Db - D))
         pn = seg(Dn)
+        Dv = _sym(V0 + (Db - D))
+        pv = seg(Dv)
         for m in names:
             boot[m].append(PHASE_STATISTICS[m](Db, pb))
             null[m].append(PHASE_STATISTICS[m](Dn, pn))
+            vnull[m].append(PHASE_STATISTICS[m](Dv, pv))
     freq = np.zeros(n)
     for b in bounds:
         freq[b] += 1
     freq /= max(1, n_resamples)
     observed = boundaries_of(phases)
 
-    def summary(m, vals_boot, vals_null, v):
+    def summary(m, vals_boot, vals_null, v, null_name="toeplitz"):
         vb, vn = np.array(vals_boot), np.array(vals_null)
         ok = np.isfinite(vn)
         p = float((1 + np.sum(vn[ok] >= v)) / (1 + ok.sum())) if np.isfinite(v) else 1.0
         return {"statistic": m, "value": None if not np.isfinite(v) else float(v), "ci95": _ci(vb),
                 "null_mean": float(np.nanmean(vn)) if ok.any() else None, "null_ci95": _ci(vn), "p_value": p,
-                "n_resamples": n_resamples}
+                "n_resamples": n_resamples, "null": null_name}
 
     half = {}
     if N >= 4:
@@ -134,11 +202,22 @@ def phase_null_test(per_image: np.ndarray, k: int, n_resamples: int = 200, seed:
     out = summary(names[0], boot[names[0]], null[names[0]], value[names[0]])
     out.update({"phases": phases, "n_images": N,
                 "alternatives": {m: summary(m, boot[m], null[m], value[m]) for m in names[1:]},
+                "variable_speed_null": {m: summary(m, boot[m], vnull[m], value[m], "variable_speed") for m in names},
+                "nulls": dict(NULLS),
+                "null_fit_r2": {"toeplitz": _fit_r2(D, T0), "variable_speed": _fit_r2(D, V0)},
                 "null_phase_metrics": phase_metrics(T0, contiguous_segmentation(T0, k_max=k).phases(k)),
                 "boundary_stability": {"boundaries": observed, "frequency": [float(freq[b]) for b in observed],
                                        "all": freq.tolist()},
                 "split_half": half})
     return out
+
+
+def _fit_r2(D: np.ndarray, M: np.ndarray) -> float:
+    """How much of the off-diagonal variation of D a null matrix M explains: 1 - SSE(D - M) / SSE(D - mean)."""
+    iu = np.triu_indices(D.shape[0], 1)
+    d, m = _sym(D)[iu], M[iu]
+    ss = float(np.sum((d - d.mean()) ** 2))
+    return float(1 - np.sum((d - m) ** 2) / ss) if ss > 0 else 1.0
 
 
 def _ci(x: np.ndarray) -> list[float | None]:
