@@ -28,8 +28,12 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 demo: $(STAMP)
 	$(BIN)/raptor demo --out runs/demo
 
+# the suite in TEST_WORKERS pytest-xdist processes (a test file stays in one process; `make test TEST_WORKERS=auto`
+# uses every core; TEST_WORKERS=0 runs it in this process)
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # everything but the end-to-end runs marked slow (real teacher passes, fits, torchrun, subprocess CLIs): < 90 s
 test-fast: $(STAMP)

@@ -8,7 +8,9 @@ import sys  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# two threads per test process; under pytest-xdist (``make test`` runs 2 workers) the cores are shared between them
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _workers)))
 
 
 @pytest.fixture(scope="session")
@@ -29,21 +31,27 @@ def bundled_photos():
 @pytest.fixture
 def patch_everywhere(monkeypatch):
     """``patch(module, name, new)``: replace ``module.name`` and every binding of the same object that a raptor
-    module made with ``from module import name`` (the package imports its own modules at module level, so patching
-    the home module alone would not reach a module that was imported earlier). A raptor module first imported
-    while a patch is active binds the replacement: it is restored too when the test ends."""
+    module made with ``from module import name`` (or ``import name as alias``: the package imports its own modules
+    at module level, so patching the home module alone would not reach a module that was imported earlier). A raptor
+    module first imported while a patch is active binds the replacement, under whatever name: every such binding is
+    restored too when the test ends."""
     patched = []
+
+    def raptor_modules():
+        return [m for n, m in list(sys.modules.items()) if n.startswith("raptor") and m is not None]
 
     def patch(module, name, new):
         real = getattr(module, name)
-        patched.append((name, new, real))
+        patched.append((new, real))
         monkeypatch.setattr(module, name, new)
-        for mod_name, mod in list(sys.modules.items()):
-            if mod_name.startswith("raptor") and mod is not module and getattr(mod, name, None) is real:
-                monkeypatch.setattr(mod, name, new)
+        for mod in raptor_modules():
+            for attr, value in list(vars(mod).items()):
+                if value is real and not (mod is module and attr == name):
+                    monkeypatch.setattr(mod, attr, new)
 
     yield patch
-    for name, new, real in reversed(patched):
-        for mod_name, mod in list(sys.modules.items()):
-            if mod_name.startswith("raptor") and getattr(mod, name, None) is new:
-                setattr(mod, name, real)
+    for new, real in reversed(patched):
+        for mod in raptor_modules():
+            for attr, value in list(vars(mod).items()):
+                if value is new:
+                    setattr(mod, attr, real)

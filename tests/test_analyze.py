@@ -45,7 +45,7 @@ def test_analysis_json_validates_and_files_exist(live, schema):
     assert set(a["null_tests"]) == set(a["boundary_stability"]) == {"2", "3", "4", "5", "6"}
     assert all(set(t["variable_speed_null"]) == {"lag_contrast", "boundary_jump"} for t in a["null_tests"].values())
     report = (live.out / "report.md").read_text()
-    assert "## Is there more than a drift?" in report and "(variable-speed null)" in report
+    assert "## Is there more than a drift?" in report and "(variable-speed null, which explains" in report
 
 
 def test_a_planted_block_recurrent_teacher_passes_the_null_test(tmp_path, schema):
