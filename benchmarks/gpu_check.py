@@ -12,6 +12,8 @@ Checks:
   (tolerance 1e-3 relative on a real GPU: TF32 and kernel choice; exact on the CPU);
 - ``analyze``: ``analyze --device`` from a store and live: every similarity matrix against the CPU run's (1e-4
   absolute on a GPU: TF32 and kernel choice in the float32 products; exact on the CPU);
+- ``dynamics``: ``dynamics --device`` from the extract check's store: γ, speed, effective ranks and perturbation
+  recovery against the CPU run's (1e-3 absolute on a GPU; 1e-6 on the CPU);
 - ``fit_store`` / ``fit_online``: training on the device from a store and with the online teacher; steps/s; the
   device run's losses against the CPU run's (relative 5e-2 on a GPU, 1e-5 on the CPU);
 - ``compile``: ``--compile`` on the device, and the number of graphs dynamo compiled (one per block is the goal);
@@ -159,6 +161,34 @@ class Checker:
                 raise AssertionError(f"analyze ({how}) on the device differs from the CPU by {worst:.2e} > {tol:g}")
             res[f"{how}_max_abs_diff"] = worst
         return res
+
+    def dynamics(self) -> dict:
+        """``dynamics --device``: the teacher, its random-weight nulls (drawn on the CPU) and the per-image metrics
+        on the device, from the extract check's CPU store; γ, speed, ranks and perturbation recovery against the
+        CPU run's."""
+        runs, res = [], {}
+        for i, dev in enumerate((self.device, "cpu")):
+            out = self.tmp / f"dyn_{i}_{dev}"
+            t0 = time.perf_counter()
+            _cli(["dynamics", "--teacher", self.teacher, "--store", self.tmp / "cpu.zarr", "--phases",
+                  "1/2-3" if self.dry else "1-7/8-12", "--perturb-images", "8", "--rank-images", "8",
+                  "--null-draws", "2", "--device", dev, "--no-progress", "--out", out])
+            res[f"{'device' if i == 0 else 'cpu'}_s"] = round(time.perf_counter() - t0, 2)
+            runs.append(json.loads((out / "dynamics.json").read_text())["models"]["teacher"])
+        a, b = runs
+
+        def gap(x, y):
+            return float(np.abs(np.array(x) - np.array(y)).max())
+
+        worst = max([gap(a[key][g]["mean"], b[key][g]["mean"]) for key in ("gamma", "speed") for g in a[key]] +
+                    [gap(r["distance"]["all"], q["distance"]["all"]) for r, q in
+                     zip(a["perturbation"]["runs"], b["perturbation"]["runs"])])
+        rank = gap(a["ranks"]["effective_rank"]["mean"], b["ranks"]["effective_rank"]["mean"])
+        tol = 1e-6 if self.device == "cpu" else 1e-3
+        if not (worst <= tol and rank <= 100 * tol):
+            raise AssertionError(f"dynamics on the device differs from the CPU: {worst:.2e} (gamma, speed, recovery), "
+                                 f"{rank:.2e} (effective rank)")
+        return {**res, "max_abs_diff": worst, "effective_rank_max_abs_diff": rank}
 
     def _fit(self, out: str, device: str, *extra) -> dict:
         _cli(["fit", "--teacher", self.teacher, "--store", self.tmp / "cpu.zarr", "--phases", "1/2-3" if self.dry
@@ -426,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         c = Checker(device, a.dry_run, Path(tmp))
         c.run("extract", c.extract)
         c.run("analyze", c.analyze)
+        c.run("dynamics", c.dynamics)
         c.run("fit_store", c.fit_store)
         c.run("fit_online", c.fit_online)
         c.run("compile", c.compile)

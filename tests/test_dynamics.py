@@ -306,4 +306,8 @@ def test_dynamics_bad_input_is_one_error_line(tmp_path, tiny_run, capsys):
     refused(*base, "--teacher", TINY, "--inject", "3", "--out", tmp_path / "d", needle="--inject")
     refused(*base, "--teacher", TINY, "--space", "weird", "--out", tmp_path / "e", needle="--space")
     refused(*base, "--teacher", TINY, "--surrogate", tmp_path, "--out", tmp_path / "f", needle="not a finished")
-    assert not any((tmp_path / n).exists() for n in "abcdef")  # no output directory left behind
+    with pytest.MonkeyPatch.context() as mp:  # as on a machine without a GPU, whatever this one has
+        mp.setattr(torch.cuda, "is_available", lambda: False)
+        refused(*base, "--teacher", TINY, "--device", "cuda", "--out", tmp_path / "g", needle="sees no CUDA GPU")
+    refused(*base, "--teacher", TINY, "--device", "tpu", "--out", tmp_path / "h", needle="--device")
+    assert not any((tmp_path / n).exists() for n in "abcdefgh")  # no output directory left behind

@@ -139,11 +139,11 @@ def dynamics(teacher: str = o.TEACHER, surrogate: Path | None = o.Dynamics.surro
              store: Path | None = o.Dynamics.store, out: Path = o.OUT_DIR, phases: str | None = o.Dynamics.phases,
              limit: int | None = o.LIMIT_ROWS, sample: str = o.SAMPLE, sample_seed: int = o.SAMPLE_SEED,
              batch_size: int = o.BATCH_SIZE, image_size: int | None = o.Dynamics.image_size,
-             transform: str = o.TRANSFORM, eps: str = o.Dynamics.eps,
-             inject: str | None = o.Dynamics.inject, perturb_images: int = o.Dynamics.perturb_images,
-             rank_images: int = o.Dynamics.rank_images, knn_k: int = o.Dynamics.knn_k, seed: int = o.Dynamics.seed,
-             space: str = o.Dynamics.space, autocast: str | None = o.Dynamics.autocast,
-             null_draws: int = o.Dynamics.null_draws, config: Path | None = o.CONFIG, progress: bool = o.PROGRESS_BARS):
+             transform: str = o.TRANSFORM, eps: str = o.Dynamics.eps, inject: str | None = o.Dynamics.inject,
+             perturb_images: int = o.Dynamics.perturb_images, rank_images: int = o.Dynamics.rank_images,
+             knn_k: int = o.Dynamics.knn_k, seed: int = o.Dynamics.seed, space: str = o.Dynamics.space,
+             autocast: str | None = o.Dynamics.autocast, null_draws: int = o.Dynamics.null_draws,
+             device: str = o.DEVICE, config: Path | None = o.CONFIG, progress: bool = o.PROGRESS_BARS):
     """Dynamical interpretability (docs/method.md §9): convergence, speed, coherence, update ranks, class basins and
     perturbation recovery, with the paper's three findings stated as holds / does not hold."""
     options = dict(locals())

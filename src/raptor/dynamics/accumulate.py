@@ -83,7 +83,8 @@ class DynamicsAccumulator:
         self.n += B
 
     def _keep(self, ro: torch.Tensor, emb: torch.Tensor, labels: np.ndarray) -> None:
-        """Reservoir sampling (Algorithm R) over the labelled images."""
+        """Reservoir sampling (Algorithm R) over the labelled images (kept on the CPU, whatever the device)."""
+        ro, emb = ro.cpu(), emb.cpu()
         if self.readout is None:
             self.readout = torch.zeros((self.basin_images,) + tuple(ro.shape[1:]))
             self.embedded = torch.zeros((self.basin_images, emb.shape[-1]))
@@ -99,7 +100,7 @@ class DynamicsAccumulator:
         images), and for the kept labelled images ``readout`` (K, n_layers, D), ``embedded`` (K, D), ``labels``."""
         if self.n == 0:
             raise RaptorError("no images were read")
-        cat = lambda xs: torch.cat(xs).numpy()  # noqa: E731
+        cat = lambda xs: torch.cat(xs).cpu().numpy()  # noqa: E731
         k = min(self.n_labelled, self.basin_images)
         return {"gamma": {g: cat(v) for g, v in self.gamma.items()},
                 "gamma_prev": {g: cat(v) for g, v in self.gamma_prev.items()},

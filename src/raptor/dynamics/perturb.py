@@ -66,9 +66,9 @@ def recovery(run: Runner, states: dict[int, torch.Tensor], eps: list[float], lay
                     per[e][grp].append(angle(pert[:, :, sl], ref[:, :, sl]).mean(-1).double())
             if bar is not None:
                 bar.advance(len(x))
-        base = (torch.stack(dil).sum(0) / len(x_all)).numpy()
+        base = (torch.stack(dil).sum(0) / len(x_all)).cpu().numpy()
         for e in eps:
-            d = {grp: torch.cat(v).numpy() for grp, v in per[e].items()}
+            d = {grp: torch.cat(v).cpu().numpy() for grp, v in per[e].items()}
             mean_all = d["all"].mean(0)
             out.append({"layer": ell, "eps": e, "layers": list(range(ell, ell + len(mean_all))),
                         "distance": {grp: v.mean(0).tolist() for grp, v in d.items()},

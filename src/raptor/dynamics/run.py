@@ -23,6 +23,7 @@ from raptor.config import atomic_write_text, save_config, to_dict
 from raptor.data import open_source
 from raptor.data.sampling import check_sample_order
 from raptor.data.transforms import check_transform
+from raptor.distributed import resolve_device
 from raptor.dynamics import criteria, report
 from raptor.dynamics.accumulate import DynamicsAccumulator
 from raptor.dynamics.metrics import boundary_jump_ratio, cosine_silhouette, knn_accuracy, knn_correct, s_shape
@@ -67,6 +68,7 @@ class DynamicsConfig:
     space: str = "raw"                         # raw: the residual stream x_ℓ (the paper's); normed: final_norm(x_ℓ)
     autocast: str | None = None
     null_draws: int = 4                        # random-weight teachers the verdicts are tested against (0: none)
+    device: str = "auto"                       # the forward passes and the per-image metrics (auto: CUDA if present)
 
     def check(self) -> None:
         check_positive(limit=self.limit, batch_size=self.batch_size, image_size=self.image_size,
@@ -126,6 +128,7 @@ def _open_inputs(cfg: DynamicsConfig):
 
 def run_dynamics(cfg: DynamicsConfig, progress: bool = True) -> dict:
     cfg.check()
+    resolve_device(cfg.device)  # a missing GPU is refused before anything is read or written
     sur, st, src = _open_inputs(cfg)
     out = Path(cfg.out)
     with command_run(out, final="dynamics.json") as run:
@@ -213,12 +216,13 @@ def _model_summary(res: dict, phases, basins: dict) -> dict:
 
 def _run(cfg: DynamicsConfig, sur, st, src, stage: Path, progress: bool) -> dict:
     t_start = time.perf_counter()
-    teacher = load_teacher(cfg.teacher)
+    device = resolve_device(cfg.device)
+    teacher = load_teacher(cfg.teacher).to(device)
     if st is not None:
         st.store.check_teacher(teacher)
     trajs = st if st is not None else LiveTrajectories(teacher, src, cfg.image_size, cfg.autocast, cfg.transform)
     layout = trajs.layout
-    model = sur.model(teacher) if sur is not None else None
+    model = sur.model(teacher).to(device) if sur is not None else None
     L = teacher.depth
     view = _view(teacher, cfg.space)
     given = _given_phases(cfg, L)  # refuse bad phases before the pass
@@ -231,7 +235,7 @@ def _run(cfg: DynamicsConfig, sur, st, src, stage: Path, progress: bool) -> dict
     nulls = {f"random_weights_{i}": random_weight_teacher(teacher, cfg.seed * 1000 + i + 1)
              for i in range(cfg.null_draws)}
     null_accs = {name: DynamicsAccumulator(layout, L + 1, cfg.rank_images, BASIN_IMAGES, cfg.seed) for name in nulls}
-    sim = SimilarityAccumulator(layout, list(range(1, L + 1)), cka_groups=(), token_groups=()) \
+    sim = SimilarityAccumulator(layout, list(range(1, L + 1)), cka_groups=(), token_groups=(), device=device) \
         if given is None else None
     x0_keep: list[torch.Tensor] = []
     n_keep = 0
@@ -239,6 +243,7 @@ def _run(cfg: DynamicsConfig, sur, st, src, stage: Path, progress: bool) -> dict
     with progress_bar(len(trajs), "dynamics" + (" (store)" if st is not None else ""), "img",
                       enabled=progress) as bar:
         for traj, labels, _ in trajs.batches(cfg.batch_size, None, bar):
+            traj = traj.to(device)  # a store's rows arrive on the CPU
             accs["teacher"].update(view(traj), labels)
             if sim is not None:
                 sim.update(traj[:, 1:])

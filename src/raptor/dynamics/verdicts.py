@@ -37,8 +37,10 @@ def random_weight_teacher(teacher, seed: int):
     """A copy of ``teacher`` whose blocks are freshly initialised (seeded): with the architecture's own initialiser
     where the teacher wraps an HF model (``_init_weights``: truncated-normal linear layers, LayerScale at the config's
     ``layerscale_value``), else every submodule's ``reset_parameters``. The embedding, final norm and head stay the
-    teacher's, so the null sees the same inputs."""
-    null = copy.deepcopy(teacher)
+    teacher's, so the null sees the same inputs. The weights are drawn on the CPU and moved to the teacher's device,
+    so a GPU run tests against the same nulls as a CPU run."""
+    device = next(teacher.parameters()).device
+    null = copy.deepcopy(teacher).cpu()
     init = getattr(getattr(null, "model", None), "_init_weights", None)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -49,7 +51,7 @@ def random_weight_teacher(teacher, seed: int):
                 for m in blk.modules():
                     if hasattr(m, "reset_parameters"):
                         m.reset_parameters()
-    return null.eval()
+    return null.to(device).eval()
 
 
 def _boot_means(x: np.ndarray, seed: int, n: int = N_BOOT) -> np.ndarray:
