@@ -14,6 +14,8 @@ Checks:
   absolute on a GPU: TF32 and kernel choice in the float32 products; exact on the CPU);
 - ``dynamics``: ``dynamics --device`` from the extract check's store: γ, speed, effective ranks and perturbation
   recovery against the CPU run's (1e-3 absolute on a GPU; 1e-6 on the CPU);
+- ``study``: ``study --device``: a one-run study (p = 0) against the CPU's: teacher accuracy (0.1), similarity (0.05)
+  and Raptor R² (0.1) on a GPU; exact on the CPU;
 - ``fit_store`` / ``fit_online``: training on the device from a store and with the online teacher; steps/s; the
   device run's losses against the CPU run's (relative 5e-2 on a GPU, 1e-5 on the CPU);
 - ``compile``: ``--compile`` on the device, and the number of graphs dynamo compiled (one per block is the goal);
@@ -189,6 +191,31 @@ class Checker:
             raise AssertionError(f"dynamics on the device differs from the CPU: {worst:.2e} (gamma, speed, recovery), "
                                  f"{rank:.2e} (effective rank)")
         return {**res, "max_abs_diff": worst, "effective_rank_max_abs_diff": rank}
+
+    def study(self) -> dict:
+        """``study --device``: a one-run study (p = 0, so no drop-path masks: the device's random stream does not
+        enter) trains its ViT, analyses it and fits k = 2 on the device; its teacher accuracy, similarity matrix
+        and Raptor R² against the CPU run's (a few epochs of training amplify kernel differences: loose tolerances
+        on a GPU; exact on the CPU)."""
+        runs, res = [], {}
+        for i, dev in enumerate((self.device, "cpu")):
+            out = self.tmp / f"study_{i}_{dev}"
+            t0 = time.perf_counter()
+            _cli(["study", "--data", "bundled:digits", "--limit", "240", "--sd", "0", "--seeds", "0", "--ks", "2",
+                  "--random", "0", "--swap-samples", "0", "--no-references", "--depth", "4", "--dim", "32",
+                  "--heads", "2", "--epochs", "2", "--steps1", "5", "--steps2", "5", "--device", dev,
+                  "--no-progress", "--out", out])
+            res[f"{'device' if i == 0 else 'cpu'}_s"] = round(time.perf_counter() - t0, 2)
+            runs.append(json.loads((out / "study.json").read_text())["runs"][0])
+        a, b = runs
+        acc = abs(a["teacher_accuracy"] - b["teacher_accuracy"])
+        dist = float(np.abs(np.array(a["phases"]["distance"]) - np.array(b["phases"]["distance"])).max())
+        r2 = abs(a["fits"]["2"]["dp"]["r2_mean"] - b["fits"]["2"]["dp"]["r2_mean"])
+        tol = (0.0, 0.0, 0.0) if self.device == "cpu" else (0.1, 0.05, 0.1)
+        if not (acc <= tol[0] and dist <= tol[1] and r2 <= tol[2]):
+            raise AssertionError(f"study on the device differs from the CPU: accuracy {acc:.3f}, distance {dist:.2e}, "
+                                 f"Raptor R² {r2:.3f}")
+        return {**res, "teacher_accuracy_diff": acc, "distance_max_abs_diff": dist, "raptor_r2_diff": r2}
 
     def _fit(self, out: str, device: str, *extra) -> dict:
         _cli(["fit", "--teacher", self.teacher, "--store", self.tmp / "cpu.zarr", "--phases", "1/2-3" if self.dry
@@ -457,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         c.run("extract", c.extract)
         c.run("analyze", c.analyze)
         c.run("dynamics", c.dynamics)
+        c.run("study", c.study)
         c.run("fit_store", c.fit_store)
         c.run("fit_online", c.fit_online)
         c.run("compile", c.compile)

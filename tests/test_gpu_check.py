@@ -22,8 +22,8 @@ def test_gpu_check_dry_run_passes_and_writes_its_report(tmp_path):
     rep = json.loads((tmp_path / "gpu_check.json").read_text())
     assert rep["dry_run"] is True
     checks = rep["checks"]
-    assert {"extract", "analyze", "dynamics", "fit_store", "fit_online", "compile", "probe_init_head", "host_syncs",
-            "extract_vit_b", "train_step", "torchrun"} <= set(checks)
+    assert {"extract", "analyze", "dynamics", "study", "fit_store", "fit_online", "compile", "probe_init_head",
+            "host_syncs", "extract_vit_b", "train_step", "torchrun"} <= set(checks)
     optional = ("host_syncs", "peak_memory", "timm_parity", "open_clip_parity")  # the last two need their library
     assert all(c["status"] == "pass" for n, c in checks.items() if n not in optional), checks
     assert all(checks[n]["status"] in ("pass", "skipped") for n in ("timm_parity", "open_clip_parity")), checks
@@ -31,6 +31,7 @@ def test_gpu_check_dry_run_passes_and_writes_its_report(tmp_path):
     assert checks["extract"]["store_relative_diff_vs_cpu"] == 0.0  # the CPU against itself: exact
     assert checks["analyze"]["store_max_abs_diff"] == checks["analyze"]["live_max_abs_diff"] == 0.0
     assert checks["dynamics"]["max_abs_diff"] == checks["dynamics"]["effective_rank_max_abs_diff"] == 0.0
+    assert checks["study"]["teacher_accuracy_diff"] == checks["study"]["distance_max_abs_diff"] == 0.0
     assert checks["compile"]["unique_graphs"] <= 8
     assert checks["extract_vit_b"]["images_per_s_bf16"] > 0 and checks["train_step"]["reference_steps_per_s"] > 0
     assert checks["torchrun"]["tensor_devices"] == ["cpu"]  # 2 gloo ranks in the dry run

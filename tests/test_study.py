@@ -240,10 +240,12 @@ def test_layer_swap_with_itself_changes_nothing(digits8):
     (["--sd", "1.0"], "[0, 1)"), (["--sd", "0,0"], "repeat"), (["--ks", "1"], "--ks"), (["--ks", "12"], "--ks"),
     (["--data", "bundled:photos"], "unlabelled"), (["--sd", "x"], "--sd"), (["--depth", "2"], "depth"),
     (["--image-size", "10"], "multiple"), (["--epochs", "0"], "epochs"), (["--random", "-1"], "--random"),
+    (["--device", "cuda"], "sees no CUDA GPU"), (["--device", "tpu"], "bad --device"),
 ])
-def test_study_bad_input_is_one_error_line(tmp_path, capsys, args, needle):
+def test_study_bad_input_is_one_error_line(tmp_path, capsys, monkeypatch, args, needle):
     from raptor.cli import run
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
     assert run(["study", "--out", str(tmp_path / "o"), "--no-progress", *args]) == 2
     one_error_line(capsys.readouterr().err, needle)
     assert not (tmp_path / "o").exists()

@@ -166,7 +166,7 @@ def study(data: str = o.Study.data, out: Path = o.Study.out, sd: str = o.Study.s
           patch_size: int = o.Study.patch_size, dim: int = o.Study.dim, depth: int = o.Study.depth,
           heads: int = o.Study.heads, epochs: int = o.Study.epochs, batch_size: int = o.Study.batch_size,
           lr: float = o.Study.lr, shift: int = o.Study.shift, flip: bool = o.Study.flip, steps1: int = o.Study.steps1,
-          steps2: int = o.Study.steps2, progress: bool = o.PROGRESS):
+          steps2: int = o.Study.steps2, device: str = o.DEVICE, progress: bool = o.PROGRESS):
     """The small-scale study (docs/method.md §8): does stochastic depth make ViTs block-recurrent? Trains one ViT per
     (p, seed), then phases, Raptor fits vs random partitions, layer swaps and correlations (Figures 3 and 4)."""
     options = dict(locals())

@@ -48,7 +48,7 @@ LOG_TO = typer.Option("jsonl", help="Live tracking, any of jsonl,tensorboard,wan
 LOG_EVERY = typer.Option(1, help="TensorBoard / wandb scalars every N steps (log.jsonl keeps every step)")  # fit
 VAL_IMAGES = typer.Option(128, help="Whole images held out for validation")  # fit, ablation
 SEED = typer.Option(0)  # fit, ablation
-DEVICE = typer.Option("auto", help=DEVICE_HELP)  # extract, fit, analyze, zoo, dynamics
+DEVICE = typer.Option("auto", help=DEVICE_HELP)  # extract, fit, analyze, zoo, dynamics, study
 PROGRESS_BAR = typer.Option(True, help="Show a progress bar")  # extract, analyze
 PROGRESS_BARS = typer.Option(True, help="Show progress bars")  # fit, probe, dynamics
 PROGRESS = typer.Option(True, help="Show progress")  # study, ablation

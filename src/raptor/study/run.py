@@ -24,6 +24,7 @@ import torch
 from raptor.config import atomic_write_text, save_config, to_dict
 from raptor.data import ImageItem, ImageSource
 from raptor.data.sampling import check_sample_order
+from raptor.distributed import resolve_device
 from raptor.errors import RaptorError, check_positive
 from raptor.lifecycle import command_run
 from raptor.outputs import safe_name
@@ -85,6 +86,7 @@ class StudyConfig:
     vit: ViTConfig = field(default_factory=ViTConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fit: FitBudget = field(default_factory=FitBudget)
+    device: str = "auto"  # the ViTs' training, the similarity pass, extraction and the Raptor fits
 
     def check(self) -> None:
         if not self.sd or not self.seeds or not self.ks:
@@ -178,7 +180,8 @@ def null_comparison(dp: dict, null: list[dict], keys=("r2_mean", "accuracy")) ->
 
 
 def _similarity(teacher, x: torch.Tensor, layout) -> np.ndarray:
-    acc = SimilarityAccumulator(layout, list(range(1, teacher.depth + 1)), cka_groups=(), token_groups=())
+    acc = SimilarityAccumulator(layout, list(range(1, teacher.depth + 1)), cka_groups=(), token_groups=(),
+                                device=x.device)
     for s in range(0, len(x), 128):
         acc.update(teacher.trajectory(x[s:s + 128], layers=range(1, teacher.depth + 1)))
     return acc.result().distance("paper_cosine_distance")
@@ -198,7 +201,7 @@ def _phase_analysis(D: np.ndarray, ks) -> dict:
 
 
 def _surrogate_accuracy(run: Path, teacher, x: torch.Tensor, y: torch.Tensor, layout) -> float:
-    model = FitRun(run).model(teacher)
+    model = FitRun(run).model(teacher).to(x.device)
     return head_top1(teacher, x, y, layout, lambda h: model(h)[-1])
 
 
@@ -225,7 +228,7 @@ def _fit(cfg: StudyConfig, teacher_spec: str, store: Path, phases, out: Path, se
     fc = FitConfig(teacher=teacher_spec, data=None, store=str(store), out=str(out), phases=phases,
                    steps1=b.steps1, steps2=b.steps2, batch_size=b.batch_size, lr=b.lr, lr2=b.lr2,
                    val_images=b.val_images, stats_images=b.stats_images, probe_data=None, seed=seed,
-                   stage2_weights=b.stage2_weights, ckpt_every=max(b.steps1, b.steps2))
+                   stage2_weights=b.stage2_weights, ckpt_every=max(b.steps1, b.steps2), device=cfg.device)
     if (out / "metrics.json").is_file():
         m = json.loads((out / "metrics.json").read_text())
     else:
@@ -283,7 +286,8 @@ def _one_run(cfg: StudyConfig, p: float, seed: int, data, run_dir: Path, progres
     summary = train_vit(cfg.vit, cfg.train, p, seed, x_tr, y_tr, x_te, y_te, run_dir / "vit", tf.mean, tf.std,
                         progress=progress)
     spec = f"hf:{(run_dir / 'vit' / 'model').resolve()}"
-    teacher = load_teacher(spec)
+    device = x_te.device  # run_study put the data on --device
+    teacher = load_teacher(spec).to(device)
     layout = teacher.layout(cfg.vit.image_size)
     D = _similarity(teacher, x_te, layout)
     phases = _phase_analysis(D, cfg.ks)
@@ -291,7 +295,7 @@ def _one_run(cfg: StudyConfig, p: float, seed: int, data, run_dir: Path, progres
     # need not fit their own logistic-regression probes
     unlabelled = [ImageItem(it.id, it.load) for it in data.items_train]
     extract(teacher, ImageSource(data.source.spec, unlabelled), store, dtype="float32", image_size=cfg.vit.image_size,
-            progress=False)
+            progress=False, device=device)
     fits: dict = {}
     for k in cfg.ks:
         dp_ph = phases["dp"][str(k)]["phases"]
@@ -446,8 +450,10 @@ def run_study(cfg: StudyConfig, progress: bool = True, after_run=None) -> dict:
     """Run or resume the sweep. ``after_run(name)`` is called after each finished (p, seed) (tests use it to
     interrupt)."""
     cfg.check()
+    device = resolve_device(cfg.device)  # a missing GPU is refused before anything is read or written
     out = Path(cfg.out)
     data = load_split(cfg.data, cfg.vit.image_size, limit=cfg.limit, sample_seed=cfg.sample_seed, sample=cfg.sample)
+    data = data._replace(**{f: getattr(data, f).to(device) for f in ("x_train", "y_train", "x_test", "y_test")})
     prev = out / "config.json"
     if prev.is_file():  # a resumed sweep must be the same sweep (new p or seeds may be added)
         old = json.loads(prev.read_text())

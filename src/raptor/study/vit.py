@@ -97,7 +97,7 @@ def augment(x: torch.Tensor, shift: int, flip: bool, g: torch.Generator) -> torc
         dx = torch.randint(0, 2 * shift + 1, (B,), generator=g)
         x = torch.stack([pad[i, :, dy[i]:dy[i] + H, dx[i]:dx[i] + W] for i in range(B)])
     if flip:
-        mask = torch.rand(x.shape[0], generator=g) < 0.5
+        mask = (torch.rand(x.shape[0], generator=g) < 0.5).to(x.device)
         x = torch.where(mask[:, None, None, None], x.flip(-1), x)
     return x
 
@@ -127,12 +127,14 @@ def train_vit(vcfg: ViTConfig, tcfg: TrainConfig, drop_path: float, seed: int, x
               y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor, out: Path, mean, std,
               progress: bool = True) -> dict:
     """Train (or resume) one ViT into ``out``: ``out/model`` (the HF dir, the teacher) and ``out/train.json``
-    (written last) when done; ``out/checkpoints`` while running. Returns the training summary."""
+    (written last) when done; ``out/checkpoints`` while running. Returns the training summary. The ViT trains on
+    the device of ``x_train`` (initialised on the CPU, so its starting weights are the same on every device; the
+    batch order and augmentation come from CPU generators, the drop-path masks from the device's)."""
     done = out / "train.json"
     if done.is_file():
         return json.loads(done.read_text())
     n_classes = int(y_train.max()) + 1
-    model = build_model(vcfg, n_classes, drop_path, seed)
+    model = build_model(vcfg, n_classes, drop_path, seed).to(x_train.device)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embeddings" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embeddings" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tcfg.weight_decay},
