@@ -196,15 +196,17 @@ def test_probe_arguments(capsys):
            epochs=field(["1", "2"], BAD_INT), batch=field(["2", "64"], BAD_INT),
            size=field(["28"], ["13", "0", "-14"]), limit=field(["4"], BAD_INT), splice=field([], ["0:2", "x", "2:1"]),
            layer=field(["1"], ["-1", "99", "x"]), wd=field(["0"], ["-1", "nan"]),
-           init=field([], ["teacher", "/no/head.pth"]), sample=field(["sorted", "random"], ["bogus"]))
-    def draw(task, backbone, data, seeds, lrs, epochs, batch, size, limit, splice, layer, wd, init, sample):
+           init=field([], ["teacher", "/no/head.pth"]), sample=field(["sorted", "random"], ["bogus"]),
+           log_to=field(["jsonl", "jsonl,tensorboard"], ["csv", ",x"]), log_every=field(["2"], ["0", "x"]))
+    def draw(task, backbone, data, seeds, lrs, epochs, batch, size, limit, splice, layer, wd, init, sample, log_to,
+             log_every):
         out = BASE / f"probe-{next(_n)}"
         default_data = {"seg": "bundled:digit-seg", "depth": "bundled:scenes"}.get(task, "bundled:lfw")
         _check(_argv("probe", ["--out", str(out), "--no-progress"],
                      {"--task": task, "--backbone": backbone, "--data": data, "--seeds": seeds, "--lrs": lrs,
                       "--epochs": epochs, "--batch-size": batch, "--image-size": size, "--limit": limit,
                       "--splice": splice, "--layer": layer, "--weight-decay": wd, "--init-head": init,
-                      "--sample": sample},
+                      "--sample": sample, "--log-to": log_to, "--log-every": log_every},
                      {"--task": "cls", "--backbone": "tiny:dinov2", "--data": default_data, "--seeds": "0",
                       "--epochs": "1", "--image-size": "28", "--limit": "6"}), capsys, codes)
         if out.is_dir():
@@ -228,12 +230,13 @@ def test_dynamics_arguments(capsys):
                         [str(PHASE_FILES[n]) for n in ("empty", "depth", "nonjson", "shape", "dict")]),
            perturb=field(["2"], BAD_INT), ranks=field(["3"], BAD_INT), knn=field(["1", "3"], BAD_INT),
            space=field(["raw", "normed"], ["", "log"]), size=field(["28"], ["13", "0", "-14"]),
-           nulls=field(["0", "2"], ["-1", "1", "101", "x"]))
-    def draw(teacher, data, limit, batch, eps, inject, phases, perturb, ranks, knn, space, size, nulls):
+           nulls=field(["0", "2"], ["-1", "1", "101", "x"]), device=field(["cpu", "auto"], ["tpu", ""]))
+    def draw(teacher, data, limit, batch, eps, inject, phases, perturb, ranks, knn, space, size, nulls, device):
         _check(_argv("dynamics", ["--out", str(BASE / f"dyn-{next(_n)}"), "--no-progress"],
                      {"--teacher": teacher, "--data": data, "--limit": limit, "--batch-size": batch, "--eps": eps,
                       "--inject": inject, "--phases": phases, "--perturb-images": perturb, "--rank-images": ranks,
-                      "--knn-k": knn, "--space": space, "--image-size": size, "--null-draws": nulls},
+                      "--knn-k": knn, "--space": space, "--image-size": size, "--null-draws": nulls,
+                      "--device": device},
                      {"--teacher": "tiny:dinov2", "--data": "bundled:lfw", "--limit": "4"}), capsys, codes)
 
     draw()

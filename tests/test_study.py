@@ -241,6 +241,7 @@ def test_layer_swap_with_itself_changes_nothing(digits8):
     (["--data", "bundled:photos"], "unlabelled"), (["--sd", "x"], "--sd"), (["--depth", "2"], "depth"),
     (["--image-size", "10"], "multiple"), (["--epochs", "0"], "epochs"), (["--random", "-1"], "--random"),
     (["--device", "cuda"], "sees no CUDA GPU"), (["--device", "tpu"], "bad --device"),
+    (["--log-to", "csv"], "bad --log-to"), (["--log-every", "0"], "--log-every must be >= 1"),
 ])
 def test_study_bad_input_is_one_error_line(tmp_path, capsys, monkeypatch, args, needle):
     from raptor.cli import run

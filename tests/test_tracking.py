@@ -1,6 +1,6 @@
 """Live tracking of a fit (raptor.tracking): log.jsonl is the loss history (checkpoints keep only how far it goes),
 TensorBoard events equal it, a wandb run (offline) keeps its id across a resume, and a resumed run's logs read as one
-uninterrupted run."""
+uninterrupted run; a probe and a study log their own metrics once each."""
 
 from __future__ import annotations
 
@@ -117,3 +117,62 @@ def test_parallel_blocks_log_every_block_in_global_step_order(tmp_path):
         == m["loss_history"]
     tb = _tb_scalars(tmp_path / "par" / "tensorboard")
     assert sorted(tb["loss/stage1/block1"]) == [4, 5, 6, 7]
+
+
+def test_probe_logs_each_seed_once_to_jsonl_and_tensorboard(tmp_path):
+    """``probe --log-to``: per seed, its validation curve per learning rate (step = epoch) and its test score
+    (step = seed), equal to results.jsonl; a re-run with one more seed logs only that seed."""
+    from raptor.probes.run import ProbeConfig, read_results, run_probe
+
+    out = tmp_path / "p"
+    lrs = (1e-2, 1e-3)
+    cfg = dict(task="cls", backbone="tiny:vit", data="bundled:lfw", out=str(out), limit=40, epochs=3, lrs=lrs,
+               log_to=("jsonl", "tensorboard"))
+    run_probe(ProbeConfig(**cfg, seeds=(0, 1)), progress=False)
+    run_probe(ProbeConfig(**cfg, seeds=(0, 1, 2)), progress=False)
+    recs = read_results(out / "results.jsonl")
+    log = [r for r in read_log(out) if r["kind"] == "metrics"]
+    finals = [r for r in log if "/seed" not in r["item"]]
+    assert [r["seed"] for r in finals] == [r["seed"] for r in recs] == [0, 1, 2]
+    tb = _tb_scalars(out / "tensorboard")
+    for rec, final in zip(recs, finals):
+        metric = rec["metric"]
+        assert final["values"][f"test_{metric}"] == pytest.approx(rec["value"]) and final["backbone"] == rec["backbone"]
+        curve = [r for r in log if r["item"] == f"{final['item']}/seed{rec['seed']}"]
+        assert [r["step"] for r in curve] == list(range(len(rec["history"]["val"][0])))
+        for g, lr in enumerate(lrs):
+            key = f"val_{metric}/lr_{lr:g}"
+            assert [r["values"][key] for r in curve] == pytest.approx(rec["history"]["val"][g])
+            assert tb[f"{curve[0]['item']}/{key}"] == pytest.approx(dict(enumerate(rec["history"]["val"][g])))
+    assert tb[f"{finals[0]['item']}/test_{recs[0]['metric']}"] == pytest.approx({r["seed"]: r["value"] for r in recs})
+
+
+@pytest.mark.slow
+def test_study_logs_each_vit_epoch_and_each_finished_run_once(tmp_path):
+    """``study --log-to``: each ViT's training loss per epoch (equal to its train.json) and each finished run's
+    scores (equal to study.json); a second call on the finished sweep logs nothing more."""
+    from raptor.study.run import FitBudget, StudyConfig, run_study
+    from raptor.study.vit import TrainConfig, ViTConfig
+
+    out = tmp_path / "s"
+    cfg = StudyConfig(data="bundled:digits", out=str(out), sd=(0.0, 0.5), seeds=(0,), ks=(2,), random_partitions=0,
+                      swap_samples=0, references=False, limit=120,
+                      vit=ViTConfig(image_size=8, patch_size=4, dim=16, depth=4, heads=2),
+                      train=TrainConfig(epochs=2, batch_size=32),
+                      fit=FitBudget(steps1=2, steps2=1, batch_size=8, val_images=16, stats_images=32),
+                      log_to=("jsonl", "tensorboard"))
+    study = run_study(cfg, progress=False)
+    first = read_log(out)
+    run_study(cfg, progress=False)
+    assert read_log(out) == first
+    for i, r in enumerate(study["runs"]):
+        name = f"p{r['p']:g}_s{r['seed']}"
+        vit = [x for x in first if x["item"] == f"vit/{name}"]
+        assert [(x["step"], x["values"]["train_loss"]) for x in vit] == [
+            (h["epoch"], pytest.approx(h["train_loss"])) for h in r["train"]["history"]]
+        (row,) = [x for x in first if x["item"] == "study" and x["step"] == i]
+        assert row["values"]["teacher_accuracy"] == pytest.approx(r["teacher_accuracy"])
+        assert row["values"]["raptor_k2_r2_mean"] == pytest.approx(r["fits"]["2"]["dp"]["r2_mean"])
+    tb = _tb_scalars(out / "tensorboard")
+    acc = {i: r["teacher_accuracy"] for i, r in enumerate(study["runs"])}
+    assert tb["study/teacher_accuracy"] == pytest.approx(acc)

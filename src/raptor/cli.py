@@ -31,10 +31,9 @@ def extract(teacher: str = o.TEACHER, data: str = o.Extract.data, out: Path = o.
             sample_seed: int = o.SAMPLE_SEED, batch_size: int | None = o.Extract.batch_size,
             chunk_images: int | None = o.Extract.chunk_images, layers: str | None = o.Extract.layers,
             image_size: int | None = o.Extract.image_size, transform: str = o.TRANSFORM,
-            compression: str = o.Extract.compression,
-            autocast: str | None = o.Extract.autocast, head: str | None = o.Extract.head,
-            workers: int | None = o.Extract.workers, device: str = o.DEVICE, config: Path | None = o.CONFIG,
-            progress: bool = o.PROGRESS_BAR):
+            compression: str = o.Extract.compression, autocast: str | None = o.Extract.autocast,
+            head: str | None = o.Extract.head, workers: int | None = o.Extract.workers, device: str = o.DEVICE,
+            config: Path | None = o.CONFIG, progress: bool = o.PROGRESS_BAR):
     """Store every image's trajectory (layers 0..L, all tokens) in a resumable zarr v3 store. Runs under
     torchrun --nproc-per-node N: the ranks extract disjoint chunks into the one store."""
     from raptor.store.extraction import ExtractConfig, run_extract
@@ -53,12 +52,11 @@ def analyze(teacher: str = o.TEACHER, data: str = o.DATA_PHOTOS, out: Path = o.O
             store: Path | None = o.Analyze.store, limit: int | None = o.LIMIT_ROWS, sample: str = o.SAMPLE,
             sample_seed: int = o.SAMPLE_SEED, batch_size: int = o.BATCH_SIZE,
             image_size: int | None = o.Analyze.image_size, transform: str = o.TRANSFORM,
-            layers: str | None = o.Analyze.layers,
-            cka_groups: str = o.Analyze.cka_groups, k_max: int = o.Analyze.k_max, k_rule: str = o.Analyze.k_rule,
-            k_frac: float = o.Analyze.k_frac, maxcut_variant: str = o.Analyze.maxcut_variant,
-            autocast: str | None = o.Analyze.autocast, head: str | None = o.Analyze.head,
-            null_resamples: int = o.Analyze.null_resamples, device: str = o.DEVICE, config: Path | None = o.CONFIG,
-            progress: bool = o.PROGRESS_BAR):
+            layers: str | None = o.Analyze.layers, cka_groups: str = o.Analyze.cka_groups, k_max: int = o.Analyze.k_max,
+            k_rule: str = o.Analyze.k_rule, k_frac: float = o.Analyze.k_frac,
+            maxcut_variant: str = o.Analyze.maxcut_variant, autocast: str | None = o.Analyze.autocast,
+            head: str | None = o.Analyze.head, null_resamples: int = o.Analyze.null_resamples, device: str = o.DEVICE,
+            config: Path | None = o.CONFIG, progress: bool = o.PROGRESS_BAR):
     """Layer x layer similarity (paper metric, MSE, CKA, token cosine) and phases of depth (DP + max-cut)."""
     options = dict(locals())
     from raptor.analyze import AnalyzeConfig, console_summary, run_analyze
@@ -82,13 +80,13 @@ def fit(teacher: str = o.TEACHER, data: str | None = o.DATA_ONLINE, store: Path 
         autocast: str | None = o.AUTOCAST_TRAIN, image_size: int | None = o.IMAGE_SIZE_ONLINE,
         transform: str = o.TRANSFORM, limit: int | None = o.Fit.limit, sample: str = o.SAMPLE,
         sample_seed: int = o.SAMPLE_SEED, val_images: int = o.VAL_IMAGES, val_data: str | None = o.Fit.val_data,
-        val_crops: int = o.Fit.val_crops,
-        stats_images: int = o.Fit.stats_images, probe_data: str | None = o.Fit.probe_data,
-        probe_limit: int = o.Fit.probe_limit, seed: int = o.SEED, ckpt_every: int = o.Fit.ckpt_every,
-        val_every: int = o.Fit.val_every, resume: bool = o.Fit.resume, workers: int = o.Fit.workers,
-        device: str = o.DEVICE, compile: bool = o.Fit.compile, parallel_blocks: bool = o.Fit.parallel_blocks,
-        store_cache_gb: float = o.Fit.store_cache_gb, log_to: str = o.LOG_TO, log_every: int = o.LOG_EVERY,
-        config: Path | None = o.CONFIG, progress: bool = o.PROGRESS_BARS):
+        val_crops: int = o.Fit.val_crops, stats_images: int = o.Fit.stats_images,
+        probe_data: str | None = o.Fit.probe_data, probe_limit: int = o.Fit.probe_limit, seed: int = o.SEED,
+        ckpt_every: int = o.Fit.ckpt_every, val_every: int = o.Fit.val_every, resume: bool = o.Fit.resume,
+        workers: int = o.Fit.workers, device: str = o.DEVICE, compile: bool = o.Fit.compile,
+        parallel_blocks: bool = o.Fit.parallel_blocks, store_cache_gb: float = o.Fit.store_cache_gb,
+        log_to: str = o.LOG_TO, log_every: int = o.LOG_EVERY, config: Path | None = o.CONFIG,
+        progress: bool = o.PROGRESS_BARS):
     """Train a Raptor surrogate (stage 1 per block, stage 2 joint) and validate it against the teacher.
     Runs under torchrun --nproc-per-node N (data-parallel, DDP; gloo on CPU, NCCL on GPU)."""
     options = dict(locals())  # each option named like a FitConfig field goes into the config (o.fit_config)
@@ -113,14 +111,14 @@ def fit_report(runs: list[Path] = o.FitReport.runs, out: Path | None = o.FitRepo
 
 @app.command()
 def probe(task: str | None = o.Probe.task, backbone: str | None = o.Probe.backbone, data: str | None = o.Probe.data,
-          out: Path = o.Probe.out,
-          seeds: str = o.Probe.seeds, splice: str | None = o.Probe.splice, layer: int | None = o.Probe.layer,
-          image_size: int | None = o.Probe.image_size, transform: str = o.TRANSFORM, lrs: str | None = o.Probe.lrs,
-          epochs: int | None = o.Probe.epochs, batch_size: int | None = o.Probe.batch_size,
-          weight_decay: float | None = o.Probe.weight_decay, init_head: str | None = o.Probe.init_head,
-          cache: Path | None = o.Probe.cache, limit: int | None = o.Probe.limit, sample: str = o.SAMPLE,
-          sample_seed: int = o.SAMPLE_SEED, standardize: bool = o.Probe.standardize, device: str = o.Probe.device,
-          config: Path | None = o.CONFIG, progress: bool = o.PROGRESS_BARS):
+          out: Path = o.Probe.out, seeds: str = o.Probe.seeds, splice: str | None = o.Probe.splice,
+          layer: int | None = o.Probe.layer, image_size: int | None = o.Probe.image_size, transform: str = o.TRANSFORM,
+          lrs: str | None = o.Probe.lrs, epochs: int | None = o.Probe.epochs,
+          batch_size: int | None = o.Probe.batch_size, weight_decay: float | None = o.Probe.weight_decay,
+          init_head: str | None = o.Probe.init_head, cache: Path | None = o.Probe.cache,
+          limit: int | None = o.Probe.limit, sample: str = o.SAMPLE, sample_seed: int = o.SAMPLE_SEED,
+          standardize: bool = o.Probe.standardize, device: str = o.Probe.device, log_to: str | None = o.TRACK,
+          log_every: int = o.TRACK_EVERY, config: Path | None = o.CONFIG, progress: bool = o.PROGRESS_BARS):
     """Linear probes (the paper's Table-1 protocols) on cached features of a teacher, a surrogate or a splice.
     Runs under torchrun --nproc-per-node N: the ranks share the feature passes."""
     options = dict(locals())
@@ -166,7 +164,8 @@ def study(data: str = o.Study.data, out: Path = o.Study.out, sd: str = o.Study.s
           patch_size: int = o.Study.patch_size, dim: int = o.Study.dim, depth: int = o.Study.depth,
           heads: int = o.Study.heads, epochs: int = o.Study.epochs, batch_size: int = o.Study.batch_size,
           lr: float = o.Study.lr, shift: int = o.Study.shift, flip: bool = o.Study.flip, steps1: int = o.Study.steps1,
-          steps2: int = o.Study.steps2, device: str = o.DEVICE, progress: bool = o.PROGRESS):
+          steps2: int = o.Study.steps2, device: str = o.DEVICE, log_to: str | None = o.TRACK,
+          log_every: int = o.TRACK_EVERY, progress: bool = o.PROGRESS):
     """The small-scale study (docs/method.md §8): does stochastic depth make ViTs block-recurrent? Trains one ViT per
     (p, seed), then phases, Raptor fits vs random partitions, layer swaps and correlations (Figures 3 and 4)."""
     options = dict(locals())

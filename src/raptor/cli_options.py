@@ -46,6 +46,12 @@ LOG_TO = typer.Option("jsonl", help="Live tracking, any of jsonl,tensorboard,wan
                       "history), TensorBoard events in OUT/tensorboard (needs tensorboardX), a wandb run (needs wandb; "
                       "WANDB_MODE=offline works offline); a resumed run continues the same logs")  # fit
 LOG_EVERY = typer.Option(1, help="TensorBoard / wandb scalars every N steps (log.jsonl keeps every step)")  # fit
+TRACK = typer.Option(None, "--log-to", help="Live tracking, any of jsonl,tensorboard,wandb (default: none): "
+                     "OUT/log.jsonl, TensorBoard events in OUT/tensorboard, a wandb run (one per OUT, continued by "
+                     "later runs into it): probe: each seed's validation curves and test score; study: each ViT's "
+                     "training loss per epoch and each finished run's scores")  # probe, study
+TRACK_EVERY = typer.Option(1, "--log-every", help="TensorBoard / wandb scalars every N epochs (log.jsonl keeps every "
+                           "one)")  # probe, study
 VAL_IMAGES = typer.Option(128, help="Whole images held out for validation")  # fit, ablation
 SEED = typer.Option(0)  # fit, ablation
 DEVICE = typer.Option("auto", help=DEVICE_HELP)  # extract, fit, analyze, zoo, dynamics, study
@@ -287,6 +293,10 @@ def config_from(cls: type, options: dict[str, Any], **converted: Any) -> Any:
     as given (a path as a string, as configs hold paths), ``converted`` (the options parsed or renamed) over them;
     then the settings of ``--config`` (``options["config"]``) where the command line did not give them."""
     names = {f.name for f in dataclasses.fields(cls)}
+    if "log_to" in names and "log_to" in options and "log_to" not in converted:  # --log-to a,b (None: no tracking)
+        from raptor.tracking import parse_log_to
+
+        converted["log_to"] = parse_log_to(options["log_to"]) if options["log_to"] else ()
     cfg = cls(**{**{n: _plain(v) for n, v in options.items() if n in names}, **converted})
     return with_config_file(cfg, options.get("config"))
 

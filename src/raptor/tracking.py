@@ -1,4 +1,7 @@
 """Live tracking of a training run: ``--log-to jsonl,tensorboard,wandb`` (any subset) every ``--log-every`` steps.
+``raptor fit`` logs its steps and validations; ``raptor probe`` and ``raptor study`` log named metrics
+(:meth:`Tracker.log_metrics`: each probe's validation curve per learning rate and its test score; each ViT's training
+loss per epoch and each finished run's teacher accuracy, block similarity and Raptor scores).
 
 - ``jsonl`` (always on for ``raptor fit``): ``OUT/log.jsonl``, one line per logged step (work item, step, global
   step, loss, learning rate, images/s) and per validation (the held-out image-specific R²). It is the run's loss
@@ -133,6 +136,15 @@ class Tracker:
         self._write({"kind": "val", "item": item, "step": step, "global_step": global_step,
                      "r2_image_specific": r2})
         self._scalars({f"val/r2_image_specific/{item}": r2}, global_step)
+
+    def log_metrics(self, item: str, step: int, scalars: dict, **context) -> None:
+        """Named scalars of one work item at one step (its own step axis: a probe's epochs, a study's runs):
+        a ``{"kind": "metrics", "item", "step", "values", ...context}`` line in log.jsonl, and ``<item>/<name>``
+        scalars in TensorBoard / wandb (every ``--log-every``-th step of the item, and always its last)."""
+        values = {k: float(v) for k, v in scalars.items() if v is not None}
+        self._write({"kind": "metrics", "item": item, "step": step, "values": values, **context})
+        if step % self.every == 0 or context.get("last"):
+            self._scalars({f"{item}/{k}": v for k, v in values.items()}, step)
 
     def _scalars(self, scalars: dict, step: int) -> None:
         if self._tb is not None:

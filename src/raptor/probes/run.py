@@ -8,6 +8,7 @@ typed config of each run) and ``curves/*.png`` (validation score per learning ra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -30,6 +31,7 @@ from raptor.probes.features import DenseTransform, split_features, transform_for
 from raptor.probes.train import DEFAULT_RECIPES, METRICS, DenseGeometry, Recipe, prior_baseline, train_probe
 from raptor.progress import progress_bar
 from raptor.teachers.dinov2_pth import load_linear_head, load_state_file
+from raptor.tracking import Tracker, check_log_to
 
 RESULTS = "results.jsonl"
 
@@ -57,6 +59,8 @@ class ProbeConfig:
     feature_batch: int = 32
     device: str = "auto"                        # the feature passes' device (the heads train on the CPU)
     standardize: bool = True                    # z-score features with training-split statistics (train.py)
+    log_to: tuple[str, ...] = ()                # live tracking (raptor.tracking): any of jsonl, tensorboard, wandb
+    log_every: int = 1                          # every N epochs of the validation curves (the last always)
     recipe: dict = field(default_factory=dict)  # filled in: the recipe actually used
 
     def check(self) -> None:
@@ -73,6 +77,9 @@ class ProbeConfig:
 
         check_sample_order(self.sample)
         check_transform(self.transform)
+        if self.log_to:
+            check_log_to(self.log_to)
+        check_positive(log_every=self.log_every)
         if self.transform != "paper" and self.task != "cls":
             raise RaptorError("--transform model is for --task cls (dense tasks keep the whole image, padded)")
         if self.weight_decay is not None and not self.weight_decay >= 0:
@@ -213,8 +220,9 @@ def _run(cfg: ProbeConfig, spec, data, recipe: Recipe, out: Path, progress: bool
     counts = {s: int(np.asarray(arrays[s]["valid"]).sum()) for s in arrays}
     name, higher = METRICS[cfg.task]
     prior = prior_baseline(cfg.task, arrays, geo, data.n_classes)
+    tracker = Tracker(out, cfg.log_to, every=cfg.log_every, config=to_dict(cfg)) if cfg.log_to else None
     with progress_bar(len(todo) * recipe.epochs, f"probes {bb.label} · {cfg.task} · {len(recipe.lrs)} lrs", "epoch",
-                      enabled=progress) as bar:
+                      enabled=progress) as bar, (tracker or contextlib.nullcontext()):
         for i, seed in enumerate(todo):
             t1 = time.perf_counter()
             res = train_probe(cfg.task, arrays, recipe, seed, geo=geo, n_classes=data.n_classes, init=init, bar=bar)
@@ -227,9 +235,27 @@ def _run(cfg: ProbeConfig, spec, data, recipe: Recipe, out: Path, progress: bool
                    "data_about": data.about, "config": to_dict(cfg)}
             append_line(out / RESULTS, rec)
             records.append(rec)
+            if tracker is not None:
+                _track(tracker, slug, rec, recipe)
             if i == 0:
                 _curves(out / "curves" / f"{slug}.png", res, recipe, f"{bb.label} · {cfg.task} · {data.spec}")
     return sorted(records, key=lambda r: cfg.seeds.index(r["seed"]))
+
+
+def _track(tracker: Tracker, slug: str, rec: dict, recipe: Recipe) -> None:
+    """A finished seed: its validation curve per learning rate (step = epoch, 0 = before training) and its test
+    score with the selected learning rate and epoch (step = seed), logged once the seed's line is in results.jsonl
+    (a killed seed logs nothing, so a re-run logs it once)."""
+    ctx = {"backbone": rec["backbone"], "task": rec["task"], "data": rec["data"], "seed": rec["seed"]}
+    curves = rec["history"]["val"]
+    n = len(curves[0]) if curves else 0
+    for epoch in range(n):
+        tracker.log_metrics(f"probe/{slug}/seed{rec['seed']}", epoch,
+                            {f"val_{rec['metric']}/lr_{lr:g}": curves[g][epoch] for g, lr in enumerate(recipe.lrs)},
+                            last=epoch == n - 1, **ctx)
+    tracker.log_metrics(f"probe/{slug}", rec["seed"], {f"test_{rec['metric']}": rec["value"],
+                                                      "best_lr": rec["best"]["lr"], "best_epoch": rec["best"]["epoch"]},
+                        last=True, **ctx)
 
 
 def _init_head(cfg: ProbeConfig, teacher):

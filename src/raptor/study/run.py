@@ -12,6 +12,7 @@ interrupted sweep resumes where it stopped without retraining anything finished.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -45,6 +46,7 @@ from raptor.surrogate.config import FitConfig
 from raptor.surrogate.fit import run_fit
 from raptor.surrogate.run_dir import FitRun
 from raptor.teachers import load_teacher
+from raptor.tracking import Tracker, check_log_to
 
 PRIMARY = "mean_layer_similarity"
 # the nulls the DP phases are compared with (``--partitions``): "random" = any contiguous partition of the same k
@@ -87,6 +89,8 @@ class StudyConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     fit: FitBudget = field(default_factory=FitBudget)
     device: str = "auto"  # the ViTs' training, the similarity pass, extraction and the Raptor fits
+    log_to: tuple[str, ...] = ()  # live tracking (raptor.tracking): any of jsonl, tensorboard, wandb
+    log_every: int = 1  # TensorBoard / wandb: every N epochs of a ViT's training loss
 
     def check(self) -> None:
         if not self.sd or not self.seeds or not self.ks:
@@ -112,8 +116,11 @@ class StudyConfig:
                               f"{','.join(self.partitions)}")
 
         check_sample_order(self.sample)
-        check_positive(limit=self.limit, **{k: v for k, v in asdict(self.fit).items() if k in
-                                            ("steps1", "steps2", "batch_size", "val_images", "stats_images")})
+        check_positive(limit=self.limit, log_every=self.log_every, **{k: v for k, v in asdict(self.fit).items() if k
+                                                                       in ("steps1", "steps2", "batch_size",
+                                                                           "val_images", "stats_images")})
+        if self.log_to:
+            check_log_to(self.log_to)
 
 
 def run_name(p: float, seed: int) -> str:
@@ -274,7 +281,7 @@ def _tag(res: dict, kind: str) -> dict:
 
 
 def _one_run(cfg: StudyConfig, p: float, seed: int, data, run_dir: Path, progress: bool,
-             vit_train: tuple | None = None) -> dict:
+             vit_train: tuple | None = None, tracker: Tracker | None = None) -> dict:
     done = run_dir / "result.json"
     if done.is_file():
         return _upgrade(json.loads(done.read_text()), run_dir)
@@ -283,8 +290,13 @@ def _one_run(cfg: StudyConfig, p: float, seed: int, data, run_dir: Path, progres
         x_tr, y_tr = vit_train
     t0 = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
+    on_epoch = None
+    if tracker is not None:
+        def on_epoch(epoch: int, loss: float) -> None:
+            tracker.log_metrics(f"vit/{run_dir.name}", epoch, {"train_loss": loss}, p=p, seed=seed,
+                                last=epoch == cfg.train.epochs)
     summary = train_vit(cfg.vit, cfg.train, p, seed, x_tr, y_tr, x_te, y_te, run_dir / "vit", tf.mean, tf.std,
-                        progress=progress)
+                        progress=progress, on_epoch=on_epoch)
     spec = f"hf:{(run_dir / 'vit' / 'model').resolve()}"
     device = x_te.device  # run_study put the data on --device
     teacher = load_teacher(spec).to(device)
@@ -320,6 +332,18 @@ def _one_run(cfg: StudyConfig, p: float, seed: int, data, run_dir: Path, progres
               "phases": phases, "fits": fits, "swap": swap, "seconds": round(time.perf_counter() - t0, 1)}
     atomic_write_text(done, json.dumps(result, indent=1))
     return result
+
+
+def _track_run(tracker: Tracker, cfg: StudyConfig, i: int, r: dict) -> None:
+    """One finished (p, seed) run, at step = its place in the grid: teacher accuracy, block similarity and, per k,
+    the DP fit's R² and top-1 (and its gap to each partition null, in σ)."""
+    vals = {"p": r["p"], "teacher_accuracy": r["teacher_accuracy"], PRIMARY: r["phases"][PRIMARY]}
+    for k, f in r["fits"].items():
+        vals[f"raptor_k{k}_r2_mean"] = f["dp"]["r2_mean"]
+        vals[f"raptor_k{k}_top1"] = f["dp"]["accuracy"]
+        for family, c in f.get("nulls", {}).items():
+            vals[f"raptor_k{k}_r2_gap_sigma_vs_{family}"] = c["r2_mean"]["gap_sigma"]
+    tracker.log_metrics("study", i, vals, p=r["p"], seed=r["seed"], last=i == len(cfg.sd) * len(cfg.seeds) - 1)
 
 
 def _matched_swaps(teacher, x: torch.Tensor, y: torch.Tensor, layout, k: int, seed: int) -> dict:
@@ -472,15 +496,21 @@ def run_study(cfg: StudyConfig, progress: bool = True, after_run=None) -> dict:
     def has_progress(path: Path) -> bool:
         return (path / "runs").is_dir()
 
-    with command_run(out, has_progress=has_progress):
+    with command_run(out, has_progress=has_progress), contextlib.ExitStack() as stack:
         atomic_write_text(prev, json.dumps(to_dict(cfg), indent=1))
         save_config(cfg, out / "config.yaml")
+        tracker = Tracker(out, cfg.log_to, every=cfg.log_every, config=to_dict(cfg)) if cfg.log_to else None
+        if tracker is not None:
+            stack.callback(tracker.close)
         results = []
         grid = [(p, s) for p in cfg.sd for s in cfg.seeds]
         for i, (p, s) in enumerate(grid):
             name = run_name(p, s)
             t = time.perf_counter()
-            results.append(_one_run(cfg, p, s, data, out / "runs" / name, progress))
+            fresh = not (out / "runs" / name / "result.json").is_file()
+            results.append(_one_run(cfg, p, s, data, out / "runs" / name, progress, tracker=tracker))
+            if tracker is not None and fresh:  # a resumed sweep logs only the runs it finishes
+                _track_run(tracker, cfg, i, results[-1])
             if progress:
                 console.print(f"[{i + 1}/{len(grid)}] {name}: teacher top-1 {results[-1]['teacher_accuracy']:.3f}, "
                               f"{PRIMARY} {results[-1]['phases'][PRIMARY]:.3f}, Raptor k={min(cfg.ks)} R² "

@@ -125,11 +125,12 @@ def save_hf(model, out: Path, mean, std) -> None:
 
 def train_vit(vcfg: ViTConfig, tcfg: TrainConfig, drop_path: float, seed: int, x_train: torch.Tensor,
               y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor, out: Path, mean, std,
-              progress: bool = True) -> dict:
+              progress: bool = True, on_epoch=None) -> dict:
     """Train (or resume) one ViT into ``out``: ``out/model`` (the HF dir, the teacher) and ``out/train.json``
     (written last) when done; ``out/checkpoints`` while running. Returns the training summary. The ViT trains on
     the device of ``x_train`` (initialised on the CPU, so its starting weights are the same on every device; the
-    batch order and augmentation come from CPU generators, the drop-path masks from the device's)."""
+    batch order and augmentation come from CPU generators, the drop-path masks from the device's). ``on_epoch(epoch,
+    train_loss)`` is called after each epoch's checkpoint (1-based epochs; live tracking)."""
     done = out / "train.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -179,6 +180,8 @@ def train_vit(vcfg: ViTConfig, tcfg: TrainConfig, drop_path: float, seed: int, x
             history.append({"epoch": epoch + 1, "train_loss": loss_sum / len(x_train)})
             save_checkpoint(out / "checkpoints", f"epoch{epoch + 1:04d}", model, opt,
                             {"epoch": epoch + 1, "history": history})
+            if on_epoch is not None:
+                on_epoch(epoch + 1, history[-1]["train_loss"])
             bar.advance(1)
     model.eval()
     save_hf(model, out / "model", mean, std)
