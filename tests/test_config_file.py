@@ -87,3 +87,102 @@ def test_a_recipe_in_the_file_sets_its_hyper_parameters_and_values_are_checked(t
         one_error_line(capsys.readouterr().err, needle)
     assert cli.run(["probe", "--out", str(tmp_path / "pr")]) == 2
     one_error_line(capsys.readouterr().err, "--task is required (on the command line or in --config)")
+
+
+STUDY = ["study", "--data", "bundled:digits", "--limit", "120", "--sd", "0", "--seeds", "0", "--ks", "2", "--random",
+         "0", "--swap-samples", "0", "--no-references", "--image-size", "8", "--patch-size", "4", "--dim", "16",
+         "--depth", "4", "--heads", "2", "--epochs", "1", "--batch-size", "32", "--steps1", "2", "--steps2", "1",
+         "--no-progress"]
+
+
+@pytest.mark.slow
+def test_a_study_rerun_from_its_own_config_reproduces_it(tmp_path, capsys):
+    """The study's config.yaml nests the ViT, its training and the fit budget: a re-run from it reproduces the
+    sweep; a flag on the command line overrides a nested setting."""
+    assert cli.run([*STUDY, "--out", str(tmp_path / "a")]) == 0
+    assert cli.run(["study", "--config", str(tmp_path / "a" / "config.yaml"), "--out", str(tmp_path / "b"),
+                    "--no-progress"]) == 0
+    a, b = (json.loads((tmp_path / r / "study.json").read_text())["runs"][0] for r in ("a", "b"))
+    assert b["train"]["history"] == a["train"]["history"] and b["phases"] == a["phases"]
+    assert b["fits"]["2"]["dp"]["r2_mean"] == a["fits"]["2"]["dp"]["r2_mean"]
+    ca, cb = (yaml.safe_load((tmp_path / r / "config.yaml").read_text()) for r in ("a", "b"))
+    assert {k: v for k, v in ca.items() if k != "out"} == {k: v for k, v in cb.items() if k != "out"}
+    capsys.readouterr()
+
+
+def test_study_config_nested_settings_override_and_refusals(tmp_path, capsys, monkeypatch):
+    import raptor.study.run as study_run
+    from raptor.config import save_config, to_dict
+    from raptor.study.run import FitBudget, StudyConfig
+    from raptor.study.vit import TrainConfig, ViTConfig
+
+    seen = []
+
+    def fake(cfg, progress=True):
+        seen.append(cfg)
+        raise SystemExit(0)  # the config is what is tested; nothing runs
+
+    monkeypatch.setattr(study_run, "run_study", fake)
+    ref = StudyConfig(data="bundled:digits", out=str(tmp_path / "x"), sd=(0.0, 0.3), seeds=(1, 2), ks=(2, 3),
+                      random_partitions=4, swap_samples=3, references=False, limit=200,
+                      vit=ViTConfig(image_size=8, patch_size=4, dim=16, depth=6, heads=2),
+                      train=TrainConfig(epochs=7, batch_size=16, lr=1e-3, flip=True),
+                      fit=FitBudget(steps1=9, steps2=5, batch_size=12), log_to=("jsonl",))
+    f = tmp_path / "study.yaml"
+    save_config(ref, f)
+    with pytest.raises(SystemExit):
+        cli.run(["study", "--config", str(f), "--epochs", "3", "--random", "2", "--steps2", "4", "--out",
+                 str(tmp_path / "y"), "--no-progress"])
+    got = to_dict(seen[-1])
+    want = to_dict(ref)
+    want["out"] = str(tmp_path / "y")
+    want["train"]["epochs"], want["random_partitions"], want["fit"]["steps2"] = 3, 2, 4  # the flags win
+    assert got == want  # everything else from the file, the fit budget's own batch size included
+    for text, needle in (("train:\n  bogus: 1\n", "unknown key 'train.bogus'"),
+                         ("vit:\n  depth: x\n", "vit.depth must be an integer, got 'x'"),
+                         ("vit: 3\n", "vit must be a mapping of its settings"),
+                         ("fit:\n  steps1: [1]\n", "fit.steps1 must be an integer")):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        assert cli.run(["study", "--config", str(bad), "--out", str(tmp_path / "never"), "--no-progress"]) == 2
+        one_error_line(capsys.readouterr().err, needle)
+    assert not (tmp_path / "never").exists()
+
+
+def test_ablation_config_nests_the_full_model_and_replays(tmp_path, capsys, monkeypatch):
+    """The ablation's config.yaml (the full model's FitConfig under ``fit``, beside row 6's probe_data and
+    init_head) gives back the same AblationConfig; flags override nested FitConfig settings and a fit's own flat
+    config.yaml is taken as the full model."""
+    import raptor.ablation as ablation
+    from raptor.ablation import AblationConfig
+    from raptor.config import save_config, to_dict
+    from raptor.surrogate.config import FitConfig
+
+    seen = []
+    monkeypatch.setattr(ablation, "run_ablation", lambda cfg, progress=True: seen.append(cfg) or {"rows": []})
+    monkeypatch.setattr(ablation, "console_summary", lambda res, out: [])
+    fit = FitConfig(teacher="tiny:dinov2", data="bundled:digits", limit=60, phases=[[1, 2], [3]], steps1=3, steps2=2,
+                    batch_size=4, lr=2e-3, val_images=12, stats_images=16, probe_data=None, seed=5,
+                    out=str(tmp_path / "a"))
+    ref = AblationConfig(out=str(tmp_path / "a"), fit=fit, probe_data="bundled:digits", init_head="teacher")
+    save_config(ref, tmp_path / "abl.yaml")
+    assert cli.run(["ablation", "--config", str(tmp_path / "abl.yaml"), "--out", str(tmp_path / "a"),
+                    "--no-progress"]) == 0
+    assert to_dict(seen[-1]) == to_dict(ref)
+    assert cli.run(["ablation", "--config", str(tmp_path / "abl.yaml"), "--steps2", "1", "--out",
+                    str(tmp_path / "b"), "--no-progress"]) == 0
+    got = to_dict(seen[-1])
+    assert got["out"] == got["fit"]["out"] == str(tmp_path / "b") and got["fit"]["steps2"] == 1
+    assert got["fit"]["seed"] == 5 and got["fit"]["phases"] == [[1, 2], [3]] and got["init_head"] == "teacher"
+    save_config(fit, tmp_path / "fit.yaml")  # a fit's own config.yaml: the full model, no row 6
+    assert cli.run(["ablation", "--config", str(tmp_path / "fit.yaml"), "--out", str(tmp_path / "a"),
+                    "--no-progress"]) == 0
+    assert to_dict(seen[-1].fit) == to_dict(fit) and seen[-1].probe_data is None
+    (tmp_path / "bad.yaml").write_text("fit:\n  stepz: 1\n")
+    assert cli.run(["ablation", "--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "n"),
+                    "--no-progress"]) == 2
+    one_error_line(capsys.readouterr().err, "unknown key 'stepz'")
+    (tmp_path / "bad.yaml").write_text("fit: {}\nrows: 3\n")
+    assert cli.run(["ablation", "--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "n"),
+                    "--no-progress"]) == 2
+    one_error_line(capsys.readouterr().err, "unknown key 'rows'")

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from raptor.errors import RaptorError
 from raptor.phases import format_phases, parse_phases, phase_runs, validate_phases
@@ -147,6 +148,8 @@ def test_the_ablation_runs_its_cumulative_rows_and_resumes(tmp_path):
     md = (tmp_path / "a" / "ablation.md").read_text()
     assert "| teacher forcing only | `1_tf_only` | **" in md and "Row 6 (+ fine-tuned probe) was not run" in md
     assert (tmp_path / "a" / res["figure"]).stat().st_size > 1000
+    saved = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())  # replayable: raptor ablation --config
+    assert saved["fit"]["steps1"] == 3 and saved["probe_data"] is None and saved["out"] == str(tmp_path / "a")
     stamp = (tmp_path / "a" / "3_depth_scaling" / "metrics.json").stat().st_mtime_ns
     again = run_ablation(AblationConfig(out=str(tmp_path / "a"), fit=fit), progress=False)
     assert (tmp_path / "a" / "3_depth_scaling" / "metrics.json").stat().st_mtime_ns == stamp

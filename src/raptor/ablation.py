@@ -135,7 +135,7 @@ def run_ablation(cfg: AblationConfig, progress: bool = True) -> dict:
     res = {"config": {"fit": dataclasses.asdict(cfg.fit), "probe_data": cfg.probe_data, "init_head": cfg.init_head},
            "rows": rows, "paper": "camera-ready Table 1: Raptor k=3 on DINOv2-B, ImageNet-1k top-1 (%)"}
     res["figure"] = _plot(out / "ablation.png", rows)
-    save_config(cfg.fit, out / "config.yaml")
+    save_config(cfg, out / "config.yaml")  # nested: fit (the full model's FitConfig), probe_data, init_head
     atomic_write_text(out / "ablation.md", render(res))
     atomic_write_text(out / "ablation.json", json.dumps(res, indent=1))
     return res

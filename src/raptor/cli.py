@@ -165,7 +165,7 @@ def study(data: str = o.Study.data, out: Path = o.Study.out, sd: str = o.Study.s
           heads: int = o.Study.heads, epochs: int = o.Study.epochs, batch_size: int = o.Study.batch_size,
           lr: float = o.Study.lr, shift: int = o.Study.shift, flip: bool = o.Study.flip, steps1: int = o.Study.steps1,
           steps2: int = o.Study.steps2, device: str = o.DEVICE, log_to: str | None = o.TRACK,
-          log_every: int = o.TRACK_EVERY, progress: bool = o.PROGRESS):
+          log_every: int = o.TRACK_EVERY, config: Path | None = o.CONFIG, progress: bool = o.PROGRESS):
     """The small-scale study (docs/method.md §8): does stochastic depth make ViTs block-recurrent? Trains one ViT per
     (p, seed), then phases, Raptor fits vs random partitions, layer swaps and correlations (Figures 3 and 4)."""
     options = dict(locals())
@@ -173,10 +173,11 @@ def study(data: str = o.Study.data, out: Path = o.Study.out, sd: str = o.Study.s
     from raptor.study.run import FitBudget, StudyConfig, run_study
     from raptor.study.vit import TrainConfig, ViTConfig
 
-    cfg = o.config_from(StudyConfig, options, sd=o.floats(sd, "--sd"), seeds=o.ints(seeds, "--seeds"),
-                        ks=o.ints(ks, "--ks"), random_partitions=random,
+    inner = {**options, "config": None}  # --config is merged once, into the whole StudyConfig (vit/train/fit nested)
+    cfg = o.config_from(StudyConfig, options, {"fit": ("steps1", "steps2")}, sd=o.floats(sd, "--sd"),
+                        seeds=o.ints(seeds, "--seeds"), ks=o.ints(ks, "--ks"), random_partitions=random,
                         partitions=tuple(x.strip() for x in partitions.split(",") if x.strip()),
-                        vit=o.config_from(ViTConfig, options), train=o.config_from(TrainConfig, options),
+                        vit=o.config_from(ViTConfig, inner), train=o.config_from(TrainConfig, inner),
                         fit=FitBudget(steps1=steps1, steps2=steps2))  # not from options: batch_size, lr are the ViT's
     typer.echo("\n".join(console_summary(run_study(cfg, progress=progress), out)))
 
@@ -191,15 +192,13 @@ def ablation(teacher: str = o.TEACHER, data: str | None = o.DATA_ONLINE, store: 
              val_images: int = o.VAL_IMAGES, val_data: str | None = o.Ablation.val_data,
              val_crops: int = o.Ablation.val_crops, limit: int | None = o.Ablation.limit, seed: int = o.SEED,
              probe_data: str | None = o.Ablation.probe_data, init_head: str | None = o.Ablation.init_head,
-             transform: str = o.TRANSFORM, progress: bool = o.PROGRESS):
+             transform: str = o.TRANSFORM, config: Path | None = o.CONFIG, progress: bool = o.PROGRESS):
     """The paper's training ablation (its Table 1) as one command: teacher forcing only, + autoregressive anneal,
     + depth scaling, + cls weighting, + stage 2 (+ a fine-tuned probe), each scored on held-out images."""
     options = dict(locals())  # the options named like FitConfig fields make the full model's (o.fit_config)
-    from raptor.ablation import AblationConfig, console_summary, run_ablation
+    from raptor.ablation import console_summary, run_ablation
 
-    fit_cfg = o.fit_config(options, probe_data=None)  # --probe-data is row 6's
-    res = run_ablation(AblationConfig(out=str(out), fit=fit_cfg, probe_data=probe_data, init_head=init_head),
-                       progress=progress)
+    res = run_ablation(o.ablation_config(options), progress=progress)
     typer.echo("\n".join(console_summary(res, out)))
 
 

@@ -288,23 +288,26 @@ def ints(text: str, name: str) -> tuple[int, ...]:
         raise RaptorError(f"bad {name} {text!r}: a comma-separated list of integers") from None
 
 
-def config_from(cls: type, options: dict[str, Any], **converted: Any) -> Any:
+def config_from(cls: type, options: dict[str, Any], nested_sets: dict[str, tuple[str, ...]] | None = None,
+                **converted: Any) -> Any:
     """The dataclass ``cls`` from a command's options (its ``locals()``): each option named like a field of ``cls``
     as given (a path as a string, as configs hold paths), ``converted`` (the options parsed or renamed) over them;
-    then the settings of ``--config`` (``options["config"]``) where the command line did not give them."""
+    then the settings of ``--config`` (``options["config"]``) where the command line did not give them
+    (``nested_sets``: see :func:`with_config_file`)."""
     names = {f.name for f in dataclasses.fields(cls)}
     if "log_to" in names and "log_to" in options and "log_to" not in converted:  # --log-to a,b (None: no tracking)
         from raptor.tracking import parse_log_to
 
         converted["log_to"] = parse_log_to(options["log_to"]) if options["log_to"] else ()
     cfg = cls(**{**{n: _plain(v) for n, v in options.items() if n in names}, **converted})
-    return with_config_file(cfg, options.get("config"))
+    return with_config_file(cfg, options.get("config"), nested_sets=nested_sets)
 
 
-def fit_config(options: dict[str, Any], **converted: Any) -> Any:
+def fit_config(options: dict[str, Any], config_data: dict | None = None, **converted: Any) -> Any:
     """``FitConfig.from_recipe(--recipe, ...)`` from the options of ``raptor fit`` or ``raptor ablation``, as
     :func:`config_from` (``--phases``/``--k`` parsed here), except that a recipe hyper-parameter
-    (``RECIPE_FIELDS``) left at None takes the recipe's value."""
+    (``RECIPE_FIELDS``) left at None takes the recipe's value. ``config_data``: the FitConfig settings of
+    ``options["config"]`` when they are not the whole file (the ablation's ``fit`` mapping)."""
     from raptor.surrogate.config import RECIPE_FIELDS, FitConfig
 
     names = {f.name for f in dataclasses.fields(FitConfig)} - {"recipe"}
@@ -313,7 +316,7 @@ def fit_config(options: dict[str, Any], **converted: Any) -> Any:
     cfg = FitConfig.from_recipe(options["recipe"], **{**given, **phases, **converted})
     if options.get("config") is None:
         return cfg
-    data = _read_config(options["config"])
+    data = _read_config(options["config"]) if config_data is None else config_data
     sets = {"recipe": ("recipe", *RECIPE_FIELDS)}
     merged = with_config_file(cfg, options["config"], sets, data)
     if merged.recipe != cfg.recipe:  # the file names another recipe: its hyper-parameters where nothing set them
@@ -321,6 +324,22 @@ def fit_config(options: dict[str, Any], **converted: Any) -> Any:
         keep = set(data) | _given_fields(sets)
         merged = dataclasses.replace(merged, **{f: getattr(recipe, f) for f in RECIPE_FIELDS if f not in keep})
     return merged
+
+
+def ablation_config(options: dict[str, Any]) -> Any:
+    """The ``AblationConfig`` of ``raptor ablation``'s options: the full model's FitConfig from the options named like
+    its fields (``--probe-data`` is row 6's, not the fits'); ``--config`` takes the ablation's own config.yaml (the
+    FitConfig nested under ``fit``, beside ``probe_data`` and ``init_head``) or a flat FitConfig mapping (a fit's
+    config.yaml, or an ablation's written before it nested)."""
+    from raptor.ablation import AblationConfig
+
+    path = options.get("config")
+    data = read_config(path) if path is not None else {}
+    nested = isinstance(data.get("fit"), dict)
+    fit_cfg = fit_config(options, data["fit"] if nested else None, probe_data=None)
+    cfg = AblationConfig(out=_plain(options["out"]), fit=fit_cfg, probe_data=options["probe_data"],
+                         init_head=options["init_head"])
+    return with_config_file(cfg, path, data={k: v for k, v in data.items() if k != "fit"}) if nested else cfg
 
 
 def loss_weights(stage1: str | None, stage2: str | None) -> dict[str, Any]:
@@ -340,7 +359,7 @@ CONFIG = typer.Option(None, "--config", help="Settings from a config.yaml this p
                       "subset of its keys); the flags given on the command line override them")
 # options that set other (or more) config fields than their own name
 _SETS = {"phases": ("phases", "phases_file", "k", "phase_method"), "k": ("phases", "phases_file", "k", "phase_method"),
-         "stage1_weights": ("stage1_last_weights",)}
+         "stage1_weights": ("stage1_last_weights",), "random": ("random_partitions",)}
 
 
 def given_on_command_line() -> set[str]:
@@ -357,25 +376,50 @@ def given_on_command_line() -> set[str]:
 
 
 def with_config_file(cfg: Any, path: str | Path | None, extra_sets: dict[str, tuple[str, ...]] | None = None,
-                     data: dict | None = None) -> Any:
+                     data: dict | None = None, nested_sets: dict[str, tuple[str, ...]] | None = None) -> Any:
     """``cfg`` with the settings of the YAML file ``path`` over it, except those the command line gave: every key
-    must be a setting of ``cfg``'s class with a value of its type (one error line naming the key otherwise)."""
+    must be a setting of ``cfg``'s class with a value of its type (one error line naming the key otherwise).
+
+    A setting that is itself a dataclass (the study's ``vit``, ``train`` and ``fit``) takes a mapping of its own
+    settings, merged into it the same way (``train.epochs``); the command-line options that set its fields are
+    ``nested_sets[name]`` (default: the options named like its fields)."""
     if path is None:
         return cfg
     data = _read_config(path) if data is None else data
+    return _merge(cfg, path, data, _given_fields(extra_sets), nested_sets or {}, "")
+
+
+def _merge(cfg: Any, path, data: dict, keep: set[str], nested_sets: dict, prefix: str) -> Any:
     hints = typing.get_type_hints(type(cfg))
     unknown = sorted(set(data) - set(hints))
     if unknown:
-        raise RaptorError(f"--config {path}: unknown key {unknown[0]!r} (the settings are: {', '.join(hints)})")
-    values = {k: _typed(path, k, v, hints[k]) for k, v in data.items()}
-    keep = _given_fields(extra_sets)
-    return dataclasses.replace(cfg, **{k: v for k, v in values.items() if k not in keep})
+        raise RaptorError(f"--config {path}: unknown key {prefix + str(unknown[0])!r} (the settings are: "
+                          f"{', '.join(hints)})")
+    values = {}
+    for k, v in data.items():
+        sub = getattr(cfg, k)
+        if dataclasses.is_dataclass(sub) and not isinstance(sub, type):
+            if not isinstance(v, dict):
+                raise RaptorError(f"--config {path}: {prefix}{k} must be a mapping of its settings, got {v!r}")
+            names = nested_sets.get(k, tuple(f.name for f in dataclasses.fields(sub)))
+            given = {n for n in given_on_command_line() if n in names}
+            values[k] = _merge(sub, path, v, given, {}, f"{prefix}{k}.")
+        else:
+            typed = _typed(path, prefix + k, v, hints[k])  # checked even where the command line overrides it
+            if k not in keep:
+                values[k] = typed
+    return dataclasses.replace(cfg, **values)
 
 
 def _given_fields(extra_sets: dict[str, tuple[str, ...]] | None = None) -> set[str]:
     """The config fields that the options typed on the command line set."""
     sets = {**_SETS, **(extra_sets or {})}
     return {f for name in given_on_command_line() for f in sets.get(name, (name,))}
+
+
+def read_config(path) -> dict:
+    """The mapping of a ``--config`` YAML file (one error line for a missing, unreadable or non-mapping file)."""
+    return _read_config(path)
 
 
 def _read_config(path) -> dict:
