@@ -6,7 +6,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-BENCHES = ["bench_store", "bench_phases", "bench_train", "bench_probe", "bench_dynamics", "bench_stream"]
+BENCHES = ["bench_store", "bench_phases", "bench_train", "bench_probe", "bench_dynamics", "bench_stream",
+           "bench_store_sampling"]
 
 if __name__ == "__main__":
     only = sys.argv[1:]

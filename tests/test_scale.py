@@ -17,6 +17,7 @@ from clirun import ENV, one_error_line, raptor
 from raptor.data import open_source
 from raptor.data.stream import ChunkDataset, TrainBatchDataset, even_bounds, loader
 from raptor.distributed import Dist
+from raptor.errors import RaptorError
 from raptor.store import TrajectoryStore
 from raptor.surrogate.batches import OnlineBatches
 from raptor.teachers.hf import build_tiny_teacher
@@ -341,6 +342,47 @@ def test_store_batches_from_disk_equal_the_cached_ones(tmp_path):
     a, b = list(cached.stream(keys, 6)), list(disk.stream(keys, 6))
     assert len(a) == len(b) == len(keys) and all(torch.equal(x, y) for x, y in zip(a, b))
     assert a[0].shape == (6, 2, 5, 32) and a[-1].shape == (6, 4, 5, 32)
+
+
+def test_chunk_sampling_reads_whole_chunks_and_is_a_function_of_the_key(tmp_path):
+    """--store-sampling chunks: a batch's rows come from ceil(batch / chunk) whole chunks (here at most 2 chunks of 8
+    for 6 rows, against ~5 for independent rows), are training rows only, drawn without replacement, the same for any
+    cache and on every rank (the ranks' shares make up the batch); disk and cache give the same tensors."""
+    from raptor.store import extract
+    from raptor.surrogate.batches import StoreBatches
+
+    extract(build_tiny_teacher("dinov2"), open_source("bundled:lfw").subset(64), tmp_path / "s", chunk_images=8,
+            progress=False)
+    st = TrajectoryStore(tmp_path / "s")
+    rows = np.setdiff1d(np.arange(64), [5, 17, 40])  # three held-out rows inside chunks
+    cached = StoreBatches(st, rows, 1, sampling="chunks")
+    disk = StoreBatches(st, rows, 1, cache_bytes=0, sampling="chunks")
+    indep = StoreBatches(st, rows, 1)
+    spans_chunks, spans_rows = [], []
+    for step in range(40):
+        pick = cached.pick("stage2", step, 6)
+        assert np.array_equal(pick, disk.pick("stage2", step, 6))  # the key alone decides
+        assert len(set(pick.tolist())) == 6 and set(pick.tolist()) <= set(rows.tolist())
+        spans_chunks.append(len(set((pick // 8).tolist())))
+        spans_rows.append(len(set((indep.pick("stage2", step, 6) // 8).tolist())))
+        shares = [cached.get("stage2", step, 6, 0, 1, share=(r, 2)) for r in range(2)]
+        assert torch.equal(torch.cat(shares), cached.get("stage2", step, 6, 0, 1, share=(0, 1)))
+    assert max(spans_chunks) <= 2 and np.mean(spans_rows) > 4, (spans_chunks, spans_rows)
+    keys = _keys(4)
+    assert all(torch.equal(x, y) for x, y in zip(cached.stream(keys, 6), disk.stream(keys, 6)))
+    small = StoreBatches(st, rows[:4], 1, sampling="chunks")  # fewer training rows than a batch: with replacement
+    assert set(small.pick("stage2", 0, 6).tolist()) <= set(rows[:4].tolist())
+    with pytest.raises(RaptorError, match="unknown store_sampling .shards."):
+        StoreBatches(st, rows, 1, sampling="shards")
+    from raptor.surrogate.config import FitConfig
+    from raptor.surrogate.fit import run_fit
+
+    m = run_fit(FitConfig(teacher="tiny:dinov2", store=str(tmp_path / "s"), data=None, phases=[[1], [2, 3]], steps1=2,
+                          steps2=2, batch_size=6, val_images=8, stats_images=16, probe_data=None,
+                          store_sampling="chunks", store_cache_gb=0, out=str(tmp_path / "fit")), progress=False)
+    assert m["config"]["store_sampling"] == "chunks" and np.isfinite(m["validation"]["autoregressive"]["r2_mean"])
+    with pytest.raises(RaptorError, match="draws store chunks: use it with store"):
+        FitConfig(data="bundled:lfw", k=2, store_sampling="chunks").check()
 
 
 @pytest.mark.slow

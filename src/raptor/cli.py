@@ -85,8 +85,8 @@ def fit(teacher: str = o.TEACHER, data: str | None = o.DATA_ONLINE, store: Path 
         ckpt_every: int = o.Fit.ckpt_every, val_every: int = o.Fit.val_every, resume: bool = o.Fit.resume,
         workers: int = o.Fit.workers, device: str = o.DEVICE, compile: bool = o.Fit.compile,
         parallel_blocks: bool = o.Fit.parallel_blocks, store_cache_gb: float = o.Fit.store_cache_gb,
-        log_to: str = o.LOG_TO, log_every: int = o.LOG_EVERY, config: Path | None = o.CONFIG,
-        progress: bool = o.PROGRESS_BARS):
+        store_sampling: str = o.Fit.store_sampling, log_to: str = o.LOG_TO, log_every: int = o.LOG_EVERY,
+        config: Path | None = o.CONFIG, progress: bool = o.PROGRESS_BARS):
     """Train a Raptor surrogate (stage 1 per block, stage 2 joint) and validate it against the teacher.
     Runs under torchrun --nproc-per-node N (data-parallel, DDP; gloo on CPU, NCCL on GPU)."""
     options = dict(locals())  # each option named like a FitConfig field goes into the config (o.fit_config)

@@ -158,6 +158,10 @@ class Fit:
                                    "same time, one rank group per block")
     store_cache_gb = typer.Option(6.0, help="Cache a store's training rows in RAM (GPU memory on a GPU) when they fit "
                                   "in this many GB; 0 reads every batch from disk")
+    store_sampling = typer.Option("rows", help="A store's batch rows: rows (each drawn from every training row) | "
+                                  "chunks (whole store chunks until a batch: one chunk read per chunk_images rows "
+                                  "used, for stores too large to cache; only for a store written in shuffled order: "
+                                  "extract keeps the data's order, class folders give batches of 2 classes)")
 
 
 class FitReport:

@@ -27,6 +27,9 @@ class BatchKey(NamedTuple):
     hi: int
 
 
+STORE_SAMPLING = ("rows", "chunks")
+
+
 def evenly_spaced(n: int, k: int) -> np.ndarray:
     """Up to k distinct positions in 0..n-1, spread evenly over the range (deterministic)."""
     if n < 1 or k < 1:
@@ -84,6 +87,18 @@ class OnlineBatches:
             warn_once(msgs, self._skipped)
             if x is not None:
                 yield self.teacher.trajectory(self._to_device(x), autocast=self.autocast)
+
+    def pick(self, tag: str, step: int, batch: int) -> np.ndarray:
+        """The store rows of the batch of (tag, step), in draw order (see the class docstring's ``sampling``)."""
+        rng = key_rng(self.seed, tag, step)
+        if self.sampling == "rows":
+            return np.array([self.rows[rng.randrange(len(self.rows))] for _ in range(batch)])
+        left, pool = list(self._chunk_ids), []
+        while left and len(pool) < batch:  # whole chunks, without replacement, until they hold a batch
+            pool.extend(self._chunk_rows[left.pop(rng.randrange(len(left)))].tolist())
+        if len(pool) >= batch:
+            return np.array(rng.sample(pool, batch))
+        return np.array([pool[rng.randrange(len(pool))] for _ in range(batch)])  # fewer training rows than a batch
 
     def stream(self, keys: list[tuple[str, int, int, int]], batch: int, share: tuple[int, int] | None = None):
         """The ``share`` = (rank, world) of each (tag, step, first layer, last layer) batch (default: this process's
@@ -173,11 +188,25 @@ class StoreBatches:
     in memory in the store's own precision (bf16 stays bf16: lossless); reads then cost nothing. On a GPU the
     cache moves to GPU memory when it fits in half of what is free (the GPU-side reader: a batch is a gather on
     the device), else it is pinned for asynchronous copies. Under torchrun rank ``r`` reads its share of each
-    step's rows."""
+    step's rows.
+
+    ``sampling``: how a step's rows are drawn (a function of seed, tag and step either way, whatever the cache):
+    ``rows`` draws each row independently from all training rows (with replacement); ``chunks`` draws whole store
+    chunks (without replacement) until they hold ``batch`` training rows, then ``batch`` of those rows, so a batch
+    read from disk decompresses about one chunk per ``chunk_images`` rows it uses instead of one chunk per row
+    (docs/scale.md: at ImageNet scale the rows cannot be cached and ``rows`` reads ~``chunk_images`` x the bytes a
+    step uses). ``chunks`` is only for stores written in a shuffled image order, where images that share a chunk
+    are as independent as any others: ``extract`` keeps the data set's order (class folders sorted by class)."""
 
     def __init__(self, store, rows: np.ndarray, seed: int, cache_bytes: float = 6e9, progress: bool = False,
-                 device: torch.device | None = None, dist=None, working_bytes: int = 0):
-        self.store, self.rows, self.seed = store, np.asarray(rows), seed
+                 device: torch.device | None = None, dist=None, working_bytes: int = 0, sampling: str = "rows"):
+        if sampling not in STORE_SAMPLING:
+            raise RaptorError(f"unknown --store-sampling {sampling!r} (use {' or '.join(STORE_SAMPLING)})")
+        self.store, self.rows, self.seed, self.sampling = store, np.asarray(rows), seed, sampling
+        c = max(1, int(store.chunk_images))
+        ids = self.rows // c
+        self._chunk_ids = np.unique(ids).tolist()  # chunks holding training rows, and their rows (in row order)
+        self._chunk_rows = {int(k): np.sort(self.rows[ids == k]) for k in self._chunk_ids}
         self.device = device or torch.device("cpu")
         if self.device.type == "cuda" and self.device.index is None:  # "cuda" and "cuda:0" must compare equal
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -230,11 +259,22 @@ class StoreBatches:
         drawn from (seed, tag, step) alone."""
         rank, world = share or Share(self.dist.rank, self.dist.world)
         n = rows_per_rank(batch, world)
-        rng = key_rng(self.seed, tag, step)
-        pick = np.array([self.rows[rng.randrange(len(self.rows))] for _ in range(batch)])
+        pick = self.pick(tag, step, batch)
         pick = pick[rank * n:(rank + 1) * n]  # in draw order: the input noise follows the rows
         uniq, inv = np.unique(pick, return_inverse=True)
         return self.read(uniq, lo, hi)[to_device(torch.from_numpy(inv), self.device)]
+
+    def pick(self, tag: str, step: int, batch: int) -> np.ndarray:
+        """The store rows of the batch of (tag, step), in draw order (see the class docstring's ``sampling``)."""
+        rng = key_rng(self.seed, tag, step)
+        if self.sampling == "rows":
+            return np.array([self.rows[rng.randrange(len(self.rows))] for _ in range(batch)])
+        left, pool = list(self._chunk_ids), []
+        while left and len(pool) < batch:  # whole chunks, without replacement, until they hold a batch
+            pool.extend(self._chunk_rows[left.pop(rng.randrange(len(left)))].tolist())
+        if len(pool) >= batch:
+            return np.array(rng.sample(pool, batch))
+        return np.array([pool[rng.randrange(len(pool))] for _ in range(batch)])  # fewer training rows than a batch
 
     def stream(self, keys: list[tuple[str, int, int, int]], batch: int, share: tuple[int, int] | None = None):
         """The batches of ``keys`` in order; from disk (no cache) they are read two steps ahead in a thread, so

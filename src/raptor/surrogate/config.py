@@ -100,6 +100,8 @@ class FitConfig:
     compile: bool = False  # torch.compile the surrogate's blocks
     parallel_blocks: bool = False  # torchrun: train the stage-1 blocks at the same time, one rank group per block
     store_cache_gb: float = 6.0  # a store's training rows are cached in RAM (GPU memory on a GPU) up to this size
+    store_sampling: str = "rows"  # a store's batch rows: rows (independent) | chunks (whole store chunks: no read
+    # amplification when the rows are not cached; raptor.surrogate.batches.StoreBatches)
     log_to: tuple[str, ...] = ("jsonl",)  # live tracking: any of jsonl (always), tensorboard, wandb (raptor.tracking)
     log_every: int = 1  # tensorboard / wandb scalars every N steps (log.jsonl keeps every step: the loss history)
 
@@ -162,6 +164,10 @@ class FitConfig:
             v = getattr(self, name)
             if not v >= 0:
                 raise RaptorError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
+        if self.store_sampling not in ("rows", "chunks"):
+            raise RaptorError(f"unknown --store-sampling {self.store_sampling!r} (use rows or chunks)")
+        if self.store_sampling != "rows" and not self.store:
+            raise RaptorError("--store-sampling chunks draws store chunks: use it with --store")
         if not 0 <= self.val_crops <= 1000:
             raise RaptorError(f"--val-crops must lie in 0..1000, got {self.val_crops}")
         if self.val_crops and not self.val_data:
@@ -202,7 +208,7 @@ EVAL_ONLY = ("out", "probe_data", "probe_limit", "val_every", "ckpt_every",
 
 
 NEW_DEFAULTS = {"phase_method": "dp", "sample": "random", "sample_seed": 1, "val_data": None, "val_crops": 0,
-                "image_loss": 0.0, "teacher_forcing_only": False, "transform": "paper"}
+                "image_loss": 0.0, "teacher_forcing_only": False, "transform": "paper", "store_sampling": "rows"}
 
 
 def _plain(v):

@@ -172,7 +172,7 @@ def _run_fit(cfg: FitConfig, plan: FitPlan, out: Path, resume: bool, progress: b
         working = training_bytes(cfg.batch_size // dist.world, teacher.depth, st.layout.n_tokens, teacher.dim,
                                  len(model.blocks) if model is not None else cfg.k, cfg.autocast)
         data = StoreBatches(st, tr_rows, cfg.seed, cache_bytes=cfg.store_cache_gb * 1e9, progress=progress,
-                            device=device, dist=dist, working_bytes=working)
+                            device=device, dist=dist, working_bytes=working, sampling=cfg.store_sampling)
         layout = st.layout
         size = int(st.meta["settings"]["transform"]["center_crop"])
         # the probes' images go through the transform the store was extracted with
