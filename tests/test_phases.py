@@ -364,3 +364,22 @@ def test_planted_blocks_on_a_slowing_drift_beat_the_variable_speed_null():
     vs = t["variable_speed_null"]
     assert vs["lag_contrast"]["p_value"] < 0.01 and vs["boundary_jump"]["p_value"] < 0.01
     assert vs["lag_contrast"]["null_mean"] < vs["lag_contrast"]["value"]
+
+
+@pytest.mark.parametrize("jump", [0.1, 0.3, 1.0])
+def test_a_hard_change_point_is_not_absorbed_by_the_variable_speed_null(jump):
+    """Two blocks on a linear drift, cut at mid-depth: however strong the jump, the variable-speed null (whose speed
+    may change by at most 2x per layer) cannot put a spike of speed at the cut, so both statistics reject it."""
+    from raptor.phases import phase_null_test
+
+    n, rng = 12, np.random.default_rng(0)
+    lab = np.repeat([0, 1], [6, 6])
+    base = 0.03 * np.abs(np.subtract.outer(np.arange(n), np.arange(n))) + jump * (lab[:, None] != lab[None, :])
+    X = np.clip(base + 0.01 * rng.normal(size=(20, n, n)), 0, None)
+    X = (X + X.transpose(0, 2, 1)) / 2
+    for m in X:
+        np.fill_diagonal(m, 0.0)
+    t = phase_null_test(X, 2, 60, 0)
+    assert t["phases"] == [list(range(6)), list(range(6, 12))]
+    vs = t["variable_speed_null"]
+    assert vs["lag_contrast"]["p_value"] < 0.05 and vs["boundary_jump"]["p_value"] < 0.05, vs

@@ -215,6 +215,12 @@ def test_micro_sweep_resumes_without_retraining(tmp_path):
     other.vit = ViTConfig(image_size=8, patch_size=4, dim=16, depth=5, heads=2)
     with pytest.raises(RaptorError, match="other settings"):
         run_study(other, progress=False)
+    # a sweep is finished on the device it started on (as if it had run on a GPU: this one ran on the CPU)
+    rec = json.loads((tmp_path / "s/config.json").read_text())
+    assert rec["device_type"] == "cpu"
+    (tmp_path / "s/config.json").write_text(json.dumps({**rec, "device_type": "cuda"}))
+    with pytest.raises(RaptorError, match="run on the cuda; finishing it on the cpu would mix devices"):
+        run_study(cfg, progress=False)
 
 
 def test_layer_swap_with_itself_changes_nothing(digits8):

@@ -176,3 +176,32 @@ def test_study_logs_each_vit_epoch_and_each_finished_run_once(tmp_path):
     tb = _tb_scalars(out / "tensorboard")
     acc = {i: r["teacher_accuracy"] for i, r in enumerate(study["runs"])}
     assert tb["study/teacher_accuracy"] == pytest.approx(acc)
+
+
+def test_log_metrics_gives_each_item_its_own_wandb_step_axis(tmp_path):
+    """wandb drops a log whose step is below the run's counter: probe/study items (each with steps from 0) are
+    logged without step=, against their own <item>/step metric, so none is dropped."""
+    from raptor.tracking import Tracker
+
+    calls = []
+
+    class FakeRun:
+        def define_metric(self, name, step_metric=None):
+            calls.append(("define", name, step_metric))
+
+        def log(self, data, step=None):
+            calls.append(("log", dict(data), step))
+
+    with Tracker(tmp_path, ("jsonl",)) as t:
+        t._wandb = FakeRun()
+        for item in ("probe/a/seed0", "probe/a/seed1"):
+            for epoch in range(3):
+                t.log_metrics(item, epoch, {"val": epoch / 10})
+        t.log_metrics("probe/a", 0, {"test": 0.5}, last=True)
+        t._wandb = None
+    logs = [c for c in calls if c[0] == "log"]
+    assert len(logs) == 7 and all(c[2] is None for c in logs)
+    assert [c[1]["probe/a/seed1/step"] for c in logs if "probe/a/seed1/step" in c[1]] == [0, 1, 2]
+    assert ("define", "probe/a/seed0/*", "probe/a/seed0/step") in calls
+    assert sum(c[0] == "define" for c in calls) == 6  # two per item, once each
+    assert len([r for r in read_log(tmp_path) if r["kind"] == "metrics"]) == 7

@@ -95,6 +95,7 @@ class Tracker:
         resume = resume or {}
         self.global_step = int(resume.get("global_step", 0))
         self._tb = self._wandb = self._log = None
+        self._wandb_items: set[str] = set()
         self.wandb_id = resume.get("wandb_id")
         if "tensorboard" in self.kinds:
             from tensorboardX import SummaryWriter
@@ -143,8 +144,19 @@ class Tracker:
         scalars in TensorBoard / wandb (every ``--log-every``-th step of the item, and always its last)."""
         values = {k: float(v) for k, v in scalars.items() if v is not None}
         self._write({"kind": "metrics", "item": item, "step": step, "values": values, **context})
-        if step % self.every == 0 or context.get("last"):
-            self._scalars({f"{item}/{k}": v for k, v in values.items()}, step)
+        if not (step % self.every == 0 or context.get("last")):
+            return
+        named = {f"{item}/{k}": v for k, v in values.items()}
+        if self._tb is not None:
+            for k, v in named.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:  # wandb has one step counter per run and drops steps below it: each item gets
+            # its own x axis (<item>/step), and the run's counter is left to advance by itself
+            if item not in self._wandb_items:
+                self._wandb.define_metric(f"{item}/step")
+                self._wandb.define_metric(f"{item}/*", step_metric=f"{item}/step")
+                self._wandb_items.add(item)
+            self._wandb.log({**named, f"{item}/step": step})
 
     def _scalars(self, scalars: dict, step: int) -> None:
         if self._tb is not None:

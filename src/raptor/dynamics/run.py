@@ -217,7 +217,12 @@ def _model_summary(res: dict, phases, basins: dict) -> dict:
 def _run(cfg: DynamicsConfig, sur, st, src, stage: Path, progress: bool) -> dict:
     t_start = time.perf_counter()
     device = resolve_device(cfg.device)
-    teacher = load_teacher(cfg.teacher).to(device)
+    teacher = load_teacher(cfg.teacher)
+    # the verdicts' null: the same architecture and embedding with freshly initialised blocks, on the same images
+    # (drawn from the teacher on the CPU, before it moves: no extra device copy of it)
+    nulls = {f"random_weights_{i}": random_weight_teacher(teacher, cfg.seed * 1000 + i + 1).to(device)
+             for i in range(cfg.null_draws)}
+    teacher = teacher.to(device)
     if st is not None:
         st.store.check_teacher(teacher)
     trajs = st if st is not None else LiveTrajectories(teacher, src, cfg.image_size, cfg.autocast, cfg.transform)
@@ -231,9 +236,6 @@ def _run(cfg: DynamicsConfig, sur, st, src, stage: Path, progress: bool) -> dict
 
     accs = {name: DynamicsAccumulator(layout, L + 1, cfg.rank_images, BASIN_IMAGES, cfg.seed)
             for name in (("teacher", "surrogate") if model is not None else ("teacher",))}
-    # the verdicts' null: the same architecture and embedding with freshly initialised blocks, on the same images
-    nulls = {f"random_weights_{i}": random_weight_teacher(teacher, cfg.seed * 1000 + i + 1)
-             for i in range(cfg.null_draws)}
     null_accs = {name: DynamicsAccumulator(layout, L + 1, cfg.rank_images, BASIN_IMAGES, cfg.seed) for name in nulls}
     sim = SimilarityAccumulator(layout, list(range(1, L + 1)), cka_groups=(), token_groups=(), device=device) \
         if given is None else None

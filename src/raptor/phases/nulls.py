@@ -23,6 +23,7 @@ def toeplitz_null(D: np.ndarray) -> np.ndarray:
 
 
 SPEED_DEGREE = 2
+SPEED_STEP_RATIO = 2.0  # the variable-speed null's smoothness: adjacent steps' speeds differ by at most this factor
 
 
 def variable_speed_null(D: np.ndarray, degree: int = SPEED_DEGREE) -> np.ndarray:
@@ -38,7 +39,10 @@ def variable_speed_null(D: np.ndarray, degree: int = SPEED_DEGREE) -> np.ndarray
       i < j); the null is ``g(|tau_i - tau_j|)``;
     - the speed's coefficients minimise the squared error of that fit over the whole matrix (Nelder-Mead from a
       constant speed and from the log of the adjacent distances; the better is kept), so a distance floor from
-      noise does not flatten the speed.
+      noise does not flatten the speed;
+    - **smooth** means: the speeds of adjacent steps differ by at most ``SPEED_STEP_RATIO`` (2×; the log-speed's
+      slope is bounded over the whole depth, coefficients beyond it are scaled back onto the bound). Without it a
+      sharp quadratic puts a one-step spike of speed at any depth and absorbs a real change point.
 
     A matrix of this form is reproduced up to the optimiser's tolerance and the knots' resolution; ``degree=0``
     (constant speed) gives the best monotone piecewise-linear function of the lag."""
@@ -54,7 +58,17 @@ def variable_speed_null(D: np.ndarray, degree: int = SPEED_DEGREE) -> np.ndarray
     target = D[iu]
     knots = np.linspace(0.0, 1.0, n)
 
+    grid = np.linspace(-1.0, 1.0, 201)
+    slope_max = np.log(SPEED_STEP_RATIO) / (x[1] - x[0]) if n > 2 else np.inf
+
+    def bounded(c):
+        """The coefficients scaled back (if needed) so that |d logv / dx| <= slope_max over the whole depth."""
+        c = np.asarray(c, dtype=np.float64)
+        steep = float(np.abs(np.polyval(np.polyder(np.concatenate([c, [0.0]])), grid)).max()) if deg else 0.0
+        return c * (slope_max / steep) if steep > slope_max else c
+
     def fit(c):
+        c = bounded(c)
         logv = np.polyval(np.concatenate([c, [0.0]]), x) if deg else np.zeros_like(x)
         logv = np.clip(logv - logv.max(), -30.0, 0.0)
         tau = np.concatenate([[0.0], np.cumsum(np.exp(logv))])
@@ -79,7 +93,8 @@ def variable_speed_null(D: np.ndarray, degree: int = SPEED_DEGREE) -> np.ndarray
 
 NULLS = {"toeplitz": "lag-only (Toeplitz): the same mean distance at every depth for a given lag",
          "variable_speed": f"variable speed: a monotone function of the gap in warped depth, whose speed is a degree-"
-                           f"{SPEED_DEGREE} log-polynomial of depth (a drift that may slow down smoothly, no blocks)"}
+                           f"{SPEED_DEGREE} log-polynomial of depth changing by at most {SPEED_STEP_RATIO:g}x per "
+                           f"layer (a drift that may slow down smoothly, no blocks)"}
 
 
 def lag_contrast(D: np.ndarray, phases: list[list[int]]) -> float:

@@ -492,12 +492,16 @@ def run_study(cfg: StudyConfig, progress: bool = True, after_run=None) -> dict:
             diff += [k for k in was if old.get(k, was[k]) != mine[k]]
         if diff:
             raise RaptorError(f"{out} holds a study with other settings ({', '.join(diff)}): use another --out")
+        was_on = old.get("device_type", "cpu")  # sweeps from before --device ran on the CPU
+        if was_on != device.type:
+            raise RaptorError(f"{out} holds a study run on the {was_on}; finishing it on the {device.type} would mix "
+                              f"devices within one sweep: pass --device {was_on} or use another --out")
 
     def has_progress(path: Path) -> bool:
         return (path / "runs").is_dir()
 
     with command_run(out, has_progress=has_progress), contextlib.ExitStack() as stack:
-        atomic_write_text(prev, json.dumps(to_dict(cfg), indent=1))
+        atomic_write_text(prev, json.dumps({**to_dict(cfg), "device_type": device.type}, indent=1))
         save_config(cfg, out / "config.yaml")
         tracker = Tracker(out, cfg.log_to, every=cfg.log_every, config=to_dict(cfg)) if cfg.log_to else None
         if tracker is not None:

@@ -88,18 +88,6 @@ class OnlineBatches:
             if x is not None:
                 yield self.teacher.trajectory(self._to_device(x), autocast=self.autocast)
 
-    def pick(self, tag: str, step: int, batch: int) -> np.ndarray:
-        """The store rows of the batch of (tag, step), in draw order (see the class docstring's ``sampling``)."""
-        rng = key_rng(self.seed, tag, step)
-        if self.sampling == "rows":
-            return np.array([self.rows[rng.randrange(len(self.rows))] for _ in range(batch)])
-        left, pool = list(self._chunk_ids), []
-        while left and len(pool) < batch:  # whole chunks, without replacement, until they hold a batch
-            pool.extend(self._chunk_rows[left.pop(rng.randrange(len(left)))].tolist())
-        if len(pool) >= batch:
-            return np.array(rng.sample(pool, batch))
-        return np.array([pool[rng.randrange(len(pool))] for _ in range(batch)])  # fewer training rows than a batch
-
     def stream(self, keys: list[tuple[str, int, int, int]], batch: int, share: tuple[int, int] | None = None):
         """The ``share`` = (rank, world) of each (tag, step, first layer, last layer) batch (default: this process's
         rank), in order."""
@@ -203,10 +191,15 @@ class StoreBatches:
         if sampling not in STORE_SAMPLING:
             raise RaptorError(f"unknown --store-sampling {sampling!r} (use {' or '.join(STORE_SAMPLING)})")
         self.store, self.rows, self.seed, self.sampling = store, np.asarray(rows), seed, sampling
-        c = max(1, int(store.chunk_images))
-        ids = self.rows // c
-        self._chunk_ids = np.unique(ids).tolist()  # chunks holding training rows, and their rows (in row order)
-        self._chunk_rows = {int(k): np.sort(self.rows[ids == k]) for k in self._chunk_ids}
+        self._chunk_ids: list[int] = []
+        self._chunk_rows: dict[int, np.ndarray] = {}
+        if sampling == "chunks":  # the chunks holding training rows, and their rows in row order (one sort)
+            ids = self.rows // max(1, int(store.chunk_images))
+            order = np.argsort(ids, kind="stable")
+            keys, starts = np.unique(ids[order], return_index=True)
+            for k, part in zip(keys.tolist(), np.split(order, starts[1:])):
+                self._chunk_rows[int(k)] = np.sort(self.rows[part])
+            self._chunk_ids = [int(k) for k in keys]
         self.device = device or torch.device("cpu")
         if self.device.type == "cuda" and self.device.index is None:  # "cuda" and "cuda:0" must compare equal
             self.device = torch.device("cuda", torch.cuda.current_device())
