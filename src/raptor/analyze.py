@@ -29,6 +29,7 @@ from raptor.phases import (
     contiguous_segmentation,
     format_phases,
     is_contiguous,
+    null_matrices,
     phase_metrics,
     phase_null_test,
     recursive_max_cut,
@@ -248,9 +249,10 @@ def _run_analyze(cfg: AnalyzeConfig, st, src, stage: Path, progress: bool) -> An
     null_tests, stability = {}, {}
     per_image = res.per_image.get(PRIMARY)
     if cfg.null_resamples and per_image is not None and len(per_image) >= 2:
+        nulls = null_matrices(np.asarray(per_image, dtype=np.float64).mean(0))  # the same for every k
         with progress_bar(len(ks), "phase null tests", "k", enabled=progress) as bar:
             for k in [k for k in ks if k >= 2]:  # (k = 1 has no boundary to test)
-                t = phase_null_test(per_image, k, cfg.null_resamples, cfg.null_seed)
+                t = phase_null_test(per_image, k, cfg.null_resamples, cfg.null_seed, nulls)
                 if t["split_half"]:
                     t["split_half"]["phases"] = to_layers(t["split_half"]["phases"])
                 bs = t.pop("boundary_stability")

@@ -8,6 +8,7 @@ from raptor.phases.nulls import (
     PHASE_STATISTICS,
     boundary_jump,
     lag_contrast,
+    null_matrices,
     phase_null_test,
     toeplitz_null,
     variable_speed_null,
@@ -47,4 +48,4 @@ __all__ = ["DPResult", "MAXCUT_VARIANTS", "NULLS", "PHASE_METHODS", "PHASE_STATI
            "contiguous_segmentation", "cut_weight", "equal_phases", "format_phase", "format_phases", "is_contiguous",
            "labels_from_phases", "lag_contrast", "max_cut_bruteforce", "parse_layers", "parse_phases", "phase_metrics",
            "phase_null_test", "phase_runs", "phases_from_analysis", "recursive_max_cut", "segment_costs",
-           "toeplitz_null", "validate_phases", "variable_speed_null"]
+           "toeplitz_null", "validate_phases", "variable_speed_null", "null_matrices"]

@@ -139,7 +139,14 @@ def _sym(D: np.ndarray) -> np.ndarray:
     return D
 
 
-def phase_null_test(per_image: np.ndarray, k: int, n_resamples: int = 200, seed: int = 0) -> dict:
+def null_matrices(D: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The (lag-only, variable-speed) null matrices of D: they do not depend on k, so a caller testing several k
+    computes them once and passes them to :func:`phase_null_test`."""
+    return toeplitz_null(D), variable_speed_null(D)
+
+
+def phase_null_test(per_image: np.ndarray, k: int, n_resamples: int = 200, seed: int = 0,
+                    nulls: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """Test the contiguous phases at ``k`` (DP segmentation) against the lag-only null, from per-image distance
     matrices ``per_image`` (N, L, L) whose mean is the analysed matrix D.
 
@@ -172,7 +179,7 @@ def phase_null_test(per_image: np.ndarray, k: int, n_resamples: int = 200, seed:
     phases = seg(D)
     names = list(PHASE_STATISTICS)
     value = {m: PHASE_STATISTICS[m](D, phases) for m in names}
-    T0, V0 = toeplitz_null(D), variable_speed_null(D)
+    T0, V0 = nulls if nulls is not None else null_matrices(D)  # (from null_matrices(per_image.mean(0)))
     rng = np.random.default_rng(seed)
     boot, null, bounds = {m: [] for m in names}, {m: [] for m in names}, []
     vnull = {m: [] for m in names}
